@@ -1,0 +1,52 @@
+"""Typed errors of the image core. ``bot/`` turns each into a user-facing reply in one place."""
+
+from __future__ import annotations
+
+
+class AnonymiserError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    #: short, stable machine-readable code (used by the CLI, the bot and the web API)
+    code = "anonymiser_error"
+
+
+class UnsupportedImage(AnonymiserError):
+    """The bytes are not an image format we accept (SVG, PDF, video, random bytes...)."""
+
+    code = "unsupported_image"
+
+
+class CorruptImage(AnonymiserError):
+    """The bytes claim to be a supported image but cannot be decoded (truncated, damaged)."""
+
+    code = "corrupt_image"
+
+
+class EmptyImage(AnonymiserError):
+    """Zero bytes were given."""
+
+    code = "empty_image"
+
+
+class ImageTooLarge(AnonymiserError):
+    """The file exceeds the byte budget or the image exceeds the pixel budget."""
+
+    code = "image_too_large"
+
+
+class AnimatedImage(AnonymiserError):
+    """An animated GIF/WebP/HEIF sequence: we refuse rather than silently cover one frame."""
+
+    code = "animated_image"
+
+
+class WeightsError(AnonymiserError):
+    """Model weights are missing, of the wrong size or checksum, or cannot be loaded."""
+
+    code = "weights_error"
+
+
+class OutputTooLarge(AnonymiserError):
+    """The anonymised image cannot be encoded within the configured output byte limit."""
+
+    code = "output_too_large"
