@@ -1,0 +1,192 @@
+"""Bytes in, an upright sRGB ``uint8 [H, W, 3]`` array out, or a typed error.
+
+The format is sniffed from the content: a file name or a declared MIME type is never trusted.
+Budgets are checked before pixels are decoded. EXIF orientation is applied first, colour is
+converted to sRGB, and transparency is flattened onto an opaque background so that no later step
+can let a covered head show through an alpha channel.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageCms, ImageFile, ImageOps
+
+from .errors import AnimatedImage, CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage
+from .limits import Limits
+
+try:  # HEIC/HEIF support is optional at import time but installed by default
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised only on a broken install
+    HEIF_AVAILABLE = False
+
+# Our own pixel budget replaces Pillow's global bomb check, which only warns below 2x its limit.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+#: background that transparent pixels are flattened onto
+FLATTEN_BACKGROUND = (255, 255, 255)
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+_VIDEO_BRANDS = {b"isom", b"iso2", b"mp41", b"mp42", b"qt  ", b"M4V ", b"3gp4", b"3gp5", b"avc1", b"dash"}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upright, opaque sRGB image and what we learnt while decoding it."""
+
+    rgb: np.ndarray
+    format: str
+    had_alpha: bool
+    orientation: int
+
+
+def sniff(data: bytes) -> str:
+    """Name the format of ``data`` from its first bytes.
+
+    Returns one of ``jpeg``, ``png``, ``gif``, ``webp``, ``heif``; raises a typed error with a
+    clear message for everything else.
+    """
+    if not data:
+        raise EmptyImage("The file is empty (0 bytes).")
+    head = data[:64]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        compatible = {head[i : i + 4] for i in range(16, min(len(head), 40), 4)}
+        if brand in _HEIF_BRANDS or (compatible & _HEIF_BRANDS and brand not in _VIDEO_BRANDS):
+            return "heif"
+        if brand in (b"avif", b"avis"):
+            raise UnsupportedImage("AVIF images are not supported; please send JPEG, PNG, WebP or HEIC.")
+        raise UnsupportedImage("This looks like a video (MP4/MOV); only still images are supported.")
+    raise UnsupportedImage(f"Not a supported image ({_describe_unsupported(head)}); please send JPEG, PNG, WebP, HEIC or GIF.")
+
+
+def _describe_unsupported(head: bytes) -> str:
+    stripped = head.lstrip()
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    if stripped[:5].lower() in (b"<?xml", b"<svg ") or stripped[:4].lower() == b"<svg":
+        return "an SVG/XML document"
+    if stripped[:1] == b"<":
+        return "an HTML/XML document"
+    if head[:4] == b"\x1aE\xdf\xa3":
+        return "a WebM/Matroska video"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "an AVI video"
+    if head[:2] == b"BM":
+        return "a BMP image, which we do not accept"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "a TIFF image, which we do not accept"
+    if head[:2] == b"PK":
+        return "a ZIP archive"
+    return "unrecognised content"
+
+
+def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
+    """Decode ``data`` into an upright, opaque sRGB image within ``limits``."""
+    if len(data) > limits.max_input_bytes:
+        raise ImageTooLarge(
+            f"The file is {len(data):,} bytes; the limit is {limits.max_input_bytes:,} bytes."
+        )
+    fmt = sniff(data)
+    if fmt == "heif" and not HEIF_AVAILABLE:  # pragma: no cover
+        raise UnsupportedImage("HEIC/HEIF support is not installed on this server.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            # Checked on the header, before a single pixel is decompressed.
+            if width * height > limits.max_input_pixels:
+                raise ImageTooLarge(
+                    f"The image is {width}x{height} = {width * height:,} pixels; "
+                    f"the limit is {limits.max_input_pixels:,} pixels."
+                )
+            if width <= 0 or height <= 0:
+                raise CorruptImage("The image has no pixels.")
+            if fmt in ("gif", "webp", "png") and getattr(image, "n_frames", 1) > 1:
+                raise AnimatedImage(
+                    "Animated images are not supported: the other frames would not be checked. "
+                    "Please send a still photo."
+                )
+            image.load()
+            orientation = _orientation(image)
+            image = ImageOps.exif_transpose(image)
+            had_alpha = _has_alpha(image)
+            rgb = _to_srgb_array(image)
+    except (ImageTooLarge, AnimatedImage, CorruptImage):
+        raise
+    except Image.DecompressionBombError as exc:  # pragma: no cover - our check comes first
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
+        raise CorruptImage(f"The {fmt.upper()} file is damaged or truncated and cannot be read.") from exc
+    except (MemoryError, RuntimeError) as exc:
+        raise CorruptImage(f"The {fmt.upper()} file cannot be decoded.") from exc
+    return DecodedImage(rgb=rgb, format=fmt, had_alpha=had_alpha, orientation=orientation)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block must not make the image unreadable
+        return 1
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    ) or (image.mode in ("RGB", "L") and "transparency" in image.info)
+
+
+def _to_srgb_array(image: Image.Image) -> np.ndarray:
+    """Flatten alpha, convert to 8-bit sRGB and return a contiguous ``[H, W, 3]`` array."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Pillow's convert("L") clips 16-bit values instead of scaling them.
+        wide = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        grey = np.clip(wide * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if image.mode == "F":
+        grey = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+
+    icc = image.info.get("icc_profile")
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        base = Image.new("RGB", rgba.size, FLATTEN_BACKGROUND)
+        colour = _convert_colour(rgba.convert("RGB"), icc)
+        base.paste(colour, mask=alpha)
+        rgb_image = base
+    else:
+        rgb_image = _convert_colour(image, icc)
+    return np.ascontiguousarray(np.asarray(rgb_image.convert("RGB"), dtype=np.uint8))
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def _convert_colour(image: Image.Image, icc: bytes | None) -> Image.Image:
+    """Convert to sRGB through the embedded ICC profile when there is one."""
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            mode = image.mode if image.mode in ("RGB", "CMYK", "L") else "RGB"
+            return ImageCms.profileToProfile(image.convert(mode), source, _SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # an unusable profile: fall back to Pillow's own conversion
+    return image.convert("RGB")

@@ -1,0 +1,41 @@
+"""Size budgets for input and output, with the defaults a Mastodon server accepts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Byte and pixel budgets.
+
+    Input budgets are checked before any pixel is decoded, so a decompression bomb or a huge
+    upload is refused before it can exhaust memory. Output budgets default to what
+    mastodon.social publishes in its instance API (16 MiB, 33,177,600 pixels).
+    """
+
+    max_input_bytes: int = 50 * 1024 * 1024
+    max_input_pixels: int = 100_000_000
+    max_output_bytes: int = 16 * 1024 * 1024
+    max_output_pixels: int = 33_177_600
+
+    def __post_init__(self) -> None:
+        for name in ("max_input_bytes", "max_input_pixels", "max_output_bytes", "max_output_pixels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Limits":
+        """Read ``ANON_MAX_INPUT_BYTES`` etc.; unset variables keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, int] = {}
+        for name in ("max_input_bytes", "max_input_pixels", "max_output_bytes", "max_output_pixels"):
+            raw = env.get("ANON_" + name.upper())
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise ValueError(f"ANON_{name.upper()} must be an integer, got {raw!r}") from None
+        return cls(**values)

