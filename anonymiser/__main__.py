@@ -1,0 +1,7 @@
+"""``python -m anonymiser`` is the ``anonymise`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

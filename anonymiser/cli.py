@@ -1,0 +1,143 @@
+"""``anonymise INPUT... [-o OUTDIR] [--report FILE.json] [--locator ...] [--style ...]``.
+
+Also ``anonymise check-weights`` (verify installed weights: size, checksum, loads, runs) and
+``anonymise demo`` (anonymise the public-domain astronaut photo that scikit-image ships).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tqdm import tqdm
+
+from . import emoji
+from .cover import STYLES, CoverStyle
+from .errors import AnonymiserError
+from .limits import Limits
+from .locators.registry import REGISTRY, available_names, default_weights_dir
+from .pipeline import Anonymiser, Settings
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".heic", ".heif", ".jfif"}
+_EXTENSION = {"jpeg": ".jpg", "png": ".png"}
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    """Files as given, and image files (by suffix) found recursively in folders."""
+    paths: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            paths.append(path)
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anonymise",
+        description="Cover every head in photos with an opaque raised fist; strip all metadata.",
+        epilog="Other commands: 'anonymise demo' and 'anonymise check-weights'.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    parser.add_argument("-o", "--outdir", type=Path, default=Path("anonymised"), help="output folder (default: ./anonymised)")
+    parser.add_argument("--report", type=Path, help="write a JSON report keyed by input path")
+    parser.add_argument("--locator", action="append", choices=sorted(REGISTRY), help="locator to use (repeatable; default: every one whose weights are present)")
+    parser.add_argument("--style", choices=STYLES, default="emoji")
+    parser.add_argument("--skin-tone", choices=sorted(emoji.SKIN_TONES), default=emoji.DEFAULT_TONE)
+    parser.add_argument("--no-safeguard", action="store_true", help="do not fill gaps between packed heads")
+    parser.add_argument("--no-residual", action="store_true", help="skip the second face pass over the covered image")
+    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: $ANON_WEIGHTS_DIR or ./weights)")
+    return parser
+
+
+def _output_path(outdir: Path, source: Path, fmt: str, used: set[Path]) -> Path:
+    candidate = outdir / (source.stem + "_anonymised" + _EXTENSION[fmt])
+    counter = 2
+    while candidate in used:
+        candidate = outdir / f"{source.stem}_anonymised_{counter}{_EXTENSION[fmt]}"
+        counter += 1
+    used.add(candidate)
+    return candidate
+
+
+def run(argv: Sequence[str]) -> int:
+    """Anonymise files; returns the process exit status (1 if any file failed)."""
+    args = _parser().parse_args(argv)
+    settings = Settings(
+        locators=tuple(args.locator) if args.locator else None,
+        style=CoverStyle(style=args.style, skin_tone=args.skin_tone),
+        limits=Limits.from_env(),
+        safeguard=not args.no_safeguard,
+        residual_pass=not args.no_residual,
+    )
+    try:
+        anonymiser = Anonymiser(settings, weights_dir=args.weights)
+    except AnonymiserError as exc:
+        print(f"anonymise: {exc}", file=sys.stderr)
+        return 2
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        print("anonymise: no image files found in the given inputs", file=sys.stderr)
+        return 1
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, dict] = {}
+    used: set[Path] = set()
+    failed = 0
+    names = ", ".join(l.name for l in anonymiser.locators)
+    print(f"anonymise: {len(paths)} file(s), locators: {names}", file=sys.stderr)
+    for path in tqdm(paths, unit="img", disable=len(paths) < 2 or not sys.stderr.isatty(), file=sys.stderr):
+        try:
+            data = path.read_bytes()
+            result = anonymiser.anonymise(data)
+        except (AnonymiserError, OSError) as exc:
+            failed += 1
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            tqdm.write(f"FAILED {path}: {reason}", file=sys.stderr)
+            reports[str(path)] = {"error": getattr(exc, "code", "os_error"), "message": reason}
+            continue
+        target = _output_path(args.outdir, path, result.report.output_format, used)
+        target.write_bytes(result.data)
+        reports[str(path)] = result.report.to_dict() | {"output": str(target)}
+        tqdm.write(f"ok     {path} -> {target} ({result.report.heads_covered} heads covered)", file=sys.stderr)
+    if args.report:
+        args.report.write_text(json.dumps(reports, indent=2))
+    if failed:
+        print(f"anonymise: {failed} of {len(paths)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def demo(outdir: Path = Path("anonymised")) -> int:
+    """Anonymise scikit-image's public-domain astronaut photo (NASA) and say where it went."""
+    import io
+
+    from PIL import Image
+    from skimage import data as skdata
+
+    buffer = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).save(buffer, format="PNG")
+    anonymiser = Anonymiser(Settings())
+    result = anonymiser.anonymise(buffer.getvalue())
+    outdir.mkdir(parents=True, exist_ok=True)
+    target = outdir / ("astronaut_anonymised" + _EXTENSION[result.report.output_format])
+    target.write_bytes(result.data)
+    locators = ", ".join(result.report.locators)
+    print(f"Covered {result.report.heads_covered} head(s) with locators {locators}.")
+    print(f"Result written to {target.resolve()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anonymise`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return demo(Path(argv[1]) if len(argv) > 1 else Path("anonymised"))
+    if argv and argv[0] == "check-weights":
+        from .weights_check import main as check
+
+        return check(argv[1:])
+    return run(argv)
