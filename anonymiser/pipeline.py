@@ -93,7 +93,8 @@ class Anonymiser:
             parts = parts.extend(reg.from_detections(found, locator.kind, locator.name))
         merged = reg.merge(parts)
         if self.settings.safeguard:
-            merged = merged.extend(reg.gap_bridges(merged, self.settings.gap_factor))
+            h, w = rgb.shape[:2]
+            merged = merged.extend(reg.gap_bridges(merged, (w, h), self.settings.gap_factor))
         return merged, counts
 
     def _residual_regions(self, covered: np.ndarray, mask: np.ndarray) -> np.ndarray:
