@@ -125,12 +125,16 @@ def merged_candidates(probs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarr
 def nms(y: np.ndarray, x: np.ndarray, side: np.ndarray, score: np.ndarray, threshold: float) -> np.ndarray:
     """Greedy NMS of spec §3.6; returns the kept indices (in suppression order).
 
-    Semantics kept exactly: "+1" areas, IoU forced to 1 when one box contains the other, a box
-    survives a kept one only if IoU <= threshold, processing order = numpy's default argsort of
-    the scores, reversed. Because boxes are at most 24 grid units wide, only candidates within a
-    small window of each kept box can overlap it, so instead of comparing against all remaining
-    candidates each kept box looks them up through a grid index. That is the same greedy result:
-    a candidate is dropped iff some earlier kept candidate overlaps it by more than ``threshold``.
+    Semantics kept exactly: "+1" areas; a box survives a kept one only if IoU <= threshold; a box
+    containing or contained in a kept one never survives (the reference forces IoU to 1 there; the
+    spec says such boxes go "whatever the threshold", so they also go at threshold 1.0, the one
+    value where "IoU := 1, keep if IoU <= thr" would read differently); processing order =
+    numpy's default argsort of the scores, reversed.
+
+    Boxes are at most 24 grid units wide, so only candidates within a small window of a kept box
+    can overlap it: each kept box looks them up through a grid index instead of scanning all
+    remaining candidates. The greedy result is the same: a candidate is dropped iff some earlier
+    kept candidate suppresses it.
     """
     n = len(score)
     if n == 0:
@@ -166,8 +170,8 @@ def nms(y: np.ndarray, x: np.ndarray, side: np.ndarray, score: np.ndarray, thres
         h = np.maximum(0.0, np.minimum(y2[i], y2[j]) - np.maximum(y1[i], y1[j]) + 1.0)
         inter = w * h
         iou = inter / (area[i] + area[j] - inter)
-        iou = np.where((inter == area[i]) | (inter == area[j]), 1.0, iou)
-        alive[j[iou > threshold]] = False
+        contained = (inter == area[i]) | (inter == area[j])
+        alive[j[contained | (iou > threshold)]] = False
     return np.asarray(keep, np.int64)
 
 
