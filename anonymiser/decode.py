@@ -50,7 +50,7 @@ class DecodedImage:
 def sniff(data: bytes) -> str:
     """Name the format of ``data`` from its first bytes.
 
-    Returns one of ``jpeg``, ``png``, ``gif``, ``webp``, ``heif``; raises a typed error with a
+    Returns one of ``jpeg``, ``png``, ``gif``, ``webp``, ``heif``, ``avif``; raises a typed error with a
     clear message for everything else.
     """
     if not data:
@@ -67,12 +67,13 @@ def sniff(data: bytes) -> str:
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         compatible = {head[i : i + 4] for i in range(16, min(len(head), 40), 4)}
+        # AVIF files also list the HEIF brand mif1, so they are recognised first.
+        if brand in (b"avif", b"avis"):
+            return "avif"
         if brand in _HEIF_BRANDS or (compatible & _HEIF_BRANDS and brand not in _VIDEO_BRANDS):
             return "heif"
-        if brand in (b"avif", b"avis"):
-            raise UnsupportedImage("AVIF images are not supported; please send JPEG, PNG, WebP or HEIC.")
         raise UnsupportedImage("This looks like a video (MP4/MOV); only still images are supported.")
-    raise UnsupportedImage(f"Not a supported image ({_describe_unsupported(head)}); please send JPEG, PNG, WebP, HEIC or GIF.")
+    raise UnsupportedImage(f"Not a supported image ({_describe_unsupported(head)}); please send JPEG, PNG, WebP, HEIC, AVIF or GIF.")
 
 
 def _describe_unsupported(head: bytes) -> str:
@@ -118,7 +119,9 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
                 )
             if width <= 0 or height <= 0:
                 raise CorruptImage("The image has no pixels.")
-            if fmt in ("gif", "webp", "png") and getattr(image, "n_frames", 1) > 1:
+            # HEIF containers often hold extra images (thumbnails, depth, bursts): we use the
+            # primary image, which is the photo people see. GIF/WebP/PNG/AVIF animations are refused.
+            if fmt in ("gif", "webp", "png", "avif") and getattr(image, "n_frames", 1) > 1:
                 raise AnimatedImage(
                     "Animated images are not supported: the other frames would not be checked. "
                     "Please send a still photo."
@@ -140,6 +143,9 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
 
 
 def _orientation(image: Image.Image) -> int:
+    # pillow-heif rotates HEIC pixels itself and resets the tag, keeping the original here.
+    if "original_orientation" in image.info:
+        return int(image.info["original_orientation"] or 1)
     try:
         return int(image.getexif().get(0x0112, 1) or 1)
     except Exception:  # a broken EXIF block must not make the image unreadable

@@ -64,9 +64,16 @@ def encode(rgb: np.ndarray, fmt: str, max_bytes: int) -> Encoded:
     )
 
 
-def output_scale(width: int, height: int, max_pixels: int) -> float:
-    """The factor (<= 1) that brings ``width * height`` within ``max_pixels``."""
-    pixels = width * height
-    if pixels <= max_pixels:
-        return 1.0
-    return (max_pixels / pixels) ** 0.5 * 0.999
+def output_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size with the same aspect ratio and at most ``max_pixels`` pixels."""
+    if width * height <= max_pixels:
+        return width, height
+    factor = (max_pixels / (width * height)) ** 0.5
+    out_w, out_h = max(1, int(width * factor)), max(1, int(height * factor))
+    # A side clamped up to 1 px must be paid for by the other side.
+    if out_w * out_h > max_pixels:
+        if out_w == 1:
+            out_h = max_pixels
+        else:
+            out_w = max(1, max_pixels // out_h)
+    return out_w, out_h

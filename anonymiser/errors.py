@@ -35,7 +35,7 @@ class ImageTooLarge(AnonymiserError):
 
 
 class AnimatedImage(AnonymiserError):
-    """An animated GIF/WebP/HEIF sequence: we refuse rather than silently cover one frame."""
+    """An animated GIF/WebP/PNG/AVIF: we refuse rather than silently answer with one frame."""
 
     code = "animated_image"
 

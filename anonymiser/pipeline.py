@@ -119,14 +119,10 @@ class Anonymiser:
         report.locators = [l.name for l in self.locators]
 
         start = time.perf_counter()
-        scale = encoding.output_scale(w, h, self.settings.limits.max_output_pixels)
-        if scale < 1.0:
-            out_w, out_h = max(1, int(w * scale)), max(1, int(h * scale))
+        out_w, out_h = encoding.output_size(w, h, self.settings.limits.max_output_pixels)
+        if (out_w, out_h) != (w, h):
             rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_AREA)
-            scale_x = out_w / w
-        else:
-            out_w, out_h, scale_x = w, h, 1.0
-        boxes, keep = reg.to_pixels(merged.boxes, scale_x, out_w, out_h)
+        boxes, keep = reg.to_pixels(merged.boxes, (out_w / w, out_h / h), out_w, out_h)
         sources = [sorted(s) for s, k in zip(merged.sources, keep) if k]
         emblem = np.array(["safeguard" not in s for s in sources], bool)
         covered = cover(rgb, boxes, self.settings.style, emblem)

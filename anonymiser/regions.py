@@ -10,8 +10,8 @@ Merging: boxes of the same head from different locators (high IoU, or one mostly
 other) become one region, their enclosing box, so nothing either locator covered is lost.
 
 Dense-crowd safeguard: where covered heads are packed tightly, a head the detectors missed is
-most likely in the gap between two covered neighbours. For each region we take its nearest
-neighbours whose centres are closer than ``gap_factor`` times the pair's mean side and cover a
+most likely in the gap between two covered neighbours. For each region we take its (up to 8)
+nearest neighbours whose centres are closer than ``gap_factor`` times the pair's mean side and cover a
 head-sized square at the midpoint of the pair: exactly where a missed head between them would
 be. Adjacent heads' squares fall mostly inside their own covers (little extra loss); heads one
 gap apart get the gap filled. Isolated heads are left alone, so sparse photos lose nothing.
@@ -125,7 +125,7 @@ def gap_bridges(
     regions: Regions,
     size: tuple[int, int],
     gap_factor: float = 2.0,
-    neighbours: int = 4,
+    neighbours: int = 8,
     already_covered: float = 0.75,
 ) -> Regions:
     """Bridge regions between tightly packed covered heads (the dense-crowd safeguard).
@@ -166,13 +166,15 @@ def gap_bridges(
     return Regions(bridges.astype(np.float32), [frozenset({"safeguard"})] * len(bridges))
 
 
-def to_pixels(boxes: np.ndarray, scale: float, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+def to_pixels(boxes: np.ndarray, scale: float | tuple[float, float], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Scale float boxes to an image of ``width`` x ``height`` and round *outwards* to ints.
 
-    Rounding outwards means the integer region always contains the float one. Returns the
-    integer boxes that are not empty after clipping, and the mask of which input boxes they are.
+    ``scale`` is one factor or ``(x, y)`` factors. Rounding outwards means the integer region
+    always contains the float one. Returns the integer boxes that are not empty after clipping,
+    and the mask of which input boxes they are.
     """
-    scaled = np.asarray(boxes, np.float64).reshape(-1, 4) * scale
+    sx, sy = (scale, scale) if isinstance(scale, (int, float)) else scale
+    scaled = np.asarray(boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
     out = np.empty_like(scaled, dtype=np.int64)
     out[:, 0] = np.clip(np.floor(scaled[:, 0]), 0, width)
     out[:, 1] = np.clip(np.floor(scaled[:, 1]), 0, height)

@@ -1,0 +1,476 @@
+"""Decoding: every accepted format to an upright, opaque sRGB ``uint8 [H, W, 3]`` array, and a
+typed, explained error for everything else, with budgets enforced before pixels are decoded."""
+
+from __future__ import annotations
+
+import io
+import resource
+import time
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from PIL import Image, features
+
+from anonymiser import errors
+from anonymiser.decode import FLATTEN_BACKGROUND, decode, sniff
+from anonymiser.limits import Limits
+
+from conftest import (
+    animated_bytes,
+    cmyk_jpeg_bytes,
+    exif_block,
+    gif_bytes,
+    grey_jpeg_bytes,
+    heic_bytes,
+    jpeg_bytes,
+    jpeg_with_metadata,
+    orient_expected,
+    palette_png_bytes,
+    pattern_image,
+    png16_rgb_bytes,
+    png_bomb_bytes,
+    png_bytes,
+    png_with_metadata,
+    save,
+    srgb_icc_profile,
+    swapped_icc_profile,
+    webp_bytes,
+)
+
+PATTERN = pattern_image()
+
+
+def assert_rgb_array(rgb: np.ndarray, shape: tuple[int, int]) -> None:
+    """The decoder's contract: a contiguous ``uint8 [H, W, 3]`` array of the given size."""
+    assert rgb.dtype == np.uint8
+    assert rgb.shape == (*shape, 3)
+    assert rgb.flags["C_CONTIGUOUS"]
+
+
+def mean_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+# --------------------------------------------------------------------------- formats
+
+LOSSY = {
+    "jpeg baseline": lambda: jpeg_bytes(PATTERN),
+    "jpeg progressive": lambda: jpeg_bytes(PATTERN, progressive=True),
+    "webp lossy": lambda: webp_bytes(PATTERN),
+    "heic": lambda: heic_bytes(PATTERN),
+}
+LOSSLESS = {
+    "png rgb": lambda: png_bytes(PATTERN),
+    "webp lossless": lambda: webp_bytes(PATTERN, lossless=True),
+    "gif still": lambda: gif_bytes(PATTERN),  # 4 colours: the palette holds them exactly
+}
+FORMAT_NAMES = {"jpeg": "jpeg", "webp": "webp", "heic": "heif", "png": "png", "gif": "gif"}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_lossy_formats_decode_to_close_pixels(name: str) -> None:
+    """JPEG (baseline and progressive), lossy WebP and HEIC give the right pixels, approximately."""
+    decoded = decode(LOSSY[name]())
+    assert_rgb_array(decoded.rgb, PATTERN.shape[:2])
+    assert decoded.format == FORMAT_NAMES[name.split()[0]]
+    assert mean_error(decoded.rgb, PATTERN) < 4
+    assert not decoded.had_alpha and decoded.orientation == 1
+
+
+@pytest.mark.parametrize("name", sorted(LOSSLESS))
+def test_lossless_formats_decode_exactly(name: str) -> None:
+    """PNG, lossless WebP and a still GIF give exactly the encoded pixels."""
+    decoded = decode(LOSSLESS[name]())
+    assert_rgb_array(decoded.rgb, PATTERN.shape[:2])
+    assert decoded.format == FORMAT_NAMES[name.split()[0]]
+    np.testing.assert_array_equal(decoded.rgb, PATTERN)
+
+
+def test_grayscale_jpeg_becomes_three_equal_channels() -> None:
+    """A one-channel JPEG decodes to RGB with R == G == B close to the grey values."""
+    grey = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (32, 1))
+    decoded = decode(grey_jpeg_bytes(grey))
+    assert_rgb_array(decoded.rgb, grey.shape)
+    np.testing.assert_array_equal(decoded.rgb[..., 0], decoded.rgb[..., 1])
+    np.testing.assert_array_equal(decoded.rgb[..., 0], decoded.rgb[..., 2])
+    assert mean_error(decoded.rgb[..., 0], grey) < 2
+
+
+def test_grey_png_8_bit_is_exact() -> None:
+    """An 8-bit grey PNG decodes exactly into three equal channels."""
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    decoded = decode(png_bytes(grey))
+    np.testing.assert_array_equal(decoded.rgb, np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def test_grey_png_16_bit_is_scaled_not_clipped() -> None:
+    """16-bit grey ('I;16') is scaled to 8 bits (v / 257), not clipped at 255."""
+    grey16 = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    data = png_bytes(grey16)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode.startswith("I")  # the input really is 16-bit
+    decoded = decode(data)
+    expected = np.round(grey16 / 257.0)
+    assert np.abs(decoded.rgb[..., 0].astype(int) - expected).max() <= 1
+    assert decoded.rgb.max() == 255 and decoded.rgb.min() == 0
+    # mid-grey 32768 must be mid-grey, not white (clipping would give 255)
+    assert 120 < int(decoded.rgb[24, 32, 0]) < 136
+
+
+def test_rgb_png_16_bit_keeps_the_high_byte() -> None:
+    """A hand-written 16-bit-per-channel RGB PNG decodes to the right 8-bit values (+-1)."""
+    rgb16 = (np.arange(24 * 32 * 3).reshape(24, 32, 3) * 29 % 65536).astype(np.uint16)
+    decoded = decode(png16_rgb_bytes(rgb16))
+    assert_rgb_array(decoded.rgb, (24, 32))
+    assert np.abs(decoded.rgb.astype(int) - np.round(rgb16 / 257.0)).max() <= 1
+
+
+def test_cmyk_jpeg_converts_to_plausible_rgb() -> None:
+    """CMYK JPEG: no ink is white, magenta+yellow is red, full black ink is black."""
+    cmyk = np.zeros((16, 48, 4), np.uint8)
+    cmyk[:, 16:32] = (0, 255, 255, 0)
+    cmyk[:, 32:] = (0, 0, 0, 255)
+    decoded = decode(cmyk_jpeg_bytes(cmyk))
+    assert_rgb_array(decoded.rgb, (16, 48))
+    white, red, black = decoded.rgb[8, 8].astype(int), decoded.rgb[8, 24].astype(int), decoded.rgb[8, 40].astype(int)
+    assert white.min() > 240
+    assert red[0] > 220 and red[1] < 40 and red[2] < 40
+    assert black.max() < 40
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_icc_profile_is_applied(fmt: str) -> None:
+    """Pixels are converted through the embedded ICC profile: with a profile whose red and green
+    primaries are swapped, stored red must come out green and stored green red."""
+    stored = np.zeros((8, 24, 3), np.uint8)
+    stored[:, :8] = (255, 0, 0)
+    stored[:, 8:16] = (0, 255, 0)
+    stored[:, 16:] = (0, 0, 255)
+    image = Image.fromarray(stored)
+    profile = swapped_icc_profile()
+    data = {
+        "png": lambda: save(image, "PNG", icc_profile=profile),
+        "jpeg": lambda: save(image, "JPEG", quality=100, subsampling=0, icc_profile=profile),
+        "webp": lambda: save(image, "WEBP", lossless=True, icc_profile=profile),
+    }[fmt]()
+    rgb = decode(data).rgb.astype(int)
+    assert np.abs(rgb[4, 4] - (0, 255, 0)).max() <= 3
+    assert np.abs(rgb[4, 12] - (255, 0, 0)).max() <= 3
+    assert np.abs(rgb[4, 20] - (0, 0, 255)).max() <= 3
+
+
+def test_srgb_icc_profile_leaves_pixels_alone() -> None:
+    """An embedded sRGB profile is (nearly) an identity conversion."""
+    data = save(Image.fromarray(PATTERN), "PNG", icc_profile=srgb_icc_profile())
+    assert mean_error(decode(data).rgb, PATTERN) < 1.5
+
+
+def test_metadata_laden_files_decode() -> None:
+    """EXIF with GPS/maker note/thumbnail, XMP, ICC, comment and IPTC do not disturb decoding."""
+    for data in (jpeg_with_metadata(PATTERN), png_with_metadata(Image.fromarray(PATTERN))):
+        decoded = decode(data)
+        assert decoded.orientation == 1
+        assert mean_error(decoded.rgb, PATTERN) < 4
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "HEIF"])
+def test_exif_orientation_is_applied(fmt: str, orientation: int) -> None:
+    """Every EXIF orientation 1..8 is applied in every format that carries EXIF: the decoded
+    array is the stored one flipped/rotated as the EXIF definition says (shape too)."""
+    exif = exif_block(orientation, thumbnail=False)
+    kwargs = {} if fmt == "PNG" else {"quality": 95}
+    data = save(Image.fromarray(PATTERN), fmt, exif=exif, **kwargs)
+    decoded = decode(data)
+    expected = orient_expected(PATTERN, orientation)
+    assert decoded.rgb.shape == expected.shape
+    if fmt != "HEIF":  # pillow-heif applies the rotation itself and resets the tag to 1
+        assert decoded.orientation == orientation
+    assert mean_error(decoded.rgb, expected) < 5
+    # the red block must be where the transform puts it, not merely "similar on average"
+    red = (decoded.rgb[..., 0] > 180) & (decoded.rgb[..., 1] < 80)
+    expected_red = (expected[..., 0] > 180) & (expected[..., 1] < 80)
+    assert (red == expected_red).mean() > 0.97
+
+
+def test_orientation_with_palette_transparency() -> None:
+    """Orientation and transparency together: rotation happens and transparency still flattens."""
+    indices = np.zeros((12, 20), np.uint8)
+    indices[:6, :10] = 1  # transparent quadrant, top-left
+    data = save(_palette_image(indices), "PNG", transparency=1, exif=exif_block(6, thumbnail=False))
+    decoded = decode(data)
+    assert decoded.rgb.shape == (20, 12, 3)
+    assert decoded.had_alpha
+    # stored top-left ends up top-right after a 90 degree clockwise rotation
+    np.testing.assert_array_equal(decoded.rgb[:10, 6:], np.full((10, 6, 3), FLATTEN_BACKGROUND, np.uint8))
+    np.testing.assert_array_equal(decoded.rgb[10:, :], np.full((10, 12, 3), (10, 20, 30), np.uint8))
+
+
+def _palette_image(indices: np.ndarray) -> Image.Image:
+    image = Image.fromarray(indices, "P")
+    image.putpalette([10, 20, 30, 200, 50, 60] + [0] * 762)
+    return image
+
+
+# --------------------------------------------------------------------------- alpha
+
+HIDDEN = (200, 50, 60)  # the colour hidden under fully transparent pixels
+
+
+def _rgba_with_hidden_colour() -> np.ndarray:
+    """16x16: top-left 8x8 fully transparent over HIDDEN; bottom-right half transparent over
+    black; the rest opaque (1, 2, 3)."""
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = (1, 2, 3)
+    rgba[..., 3] = 255
+    rgba[:8, :8, :3] = HIDDEN
+    rgba[:8, :8, 3] = 0
+    rgba[8:, 8:, :3] = 0
+    rgba[8:, 8:, 3] = 128
+    return rgba
+
+
+ALPHA_FORMATS = {
+    "png rgba": lambda rgba: png_bytes(rgba),
+    "png la": lambda rgba: png_bytes(np.ascontiguousarray(rgba[..., [0, 3]]), "LA"),
+    "webp lossless rgba": lambda rgba: webp_bytes(rgba, lossless=True),
+    "heic rgba": lambda rgba: heic_bytes(rgba),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALPHA_FORMATS))
+def test_alpha_is_flattened_and_hidden_colour_is_gone(name: str) -> None:
+    """Fully transparent pixels become the flatten background exactly: the colour stored under
+    alpha 0 does not survive; opaque pixels keep their colour; half alpha is blended."""
+    rgba = _rgba_with_hidden_colour()
+    decoded = decode(ALPHA_FORMATS[name](rgba))
+    assert decoded.had_alpha
+    assert_rgb_array(decoded.rgb, (16, 16))
+    np.testing.assert_array_equal(decoded.rgb[:8, :8], np.full((8, 8, 3), FLATTEN_BACKGROUND, np.uint8))
+    opaque = decoded.rgb[8:, :8].astype(int)
+    assert np.abs(opaque - (1, 1, 1)).max() <= 3
+    half = decoded.rgb[12, 12].astype(int)
+    assert np.all(np.abs(half - np.array(FLATTEN_BACKGROUND) / 2) <= 4)  # 50 % white over black
+
+
+def test_palette_png_transparency_is_flattened() -> None:
+    """A palette PNG's transparent index becomes the background, other entries keep their colour."""
+    indices = np.zeros((16, 16), np.uint8)
+    indices[:8] = 1  # transparent entry, whose colour is HIDDEN
+    indices[:, :4] = 2
+    decoded = decode(palette_png_bytes(indices, [(10, 20, 30), HIDDEN, (0, 255, 0)], transparent=1))
+    assert decoded.had_alpha
+    rgb = decoded.rgb
+    assert not np.any(np.all(rgb == HIDDEN, axis=-1))
+    np.testing.assert_array_equal(rgb[0, 8], FLATTEN_BACKGROUND)
+    np.testing.assert_array_equal(rgb[15, 8], (10, 20, 30))
+    np.testing.assert_array_equal(rgb[0, 0], (0, 255, 0))
+
+
+def test_opaque_image_reports_no_alpha() -> None:
+    """``had_alpha`` is False for an image without any transparency."""
+    assert not decode(png_bytes(PATTERN)).had_alpha
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+def test_sniff_uses_content_only() -> None:
+    """The format comes from the bytes: PNG, JPEG, GIF, WebP and HEIC signatures are named."""
+    assert sniff(png_bytes(PATTERN)) == "png"
+    assert sniff(jpeg_bytes(PATTERN)) == "jpeg"
+    assert sniff(gif_bytes(PATTERN)) == "gif"
+    assert sniff(webp_bytes(PATTERN)) == "webp"
+    assert sniff(heic_bytes(PATTERN)) == "heif"
+
+
+def _ftyp(brand: bytes, compatible: list[bytes]) -> bytes:
+    body = brand + b"\x00\x00\x02\x00" + b"".join(compatible)
+    return (8 + len(body)).to_bytes(4, "big") + b"ftyp" + body + b"\x00\x00\x00\x08free" + bytes(200)
+
+
+UNSUPPORTED = {
+    "random bytes": (bytes(np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8)), "unrecognised"),
+    "svg": (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "SVG"),
+    "bare svg": (b'<svg xmlns="http://www.w3.org/2000/svg"><rect width="5" height="5"/></svg>', "SVG"),
+    "pdf": (b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nendobj\n%%EOF\n", "PDF"),
+    "mp4": (_ftyp(b"isom", [b"isom", b"iso2", b"avc1", b"mp41"]), "video"),
+    "mov": (_ftyp(b"qt  ", [b"qt  "]), "video"),
+    "webm": (b"\x1aE\xdf\xa3\x9fB\x86\x81\x01B\xf7\x81\x01B\xf2\x81\x04B\xf3\x81\x08B\x82\x84webm" + bytes(64), "WebM"),
+    "html": (b"<!DOCTYPE html>\n<html><head><title>x</title></head><body>hi</body></html>", "HTML"),
+    "zip": (b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(100), "ZIP"),
+    "bmp": (b"BM" + bytes(100), "BMP"),
+    "tiff": (b"II*\x00\x08\x00\x00\x00" + bytes(100), "TIFF"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_content_is_named(name: str) -> None:
+    """Non-images (and formats we do not accept) raise UnsupportedImage saying what they are."""
+    data, word = UNSUPPORTED[name]
+    with pytest.raises(errors.UnsupportedImage) as caught:
+        decode(data)
+    assert word.lower() in str(caught.value).lower()
+    assert caught.value.code == "unsupported_image"
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow build cannot write AVIF")
+def test_avif_is_recognised_as_avif_and_decoded() -> None:
+    """A real AVIF file (which also lists the HEIF brand mif1) is sniffed as AVIF, not HEIF,
+    and decodes to the right pixels."""
+    data = save(Image.fromarray(PATTERN), "AVIF")
+    assert data[8:12] == b"avif"
+    decoded = decode(data)
+    assert decoded.format == "avif"
+    assert decoded.rgb.shape == PATTERN.shape
+    assert np.abs(decoded.rgb.astype(int) - PATTERN.astype(int)).mean() < 20
+
+
+# --------------------------------------------------------------------------- broken files
+
+
+def test_zero_bytes_is_empty_image() -> None:
+    """Zero bytes raise EmptyImage."""
+    with pytest.raises(errors.EmptyImage) as caught:
+        decode(b"")
+    assert caught.value.code == "empty_image" and str(caught.value)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_truncated_files_are_corrupt(fmt: str, fraction: float) -> None:
+    """A JPEG or PNG cut short raises CorruptImage (never a partial image)."""
+    noise = np.random.default_rng(3).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    data = jpeg_bytes(noise) if fmt == "jpeg" else png_bytes(noise)
+    with pytest.raises(errors.CorruptImage) as caught:
+        decode(data[: int(len(data) * fraction)])
+    assert fmt.upper() in str(caught.value)
+    assert caught.value.code == "corrupt_image"
+
+
+@pytest.mark.parametrize("cut", [9, 30])
+def test_header_only_png_is_corrupt(cut: int) -> None:
+    """A PNG signature followed by too little or damaged data is corrupt, not unsupported."""
+    data = png_bytes(PATTERN)
+    with pytest.raises(errors.CorruptImage):
+        decode(data[:cut])
+
+
+def test_damaged_png_crc_is_corrupt() -> None:
+    """A PNG whose image data was altered (CRC mismatch) is refused as corrupt."""
+    data = bytearray(png_bytes(np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+    idat = data.index(b"IDAT")
+    data[idat + 40] ^= 0xFF
+    with pytest.raises(errors.CorruptImage):
+        decode(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_animations_are_refused(fmt: str) -> None:
+    """Animated GIF, animated WebP and APNG raise AnimatedImage rather than covering one frame."""
+    with pytest.raises(errors.AnimatedImage) as caught:
+        decode(animated_bytes(fmt))
+    assert "animated" in str(caught.value).lower()
+    assert caught.value.code == "animated_image"
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@lru_cache(maxsize=1)
+def _bomb() -> bytes:
+    return png_bomb_bytes(30000, 30000)
+
+
+def test_decompression_bomb_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small PNG declaring 30000x30000 pixels raises ImageTooLarge from its header: no pixel
+    is decoded (Image.load would fail the test), quickly and without a large allocation."""
+    data = _bomb()
+    assert len(data) < 200_000
+
+    def refuse_load(self: Image.Image) -> None:
+        raise AssertionError("pixels were decoded before the pixel budget was checked")
+
+    monkeypatch.setattr(Image.Image, "load", refuse_load)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", refuse_load)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    with pytest.raises(errors.ImageTooLarge) as caught:
+        decode(data)
+    elapsed = time.perf_counter() - start
+    rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert "30000x30000" in str(caught.value)
+    assert caught.value.code == "image_too_large"
+    assert elapsed < 1.0
+    assert rss_growth < 100 * 1024  # a decoded 30000x30000 image would need 900 MB
+
+
+def test_pixel_budget_is_configurable() -> None:
+    """An ordinary image over a small pixel budget is refused; at the budget it is accepted."""
+    data = png_bytes(PATTERN)
+    pixels = PATTERN.shape[0] * PATTERN.shape[1]
+    with pytest.raises(errors.ImageTooLarge):
+        decode(data, Limits(max_input_pixels=pixels - 1))
+    assert decode(data, Limits(max_input_pixels=pixels)).rgb.shape[:2] == PATTERN.shape[:2]
+
+
+def test_byte_budget_is_enforced() -> None:
+    """A file larger than max_input_bytes raises ImageTooLarge naming both sizes."""
+    data = jpeg_bytes(PATTERN)
+    with pytest.raises(errors.ImageTooLarge) as caught:
+        decode(data, Limits(max_input_bytes=len(data) - 1))
+    assert f"{len(data):,}" in str(caught.value)
+    assert decode(data, Limits(max_input_bytes=len(data))).rgb.shape[:2] == PATTERN.shape[:2]
+
+
+def test_limits_from_env_and_validation() -> None:
+    """Limits read ANON_* variables, keep defaults for unset ones and reject bad values."""
+    limits = Limits.from_env({"ANON_MAX_INPUT_BYTES": "1234", "ANON_MAX_OUTPUT_PIXELS": ""})
+    assert limits.max_input_bytes == 1234
+    assert limits.max_output_pixels == Limits().max_output_pixels
+    with pytest.raises(ValueError, match="ANON_MAX_INPUT_PIXELS"):
+        Limits.from_env({"ANON_MAX_INPUT_PIXELS": "lots"})
+    with pytest.raises(ValueError):
+        Limits(max_output_bytes=0)
+
+
+# --------------------------------------------------------------------------- error types
+
+
+ERROR_CASES = {
+    "empty": (b"", errors.EmptyImage),
+    "unsupported": (b"%PDF-1.4 not an image", errors.UnsupportedImage),
+    "corrupt": (b"\x89PNG\r\n\x1a\n" + bytes(40), errors.CorruptImage),
+    "animated": (None, errors.AnimatedImage),
+    "too large": (None, errors.ImageTooLarge),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_CASES))
+def test_errors_are_typed_with_code_and_message(name: str) -> None:
+    """Every refusal is an AnonymiserError subclass with its own code and a non-empty message."""
+    data, kind = ERROR_CASES[name]
+    if name == "animated":
+        data = animated_bytes("GIF")
+    if name == "too large":
+        data = _bomb()
+    with pytest.raises(errors.AnonymiserError) as caught:
+        decode(data)
+    assert type(caught.value) is kind
+    assert str(caught.value).strip()
+    assert caught.value.code and caught.value.code != errors.AnonymiserError.code
+
+
+def test_error_codes_are_distinct() -> None:
+    """Each error class has its own stable code (the bot and CLI key their replies on it)."""
+    classes = [
+        errors.UnsupportedImage, errors.CorruptImage, errors.EmptyImage, errors.ImageTooLarge,
+        errors.AnimatedImage, errors.WeightsError, errors.OutputTooLarge,
+    ]
+    codes = [cls.code for cls in classes]
+    assert len(set(codes)) == len(codes)
+    assert all(issubclass(cls, errors.AnonymiserError) for cls in classes)

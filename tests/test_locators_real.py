@@ -1,0 +1,361 @@
+"""The real locators on real photos, their weight checks, and the tiling and box arithmetic
+they share. Photos come from ANON_EVAL_DIR and are read in place (skipped when absent)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from anonymiser import regions as reg
+from anonymiser.errors import WeightsError
+from anonymiser.locators import heads as heads_module
+from anonymiser.locators.base import Detections
+from anonymiser.locators.centerface import STRIDE, CenterFaceLocator, decode_maps
+from anonymiser.locators.heads import HeadsLocator, letterbox
+from anonymiser.locators.nms import iou_matrix, nms
+from anonymiser.locators.registry import REGISTRY, available_names
+from anonymiser.locators.tiling import clip_and_suppress, run_tiled, tile_origins, tile_windows
+from anonymiser.pipeline import Anonymiser, Settings
+
+from conftest import ASTRONAUT_FACE, HEADS_FILE, load_eval, points_in_boxes
+
+#: medium-density photos (20-100 heads) on which both locators cover >= 80 % of the heads
+MEDIUM_PHOTOS = ("crowdann_IMG_2", "pcount_train_IMG_6")
+#: a street scene where most people walk away from the camera (heads seen from behind)
+BACK_VIEW_PHOTO = "pcount_train_IMG_19"
+#: annotated heads in BACK_VIEW_PHOTO that are seen from behind (checked by eye)
+BACK_VIEW_HEADS = ((146, 124), (320, 144), (882, 190))
+
+
+@pytest.fixture(scope="module")
+def centerface_locator(centerface_available: None) -> CenterFaceLocator:
+    return CenterFaceLocator()
+
+
+@pytest.fixture(scope="module")
+def heads_locator(heads_dir: Path) -> HeadsLocator:
+    return HeadsLocator(heads_dir / HEADS_FILE)
+
+
+def coverage(points: np.ndarray, found: Detections, kind: str) -> float:
+    """Fraction of annotated head points inside a padded box (as the pipeline pads them)."""
+    return float(points_in_boxes(points, reg.pad_boxes(found.boxes, kind)).mean())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- astronaut
+
+
+def test_centerface_finds_the_astronaut(centerface_locator: CenterFaceLocator, astronaut: np.ndarray) -> None:
+    """CenterFace finds exactly the one face, confidently, and its padded box takes in the face."""
+    found = centerface_locator.locate(astronaut)
+    assert len(found) == 1, found.boxes
+    assert found.scores[0] > 0.7
+    x1, y1, x2, y2 = found.boxes[0]
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    fx1, fy1, fx2, fy2 = ASTRONAUT_FACE
+    assert fx1 < cx < fx2 and fy1 < cy < fy2
+    padded = reg.pad_boxes(found.boxes, "face")[0]
+    assert padded[0] <= fx1 and padded[1] <= fy1 and padded[2] >= fx2 and padded[3] >= fy2
+
+
+def test_head_model_finds_the_astronaut(heads_locator: HeadsLocator, astronaut: np.ndarray) -> None:
+    """The head model returns a head box enclosing the astronaut's face."""
+    found = heads_locator.locate(astronaut)
+    fx1, fy1, fx2, fy2 = ASTRONAUT_FACE
+    enclosing = [b for b in found.boxes if b[0] <= fx1 and b[1] <= fy1 and b[2] >= fx2 and b[3] >= fy2]
+    assert enclosing, found.boxes
+    assert np.all(found.scores >= heads_locator.threshold)
+
+
+def test_locators_find_nothing_on_a_blank_image(centerface_locator: CenterFaceLocator, heads_locator: HeadsLocator) -> None:
+    """A flat grey image yields no faces and no heads."""
+    blank = np.full((480, 640, 3), 128, np.uint8)
+    assert len(centerface_locator.locate(blank)) == 0
+    assert len(heads_locator.locate(blank)) == 0
+
+
+# --------------------------------------------------------------------------- real photos
+
+
+@pytest.fixture(scope="module")
+def photo_detections(
+    eval_dir: Path, centerface_locator: CenterFaceLocator, heads_locator: HeadsLocator
+) -> dict[str, tuple[np.ndarray, dict, Detections, Detections]]:
+    """Each chosen photo with its annotation and both locators' raw detections (run once)."""
+    out = {}
+    for name in (*MEDIUM_PHOTOS, BACK_VIEW_PHOTO):
+        rgb, meta = load_eval(eval_dir, name)
+        out[name] = (rgb, meta, centerface_locator.locate(rgb), heads_locator.locate(rgb))
+    return out
+
+
+@pytest.mark.parametrize("name", MEDIUM_PHOTOS)
+@pytest.mark.parametrize("locator", ["centerface", "heads"])
+def test_locator_covers_most_heads_in_a_medium_crowd(
+    photo_detections: dict[str, tuple[np.ndarray, dict, Detections, Detections]], name: str, locator: str
+) -> None:
+    """On real medium-density photos each locator alone covers >= 80 % of the annotated heads
+    (point inside its padded box), with boxes inside the image."""
+    rgb, meta, faces, heads = photo_detections[name]
+    assert meta["density_band"] == "medium" and (meta["width"], meta["height"]) == (rgb.shape[1], rgb.shape[0])
+    found, kind = (faces, "face") if locator == "centerface" else (heads, "head")
+    points = np.asarray(meta["heads"], np.float64)
+    assert coverage(points, found, kind) >= 0.8
+    assert np.all(found.boxes[:, [0, 2]] >= 0) and np.all(found.boxes[:, [0, 2]] <= rgb.shape[1])
+    assert np.all(found.boxes[:, [1, 3]] >= 0) and np.all(found.boxes[:, [1, 3]] <= rgb.shape[0])
+    # not "cover everything": boxes are head-sized, not a blanket over the photo
+    areas = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1])
+    assert np.median(areas) < 0.02 * rgb.shape[0] * rgb.shape[1]
+
+
+def test_head_model_finds_heads_seen_from_behind(
+    photo_detections: dict[str, tuple[np.ndarray, dict, Detections, Detections]],
+) -> None:
+    """In a street scene of people walking away, the head model covers the backs of heads the
+    face detector cannot see (which is why it exists), and >= 80 % of all heads."""
+    rgb, meta, faces, heads = photo_detections[BACK_VIEW_PHOTO]
+    points = np.asarray(meta["heads"], np.float64)
+    back = np.asarray(
+        [points[np.argmin(np.hypot(*(points - p).T))] for p in BACK_VIEW_HEADS], np.float64
+    )
+    assert np.all(np.hypot(*(back - np.asarray(BACK_VIEW_HEADS)).T) < 10)  # annotation as expected
+    assert points_in_boxes(back, reg.pad_boxes(heads.boxes, "head")).all()
+    assert coverage(points, heads, "head") >= 0.8
+    # the precondition that makes this photo a back-view test: faces are mostly not visible
+    assert not points_in_boxes(back, reg.pad_boxes(faces.boxes, "face")).any()
+    assert coverage(points, faces, "face") < 0.5
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _copy_model(heads_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / HEADS_FILE
+    shutil.copyfile(heads_dir / HEADS_FILE, target)
+    return target
+
+
+def test_intact_head_model_verifies(heads_dir: Path) -> None:
+    """The shipped file has the expected size and checksum."""
+    heads_module.verify_file(heads_dir / HEADS_FILE)
+    assert (heads_dir / HEADS_FILE).stat().st_size == heads_module.SIZE
+
+
+def test_head_model_with_one_byte_changed_is_refused(heads_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy with one flipped byte (right size, wrong sha256) raises WeightsError before ONNX
+    even parses it, through the locator, the registry and the Anonymiser."""
+    path = _copy_model(heads_dir, tmp_path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("onnx.load was called on an unverified file")
+
+    monkeypatch.setattr(heads_module.onnx, "load", no_parse)
+    with pytest.raises(WeightsError, match="sha256") as caught:
+        HeadsLocator(path)
+    assert caught.value.code == "weights_error"
+    with pytest.raises(WeightsError, match="sha256"):
+        REGISTRY["heads"].load(tmp_path)
+    with pytest.raises(WeightsError):
+        Anonymiser(Settings(locators=("heads",), residual_pass=False), weights_dir=tmp_path)
+
+
+def test_truncated_head_model_is_refused(heads_dir: Path, tmp_path: Path) -> None:
+    """A truncated copy raises WeightsError naming the size mismatch."""
+    path = _copy_model(heads_dir, tmp_path)
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(WeightsError, match="bytes"):
+        HeadsLocator(path)
+
+
+def test_missing_head_model_is_refused_and_not_listed(tmp_path: Path) -> None:
+    """No file: WeightsError from the locator, and the registry does not list 'heads'."""
+    with pytest.raises(WeightsError, match="not found"):
+        HeadsLocator(tmp_path / HEADS_FILE)
+    assert "heads" not in available_names(tmp_path)
+
+
+def test_registry_lists_installed_locators(heads_dir: Path) -> None:
+    """With the head model installed, the registry offers it (after CenterFace when present)."""
+    names = available_names(heads_dir)
+    assert "heads" in names
+    assert list(REGISTRY)[:2] == ["centerface", "heads"]
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+@pytest.mark.parametrize("length", [1, 100, 640, 641, 1000, 1023, 3000, 4111])
+@pytest.mark.parametrize("tile,overlap", [(640, 160), (480, 160), (1024, 192), (320, 0), (33, 32)])
+def test_tile_origins_cover_with_overlap(length: int, tile: int, overlap: int) -> None:
+    """Tiles start at 0, end flush with the image, cover every pixel and overlap by at least
+    the requested amount."""
+    origins = tile_origins(length, tile, overlap)
+    assert origins[0] == 0
+    if length <= tile:
+        assert origins == [0]
+        return
+    assert origins[-1] + tile == length
+    assert all(b > a for a, b in zip(origins, origins[1:]))
+    assert all(a + tile - b >= overlap for a, b in zip(origins, origins[1:]))
+    covered = np.zeros(length, bool)
+    for start in origins:
+        covered[start : start + tile] = True
+    assert covered.all()
+
+
+def test_tile_origins_refuse_overlap_as_big_as_the_tile() -> None:
+    """An overlap not smaller than the tile is an error (it would never advance)."""
+    with pytest.raises(ValueError):
+        tile_origins(1000, 100, 100)
+
+
+@pytest.mark.parametrize("width,height", [(640, 480), (1000, 700), (4032, 3024), (300, 2000)])
+def test_tile_windows_cover_the_image(width: int, height: int) -> None:
+    """Windows are clipped to the image, at most tile-sized, and together cover every pixel
+    with the requested overlap between neighbours."""
+    windows = tile_windows(width, height, 640, 480, 160)
+    covered = np.zeros((height, width), np.int32)
+    for x0, y0, x1, y1 in windows:
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert x1 - x0 <= 640 and y1 - y0 <= 480
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() >= 1
+    xs = sorted({w[0] for w in windows})
+    ys = sorted({w[1] for w in windows})
+    assert all(a + 640 - b >= 160 for a, b in zip(xs, xs[1:]))
+    assert all(a + 480 - b >= 160 for a, b in zip(ys, ys[1:]))
+
+
+DOT = 6
+
+
+def _dotted_image() -> tuple[np.ndarray, np.ndarray]:
+    """A black 700x500 image with white 6x6 dots on a grid; returns it and the dot centres."""
+    image = np.zeros((500, 700, 3), np.uint8)
+    centres = []
+    for y in range(20, 500 - DOT, 47):
+        for x in range(15, 700 - DOT, 53):
+            image[y : y + DOT, x : x + DOT] = 255
+            centres.append((x + DOT / 2, y + DOT / 2))
+    return image, np.asarray(centres)
+
+
+class DotDetector:
+    """Fake detect function: a box around every whole white blob in the crop, in crop pixels."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, crop: np.ndarray) -> Detections:
+        self.shapes.append(crop.shape)
+        count, _, stats, _ = cv2.connectedComponentsWithStats((crop[..., 0] > 100).astype(np.uint8))
+        h, w = crop.shape[:2]
+        boxes = []
+        for x, y, bw, bh, _area in stats[1:count]:
+            if x > 0 and y > 0 and x + bw < w and y + bh < h:  # whole blobs only
+                boxes.append([x, y, x + bw, y + bh])
+        return Detections(np.asarray(boxes, np.float32).reshape(-1, 4), np.ones(len(boxes), np.float32))
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 0.5])
+def test_run_tiled_maps_boxes_back(factor: float) -> None:
+    """Boxes found in each scaled tile come back in source pixels: every dot is found, each
+    box is centred on a real dot, and tiles never exceed the network size."""
+    image, centres = _dotted_image()
+    detector = DotDetector()
+    found = run_tiled(image, factor, 256, 192, 64, detector)
+    assert len(detector.shapes) > 1  # really tiled
+    for shape in detector.shapes:
+        assert shape[1] <= 256 + 1 and shape[0] <= 192 + 1
+    box_centres = np.stack([(found.boxes[:, 0] + found.boxes[:, 2]) / 2, (found.boxes[:, 1] + found.boxes[:, 3]) / 2], axis=1)
+    tolerance = 1.0 / factor + 0.6
+    nearest = np.min(np.hypot(box_centres[:, None, 0] - centres[None, :, 0], box_centres[:, None, 1] - centres[None, :, 1]), axis=1)
+    assert nearest.max() <= tolerance
+    found_any = np.min(np.hypot(centres[:, None, 0] - box_centres[None, :, 0], centres[:, None, 1] - box_centres[None, :, 1]), axis=1)
+    assert found_any.max() <= tolerance
+    sides = found.boxes[:, 2] - found.boxes[:, 0]
+    assert np.all(np.abs(sides - DOT) <= 2.0 / factor + 1)
+
+
+def test_run_tiled_known_box_per_tile() -> None:
+    """A detector that always reports the same box in tile pixels gets it back offset by each
+    window's origin and divided by the scale."""
+    image = np.zeros((600, 900, 3), np.uint8)
+    found = run_tiled(image, 2.0, 640, 480, 160, lambda crop: Detections([[10, 20, 30, 40]], [0.9]))
+    windows = tile_windows(900, 600, 320, 240, 80)
+    expected = np.asarray([[x0 + 5, y0 + 10, x0 + 15, y0 + 20] for x0, y0, _, _ in windows], np.float32)
+    np.testing.assert_allclose(np.sort(found.boxes, axis=0), np.sort(expected, axis=0), atol=0.01)
+
+
+def test_clip_and_suppress_removes_tile_duplicates() -> None:
+    """Duplicates from overlapping tiles collapse to the best one; boxes are clipped."""
+    found = Detections([[10, 10, 50, 50], [11, 9, 51, 49], [-20, 90, 30, 130], [60, 20, 90, 50]], [0.8, 0.9, 0.7, 0.6])
+    kept = clip_and_suppress(found, 100, 120, 0.45)
+    assert len(kept) == 3
+    np.testing.assert_allclose(kept.boxes[0], [11, 9, 51, 49])
+    np.testing.assert_allclose(kept.boxes[1], [0, 90, 30, 120])
+    np.testing.assert_allclose(kept.boxes[2], [60, 20, 90, 50])
+
+
+def test_nms_and_iou() -> None:
+    """IoU of identical boxes is 1 and of disjoint ones 0; NMS keeps the best of a cluster."""
+    a = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    np.testing.assert_allclose(iou_matrix(a, a), np.eye(2))
+    np.testing.assert_allclose(iou_matrix(a[:1], np.array([[5, 0, 15, 10]], np.float32)), [[1 / 3]], rtol=1e-5)
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]], np.float32)
+    assert nms(boxes, np.array([0.5, 0.9, 0.3], np.float32), 0.5).tolist() == [1, 2]
+
+
+def test_detections_validate_shapes() -> None:
+    """Detections insist on one score per box and concatenate correctly."""
+    with pytest.raises(ValueError):
+        Detections([[0, 0, 1, 1]], [0.5, 0.6])
+    both = Detections.concat([Detections([[0, 0, 1, 1]], [0.5]), Detections(), Detections([[2, 2, 3, 3]], [0.1])])
+    assert len(both) == 2 and both.boxes.dtype == np.float32
+    assert len(Detections.concat([])) == 0
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+
+def test_centerface_decode_maps() -> None:
+    """A heat-map peak with a log-size of s becomes a box of side exp(s)*stride around the
+    offset-corrected cell centre; cells under the threshold are ignored."""
+    heat = np.zeros((10, 12), np.float32)
+    heat[3, 5] = 0.9
+    heat[7, 1] = 0.1
+    scale = np.zeros((2, 10, 12), np.float32)
+    scale[:, 3, 5] = np.log(8.0)  # 8 cells * stride 4 = 32 px
+    offset = np.zeros((2, 10, 12), np.float32)
+    offset[:, 3, 5] = 0.25
+    found = decode_maps(heat, scale, offset, threshold=0.2)
+    assert len(found) == 1
+    cx, cy = (5 + 0.25 + 0.5) * STRIDE, (3 + 0.25 + 0.5) * STRIDE
+    np.testing.assert_allclose(found.boxes[0], [cx - 16, cy - 16, cx + 16, cy + 16], atol=1e-4)
+    assert found.scores[0] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("width,height", [(640, 480), (1280, 960), (300, 100), (100, 300), (2000, 900)])
+def test_letterbox_is_bgr_and_maps_back(width: int, height: int) -> None:
+    """The head model's input is BGR float 1x3x480x640; a marker at (x, y) in the photo lands
+    at (x, y) / factor in the network input, and padding is grey 114."""
+    rgb = np.zeros((height, width, 3), np.uint8)
+    mx, my = width * 3 // 5, height * 2 // 5
+    s = max(4, width // 40, height // 40)
+    rgb[my : my + s, mx : mx + s] = (255, 0, 0)  # pure red
+    blob, factor = letterbox(rgb)
+    assert blob.shape == (1, 3, 480, 640) and blob.dtype == np.float32
+    assert factor == pytest.approx(max(width / 640, height / 480))
+    nx, ny = int((mx + s / 2) / factor), int((my + s / 2) / factor)
+    assert blob[0, 2, ny, nx] > 200 and blob[0, 0, ny, nx] < 50  # red sits in channel 2 (BGR)
+    if width / height > 640 / 480 + 0.01:  # wide: padding at the bottom
+        assert np.all(blob[0, :, -1, :] == 114)
+    elif width / height < 640 / 480 - 0.01:  # tall: padding on the right
+        assert np.all(blob[0, :, :, -1] == 114)
