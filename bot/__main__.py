@@ -1,0 +1,68 @@
+"""``python -m bot listen`` (the listener) and ``python -m bot run`` (listener + one worker)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from . import logs
+from .config import BotConfig, ConfigError
+
+
+def listen() -> int:
+    """Run the listener until SIGINT/SIGTERM."""
+    logs.setup()
+    try:
+        config = BotConfig.from_env()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from .listener import Listener
+    from .platforms.registry import make
+    from .store import Store
+    from .tasks import app
+
+    platform = make(os.environ.get("BOT_PLATFORM", "mastodon"), config)
+    store = Store.from_url(config.redis_url)
+    app.conf.broker_url = config.redis_url
+
+    def enqueue(job) -> None:  # type: ignore[no-untyped-def]
+        app.send_task("bot.handle", args=[job.to_dict()])
+
+    listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s)
+    me = platform.me()
+    logging.getLogger("bot").info("listening", extra={"account": me.acct, "channels": ",".join(listener.channels)})
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: listener.stop.set())
+    listener.run()
+    return 0
+
+
+def run_all() -> int:
+    """One worker process beside the listener: the single-machine way to run the bot."""
+    try:
+        BotConfig.from_env()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--loglevel", "INFO"])
+    try:
+        return listen()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["listen"]:
+        return listen()
+    if argv[:1] == ["run"]:
+        return run_all()
+    print("usage: python -m bot listen | run", file=sys.stderr)
+    return 2
+
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,125 @@
+"""All of the bot's configuration, read from environment variables in one place.
+
+``BotConfig.from_env()`` validates everything at start-up and raises ``ConfigError`` listing
+every problem at once, so an operator fixes their ``.env`` in one go.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
+
+
+class ConfigError(Exception):
+    """The environment does not describe a runnable bot."""
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    """Validated settings of the listener and the workers."""
+
+    mastodon_base_url: str
+    mastodon_access_token: str
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    hashtags: tuple[str, ...] = ()
+    #: only for tests against a local fake server: allow media from loopback/private addresses
+    allow_private_addresses: bool = False
+    max_media_bytes: int = 40 * 1024 * 1024
+    media_timeout_s: float = 20.0
+    max_images: int = 4
+    per_account_per_hour: int = 10
+    global_per_hour: int = 600
+    takedowns_per_account_per_hour: int = 20
+    max_attempts: int = 5
+    poll_interval_s: float = 30.0
+    stream: bool = True
+    visibility_timeout_s: int = 900
+    weights_dir: Path | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "BotConfig":
+        """Read and validate; raises ``ConfigError`` naming every bad or missing variable."""
+        env = os.environ if environ is None else environ
+        problems: list[str] = []
+        values: dict[str, object] = {}
+
+        base = env.get("MASTODON_BASE_URL", "").strip().rstrip("/")
+        parsed = urlparse(base)
+        if not base:
+            problems.append("MASTODON_BASE_URL is not set (e.g. https://mastodon.social)")
+        elif parsed.scheme not in ("http", "https") or not parsed.netloc:
+            problems.append(f"MASTODON_BASE_URL must be an http(s) URL, got {base!r}")
+        values["mastodon_base_url"] = base
+        token = env.get("MASTODON_ACCESS_TOKEN", "").strip()
+        if not token:
+            problems.append("MASTODON_ACCESS_TOKEN is not set (Preferences > Development > New application)")
+        values["mastodon_access_token"] = token
+
+        redis_url = env.get("REDIS_URL", cls.redis_url).strip()
+        if urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
+            problems.append(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}")
+        values["redis_url"] = redis_url
+
+        tags = []
+        for raw in env.get("BOT_HASHTAGS", "").replace(",", " ").split():
+            tag = raw.lstrip("#")
+            if not tag.replace("_", "").isalnum():
+                problems.append(f"BOT_HASHTAGS: {raw!r} is not a hashtag")
+            else:
+                tags.append(tag.lower())
+        values["hashtags"] = tuple(dict.fromkeys(tags))
+
+        def number(name: str, key: str, kind: type, minimum: float) -> None:
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                return
+            try:
+                value = kind(raw)
+            except ValueError:
+                problems.append(f"{name} must be a{'n integer' if kind is int else ' number'}, got {raw!r}")
+                return
+            if value < minimum:
+                problems.append(f"{name} must be at least {minimum}, got {raw!r}")
+                return
+            values[key] = value
+
+        number("BOT_MAX_MEDIA_BYTES", "max_media_bytes", int, 1)
+        number("BOT_MEDIA_TIMEOUT", "media_timeout_s", float, 0.1)
+        number("BOT_MAX_IMAGES", "max_images", int, 1)
+        number("BOT_RATE_PER_ACCOUNT_HOUR", "per_account_per_hour", int, 1)
+        number("BOT_RATE_GLOBAL_HOUR", "global_per_hour", int, 1)
+        number("BOT_TAKEDOWNS_PER_ACCOUNT_HOUR", "takedowns_per_account_per_hour", int, 1)
+        number("BOT_MAX_ATTEMPTS", "max_attempts", int, 1)
+        number("BOT_POLL_INTERVAL", "poll_interval_s", float, 0.05)
+        number("BOT_VISIBILITY_TIMEOUT", "visibility_timeout_s", int, 1)
+        for name, key in (("BOT_ALLOW_PRIVATE_ADDRESSES", "allow_private_addresses"), ("BOT_STREAM", "stream")):
+            raw = env.get(name)
+            if raw is not None:
+                try:
+                    values[key] = _bool(raw)
+                except ValueError as exc:
+                    problems.append(f"{name}: {exc}")
+        if env.get("ANON_WEIGHTS_DIR"):
+            values["weights_dir"] = Path(env["ANON_WEIGHTS_DIR"])
+        if problems:
+            raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def configured(environ: Mapping[str, str] | None = None) -> bool:
+    """True when Mastodon credentials are present (the main job then runs the bot)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("MASTODON_BASE_URL") and env.get("MASTODON_ACCESS_TOKEN"))

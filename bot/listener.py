@@ -1,0 +1,139 @@
+"""``python -m bot listen``: mentions and hashtag posts in, small Celery jobs out.
+
+Each channel (the bot's mentions, each watched hashtag) runs in its own thread: it catches up by
+polling from the cursor kept in Redis, then streams; when streaming is refused or drops it polls
+every ``BOT_POLL_INTERVAL`` seconds and retries the stream with exponential backoff. Because
+every (re)connection starts with a catch-up from the cursor, nothing missed during an outage or
+a restart is lost, and the first-sighting key in Redis makes sure a post seen both by the stream
+and by the poll is enqueued once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from .handler import Job
+from .platforms.base import Event, Platform, PlatformError, RateLimited
+from .store import Store
+
+log = logging.getLogger("bot.listener")
+
+MAX_BACKOFF_S = 300.0
+
+
+def job_for(event: Event) -> Job:
+    """The job an event asks for. A direct message that replies to nothing is a takedown request."""
+    post = event.post
+    if event.kind == "hashtag":
+        kind = "hashtag"
+    elif post.visibility == "direct" and post.in_reply_to_id is None and not post.images:
+        kind = "takedown"
+    else:
+        kind = "mention"
+    return Job(platform="", post_id=post.id, requester_id=post.account.id, kind=kind, event_id=event.id)
+
+
+class Listener:
+    """Turns platform events into enqueued jobs, exactly once each."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        store: Store,
+        enqueue: Callable[[Job], None],
+        hashtags: tuple[str, ...] = (),
+        stream: bool = True,
+        poll_interval_s: float = 30.0,
+    ) -> None:
+        self.platform = platform
+        self.store = store
+        self.enqueue = enqueue
+        self.channels = ["mentions"] + [f"tag:{t}" for t in hashtags]
+        self.use_stream = stream
+        self.poll_interval_s = poll_interval_s
+        self.stop = threading.Event()
+        self.enqueued = 0
+
+    def handle(self, channel: str, event: Event) -> None:
+        """Enqueue the event's job once, then move the channel's cursor past it."""
+        me = self.platform.me()
+        post = event.post
+        if post.account.id != me.id and not post.account.bot:
+            job = job_for(event)
+            job.platform = self.platform.name
+            if self.store.first_sighting(job.platform, job.post_id, job.requester_id):
+                self.enqueue(job)
+                self.enqueued += 1
+                log.info("enqueued", extra={"channel": channel, "post_id": job.post_id, "kind": job.kind})
+        # The cursor moves only after the job is safely in the queue: at-least-once, and the
+        # first-sighting key turns that into exactly once.
+        self.store.set_cursor(self.platform.name, channel, event.id)
+
+    def catch_up(self, channel: str) -> int:
+        """Poll everything newer than the channel's cursor; returns how many events were seen."""
+        cursor = self.store.cursor(self.platform.name, channel)
+        if channel == "mentions":
+            events = self.platform.mentions_since(cursor)
+        else:
+            events = self.platform.hashtag_since(channel[4:], cursor)
+        if cursor is None and events:
+            # First start ever: begin from now rather than answering old history.
+            self.store.set_cursor(self.platform.name, channel, events[-1].id)
+            log.info("cursor_initialised", extra={"channel": channel, "cursor": events[-1].id})
+            return 0
+        for event in events:
+            self.handle(channel, event)
+        return len(events)
+
+    def _sleep(self, seconds: float) -> None:
+        self.stop.wait(seconds)
+
+    def run_channel(self, channel: str) -> None:
+        """Catch up, stream, fall back to polling with backoff; until ``stop`` is set."""
+        backoff = max(1.0, self.poll_interval_s)
+        next_stream_try = 0.0
+        while not self.stop.is_set():
+            try:
+                self.catch_up(channel)
+            except RateLimited as exc:
+                log.warning("poll_rate_limited", extra={"channel": channel, "wait_s": exc.retry_after_s})
+                self._sleep(min(exc.retry_after_s, MAX_BACKOFF_S))
+                continue
+            except PlatformError as exc:
+                log.warning("poll_failed", extra={"channel": channel, "error": type(exc).__name__, "status": exc.status})
+                self._sleep(self.poll_interval_s)
+                continue
+            if self.use_stream and time.monotonic() >= next_stream_try:
+                try:
+                    log.info("stream_start", extra={"channel": channel})
+                    for event in self.platform.stream(channel):
+                        self.handle(channel, event)
+                        backoff = max(1.0, self.poll_interval_s)
+                        if self.stop.is_set():
+                            return
+                except PlatformError as exc:
+                    log.warning("stream_failed", extra={"channel": channel, "error": type(exc).__name__, "status": exc.status, "retry_in_s": backoff})
+                    next_stream_try = time.monotonic() + backoff
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    continue  # catch up at once, then poll until the next stream attempt
+            self._sleep(self.poll_interval_s)
+
+    def run(self) -> None:
+        """Every channel in its own thread; returns when ``stop`` is set."""
+        threads = [threading.Thread(target=self._guard, args=(c,), name=f"listen-{c}", daemon=True) for c in self.channels]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _guard(self, channel: str) -> None:
+        # A bug in one event must not stop the channel for good.
+        while not self.stop.is_set():
+            try:
+                self.run_channel(channel)
+            except Exception:
+                log.exception("channel_crashed", extra={"channel": channel})
+                self._sleep(self.poll_interval_s)

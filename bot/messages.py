@@ -1,0 +1,86 @@
+"""Every sentence the bot says to people, and the one place errors become replies."""
+
+from __future__ import annotations
+
+from anonymiser.errors import (
+    AnimatedImage,
+    AnonymiserError,
+    CorruptImage,
+    EmptyImage,
+    ImageTooLarge,
+    OutputTooLarge,
+    UnsupportedImage,
+)
+
+from .fetch import FetchError, MediaTooLarge
+
+CAVEAT = "Clothes, signs, tattoos, surroundings and the original post may still identify people."
+
+
+def alt_text(heads: int) -> str:
+    """Alt text of an anonymised image."""
+    noun = "head" if heads == 1 else "heads"
+    return (
+        f"Anonymised copy of a photo: {heads} {noun} covered with opaque raised-fist emoji. "
+        f"{CAVEAT} Automatic detection can miss people; check before sharing."
+    )
+
+
+def reply_text(heads: int, images: int, failures: list[str]) -> str:
+    """The text of a reply with anonymised images."""
+    noun = "image" if images == 1 else "images"
+    text = (
+        f"Here is an anonymised copy ({images} {noun}, {heads} head{'s' if heads != 1 else ''} covered). "
+        f"{CAVEAT} Share this copy instead of the original. "
+        "To have my copy deleted, send me a direct message with its link."
+    )
+    if failures:
+        text += " Not processed: " + "; ".join(failures)
+    return text
+
+
+NO_IMAGE = (
+    "I could not find a photo in this post or in the post it replies to. Mention me in a reply "
+    "to a post with photos and I will answer with a copy in which every head is covered."
+)
+NOBOT = (
+    "The author of that post asks bots not to interact with their posts (#nobot/#noanon in "
+    "their profile), so I will not repost their image. Please ask them directly."
+)
+APOLOGY = (
+    "Sorry, I could not anonymise this post after several attempts. Nothing was kept. "
+    "You can try again later, or use the offline tool."
+)
+RATE_LIMITED = "I am handling too many requests right now; please ask again in an hour."
+TAKEDOWN_HELP = (
+    "To delete a copy I posted, send me a direct message with the link (or id) of my reply or "
+    "of the original post."
+)
+TAKEDOWN_UNKNOWN = "I could not find a reply of mine for: {refs}. Nothing was deleted."
+TAKEDOWN_DONE = "Done: I deleted {count} of my replies for that post."
+TAKEDOWN_ALREADY = "My copy of that post was already deleted."
+TAKEDOWN_LIMIT = "You have sent many deletion requests in the last hour; please try again later."
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, user-facing reason for a failed image (the one mapping of errors to words)."""
+    if isinstance(exc, MediaTooLarge) or isinstance(exc, ImageTooLarge):
+        return "the image is too large"
+    if isinstance(exc, AnimatedImage):
+        return "animated images are not supported"
+    if isinstance(exc, UnsupportedImage):
+        return "it is not a supported image (JPEG, PNG, WebP, HEIC, GIF)"
+    if isinstance(exc, (CorruptImage, EmptyImage)):
+        return "the image file is damaged or empty"
+    if isinstance(exc, OutputTooLarge):
+        return "the result was too large to upload"
+    if isinstance(exc, FetchError):
+        return str(exc)
+    if isinstance(exc, AnonymiserError):
+        return "the image could not be processed"
+    return "an internal error occurred"
+
+
+def failed_all(reasons: list[str]) -> str:
+    """Reply when no image of a post could be anonymised."""
+    return "Sorry, I could not anonymise this post: " + "; ".join(reasons) + "."

@@ -1,0 +1,317 @@
+"""Mastodon through its REST and streaming APIs (plain HTTP, so tests fake it at the boundary).
+
+Rate limits: every response's ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset`` are honoured;
+when the budget is spent the client refuses further calls until the reset instead of
+hammering the server, and a 429 becomes ``RateLimited`` with the server's reset time.
+Posting uses Mastodon's ``Idempotency-Key`` header, so a retried reply is never posted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import requests
+
+from .base import (
+    Account,
+    Event,
+    Media,
+    NotFound,
+    PlatformError,
+    Post,
+    RateLimited,
+    ReplyDraft,
+    ServerError,
+    StreamUnavailable,
+)
+
+PAGE = 40
+_STATUS_PATH = re.compile(r"^/(?:@[^/]+|users/[^/]+/statuses|web/statuses|web/@[^/]+|notice)/(\d+)/?$")
+
+
+class _Text(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("br", "p") and self.parts:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """Mastodon's HTML content as plain text (links keep their visible text, i.e. the URL)."""
+    parser = _Text()
+    parser.feed(html or "")
+    return "".join(parser.parts).strip()
+
+
+def _sort_key(item_id: str) -> tuple[int, str]:
+    # Mastodon ids are numeric strings of varying length: compare as numbers.
+    return (len(item_id), item_id)
+
+
+def _parse_reset(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class MastodonPlatform:
+    """A Mastodon account the bot acts as."""
+
+    name = "mastodon"
+
+    def __init__(self, base_url: str, token: str, timeout_s: float = 20.0, session: requests.Session | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.host = urlparse(self.base_url).netloc.lower()
+        self.timeout_s = timeout_s
+        self.session = session or requests.Session()
+        self.session.headers.update({"Authorization": f"Bearer {token}", "User-Agent": "protest-privacy-bot"})
+        self._blocked_until = 0.0
+        self._me: Account | None = None
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        wait = self._blocked_until - time.time()
+        if wait > 0:
+            raise RateLimited(f"rate limit reached, resets in {wait:.0f}s", wait, status=None)
+        kwargs.setdefault("timeout", self.timeout_s)
+        try:
+            response = self.session.request(method, self.base_url + path, **kwargs)
+        except requests.RequestException as exc:
+            raise ServerError(f"{method} {path}: {type(exc).__name__}") from None
+        self._note_rate_limit(response)
+        if response.status_code == 429:
+            reset = _parse_reset(response.headers.get("X-RateLimit-Reset"))
+            retry_after = response.headers.get("Retry-After")
+            wait = float(retry_after) if retry_after and retry_after.isdigit() else (reset - time.time() if reset else 60.0)
+            raise RateLimited(f"{method} {path}: 429 rate limited", max(1.0, wait))
+        if response.status_code == 404:
+            raise NotFound(f"{method} {path}: not found", 404)
+        if response.status_code >= 500:
+            raise ServerError(f"{method} {path}: server error {response.status_code}", response.status_code)
+        if response.status_code >= 400:
+            raise PlatformError(f"{method} {path}: {response.status_code} {self._error_text(response)}", response.status_code)
+        return response
+
+    @staticmethod
+    def _error_text(response: requests.Response) -> str:
+        try:
+            return str(response.json().get("error", ""))[:200]
+        except ValueError:
+            return ""
+
+    def _note_rate_limit(self, response: requests.Response) -> None:
+        remaining = response.headers.get("X-RateLimit-Remaining")
+        reset = _parse_reset(response.headers.get("X-RateLimit-Reset"))
+        if remaining is not None and remaining.strip() == "0" and reset:
+            self._blocked_until = reset
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    # -- parsing ----------------------------------------------------------------------------
+
+    @staticmethod
+    def parse_account(data: dict[str, Any]) -> Account:
+        return Account(
+            id=str(data["id"]),
+            acct=data.get("acct", ""),
+            bot=bool(data.get("bot")),
+            note=html_to_text(data.get("note", "")),
+            locked=bool(data.get("locked")),
+        )
+
+    @classmethod
+    def parse_post(cls, data: dict[str, Any]) -> Post:
+        media = tuple(
+            Media(id=str(m["id"]), type=m.get("type", "unknown"), url=m.get("url") or m.get("remote_url") or "", description=m.get("description") or "")
+            for m in data.get("media_attachments", [])
+        )
+        quote = data.get("quote") or {}
+        quoted = quote.get("quoted_status") if isinstance(quote, dict) else None
+        return Post(
+            id=str(data["id"]),
+            account=cls.parse_account(data["account"]),
+            text=html_to_text(data.get("content", "")),
+            visibility=data.get("visibility", "public"),
+            sensitive=bool(data.get("sensitive")),
+            spoiler_text=data.get("spoiler_text", "") or "",
+            in_reply_to_id=str(data["in_reply_to_id"]) if data.get("in_reply_to_id") else None,
+            quote_id=str(quoted["id"]) if isinstance(quoted, dict) and quoted.get("id") else None,
+            url=data.get("url") or "",
+            uri=data.get("uri") or "",
+            media=media,
+            tags=tuple(t.get("name", "").lower() for t in data.get("tags", [])),
+        )
+
+    # -- the Platform interface -------------------------------------------------------------
+
+    def me(self) -> Account:
+        if self._me is None:
+            self._me = self.parse_account(self._json("GET", "/api/v1/accounts/verify_credentials"))
+        return self._me
+
+    def get_post(self, post_id: str) -> Post:
+        return self.parse_post(self._json("GET", f"/api/v1/statuses/{post_id}"))
+
+    def _pages(self, path: str, params: dict[str, Any], since_id: str | None) -> list[dict[str, Any]]:
+        """Every item newer than ``since_id``, oldest first, following ``min_id`` pages."""
+        items: list[dict[str, Any]] = []
+        cursor = since_id
+        while True:
+            query = dict(params, limit=PAGE)
+            if cursor:
+                query["min_id"] = cursor
+            page = self._json("GET", path, params=query)
+            if not page:
+                break
+            page.sort(key=lambda item: _sort_key(str(item["id"])))
+            items.extend(page)
+            cursor = str(page[-1]["id"])
+            if not since_id:
+                break  # first start: only the newest page, never the whole history
+        return items
+
+    def mentions_since(self, since_id: str | None) -> list[Event]:
+        found = self._pages("/api/v1/notifications", {"types[]": "mention"}, since_id)
+        return [
+            Event("mention", str(n["id"]), self.parse_post(n["status"]))
+            for n in found
+            if n.get("type") == "mention" and n.get("status")
+        ]
+
+    def hashtag_since(self, tag: str, since_id: str | None) -> list[Event]:
+        found = self._pages(f"/api/v1/timelines/tag/{tag}", {}, since_id)
+        return [Event("hashtag", str(s["id"]), self.parse_post(s), tag=tag) for s in found]
+
+    def stream(self, channel: str) -> Iterator[Event]:
+        """Server-sent events of one channel: ``"mentions"`` or ``"tag:<name>"``.
+
+        Raises ``StreamUnavailable`` when the server refuses HTTP streaming (some servers offer
+        only WebSocket streaming, or none) or when the stream drops; the listener then polls.
+        """
+        if channel == "mentions":
+            path, params, wanted = "/api/v1/streaming/user/notification", {}, "notification"
+        elif channel.startswith("tag:"):
+            path, params, wanted = "/api/v1/streaming/hashtag", {"tag": channel[4:]}, "update"
+        else:
+            raise ValueError(f"unknown channel {channel!r}")
+        for name, payload in self._sse(path, params):
+            if name != wanted:
+                continue
+            if wanted == "notification":
+                if payload.get("type") == "mention" and payload.get("status"):
+                    yield Event("mention", str(payload["id"]), self.parse_post(payload["status"]))
+            else:
+                yield Event("hashtag", str(payload["id"]), self.parse_post(payload), tag=channel[4:])
+
+    def _sse(self, path: str, params: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        try:
+            response = self.session.get(
+                self.base_url + path,
+                params=params,
+                stream=True,
+                timeout=(self.timeout_s, 120),  # Mastodon sends a heartbeat every few seconds
+                headers={"Accept": "text/event-stream"},
+            )
+        except requests.RequestException as exc:
+            raise StreamUnavailable(f"streaming connection failed: {type(exc).__name__}") from None
+        if response.status_code != 200 or "text/event-stream" not in response.headers.get("Content-Type", ""):
+            response.close()
+            raise StreamUnavailable(f"streaming refused: HTTP {response.status_code}", response.status_code)
+        name, data = "", []
+        try:
+            for line in response.iter_lines(decode_unicode=True):
+                if line is None or line.startswith(":"):
+                    continue  # heartbeat comment
+                if line == "":
+                    if name and data:
+                        yield name, json.loads("\n".join(data))
+                    name, data = "", []
+                elif line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+        except (requests.RequestException, ValueError) as exc:
+            raise StreamUnavailable(f"stream dropped: {type(exc).__name__}") from None
+        finally:
+            response.close()
+        raise StreamUnavailable("stream ended")
+
+    def upload_image(self, data: bytes, mime: str, description: str) -> str:
+        extension = "png" if mime == "image/png" else "jpg"
+        response = self._request(
+            "POST",
+            "/api/v2/media",
+            files={"file": (f"anonymised.{extension}", data, mime)},
+            data={"description": description},
+            timeout=max(self.timeout_s, 60),
+        )
+        media = response.json()
+        media_id = str(media["id"])
+        # 202 means the server is still processing; the status cannot be posted before it is done.
+        deadline = time.time() + 60
+        while response.status_code == 202 or not media.get("url"):
+            if time.time() > deadline:
+                raise ServerError("media processing did not finish in 60 s")
+            time.sleep(0.5)
+            response = self._request("GET", f"/api/v1/media/{media_id}")
+            media = response.json()
+        return media_id
+
+    def reply(self, draft: ReplyDraft) -> Post:
+        body: dict[str, Any] = {
+            "status": draft.text,
+            "in_reply_to_id": draft.in_reply_to.id,
+            "visibility": draft.visibility,
+            "sensitive": draft.sensitive or bool(draft.spoiler_text),
+        }
+        if draft.media_ids:
+            body["media_ids"] = draft.media_ids
+        if draft.spoiler_text:
+            body["spoiler_text"] = draft.spoiler_text
+        headers = {"Idempotency-Key": draft.idempotency_key} if draft.idempotency_key else {}
+        return self.parse_post(self._json("POST", "/api/v1/statuses", json=body, headers=headers))
+
+    def delete_post(self, post_id: str) -> None:
+        self._request("DELETE", f"/api/v1/statuses/{post_id}")
+
+    def direct_message(self, to: Account, text: str, in_reply_to: Post | None = None, idempotency_key: str = "") -> Post:
+        body: dict[str, Any] = {"status": f"@{to.acct} {text}", "visibility": "direct"}
+        if in_reply_to is not None:
+            body["in_reply_to_id"] = in_reply_to.id
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.parse_post(self._json("POST", "/api/v1/statuses", json=body, headers=headers))
+
+    def post_id_from_reference(self, reference: str) -> str | None:
+        reference = reference.strip().rstrip(".,;:!?)>")
+        if reference.isdigit():
+            return reference
+        parsed = urlparse(reference)
+        if parsed.scheme not in ("http", "https"):
+            return None
+        if parsed.netloc.lower() == self.host:
+            match = _STATUS_PATH.match(parsed.path)
+            return match.group(1) if match else None
+        # A post on another server: ask ours to resolve it to a local id.
+        try:
+            found = self._json("GET", "/api/v2/search", params={"q": reference, "type": "statuses", "resolve": "true", "limit": 1})
+        except PlatformError:
+            return None
+        statuses = found.get("statuses") or []
+        return str(statuses[0]["id"]) if statuses else None

@@ -1,0 +1,107 @@
+"""Everything the bot remembers, in Redis: ids, replies, locks, limits, dead letters.
+
+Never image bytes or media URLs: only post ids, account ids and short reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+PREFIX = "ppb"
+SEEN_TTL_S = 14 * 24 * 3600
+DONE_TTL_S = 365 * 24 * 3600
+
+
+class Store:
+    """Typed access to the bot's Redis keys."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    @classmethod
+    def from_url(cls, url: str) -> "Store":
+        return cls(redis.Redis.from_url(url, decode_responses=True))
+
+    # listener cursors ----------------------------------------------------------------------
+    def cursor(self, platform: str, channel: str) -> str | None:
+        return self.r.get(f"{PREFIX}:cursor:{platform}:{channel}")
+
+    def set_cursor(self, platform: str, channel: str, value: str) -> None:
+        """Only ever moves forward (ids compared numerically), so a late writer cannot rewind."""
+        key = f"{PREFIX}:cursor:{platform}:{channel}"
+        current = self.r.get(key)
+        if current is None or (len(value), value) > (len(current), current):
+            self.r.set(key, value)
+
+    def first_sighting(self, platform: str, post_id: str, requester_id: str) -> bool:
+        """True exactly once per (post, requester): the stream and the poll may both see it."""
+        return bool(self.r.set(f"{PREFIX}:seen:{platform}:{post_id}:{requester_id}", "1", nx=True, ex=SEEN_TTL_S))
+
+    # replies -------------------------------------------------------------------------------
+    def reply_for(self, platform: str, original_id: str, requester_id: str) -> str | None:
+        return self.r.get(f"{PREFIX}:done:{platform}:{original_id}:{requester_id}")
+
+    def record_reply(self, platform: str, original_id: str, requester_id: str, reply_id: str, urls: list[str]) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(f"{PREFIX}:done:{platform}:{original_id}:{requester_id}", reply_id, ex=DONE_TTL_S)
+        pipe.sadd(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
+        pipe.set(f"{PREFIX}:original_of:{platform}:{reply_id}", original_id, ex=DONE_TTL_S)
+        for url in urls:
+            if url:
+                pipe.set(f"{PREFIX}:url:{platform}:{url}", original_id, ex=DONE_TTL_S)
+        pipe.execute()
+
+    def record_original_urls(self, platform: str, original_id: str, urls: list[str]) -> None:
+        for url in urls:
+            if url:
+                self.r.set(f"{PREFIX}:url:{platform}:{url}", original_id, ex=DONE_TTL_S)
+
+    def original_for(self, platform: str, post_id: str) -> str | None:
+        """The original post id if ``post_id`` is one of our replies or an answered original."""
+        original = self.r.get(f"{PREFIX}:original_of:{platform}:{post_id}")
+        if original:
+            return original
+        return post_id if self.r.exists(f"{PREFIX}:replies:{platform}:{post_id}") else None
+
+    def original_for_url(self, platform: str, url: str) -> str | None:
+        return self.r.get(f"{PREFIX}:url:{platform}:{url}")
+
+    def replies_of(self, platform: str, original_id: str) -> set[str]:
+        return set(self.r.smembers(f"{PREFIX}:replies:{platform}:{original_id}"))
+
+    def forget_reply(self, platform: str, original_id: str, reply_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
+        pipe.delete(f"{PREFIX}:original_of:{platform}:{reply_id}")
+        pipe.sadd(f"{PREFIX}:deleted:{platform}", reply_id)
+        pipe.execute()
+
+    def done(self, key: str) -> str | None:
+        """What was recorded when the job ``key`` finished (e.g. the id of the bot's answer)."""
+        return self.r.get(f"{PREFIX}:finished:{key}")
+
+    def mark_done(self, key: str, value: str) -> None:
+        self.r.set(f"{PREFIX}:finished:{key}", value, ex=DONE_TTL_S)
+
+    # limits --------------------------------------------------------------------------------
+    def within_limit(self, bucket: str, limit: int, window_s: int = 3600) -> bool:
+        """Count one use of ``bucket`` in the current window; False once ``limit`` is passed."""
+        window = int(time.time() // window_s)
+        key = f"{PREFIX}:rate:{bucket}:{window}"
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, window_s * 2)
+        count = pipe.execute()[0]
+        return int(count) <= limit
+
+    # failures ------------------------------------------------------------------------------
+    def dead_letter(self, job: dict[str, Any], reason: str) -> None:
+        entry = {"job": job, "reason": reason[:500], "at": time.time()}
+        self.r.rpush(f"{PREFIX}:dead", json.dumps(entry))
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(f"{PREFIX}:dead", 0, -1)]
