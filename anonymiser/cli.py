@@ -1,7 +1,8 @@
 """``anonymise INPUT... [-o OUTDIR] [--report FILE.json] [--locator ...] [--style ...]``.
 
-Also ``anonymise check-weights`` (verify installed weights: size, checksum, loads, runs) and
-``anonymise demo`` (anonymise the public-domain astronaut photo that scikit-image ships).
+Also ``anonymise check-weights`` (verify installed weights: size, checksum, loads, runs),
+``anonymise demo`` (anonymise the public-domain astronaut photo that scikit-image ships) and
+``anonymise serve`` (the local web page and HTTP API, see ``anonymiser/web/``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anonymise",
         description="Cover every head in photos with an opaque raised fist; strip all metadata.",
-        epilog="Other commands: 'anonymise demo' and 'anonymise check-weights'.",
+        epilog="Other commands: 'anonymise demo', 'anonymise check-weights' and 'anonymise serve' (local web page).",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     parser.add_argument("-o", "--outdir", type=Path, default=Path("anonymised"), help="output folder (default: ./anonymised)")
@@ -140,4 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .weights_check import main as check
 
         return check(argv[1:])
+    if argv and argv[0] == "serve":
+        from .web.server import main as serve
+
+        return serve(argv[1:])
     return run(argv)

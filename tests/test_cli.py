@@ -16,7 +16,7 @@ from PIL import Image
 
 from anonymiser.cover import CoverStyle
 
-from conftest import REPO, HEADS_FILE, assert_clean_output, decode_output, jpeg_with_metadata, png_bytes
+from imaging import REPO, HEADS_FILE, assert_clean_output, decode_output, jpeg_with_metadata, png_bytes
 
 
 def run_cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

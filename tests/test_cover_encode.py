@@ -14,7 +14,7 @@ from anonymiser.cover import STYLES, CoverStyle, cover, covered_mask
 from anonymiser.encode import JPEG_QUALITIES, encode, output_format, output_size
 from anonymiser.errors import OutputTooLarge
 
-from conftest import assert_clean_output, decode_output, jpeg_segments, png_chunks
+from imaging import assert_clean_output, decode_output, jpeg_segments, png_chunks
 
 SIZES = (1, 2, 3, 7, 8, 16, 33, 64, 65, 257, 500, 801, 2000)
 MARGIN = 80
@@ -254,7 +254,7 @@ def test_encode_writes_pixels_only(photo: np.ndarray, fmt: str) -> None:
 
 def test_metadata_scanner_detects_metadata(photo: np.ndarray) -> None:
     """The checks used on every output do fire on files that carry metadata."""
-    from conftest import jpeg_with_metadata, png_with_metadata
+    from imaging import jpeg_with_metadata, png_with_metadata
 
     for data in (jpeg_with_metadata(photo), png_with_metadata(Image.fromarray(photo))):
         with pytest.raises(AssertionError):

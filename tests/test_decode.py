@@ -16,7 +16,7 @@ from anonymiser import errors
 from anonymiser.decode import FLATTEN_BACKGROUND, decode, sniff
 from anonymiser.limits import Limits
 
-from conftest import (
+from imaging import (
     animated_bytes,
     cmyk_jpeg_bytes,
     exif_block,

@@ -21,7 +21,7 @@ from anonymiser.locators.registry import REGISTRY, available_names
 from anonymiser.locators.tiling import clip_and_suppress, run_tiled, tile_origins, tile_windows
 from anonymiser.pipeline import Anonymiser, Settings
 
-from conftest import ASTRONAUT_FACE, HEADS_FILE, load_eval, points_in_boxes
+from imaging import ASTRONAUT_FACE, HEADS_FILE, load_eval, points_in_boxes
 
 #: medium-density photos (20-100 heads) on which both locators cover >= 80 % of the heads
 MEDIUM_PHOTOS = ("crowdann_IMG_2", "pcount_train_IMG_6")

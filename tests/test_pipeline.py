@@ -21,7 +21,7 @@ from anonymiser.locators.base import Detections, HeadLocator
 from anonymiser.pipeline import Anonymiser, Result, Settings
 from anonymiser.report import Report
 
-from conftest import (
+from imaging import (
     ASTRONAUT_FACE,
     FixedLocator,
     assert_clean_output,

@@ -1,0 +1,770 @@
+"""``anonymise serve``: a small local web server with one page and a two-call HTTP API.
+
+- ``GET /`` and ``/static/*``: the page (plain HTML, CSS and JavaScript shipped in the package).
+- ``POST /api/anonymise``: one image in (multipart field ``file``), the anonymised image out, or
+  JSON ``{report, image (base64), regions, ...}`` with ``format=json``/``Accept: application/json``.
+- ``POST /api/cover``: the ORIGINAL image again plus the person-reviewed region list; covers
+  exactly those regions (``pipeline.cover_given``). This is how review works without the server
+  keeping anything between requests: the browser keeps the person's own file.
+- ``GET /api/health``, ``GET /api/openapi.json``.
+
+Nothing is stored: bodies are read into memory, never written to disk, and never logged (the log
+has one line per request with sizes, counts and timings only). A request larger than the limits
+is refused from its ``Content-Length`` before its body is read. Memory is bounded by admitting at
+most ``max_concurrent + queue`` image requests at a time (the rest get 503 with ``Retry-After``
+before their body is read) and running at most ``max_concurrent`` anonymisations at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import dataclasses
+import ipaddress
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import parse_qs, urlsplit
+
+from .. import emoji  # importing the package switches ONNX Runtime telemetry off first
+from ..cover import STYLES, CoverStyle
+from ..errors import (
+    AnimatedImage,
+    AnonymiserError,
+    CorruptImage,
+    EmptyImage,
+    ImageTooLarge,
+    OutputTooLarge,
+    UnsupportedImage,
+    WeightsError,
+)
+from ..limits import Limits
+from ..locators.registry import REGISTRY
+from ..pipeline import Anonymiser, Result, Settings, cover_given
+from . import multipart, openapi
+
+LOG = logging.getLogger("anonymiser.web")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8321
+DEFAULT_QUEUE = 8
+#: bytes allowed on top of the image byte budget for the form's boundaries, headers and fields
+FORM_ALLOWANCE = 1024 * 1024
+#: the most regions a reviewed image may carry (a dense crowd has a few thousand)
+MAX_REGIONS = 10_000
+#: what a busy server tells clients to wait, in seconds
+RETRY_AFTER_S = 3
+#: a whole body must arrive within this time (a slow client must not hold a place for ever)
+BODY_DEADLINE_S = 120.0
+#: idle time allowed on a connection's socket between reads
+SOCKET_TIMEOUT_S = 30.0
+#: after refusing a body we did not read, discard what the client still sends for this long,
+#: so that closing the socket does not reset the connection before the client reads our answer
+LINGER_S = 2.0
+READ_CHUNK = 1024 * 1024
+
+CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; "
+    "script-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS: dict[str, str] = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+#: HTTP status for each typed error of the image core (the most specific class wins)
+STATUS_FOR_ERROR: dict[type[AnonymiserError], int] = {
+    UnsupportedImage: 415,
+    ImageTooLarge: 413,
+    CorruptImage: 422,
+    AnimatedImage: 422,
+    EmptyImage: 422,
+    OutputTooLarge: 422,
+    WeightsError: 500,
+}
+_EXTENSION = {"image/jpeg": "jpg", "image/png": "png"}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class HttpError(Exception):
+    """An error answer: HTTP status, stable code and a sentence, as ``{"error", "message"}``.
+
+    ``close`` is set when the request body was (or may have been) left unread: the connection
+    cannot be reused and is closed after the answer.
+    """
+
+    def __init__(self, status: int, code: str, message: str, *, close: bool = False,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.close = close
+        self.headers = headers or {}
+
+
+def http_error_for(exc: AnonymiserError) -> HttpError:
+    """The one place where typed errors of the image core become HTTP answers."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_FOR_ERROR:
+            return HttpError(STATUS_FOR_ERROR[cls], exc.code, str(exc))
+    return HttpError(422, exc.code, str(exc))
+
+
+def busy() -> HttpError:
+    """503 with Retry-After; the body was not read, so the connection is closed."""
+    return HttpError(
+        503, "busy", "The anonymiser is busy with other photos; please try again in a few seconds.",
+        close=True, headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+class Busy(Exception):
+    """No room in the queue."""
+
+
+class Gate:
+    """Admission and concurrency bound for image requests.
+
+    ``admit()`` is entered before a body is read: at most ``max_concurrent + queue`` requests
+    hold a body in memory at any time; one more is refused at once (``Busy``) rather than queued
+    without bound. ``slot()`` is entered around the anonymisation itself: at most
+    ``max_concurrent`` run at once, the others wait their turn (at most ``wait_s``).
+    """
+
+    def __init__(self, max_concurrent: int, queue: int = DEFAULT_QUEUE, wait_s: float = 300.0) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if queue < 0:
+            raise ValueError("queue must not be negative")
+        self.max_concurrent = max_concurrent
+        self.capacity = max_concurrent + queue
+        self.wait_s = wait_s
+        self._slots = threading.Semaphore(max_concurrent)
+        self._lock = threading.Lock()
+        self._admitted = 0
+
+    @property
+    def admitted(self) -> int:
+        """Requests currently admitted (running or waiting)."""
+        with self._lock:
+            return self._admitted
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        with self._lock:
+            if self._admitted >= self.capacity:
+                raise Busy()
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitted -= 1
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(timeout=self.wait_s):
+            raise Busy()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+# --------------------------------------------------------------------------- application
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    """Every file of ``static/`` by URL path, read once (they ship inside the package)."""
+    files: dict[str, tuple[bytes, str]] = {}
+    folder = resources.files(__package__) / "static"
+    for entry in folder.iterdir():
+        suffix = Path(entry.name).suffix
+        if entry.is_file() and suffix in CONTENT_TYPES:
+            files["/static/" + entry.name] = (entry.read_bytes(), CONTENT_TYPES[suffix])
+    files["/"] = files["/static/index.html"]
+    return files
+
+
+def parse_regions(text: str) -> list[tuple[int, int, int, int]]:
+    """A JSON array of ``[x1, y1, x2, y2]`` (or ``{"box": [...]}``) as integer boxes; 400 if bad."""
+    def bad(why: str) -> HttpError:
+        return HttpError(400, "bad_regions", f"'regions' must be a JSON array of [x1, y1, x2, y2] boxes: {why}.")
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise bad("it is not valid JSON") from None
+    if not isinstance(value, list):
+        raise bad("it is not an array")
+    if len(value) > MAX_REGIONS:
+        raise bad(f"more than {MAX_REGIONS:,} boxes")
+    boxes: list[tuple[int, int, int, int]] = []
+    for item in value:
+        if isinstance(item, dict):
+            item = item.get("box")
+        if not isinstance(item, list) or len(item) != 4:
+            raise bad("each box has four numbers")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= 1e6 for v in item):
+            raise bad("each coordinate is a finite number")
+        x1, y1, x2, y2 = (int(round(v)) for v in item)
+        if x2 <= x1 or y2 <= y1:
+            raise bad("each box has x2 > x1 and y2 > y1")
+        boxes.append((x1, y1, x2, y2))
+    return boxes
+
+
+def result_json(result: Result) -> dict[str, Any]:
+    """The JSON form of a result: the report, the image as base64 and the covered regions."""
+    report = result.report
+    return {
+        "image": base64.b64encode(result.data).decode("ascii"),
+        "mime": result.mime,
+        "heads_covered": report.heads_covered,
+        "width": report.output_size[0],
+        "height": report.output_size[1],
+        "regions": [{"box": list(r.box), "sources": list(r.sources)} for r in report.regions],
+        "report": report.to_dict(),
+    }
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (so nobody else can reach the server)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str) -> str | None:
+    """A loud warning when ``host`` makes the server reachable from other machines."""
+    if is_loopback(host):
+        return None
+    bar = "!" * 78
+    return (
+        f"\n{bar}\nWARNING: listening on {host}, not only on this computer (127.0.0.1).\n"
+        "Anyone who can reach this address can use the server, and photos travel over the\n"
+        f"network unencrypted (plain HTTP). Only do this on a network you trust.\n{bar}\n"
+    )
+
+
+class WebApp:
+    """What the handlers share: one loaded ``Anonymiser``, the gate, the page's files."""
+
+    def __init__(self, anonymiser: Anonymiser, gate: Gate, version: str = "0.1.0") -> None:
+        self.anonymiser = anonymiser
+        self.settings: Settings = anonymiser.settings
+        self.limits: Limits = anonymiser.settings.limits
+        self.gate = gate
+        self.static = _load_static()
+        self.openapi = json.dumps(openapi.document(self.limits, version), indent=2).encode()
+        #: Host header values accepted (None: any); set once the port is known
+        self.allowed_hosts: frozenset[str] | None = None
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.limits.max_input_bytes + FORM_ALLOWANCE
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "locators": [l.name for l in self.anonymiser.locators],
+            "style": self.settings.style.style,
+            "skin_tone": self.settings.style.skin_tone,
+            "styles": list(STYLES),
+            "skin_tones": list(emoji.SKIN_TONES),
+            "max_input_bytes": self.limits.max_input_bytes,
+            "max_request_bytes": self.max_request_bytes,
+            "max_concurrent": self.gate.max_concurrent,
+        }
+
+    def style_for(self, style: str | None, skin_tone: str | None) -> CoverStyle:
+        """The server's default style with the request's choices; 400 for unknown values."""
+        base = self.settings.style
+        if style is not None and style not in STYLES:
+            raise HttpError(400, "bad_parameter", f"Unknown style {style!r}; choose one of {', '.join(STYLES)}.")
+        if skin_tone is not None and skin_tone not in emoji.SKIN_TONES:
+            raise HttpError(400, "bad_parameter", f"Unknown skin_tone {skin_tone!r}; choose one of {', '.join(emoji.SKIN_TONES)}.")
+        return dataclasses.replace(base, style=style or base.style, skin_tone=skin_tone or base.skin_tone)
+
+    def anonymise(self, data: bytes, style: CoverStyle) -> Result:
+        """Anonymise with the shared, already loaded locators and this request's style."""
+        anonymiser = self.anonymiser
+        if style != self.settings.style:
+            # A shallow copy shares the loaded models (ONNX Runtime sessions are safe to run
+            # from several threads) and only swaps the frozen settings for this one request.
+            anonymiser = copy.copy(self.anonymiser)
+            anonymiser.settings = dataclasses.replace(self.settings, style=style)
+        return anonymiser.anonymise(data)
+
+    def cover(self, data: bytes, regions: list[tuple[int, int, int, int]], style: CoverStyle) -> Result:
+        return cover_given(data, regions, dataclasses.replace(self.settings, style=style))
+
+
+# --------------------------------------------------------------------------- HTTP handler
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection; requests are dispatched by ``_dispatch`` and logged in one line each."""
+
+    server: "WebServer"
+    server_version = "anonymiser"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_S
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def version_string(self) -> str:
+        return self.server_version  # no Python version in the Server header
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
+        """Silenced: the default line carries the client address and the whole request line;
+        ``_log`` writes one structured line with nothing from the upload instead."""
+
+    @property
+    def app(self) -> WebApp:
+        return self.server.app
+
+    def end_headers(self) -> None:
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None,
+              *, cache: str = "no-store", close: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if close:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self._status, self._bytes_out = status, len(body)
+
+    def _send_json(self, status: int, value: Any, headers: dict[str, str] | None = None, *, close: bool = False) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json", headers, close=close)
+
+    def _send_error_json(self, error: HttpError) -> None:
+        self._send_json(error.status, {"error": error.code, "message": error.message}, error.headers, close=error.close)
+        if error.close:
+            self._linger()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """JSON errors also for what the base class refuses itself (bad request line, headers too
+        long...), with the security headers; logged like any other request."""
+        status = HTTPStatus(code)
+        try:
+            self._send_json(code, {"error": status.phrase.lower().replace(" ", "_"), "message": message or status.description},
+                            close=True)
+        finally:
+            self._log(getattr(self, "command", None) or "-", "-", time.perf_counter())
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue`` (curl sends it for uploads) is answered with the final 413 at
+        once when the declared size is over the limit, so the client never sends that body."""
+        declared = (self.headers.get("Content-Length") or "").strip()
+        if declared.isdigit() and int(declared) > self.app.max_request_bytes:
+            started = time.perf_counter()
+            self._bytes_in = int(declared)
+            self._send_error_json(self._too_large(int(declared)))
+            self._log(self.command or "-", urlsplit(self.path).path, started)
+            return False
+        return super().handle_expect_100()
+
+    def _linger(self) -> None:
+        """Discard (never keep) what the client still sends of a body we refused, for a short
+        while, then let the connection close. Closing with unread data would make the kernel
+        reset the connection, and the client could lose our answer."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            scratch = bytearray(64 * 1024)
+            while (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.connection.recv_into(scratch):
+                    break
+        except OSError:
+            pass
+
+    def _log(self, method: str, path: str, started: float) -> None:
+        """One structured line per request: never image bytes, never an uploaded file name."""
+        LOG.info(json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "method": method[:16],
+            "path": path[:120],
+            "status": getattr(self, "_status", None),
+            "bytes_in": getattr(self, "_bytes_in", 0),
+            "bytes_out": getattr(self, "_bytes_out", 0),
+            "heads": getattr(self, "_heads", None),
+            "seconds": round(time.perf_counter() - started, 3),
+        }))
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def _routes(self) -> dict[str, dict[str, Callable[[], None]]]:
+        api: dict[str, dict[str, Callable[[], None]]] = {
+            "/api/anonymise": {"POST": self._anonymise},
+            "/api/cover": {"POST": self._cover},
+            "/api/health": {"GET": lambda: self._send_json(200, self.app.health())},
+            "/api/openapi.json": {"GET": lambda: self._send(200, self.app.openapi, "application/json")},
+        }
+        for path, (body, content_type) in self.app.static.items():
+            api[path] = {"GET": lambda b=body, c=content_type: self._send(200, b, c, cache="no-cache")}
+        return api
+
+    def _dispatch(self, method: str) -> None:
+        started = time.perf_counter()
+        self._status, self._bytes_in, self._bytes_out, self._heads = 500, 0, 0, None
+        path = urlsplit(self.path).path
+        try:
+            self._check_host()
+            methods = self._routes().get(path)
+            if methods is None:
+                raise HttpError(404, "not_found", "There is nothing at this address.", close=self._has_body())
+            if method == "HEAD" and "GET" in methods:
+                method_handler = methods["GET"]
+            elif method in methods:
+                method_handler = methods[method]
+            else:
+                allowed = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
+                raise HttpError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.",
+                                close=self._has_body(), headers={"Allow": allowed})
+            if method in ("GET", "HEAD") and self._has_body():
+                raise HttpError(400, "unexpected_body", f"A {method} request has no body.", close=True)
+            method_handler()
+        except HttpError as error:
+            self._send_error_json(error)
+        except multipart.MultipartError as error:  # a form field that is too long or not UTF-8
+            self._send_error_json(HttpError(400, error.code, str(error)))
+        except AnonymiserError as error:
+            self._send_error_json(http_error_for(error))
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True  # the client went away; nothing to answer
+        except Exception as error:  # noqa: BLE001 - answer 500 and keep serving
+            # Only the exception's type: a message could quote bytes of the input.
+            LOG.error(json.dumps({"internal_error": type(error).__name__}))
+            try:
+                self._send_error_json(HttpError(500, "internal_error", "Something went wrong on our side.", close=True))
+            except OSError:
+                self.close_connection = True
+        finally:
+            self._log(method, path, started)
+
+    def _has_body(self) -> bool:
+        return bool(self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding"))
+
+    def _check_host(self) -> None:
+        """Refuse DNS-rebinding (a foreign name resolving to 127.0.0.1) and cross-site posts: a
+        web page elsewhere must not be able to use this server."""
+        host = (self.headers.get("Host") or "").lower()
+        allowed = self.app.allowed_hosts
+        if allowed is not None and host not in allowed:
+            raise HttpError(403, "forbidden_host", "This server only answers requests for its own address.",
+                            close=self._has_body())
+        origin = self.headers.get("Origin")
+        if origin is not None and self.command not in ("GET", "HEAD"):
+            if urlsplit(origin).netloc.lower() != host:
+                raise HttpError(403, "forbidden_origin", "Requests from other web sites are refused.",
+                                close=self._has_body())
+
+    # -- request bodies ------------------------------------------------------------------
+
+    def _read_body(self) -> bytearray:
+        """The whole body in memory, refused (413) from its declared size before it is read."""
+        limit = self.app.max_request_bytes
+        if self.headers.get("Transfer-Encoding") is not None:
+            if self.headers["Transfer-Encoding"].strip().lower() != "chunked":
+                raise HttpError(501, "unsupported_transfer_encoding", "Only chunked transfer encoding is supported.", close=True)
+            return self._read_chunked(limit)
+        declared = self.headers.get_all("Content-Length") or []
+        if not declared:
+            raise HttpError(411, "length_required", "The request needs a Content-Length header.", close=True)
+        if len(set(declared)) != 1 or not declared[0].strip().isdigit():
+            raise HttpError(400, "bad_content_length", "The Content-Length header is not a single number.", close=True)
+        length = int(declared[0])
+        self._bytes_in = length
+        if length > limit:
+            raise self._too_large(length)
+        body = bytearray(length)
+        view = memoryview(body)
+        deadline = time.monotonic() + BODY_DEADLINE_S
+        received = 0
+        while received < length:
+            count = self.rfile.readinto(view[received : received + READ_CHUNK])
+            if not count:
+                raise HttpError(400, "incomplete_body", "The connection closed before the whole body arrived.", close=True)
+            received += count
+            if time.monotonic() > deadline:
+                raise HttpError(408, "request_timeout", "The upload took too long.", close=True)
+        return body
+
+    def _too_large(self, size: int) -> HttpError:
+        limit = self.app.limits.max_input_bytes
+        return HttpError(
+            413, "request_too_large",
+            f"The upload is {size:,} bytes; this server accepts images of up to {limit:,} bytes.", close=True,
+        )
+
+    def _read_chunked(self, limit: int) -> bytearray:
+        """A chunked body, refused as soon as it grows beyond ``limit``."""
+        body = bytearray()
+        deadline = time.monotonic() + BODY_DEADLINE_S
+        while True:
+            line = self.rfile.readline(1024)
+            if not line.endswith(b"\n"):
+                raise HttpError(400, "bad_chunk", "A chunk header is malformed or the body is truncated.", close=True)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise HttpError(400, "bad_chunk", "A chunk size is not a hexadecimal number.", close=True) from None
+            if size < 0:
+                raise HttpError(400, "bad_chunk", "A chunk size is negative.", close=True)
+            if size == 0:
+                for _ in range(64):  # trailer fields, up to the empty line
+                    if self.rfile.readline(1024) in (b"\r\n", b"\n", b""):
+                        break
+                self._bytes_in = len(body)
+                return body
+            if len(body) + size > limit:
+                self._bytes_in = len(body) + size
+                raise self._too_large(len(body) + size)
+            chunk = self.rfile.read(size)
+            if len(chunk) != size or self.rfile.read(2) not in (b"\r\n",):
+                raise HttpError(400, "bad_chunk", "The chunked body is truncated.", close=True)
+            body += chunk
+            if time.monotonic() > deadline:
+                raise HttpError(408, "request_timeout", "The upload took too long.", close=True)
+
+    def _read_form(self) -> dict[str, multipart.Part]:
+        try:
+            multipart.boundary_of(self.headers.get("Content-Type"))  # before reading the body
+        except multipart.MultipartError as error:
+            raise HttpError(415, "not_multipart", str(error), close=self._has_body()) from None
+        body = self._read_body()
+        try:
+            return multipart.parse(body, self.headers.get("Content-Type"))
+        except multipart.MultipartError as error:
+            raise HttpError(400, error.code, str(error)) from None
+
+    def _options(self, form: dict[str, multipart.Part]) -> tuple[bytes, CoverStyle, bool]:
+        """The image, the style and whether JSON was asked for, from the form and the query."""
+        try:
+            query = parse_qs(urlsplit(self.path).query, max_num_fields=16)
+        except ValueError:
+            raise HttpError(400, "bad_parameter", "Too many query parameters.") from None
+
+        def option(name: str) -> str | None:
+            if name in form:
+                return form[name].text(256).strip()
+            values = query.get(name)
+            return values[0].strip() if values else None
+
+        part = form.get("file")
+        if part is None:
+            raise HttpError(400, "missing_file", "Send the image as a multipart form field named 'file'.")
+        style = self.app.style_for(option("style"), option("skin_tone"))
+        fmt = option("format")
+        if fmt not in (None, "json", "image"):
+            raise HttpError(400, "bad_parameter", "'format' is 'json' or 'image'.")
+        want_json = fmt == "json" or (fmt is None and "application/json" in (self.headers.get("Accept") or "").lower())
+        return part.data, style, want_json
+
+    def _send_result(self, result: Result, want_json: bool) -> None:
+        self._heads = result.report.heads_covered
+        if want_json:
+            self._send_json(200, result_json(result))
+            return
+        name = f"anonymised.{_EXTENSION.get(result.mime, 'jpg')}"
+        self._send(200, result.data, result.mime, {
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "X-Heads-Covered": str(result.report.heads_covered),
+        })
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    def _anonymise(self) -> None:
+        try:
+            with self.app.gate.admit():
+                form = self._read_form()
+                data, style, want_json = self._options(form)
+                del form  # only the image bytes stay referenced while the models run
+                with self.app.gate.slot():
+                    result = self.app.anonymise(data, style)
+                del data
+                self._send_result(result, want_json)
+        except Busy:
+            raise busy() from None
+
+    def _cover(self) -> None:
+        try:
+            with self.app.gate.admit():
+                form = self._read_form()
+                data, style, want_json = self._options(form)
+                if "regions" not in form:
+                    raise HttpError(400, "bad_regions", "Send the final list of covers as a form field named 'regions'.")
+                regions = parse_regions(form["regions"].text(FORM_ALLOWANCE))
+                del form
+                with self.app.gate.slot():
+                    result = self.app.cover(data, regions, style)
+                del data
+                self._send_result(result, want_json)
+        except Busy:
+            raise busy() from None
+
+
+class WebServer(ThreadingHTTPServer):
+    """A thread per connection; the ``Gate`` bounds what the threads may hold and run."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: WebApp) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.app = app
+        super().__init__(address, Handler)
+
+
+def make_server(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WebServer:
+    """Bind (port 0: any free port) and set the Host names the server answers to."""
+    server = WebServer((host, port), app)
+    bound = server.server_address[1]
+    if host in ("0.0.0.0", "::", ""):
+        app.allowed_hosts = None  # reachable under any of the machine's names
+    else:
+        names = {f"[{host}]" if ":" in host else host.lower()}
+        if is_loopback(host):
+            names |= {"127.0.0.1", "localhost", "[::1]"}
+        # Browsers send the port unless it is the scheme's default.
+        app.allowed_hosts = frozenset({f"{name}:{bound}" for name in names} | (names if bound == 80 else set()))
+    return server
+
+
+def url_of(server: WebServer, host: str) -> str:
+    """The address to open in a browser."""
+    port = server.server_address[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anonymise serve",
+        description="Start the local web page and HTTP API. Photos are processed in memory on this "
+        "computer and never stored.",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: 127.0.0.1, this computer only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: 8321; 0 picks a free one)")
+    parser.add_argument("--max-concurrent", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                        help="photos processed at once (default: number of CPUs, at most 2)")
+    parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE,
+                        help="photos that may wait for their turn; more get 503 (default: 8)")
+    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: $ANON_WEIGHTS_DIR or ./weights)")
+    parser.add_argument("--locator", action="append", choices=sorted(REGISTRY),
+                        help="locator to use (repeatable; default: every one whose weights are present)")
+    parser.add_argument("--style", choices=STYLES, default="emoji", help="default cover style")
+    parser.add_argument("--skin-tone", choices=sorted(emoji.SKIN_TONES), default=emoji.DEFAULT_TONE)
+    parser.add_argument("--no-safeguard", action="store_true", help="do not fill gaps between packed heads")
+    parser.add_argument("--no-residual", action="store_true", help="skip the second face pass over the covered image")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """``anonymise serve ...``: load the models once, then serve until interrupted."""
+    args = _parser().parse_args(argv)
+    if args.max_concurrent < 1 or args.queue < 0:
+        print("anonymise serve: --max-concurrent must be >= 1 and --queue >= 0", file=sys.stderr)
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+    settings = Settings(
+        locators=tuple(args.locator) if args.locator else None,
+        style=CoverStyle(style=args.style, skin_tone=args.skin_tone),
+        limits=Limits.from_env(),
+        safeguard=not args.no_safeguard,
+        residual_pass=not args.no_residual,
+    )
+    try:
+        anonymiser = Anonymiser(settings, weights_dir=args.weights)
+    except AnonymiserError as exc:
+        print(f"anonymise serve: {exc}", file=sys.stderr)
+        return 2
+    warning = exposure_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    try:
+        server = make_server(WebApp(anonymiser, Gate(args.max_concurrent, args.queue)), args.host, args.port)
+    except OSError as exc:
+        print(f"anonymise serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    names = ", ".join(l.name for l in anonymiser.locators)
+    print(f"Anonymiser running with locators {names}. Nothing is stored.", flush=True)
+    print(f"Open {url_of(server, args.host)} in your browser (Ctrl+C stops it).", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,540 @@
+"""The HTTP API of ``anonymise serve``: good and bad inputs, limits, methods, headers, the
+concurrency bound and the OpenAPI document. An in-process server on a free loopback port."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from anonymiser import emoji
+from anonymiser.cover import CoverStyle, cover
+from anonymiser.limits import Limits
+from anonymiser.pipeline import Anonymiser, Settings
+from anonymiser.web import multipart as mp
+from anonymiser.web.server import CSP, parse_regions
+
+from web_harness import (
+    ASTRONAUT_FACE,
+    SECRET_FILENAME,
+    RunningServer,
+    SlowLocator,
+    animated_gif,
+    assert_no_metadata,
+    decode,
+    multipart,
+    raw_exchange,
+    read_response,
+    start_server,
+)
+
+
+def post(web: RunningServer, path: str, data: bytes, *, name: str = SECRET_FILENAME, mime: str = "image/jpeg",
+         fields: dict[str, str] | None = None, params: dict[str, str] | None = None,
+         headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.post(f"{web.url}{path}", files={"file": (name, data, mime)}, data=fields or {},
+                         params=params or {}, headers=headers or {}, timeout=60)
+
+
+def contains(box: list[int] | tuple[int, ...], inner: tuple[int, int, int, int]) -> bool:
+    return box[0] <= inner[0] and box[1] <= inner[1] and box[2] >= inner[2] and box[3] >= inner[3]
+
+
+def assert_security_headers(response: requests.Response) -> None:
+    assert response.headers["Content-Security-Policy"] == CSP
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+# --------------------------------------------------------------------------- good inputs
+
+
+def test_jpeg_comes_back_covered_and_clean(web: RunningServer, astronaut_jpeg: bytes, astronaut: np.ndarray) -> None:
+    """A camera JPEG with EXIF/GPS gives a JPEG with no metadata whose face is covered."""
+    response = post(web, "/api/anonymise", astronaut_jpeg)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "image/jpeg"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert int(response.headers["X-Heads-Covered"]) >= 1
+    assert SECRET_FILENAME not in response.headers.get("Content-Disposition", "")
+    assert_security_headers(response)
+    assert_no_metadata(response.content)
+    out = decode(response.content)
+    assert out.shape == astronaut.shape
+    x1, y1, x2, y2 = ASTRONAUT_FACE
+    # The face is replaced, not blurred: far from the original, near the opaque cover.
+    assert np.abs(out[y1:y2, x1:x2].astype(int) - astronaut[y1:y2, x1:x2].astype(int)).mean() > 40
+
+
+def test_png_json_form_reports_regions_painted_exactly(web: RunningServer, astronaut_png: bytes, astronaut: np.ndarray) -> None:
+    """``Accept: application/json`` gives the report, the base64 image and the regions; on PNG
+    every reported region is pixel-for-pixel the opaque fist cover and the rest is untouched."""
+    response = post(web, "/api/anonymise", astronaut_png, mime="image/png", headers={"Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.json()
+    assert body["mime"] == "image/png" and (body["width"], body["height"]) == (512, 512)
+    assert body["heads_covered"] >= 1 and body["report"]["heads_covered"] == body["heads_covered"]
+    assert body["report"]["input_format"] == "png" and body["report"]["locators"] == ["centerface"]
+    assert "SECRET" not in json.dumps(body["report"])
+    data = base64.b64decode(body["image"])
+    assert_no_metadata(data)
+    out = decode(data)
+    boxes = [r["box"] for r in body["regions"]]
+    assert any(contains(b, ASTRONAUT_FACE) for b in boxes), boxes
+    mask = np.zeros(out.shape[:2], bool)
+    for x1, y1, x2, y2 in boxes:
+        mask[y1:y2, x1:x2] = True
+    assert np.array_equal(out[~mask], astronaut[~mask])
+    expected = cover(astronaut, np.array(boxes), CoverStyle())
+    assert np.array_equal(out, expected)
+
+
+def test_format_parameter_wins_over_accept(web: RunningServer, astronaut_jpeg: bytes) -> None:
+    """``format=image`` gives the image even with ``Accept: application/json``; ``format=json``
+    gives JSON with ``Accept: */*``."""
+    image = post(web, "/api/anonymise", astronaut_jpeg, params={"format": "image"}, headers={"Accept": "application/json"})
+    assert image.headers["Content-Type"] == "image/jpeg"
+    as_json = post(web, "/api/anonymise", astronaut_jpeg, fields={"format": "json"})
+    assert as_json.headers["Content-Type"] == "application/json" and as_json.json()["image"]
+
+
+def test_style_and_skin_tone_per_request(web: RunningServer, astronaut_png: bytes, astronaut: np.ndarray) -> None:
+    """``style=solid`` paints every region in the backing colour; a skin tone changes the fist;
+    the server's default style is left alone for the next request."""
+    solid = post(web, "/api/anonymise", astronaut_png, mime="image/png", params={"style": "solid", "format": "json"}).json()
+    out = decode(base64.b64decode(solid["image"]))
+    for region in solid["regions"]:
+        x1, y1, x2, y2 = region["box"]
+        assert np.all(out[y1:y2, x1:x2] == CoverStyle().colour)
+    dark = post(web, "/api/anonymise", astronaut_png, mime="image/png", fields={"skin_tone": "dark", "format": "json"}).json()
+    out = decode(base64.b64decode(dark["image"]))
+    assert np.array_equal(out, cover(astronaut, np.array([r["box"] for r in dark["regions"]]), CoverStyle(skin_tone="dark")))
+    default = post(web, "/api/anonymise", astronaut_png, mime="image/png", params={"format": "json"}).json()
+    out = decode(base64.b64decode(default["image"]))
+    assert np.array_equal(out, cover(astronaut, np.array([r["box"] for r in default["regions"]]), CoverStyle()))
+
+
+def test_cover_adds_and_removes_regions(web: RunningServer, astronaut_png: bytes, astronaut: np.ndarray) -> None:
+    """Review: the original again plus the edited list (face cover removed, a missed head
+    added) covers exactly that: the added region is the same opaque fist as automatic covers,
+    pixel for pixel, and the removed region shows the original."""
+    first = post(web, "/api/anonymise", astronaut_png, mime="image/png", params={"format": "json"}).json()
+    face = next(r["box"] for r in first["regions"] if contains(r["box"], ASTRONAUT_FACE))
+    added = [330, 300, 450, 440]
+    kept = [r["box"] for r in first["regions"] if r["box"] != face]
+    response = post(web, "/api/cover", astronaut_png, mime="image/png",
+                    fields={"regions": json.dumps(kept + [added]), "format": "json"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["box"] for r in body["regions"]] == kept + [added]
+    assert all(r["sources"] == ["manual"] for r in body["regions"])
+    out = decode(base64.b64decode(body["image"]))
+    x1, y1, x2, y2 = added
+    tile = emoji.render(x2 - x1, y2 - y1, emoji.DEFAULT_TONE, emoji.DEFAULT_BACKING)
+    assert np.array_equal(out[y1:y2, x1:x2], tile)
+    # the automatic cover's pixels come from the same renderer: same style
+    auto = decode(base64.b64decode(first["image"]))
+    fx1, fy1, fx2, fy2 = face
+    assert np.array_equal(auto[fy1:fy2, fx1:fx2], emoji.render(fx2 - fx1, fy2 - fy1))
+    assert np.array_equal(out[fy1:fy2, fx1:fx2], astronaut[fy1:fy2, fx1:fx2])
+    assert_no_metadata(base64.b64decode(body["image"]))
+
+
+def test_cover_on_jpeg_returns_the_image(web: RunningServer, astronaut_jpeg: bytes, astronaut: np.ndarray) -> None:
+    """Without the JSON form, /api/cover returns the image; on JPEG the uncovered face is the
+    original (within JPEG error) and the added region is the cover (within JPEG error)."""
+    added = [20, 300, 140, 440]
+    response = post(web, "/api/cover", astronaut_jpeg, fields={"regions": json.dumps([{"box": added}])})
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "image/jpeg" and response.headers["X-Heads-Covered"] == "1"
+    assert_no_metadata(response.content)
+    out = decode(response.content).astype(int)
+    x1, y1, x2, y2 = ASTRONAUT_FACE
+    assert np.abs(out[y1:y2, x1:x2] - astronaut[y1:y2, x1:x2].astype(int)).mean() < 6
+    x1, y1, x2, y2 = added
+    assert np.abs(out[y1:y2, x1:x2] - emoji.render(x2 - x1, y2 - y1).astype(int)).mean() < 6
+
+
+@pytest.mark.parametrize(
+    "regions, why",
+    [
+        ("not json", "not valid JSON"),
+        ('{"box": [1, 2, 3, 4]}', "not an array"),
+        ("[[1, 2, 3]]", "four numbers"),
+        ('[[1, 2, "3", 4]]', "finite number"),
+        ("[[10, 10, 5, 20]]", "x2 > x1"),
+        ("[[0, 0, 1e9, 10]]", "finite number"),
+    ],
+)
+def test_cover_refuses_bad_regions(web: RunningServer, astronaut_png: bytes, regions: str, why: str) -> None:
+    response = post(web, "/api/cover", astronaut_png, mime="image/png", fields={"regions": regions})
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_regions" and why in response.json()["message"]
+
+
+def test_cover_needs_regions(web: RunningServer, astronaut_png: bytes) -> None:
+    response = post(web, "/api/cover", astronaut_png, mime="image/png")
+    assert response.status_code == 400 and response.json()["error"] == "bad_regions"
+
+
+def test_too_many_regions() -> None:
+    with pytest.raises(Exception, match="more than 10,000"):
+        parse_regions(json.dumps([[0, 0, 1, 1]] * 10_001))
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    "data, mime, status, code",
+    [
+        (b"Dear diary, this is plain text and not an image at all.", "text/plain", 415, "unsupported_image"),
+        (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "image/svg+xml", 415, "unsupported_image"),
+        (b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", "application/pdf", 415, "unsupported_image"),
+        (b"", "image/jpeg", 422, "empty_image"),
+    ],
+    ids=["text", "svg", "pdf", "empty-part"],
+)
+def test_bad_images_get_clear_json_errors(web: RunningServer, data: bytes, mime: str, status: int, code: str) -> None:
+    response = post(web, "/api/anonymise", data, mime=mime)
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.json()
+    assert body["error"] == code and len(body["message"]) > 10
+    assert_security_headers(response)
+
+
+def test_truncated_jpeg_is_422(web: RunningServer, astronaut_jpeg: bytes) -> None:
+    response = post(web, "/api/anonymise", astronaut_jpeg[: len(astronaut_jpeg) // 2])
+    assert response.status_code == 422 and response.json()["error"] == "corrupt_image"
+
+
+def test_animated_gif_is_422(web: RunningServer) -> None:
+    response = post(web, "/api/anonymise", animated_gif(), mime="image/gif")
+    assert response.status_code == 422 and response.json()["error"] == "animated_image"
+
+
+def test_missing_file_field(web: RunningServer) -> None:
+    response = requests.post(f"{web.url}/api/anonymise", files={"photo": ("a.jpg", b"\xff\xd8\xff", "image/jpeg")}, timeout=30)
+    assert response.status_code == 400
+    assert response.json() == {"error": "missing_file", "message": "Send the image as a multipart form field named 'file'."}
+
+
+def test_not_multipart(web: RunningServer, astronaut_jpeg: bytes) -> None:
+    response = requests.post(f"{web.url}/api/anonymise", data=astronaut_jpeg, headers={"Content-Type": "image/jpeg"}, timeout=30)
+    assert response.status_code == 415 and response.json()["error"] == "not_multipart"
+
+
+def test_malformed_multipart(web: RunningServer, astronaut_jpeg: bytes) -> None:
+    body, content_type = multipart({"file": ("a.jpg", astronaut_jpeg, "image/jpeg")})
+    cut = body[: -len(b"--\r\n") - 60]  # no closing boundary
+    response = requests.post(f"{web.url}/api/anonymise", data=cut, headers={"Content-Type": content_type}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"] == "bad_multipart"
+
+
+def test_duplicate_file_field(web: RunningServer, astronaut_jpeg: bytes) -> None:
+    files = [("file", ("a.jpg", astronaut_jpeg, "image/jpeg")), ("file", ("b.jpg", astronaut_jpeg, "image/jpeg"))]
+    response = requests.post(f"{web.url}/api/anonymise", files=files, timeout=30)
+    assert response.status_code == 400 and "more than once" in response.json()["message"]
+
+
+@pytest.mark.parametrize("params", [{"style": "blur"}, {"skin_tone": "green"}, {"format": "xml"}])
+def test_bad_parameters(web: RunningServer, astronaut_jpeg: bytes, params: dict[str, str]) -> None:
+    response = post(web, "/api/anonymise", astronaut_jpeg, params=params)
+    assert response.status_code == 400 and response.json()["error"] == "bad_parameter"
+
+
+# --------------------------------------------------------------------------- size limits
+
+
+def test_oversized_content_length_is_refused_before_the_body(web: RunningServer) -> None:
+    """Headers only, announcing a terabyte: the 413 arrives although no byte of the body was
+    sent, i.e. the server decided from Content-Length and did not wait to read the body."""
+    _, content_type = multipart({"file": ("a.jpg", b"x", "image/jpeg")})
+    head = (
+        "POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ct}\r\n"
+        "Content-Length: 1000000000000\r\n\r\n"
+    ).format(port=web.port, ct=content_type).encode()
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        response = read_response(sock, timeout=5)
+        assert time.monotonic() - started < 3
+    assert response.status == 413
+    assert response.headers["connection"] == "close"
+    body = json.loads(response.body)
+    assert body["error"] == "request_too_large" and "52,428,800" in body["message"]
+    assert response.headers["content-security-policy"] == CSP
+
+
+def test_just_over_the_limit_is_refused_too(cf_anonymiser: Anonymiser, astronaut_jpeg: bytes) -> None:
+    """With a 20 kB image budget, a real 60 kB upload is refused (413) and a small one passes
+    the size check; chunked uploads are cut off as soon as they pass the limit."""
+    small = Settings(locators=("centerface",), limits=Limits(max_input_bytes=20_000))
+    web = start_server(Anonymiser(small, locators=cf_anonymiser.locators))
+    try:
+        limit = web.app.max_request_bytes
+        response = post(web, "/api/anonymise", astronaut_jpeg + b"\0" * (limit - len(astronaut_jpeg) + 1))
+        assert response.status_code == 413 and response.json()["error"] == "request_too_large"
+        # within the request limit but over the image budget: the image core refuses it
+        response = post(web, "/api/anonymise", astronaut_jpeg)
+        assert response.status_code == 413 and response.json()["error"] == "image_too_large"
+        # chunked: refused at the chunk that crosses the limit, the rest is never read
+        head = (f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+                "Content-Type: multipart/form-data; boundary=xyz\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+        chunk = b"%x\r\n%s\r\n" % (limit // 2, b"a" * (limit // 2))
+        with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+            sock.sendall(head + chunk + chunk + chunk[:100])
+            response_raw = read_response(sock, timeout=5)
+        assert response_raw.status == 413
+    finally:
+        web.stop()
+
+
+def test_missing_content_length_is_411(web: RunningServer) -> None:
+    response = raw_exchange(web.port, (
+        f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+        "Content-Type: multipart/form-data; boundary=abc\r\n\r\n").encode())
+    assert response.status == 411 and json.loads(response.body)["error"] == "length_required"
+
+
+def test_chunked_upload_within_the_limit_works(web: RunningServer, astronaut_jpeg: bytes) -> None:
+    body, content_type = multipart({"file": ("a.jpg", astronaut_jpeg, "image/jpeg")})
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 7000]), body[i : i + 7000]) for i in range(0, len(body), 7000))
+    response = raw_exchange(web.port, (
+        f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\nContent-Type: {content_type}\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + chunks + b"0\r\n\r\n")
+    assert response.status == 200 and response.body[:3] == b"\xff\xd8\xff"
+
+
+# --------------------------------------------------------------------------- methods, paths, headers
+
+
+@pytest.mark.parametrize(
+    "method, path, allow",
+    [("GET", "/api/anonymise", "POST"), ("PUT", "/api/cover", "POST"), ("DELETE", "/api/anonymise", "POST"),
+     ("POST", "/", "GET, HEAD"), ("POST", "/api/health", "GET, HEAD")],
+)
+def test_wrong_method_is_405(web: RunningServer, method: str, path: str, allow: str) -> None:
+    response = requests.request(method, f"{web.url}{path}", timeout=10)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allow
+    assert response.json()["error"] == "method_not_allowed"
+    assert_security_headers(response)
+
+
+@pytest.mark.parametrize("path", ["/nope", "/static/../server.py", "/static/secret.txt", "/api/", "/favicon.ico"])
+def test_unknown_path_is_404(web: RunningServer, path: str) -> None:
+    response = requests.get(f"{web.url}{path}", timeout=10)
+    assert response.status_code == 404 and response.json()["error"] == "not_found"
+    assert_security_headers(response)
+
+
+def test_foreign_host_and_origin_are_refused(web: RunningServer, astronaut_jpeg: bytes) -> None:
+    """DNS rebinding (another name for 127.0.0.1) and cross-site form posts are refused."""
+    response = requests.get(f"{web.url}/", headers={"Host": "attacker.example"}, timeout=10)
+    assert response.status_code == 403 and response.json()["error"] == "forbidden_host"
+    response = post(web, "/api/anonymise", astronaut_jpeg, headers={"Origin": "https://attacker.example"})
+    assert response.status_code == 403 and response.json()["error"] == "forbidden_origin"
+    response = post(web, "/api/anonymise", astronaut_jpeg, headers={"Origin": web.url})
+    assert response.status_code == 200
+    assert requests.get(f"http://localhost:{web.port}/api/health", timeout=10).status_code == 200
+
+
+def test_page_and_static_files(web: RunningServer) -> None:
+    """The page ships with the package, says that nothing is stored, and references nothing
+    outside this server (no CDN, fonts or analytics: a static check; the browser test checks
+    the requests really made)."""
+    page = requests.get(f"{web.url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert_security_headers(page)
+    assert "Nothing is stored." in page.text and "on this computer" in page.text
+    assert 'type="file"' in page.text and 'accept="image/*"' in page.text and "capture=" in page.text
+    assert 'name="viewport"' in page.text
+    # What the Content-Security-Policy would block must not be needed: no inline script or style.
+    assert not re.search(r"<script(?![^>]*\bsrc=)", page.text) and "<style" not in page.text
+    assert not re.search(r"\sstyle=", page.text) and not re.search(r"\son[a-z]+=", page.text)
+    for path in ("/", "/static/app.js", "/static/app.css"):
+        text = requests.get(f"{web.url}{path}", timeout=10).text
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.IGNORECASE), f"external URL in {path}"
+        assert "@import" not in text and "url(" not in text, path
+    head = requests.head(f"{web.url}/static/app.js", timeout=10)
+    assert head.status_code == 200 and head.headers["Content-Type"].startswith("text/javascript") and not head.content
+
+
+def test_health(web: RunningServer) -> None:
+    health = requests.get(f"{web.url}/api/health", timeout=10)
+    assert health.status_code == 200 and health.headers["Cache-Control"] == "no-store"
+    body = health.json()
+    assert body["status"] == "ok" and body["locators"] == ["centerface"]
+    assert body["style"] == "emoji" and body["skin_tone"] == emoji.DEFAULT_TONE
+    assert body["max_input_bytes"] == Limits().max_input_bytes
+
+
+def test_openapi_document(web: RunningServer) -> None:
+    """Valid JSON, OpenAPI 3.1, both endpoints with their parameters and error schema, and every
+    ``$ref`` resolves."""
+    response = requests.get(f"{web.url}/api/openapi.json", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"
+    doc = response.json()
+    assert doc["openapi"].startswith("3.1")
+    for path in ("/api/anonymise", "/api/cover"):
+        operation = doc["paths"][path]["post"]
+        assert {p["name"] for p in operation["parameters"]} >= {"format", "style", "skin_tone"}
+        assert "multipart/form-data" in operation["requestBody"]["content"]
+        for status in ("200", "400", "413", "415", "422", "503"):
+            assert status in operation["responses"]
+    assert "regions" in doc["paths"]["/api/cover"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert set(doc["components"]["schemas"]["Error"]["required"]) == {"error", "message"}
+
+    def refs(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    for ref in refs(doc):
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in doc["components"]["schemas"], ref
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_burst_queues_or_gets_503_and_never_crashes(astronaut_jpeg: bytes) -> None:
+    """One at a time, a queue of one: of a burst of 10 simultaneous uploads some are refused
+    with 503 and Retry-After before their body is read, every accepted one succeeds, no two
+    anonymisations ever overlap, and the server keeps serving."""
+    locator = SlowLocator(delay=0.4)
+    anonymiser = Anonymiser(Settings(safeguard=False, residual_pass=False), locators=[locator])
+    web = start_server(anonymiser, max_concurrent=1, queue=1)
+    try:
+        barrier = threading.Barrier(10)
+        results: list[requests.Response | BaseException] = []
+        lock = threading.Lock()
+
+        def upload() -> None:
+            barrier.wait()
+            try:
+                response: requests.Response | BaseException = post(web, "/api/anonymise", astronaut_jpeg)
+            except BaseException as exc:  # noqa: BLE001 - recorded and asserted on below
+                response = exc
+            with lock:
+                results.append(response)
+
+        threads = [threading.Thread(target=upload) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert all(isinstance(r, requests.Response) for r in results), results
+        statuses = sorted(r.status_code for r in results)  # type: ignore[union-attr]
+        assert set(statuses) == {200, 503}, statuses
+        for response in results:
+            assert isinstance(response, requests.Response)
+            if response.status_code == 503:
+                assert response.headers["Retry-After"].isdigit()
+                assert response.json()["error"] == "busy"
+            else:
+                assert response.content[:3] == b"\xff\xd8\xff" and response.headers["X-Heads-Covered"] == "1"
+        assert locator.most_at_once == 1
+        deadline = time.monotonic() + 5  # the last handler may still be leaving the gate
+        while web.app.gate.admitted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert web.app.gate.admitted == 0
+        assert post(web, "/api/anonymise", astronaut_jpeg).status_code == 200
+    finally:
+        web.stop()
+
+
+# --------------------------------------------------------------------------- multipart parser
+
+
+def test_multipart_parser_keeps_binary_data_exactly() -> None:
+    """CR, LF, boundary-like bytes and NULs inside a part survive; quoted boundaries, a preamble,
+    transport padding and an epilogue are handled; file names are not kept."""
+    payload = b"\r\n--notquite\r\n\x00\xff\r\n\r\n--xyz" + bytes(range(256))
+    body = (b"preamble\r\n--bq\r\n" +
+            b'Content-Disposition: form-data; name="file"; filename="me.jpg"\r\nContent-Type: image/jpeg\r\n\r\n' +
+            payload + b"\r\n--bq  \r\n" +
+            b'Content-Disposition: form-data; name="regions"\r\n\r\n[[1,2,3,4]]\r\n--bq--\r\nepilogue')
+    parts = mp.parse(body, 'multipart/form-data; boundary="bq"')
+    assert parts["file"].data == payload and parts["file"].is_file and parts["file"].content_type == "image/jpeg"
+    assert "me.jpg" not in repr(parts["file"])
+    assert parts["regions"].text() == "[[1,2,3,4]]" and not parts["regions"].is_file
+
+
+@pytest.mark.parametrize(
+    "body, content_type, message",
+    [
+        (b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx\r\n--b--", "text/plain", "not multipart"),
+        (b"x", "multipart/form-data", "boundary is missing"),
+        (b"nothing here", "multipart/form-data; boundary=b", "does not contain"),
+        (b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx", "multipart/form-data; boundary=b", "truncated"),
+        (b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--", "multipart/form-data; boundary=b", "no Content-Disposition"),
+        (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--", "multipart/form-data; boundary=b", "no field name"),
+        (b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\n" + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\nx\r\n--b--",
+         "multipart/form-data; boundary=b", "too long"),
+        (b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nx\r\n" % i for i in range(17)) + b"--b--",
+         "multipart/form-data; boundary=b", "more than 16"),
+    ],
+    ids=["not-multipart", "no-boundary", "no-delimiter", "truncated", "no-disposition", "no-name", "long-headers", "many-parts"],
+)
+def test_multipart_parser_refuses(body: bytes, content_type: str, message: str) -> None:
+    with pytest.raises(mp.MultipartError, match=message.replace(" ", ".")):
+        mp.parse(body, content_type)
+
+
+# --------------------------------------------------------------------------- protocol edges
+
+
+def test_expect_continue_gets_413_instead_of_100(web: RunningServer) -> None:
+    """curl asks 'Expect: 100-continue' before uploading: an oversized upload is refused at
+    once, so the body is never sent; an acceptable one is invited with 100 Continue."""
+    def head(length: int) -> bytes:
+        return (f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+                f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\n"
+                "Expect: 100-continue\r\n\r\n").encode()
+
+    response = raw_exchange(web.port, head(10**10))
+    assert response.status == 413 and json.loads(response.body)["error"] == "request_too_large"
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+        sock.sendall(head(1000))
+        sock.settimeout(5)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+
+
+def test_garbage_and_odd_requests_get_json_errors(web: RunningServer) -> None:
+    """What the base HTTP server refuses itself is answered in JSON with the security headers;
+    a GET with a body, an overlong form field and unknown methods are refused cleanly."""
+    response = raw_exchange(web.port, b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert response.status == 431 and json.loads(response.body)["error"] == "request_header_fields_too_large"
+    assert response.headers["content-security-policy"] == CSP
+    response = raw_exchange(web.port, f"BREW /api/health HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n\r\n".encode())
+    assert response.status == 501 and "error" in json.loads(response.body)
+    response = requests.get(f"{web.url}/api/health", data=b"surprise", timeout=10)
+    assert response.status_code == 400 and response.json()["error"] == "unexpected_body"
+    response = post(web, "/api/anonymise", b"\xff\xd8\xff", fields={"style": "x" * 1000})
+    assert response.status_code == 400 and response.json()["error"] == "bad_multipart"
+    assert requests.get(f"{web.url}/api/health", timeout=10).status_code == 200
+
+
+def test_serve_command_line_checks() -> None:
+    """Bad numbers are refused before anything loads; a non-loopback host gets a loud warning."""
+    from anonymiser.web.server import exposure_warning, is_loopback, main
+
+    assert main(["--max-concurrent", "0"]) == 2
+    assert main(["--queue", "-1"]) == 2
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.org"))
+    assert exposure_warning("127.0.0.1") is None
+    warning = exposure_warning("0.0.0.0")
+    assert warning and "WARNING" in warning and "unencrypted" in warning
