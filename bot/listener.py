@@ -52,6 +52,8 @@ class Listener:
         self.store = store
         self.enqueue = enqueue
         self.channels = ["mentions"] + [f"tag:{t}" for t in hashtags]
+        if hasattr(platform, "dms_since"):
+            self.channels.append("dms")  # platforms whose direct messages are not mentions (X)
         self.use_stream = stream
         self.poll_interval_s = poll_interval_s
         self.stop = threading.Event()
@@ -77,12 +79,17 @@ class Listener:
         cursor = self.store.cursor(self.platform.name, channel)
         if channel == "mentions":
             events = self.platform.mentions_since(cursor)
+        elif channel == "dms":
+            events = self.platform.dms_since(cursor)  # type: ignore[attr-defined]
         else:
             events = self.platform.hashtag_since(channel[4:], cursor)
-        if cursor is None and events:
-            # First start ever: begin from now rather than answering old history.
-            self.store.set_cursor(self.platform.name, channel, events[-1].id)
-            log.info("cursor_initialised", extra={"channel": channel, "cursor": events[-1].id})
+        if cursor is None:
+            # First start ever: begin from now rather than answering old history. With no
+            # history at all, "0" marks the channel as started so that the next poll answers
+            # what arrives from now on instead of taking it for history too.
+            start = events[-1].id if events else "0"
+            self.store.set_cursor(self.platform.name, channel, start)
+            log.info("cursor_initialised", extra={"channel": channel, "cursor": start})
             return 0
         for event in events:
             self.handle(channel, event)
@@ -109,7 +116,14 @@ class Listener:
             if self.use_stream and time.monotonic() >= next_stream_try:
                 try:
                     log.info("stream_start", extra={"channel": channel})
+                    caught_up = False
                     for event in self.platform.stream(channel):
+                        if not caught_up:
+                            # Whatever arrived between the catch-up above and the moment the
+                            # stream was subscribed is not streamed: poll it before this event
+                            # moves the cursor past it.
+                            self.catch_up(channel)
+                            caught_up = True
                         self.handle(channel, event)
                         backoff = max(1.0, self.poll_interval_s)
                         if self.stop.is_set():

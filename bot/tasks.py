@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from functools import lru_cache
 from typing import Any
 
@@ -20,7 +21,7 @@ from anonymiser.limits import Limits
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
-from .config import BotConfig
+from .config import BotConfig, ConfigError
 from .handler import Job, MentionHandler
 from .platforms.base import PlatformError, RateLimited
 from .platforms.registry import make
@@ -48,7 +49,13 @@ app.conf.update(
 def _validate_at_start(**_: Any) -> None:
     """Fail at start-up, with every problem listed, rather than on the first job."""
     logs.setup()
-    BotConfig.from_env()
+    try:
+        BotConfig.from_env()
+    except ConfigError as exc:
+        # Celery logs and swallows exceptions raised by signal handlers (the worker would start
+        # anyway and fail every job); SystemExit is not swallowed and stops the worker.
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @signals.worker_process_init.connect

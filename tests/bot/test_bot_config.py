@@ -1,0 +1,104 @@
+"""Configuration: every problem reported at once, before the bot starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.config import BotConfig, ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def problems(error: ConfigError) -> list[str]:
+    return [line[4:] for line in str(error).splitlines() if line.startswith("  - ")]
+
+
+def test_missing_credentials_are_both_reported() -> None:
+    with pytest.raises(ConfigError) as caught:
+        BotConfig.from_env({})
+    found = problems(caught.value)
+    assert len(found) == 2
+    assert found[0].startswith("MASTODON_BASE_URL is not set")
+    assert found[1].startswith("MASTODON_ACCESS_TOKEN is not set")
+
+
+def test_every_invalid_variable_is_listed_in_one_error() -> None:
+    env = {
+        "MASTODON_BASE_URL": "ftp://mastodon.example",
+        "MASTODON_ACCESS_TOKEN": "   ",
+        "REDIS_URL": "http://127.0.0.1:6379",
+        "BOT_HASHTAGS": "#fine, not-a-tag",
+        "BOT_MAX_MEDIA_BYTES": "forty megabytes",
+        "BOT_MEDIA_TIMEOUT": "0",
+        "BOT_MAX_IMAGES": "0",
+        "BOT_MAX_ATTEMPTS": "-1",
+        "BOT_POLL_INTERVAL": "soon",
+        "BOT_VISIBILITY_TIMEOUT": "1.5",
+        "BOT_STREAM": "maybe",
+        "BOT_ALLOW_PRIVATE_ADDRESSES": "perhaps",
+    }
+    with pytest.raises(ConfigError) as caught:
+        BotConfig.from_env(env)
+    found = problems(caught.value)
+    named = [p.split(" ", 1)[0].rstrip(":") for p in found]
+    assert named == [
+        "MASTODON_BASE_URL", "MASTODON_ACCESS_TOKEN", "REDIS_URL", "BOT_HASHTAGS", "BOT_MAX_MEDIA_BYTES",
+        "BOT_MEDIA_TIMEOUT", "BOT_MAX_IMAGES", "BOT_MAX_ATTEMPTS", "BOT_POLL_INTERVAL", "BOT_VISIBILITY_TIMEOUT",
+        "BOT_ALLOW_PRIVATE_ADDRESSES", "BOT_STREAM",
+    ]
+    assert "'not-a-tag'" in found[3]
+    assert "got 'forty megabytes'" in found[4]
+
+
+def test_valid_configuration_is_parsed() -> None:
+    config = BotConfig.from_env({
+        "MASTODON_BASE_URL": "https://mastodon.example/",
+        "MASTODON_ACCESS_TOKEN": " token ",
+        "REDIS_URL": "redis://redis:6379/1",
+        "BOT_HASHTAGS": "#Protest, demo #protest",
+        "BOT_MAX_MEDIA_BYTES": "1048576",
+        "BOT_MEDIA_TIMEOUT": "2.5",
+        "BOT_STREAM": "off",
+        "BOT_ALLOW_PRIVATE_ADDRESSES": "0",
+    })
+    assert config.mastodon_base_url == "https://mastodon.example"
+    assert config.mastodon_access_token == "token"
+    assert config.redis_url == "redis://redis:6379/1"
+    assert config.hashtags == ("protest", "demo")
+    assert config.max_media_bytes == 1048576 and config.media_timeout_s == 2.5
+    assert config.stream is False and config.allow_private_addresses is False
+    assert BotConfig.from_env({"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}).allow_private_addresses is False
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTODON_", "BOT_", "REDIS_"))}
+    return env | extra
+
+
+def test_listener_refuses_to_start_and_lists_the_problems() -> None:
+    done = subprocess.run([sys.executable, "-m", "bot", "listen"], cwd=REPO, env=clean_env(BOT_MAX_ATTEMPTS="x"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "MASTODON_BASE_URL is not set" in done.stderr and "BOT_MAX_ATTEMPTS must be an integer" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_worker_refuses_to_start_and_lists_the_problems() -> None:
+    # Redis is unreachable on purpose: the worker must stop on the configuration, not retry Redis.
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--pool", "solo", "-n", "badconfig@%h",
+             "--without-mingle", "--without-gossip"],
+            cwd=REPO, env=clean_env(REDIS_URL="redis://127.0.0.1:9/0", MASTODON_BASE_URL="https://m.example", BOT_STREAM="maybe"),
+            capture_output=True, text=True, timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker started despite an invalid configuration (and kept retrying Redis)")
+    assert done.returncode != 0
+    assert "MASTODON_ACCESS_TOKEN is not set" in done.stderr and "BOT_STREAM" in done.stderr
+    assert "Cannot connect to redis" not in done.stderr

@@ -1,0 +1,116 @@
+"""The fake server itself behaves like Mastodon where the bot depends on it (so that a green
+suite means something): paging, idempotency, form posts, rate-limit headers, streaming."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Iterator
+
+import pytest
+import requests
+
+from bot.platforms.mastodon import MastodonPlatform
+from fake_mastodon import TOKEN, FakeMastodon
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeMastodon]:
+    server = FakeMastodon().start()
+    yield server
+    server.stop()
+
+
+def get(fake: FakeMastodon, path: str, **params: object) -> requests.Response:
+    return requests.get(fake.base_url + path, params=params, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+
+
+def test_notification_paging_min_id_since_id_max_id(fake: FakeMastodon) -> None:
+    alice = fake.add_account("alice")
+    fake.post(alice, "no mention, no notification")
+    ids = [fake.notifications[-1]["id"] for _ in range(10) if fake.mention(alice, "hi")]
+    assert ids == sorted(ids, key=int)
+    newest_first = [n["id"] for n in get(fake, "/api/v1/notifications").json()]
+    assert newest_first == ids[::-1]
+    # min_id: the page immediately newer than the cursor (oldest ones), still newest first
+    assert [n["id"] for n in get(fake, "/api/v1/notifications", min_id=ids[2], limit=3).json()] == [ids[5], ids[4], ids[3]]
+    # since_id: the newest ones newer than the cursor
+    assert [n["id"] for n in get(fake, "/api/v1/notifications", since_id=ids[2], limit=3).json()] == [ids[9], ids[8], ids[7]]
+    # max_id: older than
+    assert [n["id"] for n in get(fake, "/api/v1/notifications", max_id=ids[2]).json()] == [ids[1], ids[0]]
+    response = get(fake, "/api/v1/notifications", limit=2, **{"types[]": "mention"})
+    assert 'rel="next"' in response.headers["Link"] and f"max_id={ids[8]}" in response.headers["Link"]
+    assert get(fake, "/api/v1/notifications", **{"types[]": "follow"}).json() == []
+    notification = get(fake, "/api/v1/notifications", limit=1).json()[0]
+    assert notification["type"] == "mention" and notification["status"]["mentions"][0]["acct"] == "ppbot"
+
+
+def test_every_api_response_carries_rate_limit_headers(fake: FakeMastodon) -> None:
+    response = get(fake, "/api/v1/accounts/verify_credentials")
+    assert int(response.headers["X-RateLimit-Remaining"]) < int(response.headers["X-RateLimit-Limit"])
+    datetime.fromisoformat(response.headers["X-RateLimit-Reset"].replace("Z", "+00:00"))
+    assert requests.get(fake.base_url + "/api/v1/accounts/verify_credentials", timeout=5).status_code == 401
+
+
+def test_statuses_form_post_idempotency_and_validation(fake: FakeMastodon) -> None:
+    alice = fake.add_account("alice")
+    original = fake.post(alice, "hello")
+    headers = {"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "abc"}
+    form = {"status": "@alice hi", "in_reply_to_id": original["id"], "visibility": "unlisted", "spoiler_text": "cw"}
+    first = requests.post(fake.base_url + "/api/v1/statuses", data=form, headers=headers, timeout=5).json()
+    again = requests.post(fake.base_url + "/api/v1/statuses", data=form, headers=headers, timeout=5).json()
+    assert first["id"] == again["id"] and len(fake.posted) == 1
+    assert first["visibility"] == "unlisted" and first["sensitive"] is True and first["in_reply_to_account_id"] == alice["id"]
+    too_long = requests.post(fake.base_url + "/api/v1/statuses", json={"status": "x" * 501},
+                             headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+    assert too_long.status_code == 422
+    missing = requests.post(fake.base_url + "/api/v1/statuses", json={"status": "hi", "in_reply_to_id": "1"},
+                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+    assert missing.status_code == 404
+    # the URL in a post counts as 23 characters, a remote mention as its local part
+    assert FakeMastodon.count_chars("@bob@remote.example https://example.com/" + "x" * 100) == len("@bob ") + 23
+
+
+def test_deleting_only_own_statuses(fake: FakeMastodon) -> None:
+    platform = MastodonPlatform(fake.base_url, TOKEN)
+    alice = fake.add_account("alice")
+    theirs = fake.post(alice, "not yours")
+    with pytest.raises(Exception, match="not found"):
+        platform.delete_post(theirs["id"])
+    assert fake.deleted == [] and fake.delete_attempts == [theirs["id"]]
+
+
+def test_private_posts_are_hidden_from_the_bot_unless_it_may_see_them(fake: FakeMastodon) -> None:
+    alice = fake.add_account("alice")
+    secret = fake.post(alice, "followers only", visibility="private")
+    assert get(fake, f"/api/v1/statuses/{secret['id']}").status_code == 404
+    fake.follow(fake.bot, alice)
+    assert get(fake, f"/api/v1/statuses/{secret['id']}").status_code == 200
+
+
+def test_streams_push_live_events_with_heartbeats(fake: FakeMastodon) -> None:
+    fake.stream_heartbeat_s = 0.05
+    alice = fake.add_account("alice")
+    response = requests.get(fake.base_url + "/api/v1/streaming/hashtag", params={"tag": "protest"}, stream=True, timeout=5)
+    assert response.headers["Content-Type"] == "text/event-stream"
+    lines: list[str] = []
+
+    def read() -> None:
+        try:
+            for line in response.iter_lines(decode_unicode=True):
+                lines.append(line)
+        except requests.exceptions.ChunkedEncodingError:
+            lines.append("<dropped>")  # drop_streams() cuts the connection like a network failure
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    fake.wait_streaming("hashtag")
+    status = fake.post(alice, "#Protest now")
+    fake.post(alice, "#protest but unlisted", visibility="unlisted")
+    fake.wait_for(lambda: any(line.startswith("data:") for line in lines), 5, what="an update")
+    fake.wait_for(lambda: lines[-1:] == [":thump"], 5, what="a heartbeat")
+    fake.drop_streams()
+    reader.join(5)
+    assert ":thump" in lines and "event: update" in lines and lines[-1] == "<dropped>"
+    assert sum(1 for line in lines if line.startswith("data:")) == 1
+    assert f'"id": "{status["id"]}"' in next(line for line in lines if line.startswith("data:"))

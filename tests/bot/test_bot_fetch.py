@@ -1,0 +1,178 @@
+"""bot/fetch.py: media downloads stay in memory, within the byte cap, and never reach private
+or local addresses (checked again on every redirect hop)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Iterator
+
+import pytest
+import responses
+
+from bot import fetch as fetching
+from bot.fetch import FetchError, MediaTooLarge, fetch
+from fake_mastodon import FakeMastodon
+
+PUBLIC = {"photos.example": "93.184.216.34", "cdn.example": "151.101.1.140"}
+PRIVATE = {"intranet.example": "10.1.2.3", "metadata.example": "169.254.169.254", "mixed.example": None}
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names resolve without the network: public ones to public addresses, others not."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def entry(address: str) -> tuple:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            return (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, 0))
+
+        if host in PUBLIC:
+            return [entry(PUBLIC[host])]
+        if host == "mixed.example":  # one public and one private A record
+            return [entry("93.184.216.34"), entry("192.168.0.7")]
+        if host in PRIVATE:
+            return [entry(PRIVATE[host])]  # type: ignore[arg-type]
+        if host.endswith(".example"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(fetching.socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeMastodon]:
+    fake = FakeMastodon().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/photo.jpg",
+    "http://localhost/photo.jpg",
+    "http://10.0.0.8/photo.jpg",
+    "http://192.168.1.20/photo.jpg",
+    "http://172.16.5.4/photo.jpg",
+    "http://100.64.0.1/photo.jpg",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://0.0.0.0/photo.jpg",
+    "http://[::1]/photo.jpg",
+    "http://[::ffff:127.0.0.1]/photo.jpg",
+    "http://[fd00::1]/photo.jpg",
+    "http://224.0.0.1/photo.jpg",
+    "http://intranet.example/photo.jpg",
+    "http://metadata.example/photo.jpg",
+    "http://mixed.example/photo.jpg",
+])
+@responses.activate
+def test_private_and_local_addresses_are_refused(dns: None, url: str) -> None:
+    with pytest.raises(FetchError, match="private or local network address") as caught:
+        fetch(url, 1024, 5.0)
+    assert len(responses.calls) == 0, "refused before any connection"
+    assert url not in str(caught.value)
+
+
+def test_loopback_server_is_refused_unless_allowed(server: FakeMastodon) -> None:
+    url = server.add_file(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(FetchError, match="private or local"):
+        fetch(url, 1024, 5.0)
+    assert server.media_requests() == []
+    assert fetch(url, 1024, 5.0, allow_private=True) == b"\xff\xd8\xff not really a jpeg"
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:8080/internal.jpg",
+    "http://intranet.example/photo.jpg",
+    "http://[::1]/x",
+    "http://169.254.169.254/latest/meta-data/iam/",
+])
+@responses.activate
+def test_redirect_to_a_private_address_is_refused(dns: None, target: str) -> None:
+    responses.get("https://photos.example/a.jpg", status=302, headers={"Location": target})
+    with pytest.raises(FetchError, match="private or local"):
+        fetch("https://photos.example/a.jpg", 1024, 5.0)
+    assert [c.request.url for c in responses.calls] == ["https://photos.example/a.jpg"]
+
+
+@responses.activate
+def test_public_redirects_are_followed_each_hop_checked(dns: None) -> None:
+    responses.get("https://photos.example/a.jpg", status=301, headers={"Location": "/b.jpg"})
+    responses.get("https://photos.example/b.jpg", status=307, headers={"Location": "https://cdn.example/c.jpg"})
+    responses.get("https://cdn.example/c.jpg", body=b"image bytes")
+    assert fetch("https://photos.example/a.jpg", 1024, 5.0) == b"image bytes"
+
+
+@responses.activate
+def test_too_many_redirects(dns: None) -> None:
+    responses.get("https://photos.example/loop.jpg", status=302, headers={"Location": "/loop.jpg"})
+    with pytest.raises(FetchError, match="redirects too many times"):
+        fetch("https://photos.example/loop.jpg", 1024, 5.0)
+    assert len(responses.calls) == fetching.MAX_REDIRECTS + 1
+
+
+@pytest.mark.parametrize("url", [
+    "file:///etc/passwd",
+    "ftp://photos.example/a.jpg",
+    "gopher://photos.example/a.jpg",
+    "data:image/jpeg;base64,/9j/4AAQ",
+    "javascript:alert(1)",
+    "//photos.example/a.jpg",
+    "http:///a.jpg",
+    "",
+])
+@responses.activate
+def test_non_http_urls_are_refused(dns: None, url: str) -> None:
+    with pytest.raises(FetchError, match="not http"):
+        fetch(url, 1024, 5.0)
+    assert len(responses.calls) == 0
+
+
+@responses.activate
+def test_redirect_to_a_non_http_scheme_is_refused(dns: None) -> None:
+    responses.get("https://photos.example/a.jpg", status=302, headers={"Location": "file:///etc/shadow"})
+    with pytest.raises(FetchError, match="not http"):
+        fetch("https://photos.example/a.jpg", 1024, 5.0)
+
+
+def test_unknown_host(dns: None) -> None:
+    with pytest.raises(FetchError, match="does not resolve"):
+        fetch("https://nowhere.example/a.jpg", 1024, 5.0)
+
+
+def test_declared_length_over_the_cap_is_refused_before_reading(server: FakeMastodon) -> None:
+    url = server.add_file(b"\xff\xd8\xff", declared_length=50 * 1024 * 1024)
+    started = time.monotonic()
+    with pytest.raises(MediaTooLarge):
+        fetch(url, 1024 * 1024, 5.0, allow_private=True)
+    assert time.monotonic() - started < 5
+
+
+def test_size_cap_enforced_while_streaming_without_content_length(server: FakeMastodon) -> None:
+    url = server.add_file(b"\xff\xd8\xff" + b"x" * 1021, endless=True)  # chunked, never ends
+    started = time.monotonic()
+    with pytest.raises(MediaTooLarge):
+        fetch(url, 256 * 1024, 5.0, allow_private=True)
+    assert time.monotonic() - started < 10, "abandoned as soon as the cap is passed"
+
+
+def test_body_of_exactly_the_cap_is_accepted(server: FakeMastodon) -> None:
+    body = bytes(range(256)) * 1024
+    assert fetch(server.add_file(body), len(body), 5.0, allow_private=True) == body
+    with pytest.raises(MediaTooLarge):
+        fetch(server.add_file(body + b"!"), len(body), 5.0, allow_private=True)
+
+
+def test_http_errors_and_timeouts_become_safe_messages(server: FakeMastodon) -> None:
+    missing = server.base_url + "/media/files/does-not-exist.jpg"
+    with pytest.raises(FetchError, match="answered HTTP 404") as caught:
+        fetch(missing, 1024, 5.0, allow_private=True)
+    assert missing not in str(caught.value) and "does-not-exist" not in str(caught.value)
+    slow = server.add_file(b"late")
+    server.hold_media()
+    try:
+        with pytest.raises(FetchError, match=r"could not be downloaded \(ReadTimeout\)") as caught:
+            fetch(slow, 1024, 0.5, allow_private=True)
+    finally:
+        server.release_media()
+    assert slow not in str(caught.value)

@@ -1,0 +1,171 @@
+"""The listener: streaming, falling back to polling, restarts, and exactly one job per request."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+
+from bot.platforms.mastodon import html_to_text
+from bot_harness import E2E
+from bot_helpers import MAGIC, RedisMonitor, jpeg
+
+
+def answered(e2e: E2E, statuses: list[dict]) -> None:
+    """Every status got exactly one answer from the bot, and the bot said nothing else."""
+    fake = e2e.fake
+    for status in statuses:
+        e2e.reply_to(status)
+    e2e.settle()
+    replied_to = [s["in_reply_to_id"] for s in fake.bot_posts()]
+    assert sorted(replied_to) == sorted(s["id"] for s in statuses), "each request answered exactly once"
+
+
+def notification_polls(e2e: E2E) -> int:
+    return sum(1 for r in e2e.fake.log() if r.path == "/api/v1/notifications")
+
+
+@pytest.mark.parametrize("refusal", [404, 501])
+def test_stream_refused_polling_answers_every_mention(e2e: E2E, refusal: int) -> None:
+    fake = e2e.fake
+    fake.stream_refuse = refusal
+    alice = fake.add_account("alice")
+    e2e.listen()
+    # a brand-new bot account: nothing in its notifications when the listener first looks
+    fake.wait_for(lambda: notification_polls(e2e) >= 2, 10, what="the listener to poll")
+    first = fake.mention(alice, "first ever mention")
+    second = fake.mention(alice, "second", media=[fake.media(jpeg(256))])
+    answered(e2e, [first, second])
+    streams = [r for r in fake.log() if r.path.startswith("/api/v1/streaming")]
+    assert streams and all(r.status == refusal for r in streams)
+
+
+def test_history_before_first_start_is_not_answered(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice = fake.add_account("alice")
+    old = [fake.mention(alice, f"old request {i}") for i in range(3)]
+    e2e.listen()
+    new = fake.mention(alice, "new request")
+    answered(e2e, [new])
+    assert not any(fake.replies_to(s["id"]) for s in old)
+
+
+def test_stream_drops_every_mention_still_answered_once(e2e: E2E) -> None:
+    fake = e2e.fake
+    fake.stream_drop_after = 1  # every stream connection dies after one event
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    e2e.listen()
+    requests = []
+    for i in range(3):
+        requests.append(fake.mention(alice if i % 2 else bob, f"request {i}"))
+        requests.append(fake.mention(bob, f"burst {i}"))
+        time.sleep(0.3)
+    answered(e2e, requests)
+    assert len(fake.stream_connections) >= 2, "the listener reconnected after the drop"
+
+
+def test_mention_arriving_while_the_stream_connects_is_not_lost(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice = fake.add_account("alice")
+    # Not the first start: the listener has a cursor already (an answered mention).
+    e2e.listen()
+    earlier = fake.mention(alice, "earlier")
+    e2e.reply_to(earlier)
+    e2e.stop_listeners()
+
+    in_gap: list[dict] = []
+    # lands after the listener's catch-up but before its stream is subscribed: not streamed
+    fake.before_subscribe.append(lambda: in_gap.append(fake.mention(alice, "in the gap")))
+    e2e.listen()
+    later = fake.mention(alice, "later, streamed")
+    answered(e2e, [earlier, *in_gap, later])
+
+
+def test_listener_restart_handles_mentions_made_while_down_exactly_once(e2e: E2E) -> None:
+    fake = e2e.fake
+    people = [fake.add_account(f"person{i}") for i in range(3)]
+    running = e2e.listen()
+    before = fake.mention(people[0], "before the restart")
+    e2e.reply_to(before)
+    running.stop()
+
+    # more than one page (the client asks for 40 at a time) while the listener is down
+    while_down = [fake.mention(people[i % 3], f"while down {i}") for i in range(43)]
+    e2e.listen()
+    after = fake.mention(people[1], "after the restart")
+    answered(e2e, [before, *while_down, after])
+    # and a second restart re-reads nothing
+    e2e.stop_listeners()
+    e2e.listen()
+    time.sleep(1.0)
+    e2e.settle()
+    assert len(fake.bot_posts()) == 45
+
+
+def test_stream_and_poll_seeing_the_same_mention_enqueue_it_once(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice = fake.add_account("alice")
+    sent: list[dict] = []
+
+    def enqueue(job):  # noqa: ANN001, ANN202 - the listener's enqueue, recorded
+        sent.append(job.to_dict())
+        e2e.enqueue(job)
+
+    running = e2e.listen(enqueue=enqueue)
+    first = fake.mention(alice, "one", media=[fake.media(jpeg(256))])
+    e2e.reply_to(first)
+    # A poll that raced with the stream: it still has the old cursor and sees the mention again.
+    listener = running.listener
+    e2e.store.r.delete(f"ppb:cursor:{listener.platform.name}:mentions")
+    e2e.store.set_cursor(listener.platform.name, "mentions", str(int(fake.notifications[0]["id"]) - 1))
+    assert listener.catch_up("mentions") == 1
+    e2e.settle()
+    assert len(sent) == 1
+    assert len(fake.bot_posts()) == 1
+
+
+def test_hashtag_stream_refused_polling_answers(e2e: E2E) -> None:
+    fake = e2e.fake
+    fake.stream_refuse = 404
+    carol = fake.add_account("carol")
+    fake.post(carol, "an old post #demo", media=[fake.media(jpeg(256))])  # history: not answered
+    e2e.listen(hashtags=("demo",))
+    fake.wait_for(lambda: any(r.path == "/api/v1/timelines/tag/demo" for r in fake.log()), 10, what="a tag poll")
+    post = fake.post(carol, "today #Demo", media=[fake.media(jpeg(256))])
+    answered(e2e, [post])
+
+
+def test_listener_enqueues_only_ids(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    photo = jpeg(256)
+    photo_post = fake.post(alice, "crowd", media=[fake.media(photo)])
+    media_urls = [m["url"] for m in photo_post["media_attachments"]]
+    with RedisMonitor("127.0.0.1", e2e.redis_server.port) as monitor:
+        e2e.listen()
+        requests = [fake.mention(bob, "this please", in_reply_to=photo_post),
+                    fake.mention(alice, "and this", media=[fake.media(jpeg(200))])]
+        answered(e2e, requests)
+    media_urls += [m["url"] for m in requests[1]["media_attachments"]]
+
+    pushes = [c for c in monitor.writes(b"LPUSH") if c[1] == b"celery"]
+    assert len(pushes) == 2, "one broker message per request"
+    for command in pushes:
+        raw = command[2]
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        args, kwargs, _ = body
+        assert kwargs == {}
+        [job] = args
+        assert set(job) == {"platform", "post_id", "requester_id", "kind", "event_id"}
+        assert job["platform"] == "mastodon" and job["kind"] == "mention"
+        assert all(job[k].isdigit() for k in ("post_id", "requester_id", "event_id"))
+        assert len(raw) < 4000, "a broker message is a few ids, never an image"
+        for url in media_urls:
+            assert url.encode() not in raw and url.split("/")[-1].encode() not in raw
+        assert not MAGIC.search(raw) and not MAGIC.search(base64.b64decode(message["body"]))
+    # the content of the posts is not in the queue either
+    for command in pushes:
+        assert b"crowd" not in command[2] and html_to_text(requests[0]["content"]).encode() not in command[2]

@@ -1,0 +1,156 @@
+"""Redelivery, killed workers, rate limits and outages: every request is answered exactly once,
+or lands in the dead-letter list with an apology."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from bot import messages
+from bot.platforms.mastodon import html_to_text
+from bot_harness import MAX_ATTEMPTS, VISIBILITY_TIMEOUT_S, E2E, wait_until
+from bot_helpers import jpeg
+
+
+def text_of(status: dict) -> str:
+    return html_to_text(status["content"])
+
+
+def worker_events(e2e: E2E, msg: str, since: float) -> list[dict]:
+    """The worker's JSON log entries ``msg`` logged at or after ``since``."""
+    events = []
+    for line in e2e.workers.log_bytes().splitlines():
+        if line.startswith(b"{"):
+            entry = json.loads(line)
+            if entry.get("msg") == msg and entry["t"] >= since - 0.01:
+                events.append(entry)
+    return events
+
+
+def test_same_job_delivered_twice_is_answered_once(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    photo = fake.mention(alice, "photo", media=[fake.media(jpeg(256))])
+    words = fake.mention(bob, "no photo here")
+    for status in (photo, words):
+        job = e2e.job(status, event_id="40001")
+        e2e.send(job)
+        e2e.send(job)
+
+    e2e.reply_to(photo)
+    e2e.reply_to(words)
+    e2e.settle()
+    assert sorted(s["in_reply_to_id"] for s in fake.bot_posts()) == sorted([photo["id"], words["id"]])
+    assert len(fake.media_requests()) == 1, "the second delivery stops before downloading anything"
+    assert len(fake.uploads) == 1
+
+
+def wait_delivery_expired(e2e: E2E) -> None:
+    """Until the unacknowledged message is older than the visibility timeout."""
+    scores = [score for _, score in e2e.redis.zrange("unacked_index", 0, -1, withscores=True)]
+    assert len(scores) == 1, "the killed worker's message is still unacknowledged in Redis"
+    wait_until(lambda: time.time() > scores[0] + VISIBILITY_TIMEOUT_S + 0.5, VISIBILITY_TIMEOUT_S + 5,
+               "the visibility timeout")
+
+
+def test_worker_killed_mid_task_job_is_redelivered_and_answered_once(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice = fake.add_account("alice")
+    fake.hold_media()  # the download hangs: the worker is mid-task
+    e2e.listen()
+    request = fake.mention(alice, "please", media=[fake.media(jpeg(256))])
+    fake.wait_for(lambda: fake.media_requests(), 30, what="the worker to start downloading")
+
+    e2e.workers.kill()
+    fake.release_media()
+    assert e2e.redis.llen("celery") == 0 and e2e.redis.hlen("unacked") == 1, "not acknowledged, not lost"
+    assert fake.bot_posts() == []
+    wait_delivery_expired(e2e)
+    e2e.workers.start()  # restores the expired delivery when it starts polling
+
+    reply = e2e.reply_to(request)
+    e2e.settle()
+    assert fake.bot_posts() == [reply]
+    assert len(reply["media_attachments"]) == 1
+    assert len(fake.media_requests()) == 2
+
+
+def test_worker_killed_after_posting_does_not_post_twice(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice = fake.add_account("alice")
+    request = fake.mention(alice, "please", media=[fake.media(jpeg(256))])
+    fake.hold_posts()  # the reply is created, but the worker dies before it hears so
+    e2e.send(e2e.job(request))
+    fake.wait_for(lambda: fake.posted, 60, what="the reply to be created")
+    e2e.workers.kill()
+    fake.release_posts()
+    wait_delivery_expired(e2e)
+    e2e.workers.start()
+
+    e2e.settle()
+    assert len(fake.replies_to(request["id"])) == 1, "the Idempotency-Key made the second post a no-op"
+    posts = [r for r in fake.log() if r.method == "POST" and r.path == "/api/v1/statuses"]
+    assert len(posts) == 2
+    assert posts[0].headers["Idempotency-Key"] == posts[1].headers["Idempotency-Key"]
+    # the redelivered job finished normally: the reply is recorded, a takedown would find it
+    assert e2e.store.replies_of("mastodon", request["id"]) == {fake.replies_to(request["id"])[0]["id"]}
+
+
+def test_rate_limited_request_is_retried_after_the_reset(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice = fake.add_account("alice")
+    e2e.listen()
+    started = time.time()
+    # the worker's first call for the job (the listener never reads single statuses)
+    limited = fake.fail("GET", r"/api/v1/statuses/\d+", 429, times=1, reset_in_s=2.0)
+    request = fake.mention(alice, "please", media=[fake.media(jpeg(256))])
+
+    reply = e2e.reply_to(request)
+    e2e.settle()
+    assert fake.bot_posts() == [reply]
+    gets = [r for r in fake.log() if r.path == f"/api/v1/statuses/{request['id']}"]
+    assert [r.status for r in gets] == [429, 200]
+    assert gets[1].time >= limited.hits[0] + 2.0 - 0.1, "retried only after X-RateLimit-Reset"
+    assert gets[1].time <= limited.hits[0] + 2.0 + 10, "and not much later"
+    [retry] = worker_events(e2e, "retry", since=started)
+    assert retry["status"] == 429 and retry["error"] == "RateLimited"
+
+
+def test_persistent_server_errors_end_in_dead_letter_and_apology(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice = fake.add_account("alice")
+    e2e.listen()
+    outage = fake.fail("POST", r"/api/v2/media", 503, times=1000)
+    request = fake.mention(alice, "please", media=[fake.media(jpeg(256))])
+
+    apology = e2e.reply_to(request)
+    e2e.settle()
+    assert len(outage.hits) == MAX_ATTEMPTS
+    assert fake.bot_posts() == [apology], "no half-finished reply"
+    assert apology["visibility"] == "direct"
+    assert text_of(apology) == f"@alice {messages.APOLOGY}"
+    [dead] = e2e.store.dead_letters()
+    assert dead["job"]["post_id"] == request["id"] and dead["job"]["requester_id"] == alice["id"]
+    assert dead["reason"].startswith("ServerError:") and "503" in dead["reason"]
+    assert e2e.redis.llen("celery") == 0
+
+
+def test_spent_rate_limit_budget_makes_the_worker_wait_for_the_reset(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    photo_post = fake.post(alice, "crowd", media=[fake.media(jpeg(256))])
+    request = fake.mention(bob, "please", in_reply_to=photo_post)
+    # the answer about the request says: no calls left until the reset, two seconds from now
+    started = time.time()
+    spent = fake.exhaust("GET", rf"/api/v1/statuses/{request['id']}", reset_in_s=2.0)
+    e2e.send(e2e.job(request))
+
+    reply = e2e.reply_to(request)
+    e2e.settle()
+    assert fake.bot_posts() == [reply]
+    [hit] = spent.hits
+    later = [r for r in fake.log() if r.path.startswith("/api/") and r.time > hit]
+    assert later and min(r.time for r in later) >= hit + 2.0 - 0.1, "no API call before X-RateLimit-Reset"
+    assert all(r.status != 429 for r in fake.log())
+    [retry] = worker_events(e2e, "retry", since=started)
+    assert retry["error"] == "RateLimited" and retry["status"] is None, "refused by the client itself"

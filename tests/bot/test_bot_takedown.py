@@ -1,0 +1,135 @@
+"""Takedown by direct message: the bot deletes its own copy, confirms by DM, and never touches
+anyone else's post."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot import messages
+from bot.platforms.mastodon import html_to_text
+from bot_harness import E2E
+from bot_helpers import jpeg
+
+
+def text_of(status: dict) -> str:
+    return html_to_text(status["content"])
+
+
+def answered_photo(e2e: E2E, author_domain: str | None = None) -> tuple[dict, dict, dict]:
+    """A photo post by dave, bob's request under it and the bot's anonymised reply."""
+    fake = e2e.fake
+    dave = fake.add_account("dave", domain=author_domain)
+    bob = fake.add_account("bob")
+    original = fake.post(dave, "Crowd at the square", media=[fake.media(jpeg(256))])
+    request = fake.mention(bob, "cover the faces please", in_reply_to=original)
+    reply = e2e.reply_to(request)
+    assert reply["media_attachments"], "the setup needs an anonymised copy"
+    return original, request, reply
+
+
+def confirmation_to(e2e: E2E, dm: dict) -> dict:
+    confirmation = e2e.reply_to(dm)
+    assert confirmation["visibility"] == "direct"
+    assert [m["id"] for m in confirmation["mentions"]] == [dm["account"]["id"]]
+    return confirmation
+
+
+@pytest.mark.parametrize("reference", ["reply url", "original url", "original id", "reply id", "remote original url", "remote original uri"])
+def test_takedown_by_direct_message_deletes_the_copy_and_confirms(e2e: E2E, reference: str) -> None:
+    fake = e2e.fake
+    e2e.listen()
+    original, request, reply = answered_photo(e2e, "remote.example" if reference.startswith("remote") else None)
+    named = {
+        "reply url": reply["url"],
+        "reply id": reply["id"],
+        "original url": original["url"],
+        "original id": original["id"],
+        "remote original url": original["url"],
+        "remote original uri": original["uri"],
+    }[reference]
+    if reference.startswith("remote"):
+        assert named.startswith("https://remote.example/")
+    carol = fake.add_account("carol")  # someone in the photo, not the requester
+    dm = fake.mention(carol, f"I am in this photo, please delete {named}", visibility="direct")
+
+    confirmation = confirmation_to(e2e, dm)
+    e2e.settle()
+    assert fake.deleted == [reply["id"]]
+    assert text_of(confirmation) == "@carol " + messages.TAKEDOWN_DONE.format(count=1)
+    assert original["id"] not in fake.delete_attempts and request["id"] not in fake.delete_attempts
+    assert len(fake.bot_posts()) == 2, "the reply and the confirmation, nothing else"
+
+
+def test_takedown_deletes_every_copy_of_the_original(e2e: E2E) -> None:
+    fake = e2e.fake
+    e2e.listen()
+    original, _, first = answered_photo(e2e)
+    erin = fake.add_account("erin")
+    second_request = fake.mention(erin, "me too", in_reply_to=original)
+    second = e2e.reply_to(second_request)
+    dm = fake.mention(fake.add_account("carol"), f"delete {original['url']}", visibility="direct")
+
+    confirmation = confirmation_to(e2e, dm)
+    e2e.settle()
+    assert sorted(fake.deleted) == sorted([first["id"], second["id"]])
+    assert text_of(confirmation) == "@carol " + messages.TAKEDOWN_DONE.format(count=2)
+
+
+def test_takedown_of_a_post_the_bot_never_answered_deletes_nothing(e2e: E2E) -> None:
+    fake = e2e.fake
+    e2e.listen()
+    _, _, reply = answered_photo(e2e)
+    stranger = fake.add_account("stranger")
+    unrelated = fake.post(stranger, "some other post", media=[fake.media(jpeg(64))])
+    carol = fake.add_account("carol")
+    dm = fake.mention(carol, f"please delete {unrelated['url']}", visibility="direct")
+
+    confirmation = confirmation_to(e2e, dm)
+    e2e.settle()
+    assert fake.delete_attempts == []
+    text = text_of(confirmation)
+    assert text.startswith("@carol " + messages.TAKEDOWN_UNKNOWN.format(refs=unrelated["url"]))
+    assert messages.TAKEDOWN_HELP in text
+    assert reply["id"] not in fake.deleted
+
+
+def test_direct_message_without_a_reference_gets_help(e2e: E2E) -> None:
+    fake = e2e.fake
+    e2e.listen()
+    carol = fake.add_account("carol")
+    dm = fake.mention(carol, "hello, how do I get my photo removed?", visibility="direct")
+    confirmation = confirmation_to(e2e, dm)
+    e2e.settle()
+    assert text_of(confirmation) == "@carol " + messages.TAKEDOWN_HELP
+    assert fake.delete_attempts == []
+
+
+def test_bot_never_deletes_a_post_that_is_not_its_own(e2e: E2E) -> None:
+    fake = e2e.fake
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    original = fake.post(alice, "Crowd", media=[fake.media(jpeg(64))])
+    not_ours = fake.post(bob, "bob's own post")
+    # A poisoned record: Redis claims bob's post is one of the bot's replies to alice's post.
+    e2e.store.record_reply("mastodon", original["id"], bob["id"], not_ours["id"], [original["url"]])
+    e2e.listen()
+    carol = fake.add_account("carol")
+    dm = fake.mention(carol, f"delete {original['url']} and {not_ours['url']}", visibility="direct")
+
+    confirmation_to(e2e, dm)
+    e2e.settle()
+    assert fake.delete_attempts == [], "no DELETE request for someone else's post"
+    assert not_ours["id"] not in fake.deleted
+
+
+def test_takedown_request_redelivered_is_answered_once(e2e: E2E) -> None:
+    fake = e2e.fake
+    e2e.listen()
+    _, _, reply = answered_photo(e2e)
+    carol = fake.add_account("carol")
+    dm = fake.mention(carol, f"delete {reply['url']}", visibility="direct")
+    confirmation_to(e2e, dm)
+    e2e.send(e2e.job(dm, kind="takedown"))  # the same job delivered again
+    e2e.settle()
+    assert len(fake.replies_to(dm["id"])) == 1
+    assert fake.deleted == [reply["id"]]
+    assert [r.path for r in fake.log() if r.method == "DELETE"] == [f"/api/v1/statuses/{reply['id']}"]
