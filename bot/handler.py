@@ -80,8 +80,9 @@ class MentionHandler:
         self.anonymiser = anonymiser
         self.config = config
 
-    def _key(self, job: Job, target_id: str) -> str:
-        return f"{job.platform}:{target_id}:{job.requester_id}"
+    @staticmethod
+    def _key(job: Job, post_id: str) -> str:
+        return f"{job.platform}:{post_id}:{job.requester_id}"
 
     def _answer(self, job: Job, request: Post, text: str, visibility: Visibility, key: str) -> str:
         """A text-only answer in the thread, recorded so it is never sent twice."""
@@ -104,8 +105,15 @@ class MentionHandler:
         if requester.id == me.id or requester.bot:
             return "ignored_bot"
         target = choose_target(self.platform, request)
-        key = self._key(job, target.id if target else request.id)
-        if self.store.reply_for(job.platform, target.id if target else request.id, job.requester_id) or self.store.done(f"note:{key}"):
+        if target is not None and target.account.id == me.id:
+            # "Thanks!" under the bot's own copy mentions the bot too: never re-anonymise our copy.
+            return "ignored_own_copy"
+        # Text-only answers are keyed by the request, so asking again later gets a fresh answer;
+        # an anonymised copy is keyed by (original, requester), so it is never posted twice.
+        key = self._key(job, request.id)
+        if self.store.done(f"note:{key}") or (
+            target is not None and self.store.reply_for(job.platform, target.id, job.requester_id)
+        ):
             return "already_done"
         request_visibility = request.visibility
         if target is None:
@@ -145,11 +153,13 @@ class MentionHandler:
                 media_ids=media_ids,
                 sensitive=target.sensitive,
                 spoiler_text=target.spoiler_text,
-                idempotency_key=f"ppb-reply-{key}",
+                # Keyed by the request too: after a takedown, a new request must not get the
+                # deleted reply back from the server's idempotency cache.
+                idempotency_key=f"ppb-reply-{self._key(job, target.id)}:{request.id}",
             )
         )
         self.store.record_reply(job.platform, target.id, job.requester_id, posted.id, [posted.url, posted.uri, target.url, target.uri])
-        log.info("replied", extra={"job": key, "reply_id": posted.id, "images": len(results), "heads": heads})
+        log.info("replied", extra={"job": self._key(job, target.id), "reply_id": posted.id, "images": len(results), "heads": heads})
         return "replied"
 
     def _anonymise_all(self, target: Post) -> tuple[list[Result], list[str]]:

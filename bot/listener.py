@@ -24,12 +24,18 @@ log = logging.getLogger("bot.listener")
 MAX_BACKOFF_S = 300.0
 
 
-def job_for(event: Event) -> Job:
-    """The job an event asks for. A direct message that replies to nothing is a takedown request."""
+def job_for(event: Event, my_id: str = "") -> Job:
+    """The job an event asks for.
+
+    A direct message without images that replies to nothing, or replies to one of the bot's
+    own posts ("please delete this"), is a takedown request.
+    """
     post = event.post
     if event.kind == "hashtag":
         kind = "hashtag"
-    elif post.visibility == "direct" and post.in_reply_to_id is None and not post.images:
+    elif post.visibility == "direct" and not post.images and (
+        post.in_reply_to_id is None or (my_id and post.in_reply_to_account_id == my_id)
+    ):
         kind = "takedown"
     else:
         kind = "mention"
@@ -56,6 +62,8 @@ class Listener:
             self.channels.append("dms")  # platforms whose direct messages are not mentions (X)
         self.use_stream = stream
         self.poll_interval_s = poll_interval_s
+        #: while streaming, poll anyway this often (a safety net for events the stream missed)
+        self.resync_s = max(10 * poll_interval_s, 2.0)
         self.stop = threading.Event()
         self.enqueued = 0
 
@@ -64,7 +72,7 @@ class Listener:
         me = self.platform.me()
         post = event.post
         if post.account.id != me.id and not post.account.bot:
-            job = job_for(event)
+            job = job_for(event, me.id)
             job.platform = self.platform.name
             if self.store.first_sighting(job.platform, job.post_id, job.requester_id):
                 self.enqueue(job)
@@ -117,7 +125,16 @@ class Listener:
                 try:
                     log.info("stream_start", extra={"channel": channel})
                     caught_up = False
+                    last_sync = time.monotonic()
                     for event in self.platform.stream(channel):
+                        if self.stop.is_set():
+                            return
+                        if time.monotonic() - last_sync > self.resync_s:
+                            # Bounds how long anything the stream missed waits for a poll.
+                            self.catch_up(channel)
+                            last_sync = time.monotonic()
+                        if event is None:
+                            continue  # heartbeat
                         if not caught_up:
                             # Whatever arrived between the catch-up above and the moment the
                             # stream was subscribed is not streamed: poll it before this event
@@ -140,8 +157,12 @@ class Listener:
         threads = [threading.Thread(target=self._guard, args=(c,), name=f"listen-{c}", daemon=True) for c in self.channels]
         for thread in threads:
             thread.start()
+        while not self.stop.is_set() and any(t.is_alive() for t in threads):
+            self.stop.wait(0.5)
+        # A channel blocked in a quiet stream notices the stop at its next heartbeat; the
+        # threads are daemons, so the process can exit even if a server sends none.
         for thread in threads:
-            thread.join()
+            thread.join(timeout=5)
 
     def _guard(self, channel: str) -> None:
         # A bug in one event must not stop the channel for good.

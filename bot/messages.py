@@ -26,8 +26,26 @@ def alt_text(heads: int) -> str:
     )
 
 
-def reply_text(heads: int, images: int, failures: list[str]) -> str:
-    """The text of a reply with anonymised images."""
+#: Mastodon's default post length; the reply must fit whatever the failures were
+MAX_TEXT = 500
+#: room kept for the "@requester " prefix (Mastodon counts a remote mention as its local part)
+MENTION_ROOM = 32
+
+
+def _fit(text: str, extra: list[str], limit: int) -> str:
+    """``text`` plus as many of ``extra`` as fit in ``limit`` characters, then a count."""
+    for index, item in enumerate(extra):
+        more = f" {item}"
+        rest = len(extra) - index - 1
+        tail = f" (+{rest} more)" if rest else ""
+        if len(text) + len(more) + len(tail) > limit:
+            return text + f" (+{len(extra) - index} more not processed)"
+        text += more
+    return text
+
+
+def reply_text(heads: int, images: int, failures: list[str], limit: int = MAX_TEXT - MENTION_ROOM) -> str:
+    """The text of a reply with anonymised images, never longer than ``limit``."""
     noun = "image" if images == 1 else "images"
     text = (
         f"Here is an anonymised copy ({images} {noun}, {heads} head{'s' if heads != 1 else ''} covered). "
@@ -35,7 +53,7 @@ def reply_text(heads: int, images: int, failures: list[str]) -> str:
         "To have my copy deleted, send me a direct message with its link."
     )
     if failures:
-        text += " Not processed: " + "; ".join(failures)
+        text = _fit(text + " Not processed:", [f + ";" for f in failures], limit).rstrip(";")
     return text
 
 
@@ -48,8 +66,8 @@ NOBOT = (
     "their profile), so I will not repost their image. Please ask them directly."
 )
 APOLOGY = (
-    "Sorry, I could not anonymise this post after several attempts. Nothing was kept. "
-    "You can try again later, or use the offline tool."
+    "Sorry, something went wrong and I could not complete your request. Nothing was kept. "
+    "You can try again later."
 )
 RATE_LIMITED = "I am handling too many requests right now; please ask again in an hour."
 TAKEDOWN_HELP = (
@@ -81,6 +99,6 @@ def failure_reason(exc: BaseException) -> str:
     return "an internal error occurred"
 
 
-def failed_all(reasons: list[str]) -> str:
+def failed_all(reasons: list[str], limit: int = MAX_TEXT - MENTION_ROOM) -> str:
     """Reply when no image of a post could be anonymised."""
-    return "Sorry, I could not anonymise this post: " + "; ".join(reasons) + "."
+    return _fit("Sorry, I could not anonymise this post:", [r + ";" for r in reasons], limit).rstrip(";") + "."

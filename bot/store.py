@@ -47,7 +47,9 @@ class Store:
 
     def record_reply(self, platform: str, original_id: str, requester_id: str, reply_id: str, urls: list[str]) -> None:
         pipe = self.r.pipeline()
-        pipe.set(f"{PREFIX}:done:{platform}:{original_id}:{requester_id}", reply_id, ex=DONE_TTL_S)
+        done_key = f"{PREFIX}:done:{platform}:{original_id}:{requester_id}"
+        pipe.set(done_key, reply_id, ex=DONE_TTL_S)
+        pipe.set(f"{PREFIX}:done_key_of:{platform}:{reply_id}", done_key, ex=DONE_TTL_S)
         pipe.sadd(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
         pipe.set(f"{PREFIX}:original_of:{platform}:{reply_id}", original_id, ex=DONE_TTL_S)
         for url in urls:
@@ -74,7 +76,11 @@ class Store:
         return set(self.r.smembers(f"{PREFIX}:replies:{platform}:{original_id}"))
 
     def forget_reply(self, platform: str, original_id: str, reply_id: str) -> None:
+        """After a takedown: the reply is gone, and the requester may ask for a new copy."""
+        done_key = self.r.get(f"{PREFIX}:done_key_of:{platform}:{reply_id}")
         pipe = self.r.pipeline()
+        if done_key:
+            pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
         pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
         pipe.delete(f"{PREFIX}:original_of:{platform}:{reply_id}")
         pipe.sadd(f"{PREFIX}:deleted:{platform}", reply_id)

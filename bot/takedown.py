@@ -57,6 +57,8 @@ class TakedownHandler:
         if not self.store.within_limit(f"takedown:{job.platform}:{requester.id}", self.per_account_per_hour):
             return self._confirm(dm, messages.TAKEDOWN_LIMIT, done_key, "rate_limited")
         refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)]
+        if not refs and dm.in_reply_to_id:
+            refs = [dm.in_reply_to_id]  # a DM answering the bot's copy: "please delete this"
         if not refs:
             return self._confirm(dm, messages.TAKEDOWN_HELP, done_key, "no_reference")
         originals: dict[str, str] = {}

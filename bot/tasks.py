@@ -30,6 +30,9 @@ from .takedown import TakedownHandler
 
 log = logging.getLogger("bot.tasks")
 
+_VISIBILITY_TIMEOUT_S = int(os.environ.get("BOT_VISIBILITY_TIMEOUT", "900") or 900)
+_TIME_LIMIT_S = int(os.environ.get("BOT_TASK_TIME_LIMIT", "600") or 600)
+
 app = Celery("bot")
 app.conf.update(
     broker_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -40,7 +43,11 @@ app.conf.update(
     task_serializer="json",
     accept_content=["json"],
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": int(os.environ.get("BOT_VISIBILITY_TIMEOUT", "900"))},
+    broker_transport_options={"visibility_timeout": _VISIBILITY_TIMEOUT_S},
+    # A task should end before Redis hands its job to a second worker (keep
+    # BOT_TASK_TIME_LIMIT below BOT_VISIBILITY_TIMEOUT); the soft limit leaves time to apologise.
+    task_soft_time_limit=_TIME_LIMIT_S,
+    task_time_limit=_TIME_LIMIT_S + 30,
     worker_hijack_root_logger=False,
 )
 

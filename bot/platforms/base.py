@@ -37,6 +37,7 @@ class Post:
     sensitive: bool = False
     spoiler_text: str = ""
     in_reply_to_id: str | None = None
+    in_reply_to_account_id: str | None = None
     quote_id: str | None = None
     url: str = ""
     uri: str = ""
@@ -118,9 +119,10 @@ class Platform(Protocol):
         """Public posts with ``tag`` newer than ``since_id``, oldest first."""
         ...
 
-    def stream(self, channel: str) -> Iterator[Event]:
-        """Live events of ``"mentions"`` or ``"tag:<name>"``; raises ``StreamUnavailable`` or
-        ``PlatformError`` when streaming is refused, fails or drops."""
+    def stream(self, channel: str) -> Iterator[Event | None]:
+        """Live events of ``"mentions"`` or ``"tag:<name>"``, and ``None`` for heartbeats (if the
+        platform has them); raises ``StreamUnavailable`` or ``PlatformError`` when streaming is
+        refused, fails or drops."""
         ...
 
     def upload_image(self, data: bytes, mime: str, description: str) -> str: ...

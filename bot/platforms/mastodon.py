@@ -152,6 +152,7 @@ class MastodonPlatform:
             sensitive=bool(data.get("sensitive")),
             spoiler_text=data.get("spoiler_text", "") or "",
             in_reply_to_id=str(data["in_reply_to_id"]) if data.get("in_reply_to_id") else None,
+            in_reply_to_account_id=str(data["in_reply_to_account_id"]) if data.get("in_reply_to_account_id") else None,
             quote_id=str(quoted["id"]) if isinstance(quoted, dict) and quoted.get("id") else None,
             url=data.get("url") or "",
             uri=data.get("uri") or "",
@@ -199,8 +200,9 @@ class MastodonPlatform:
         found = self._pages(f"/api/v1/timelines/tag/{tag}", {}, since_id)
         return [Event("hashtag", str(s["id"]), self.parse_post(s), tag=tag) for s in found]
 
-    def stream(self, channel: str) -> Iterator[Event]:
-        """Server-sent events of one channel: ``"mentions"`` or ``"tag:<name>"``.
+    def stream(self, channel: str) -> Iterator[Event | None]:
+        """Server-sent events of one channel: ``"mentions"`` or ``"tag:<name>"``; ``None`` for
+        each heartbeat.
 
         Raises ``StreamUnavailable`` when the server refuses HTTP streaming (some servers offer
         only WebSocket streaming, or none) or when the stream drops; the listener then polls.
@@ -212,6 +214,9 @@ class MastodonPlatform:
         else:
             raise ValueError(f"unknown channel {channel!r}")
         for name, payload in self._sse(path, params):
+            if name == "":
+                yield None  # a heartbeat: lets the listener check its stop flag and resync
+                continue
             if name != wanted:
                 continue
             if wanted == "notification":
@@ -237,8 +242,11 @@ class MastodonPlatform:
         name, data = "", []
         try:
             for line in response.iter_lines(decode_unicode=True):
-                if line is None or line.startswith(":"):
-                    continue  # heartbeat comment
+                if line is None:
+                    continue
+                if line.startswith(":"):
+                    yield "", {}  # heartbeat comment
+                    continue
                 if line == "":
                     if name and data:
                         yield name, json.loads("\n".join(data))
