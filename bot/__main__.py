@@ -25,7 +25,9 @@ def listen() -> int:
     from .store import Store
     from .tasks import app
 
-    platform = make(os.environ.get("BOT_PLATFORM", "mastodon"), config)
+    # One listener process per platform; without BOT_PLATFORM, Mastodon if configured, else X.
+    name = os.environ.get("BOT_PLATFORM", "").strip().lower() or ("mastodon" if "mastodon" in config.platforms else config.platforms[0])
+    platform = make(name, config)
     store = Store.from_url(config.redis_url)
     app.conf.broker_url = config.redis_url
 

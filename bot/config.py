@@ -26,12 +26,31 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"expected true/false, got {raw!r}")
 
 
+#: X (API v2): the app-only bearer token (filtered stream) and the OAuth 1.0a user context of
+#: the bot account (mentions, posting, media, direct messages), all from the developer portal
+X_VARIABLES = (
+    ("X_BEARER_TOKEN", "x_bearer_token"),
+    ("X_API_KEY", "x_api_key"),
+    ("X_API_SECRET", "x_api_secret"),
+    ("X_ACCESS_TOKEN", "x_access_token"),
+    ("X_ACCESS_TOKEN_SECRET", "x_access_token_secret"),
+)
+
+
 @dataclass(frozen=True)
 class BotConfig:
     """Validated settings of the listener and the workers."""
 
-    mastodon_base_url: str
-    mastodon_access_token: str
+    mastodon_base_url: str = ""
+    mastodon_access_token: str = ""
+    #: every platform this deployment serves (the workers serve all of them; each listener
+    #: process serves the one named by ``BOT_PLATFORM``)
+    platforms: tuple[str, ...] = ("mastodon",)
+    x_bearer_token: str = ""
+    x_api_key: str = ""
+    x_api_secret: str = ""
+    x_access_token: str = ""
+    x_access_token_secret: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     hashtags: tuple[str, ...] = ()
     #: only for tests against a local fake server: allow media from loopback/private addresses
@@ -56,17 +75,27 @@ class BotConfig:
         problems: list[str] = []
         values: dict[str, object] = {}
 
+        platforms = _platforms(env, problems)
+        values["platforms"] = platforms
+
         base = env.get("MASTODON_BASE_URL", "").strip().rstrip("/")
         parsed = urlparse(base)
-        if not base:
-            problems.append("MASTODON_BASE_URL is not set (e.g. https://mastodon.social)")
-        elif parsed.scheme not in ("http", "https") or not parsed.netloc:
-            problems.append(f"MASTODON_BASE_URL must be an http(s) URL, got {base!r}")
+        if "mastodon" in platforms:
+            if not base:
+                problems.append("MASTODON_BASE_URL is not set (e.g. https://mastodon.social)")
+            elif parsed.scheme not in ("http", "https") or not parsed.netloc:
+                problems.append(f"MASTODON_BASE_URL must be an http(s) URL, got {base!r}")
         values["mastodon_base_url"] = base
         token = env.get("MASTODON_ACCESS_TOKEN", "").strip()
-        if not token:
+        if not token and "mastodon" in platforms:
             problems.append("MASTODON_ACCESS_TOKEN is not set (Preferences > Development > New application)")
         values["mastodon_access_token"] = token
+
+        for name, key in X_VARIABLES:
+            value = env.get(name, "").strip()
+            if not value and "x" in platforms:
+                problems.append(f"{name} is not set (developer portal > your app > Keys and tokens)")
+            values[key] = value
 
         redis_url = env.get("REDIS_URL", cls.redis_url).strip()
         if urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -119,7 +148,31 @@ class BotConfig:
         return cls(**values)  # type: ignore[arg-type]
 
 
+def _platforms(env: Mapping[str, str], problems: list[str]) -> tuple[str, ...]:
+    """The platforms in use: those named by ``BOT_PLATFORMS`` / ``BOT_PLATFORM`` and those with
+    any of their variables set (a partial set is then reported); Mastodon when nothing says."""
+    from .platforms.registry import PLATFORMS  # the registry imports this module
+
+    named: list[str] = []
+    for variable in ("BOT_PLATFORMS", "BOT_PLATFORM"):
+        for raw in env.get(variable, "").replace(",", " ").split():
+            name = raw.strip().lower()
+            if name not in PLATFORMS:
+                problems.append(f"{variable}: unknown platform {raw!r} (known: {', '.join(PLATFORMS)})")
+            elif name not in named:
+                named.append(name)
+    if any(env.get(k, "").strip() for k in ("MASTODON_BASE_URL", "MASTODON_ACCESS_TOKEN")) and "mastodon" not in named:
+        named.append("mastodon")
+    if any(env.get(name, "").strip() for name, _ in X_VARIABLES) and "x" not in named:
+        named.append("x")
+    if not named and not any(env.get(v, "").strip() for v in ("BOT_PLATFORMS", "BOT_PLATFORM")):
+        named.append("mastodon")
+    return tuple(sorted(named, key=list(PLATFORMS).index))
+
+
 def configured(environ: Mapping[str, str] | None = None) -> bool:
-    """True when Mastodon credentials are present (the main job then runs the bot)."""
+    """True when the credentials of at least one platform are present (the main job then runs
+    the bot)."""
     env = os.environ if environ is None else environ
-    return bool(env.get("MASTODON_BASE_URL") and env.get("MASTODON_ACCESS_TOKEN"))
+    mastodon = bool(env.get("MASTODON_BASE_URL") and env.get("MASTODON_ACCESS_TOKEN"))
+    return mastodon or all(env.get(name) for name, _ in X_VARIABLES)

@@ -14,8 +14,17 @@ def _mastodon(config: BotConfig) -> Platform:
     return MastodonPlatform(config.mastodon_base_url, config.mastodon_access_token)
 
 
+def _x(config: BotConfig) -> Platform:
+    from .x import XPlatform
+
+    if "x" not in config.platforms:
+        raise ValueError("X is not configured: set X_BEARER_TOKEN, X_API_KEY, X_API_SECRET, X_ACCESS_TOKEN, X_ACCESS_TOKEN_SECRET")
+    return XPlatform(config.x_bearer_token, config.x_api_key, config.x_api_secret, config.x_access_token, config.x_access_token_secret)
+
+
 PLATFORMS: dict[str, Callable[[BotConfig], Platform]] = {
     "mastodon": _mastodon,
+    "x": _x,
 }
 
 

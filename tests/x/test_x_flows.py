@@ -1,0 +1,387 @@
+"""X end to end, in-process: the fake X API (``responses``) <- the real XPlatform <- the real
+listener (cursors in a real Redis) and handlers, with a CenterFace-only anonymiser."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from bot import messages
+from bot.handler import Job
+from bot.listener import Listener
+from bot.platforms.base import RateLimited, ServerError, StreamUnavailable
+from bot.platforms.x import XPlatform
+from bot.store import Store
+from bot_helpers import assert_anonymised, astronaut, face_box, jpeg, truncated_jpeg
+
+from fake_x import BEARER, KEYS, FakeX
+from x_driver import Pipeline, make_config
+
+
+def heads_in(alt_text: str) -> int:
+    found = re.search(r"(\d+) heads? covered", alt_text)
+    assert found, alt_text
+    return int(found.group(1))
+
+
+@pytest.fixture
+def fake(http: Any) -> FakeX:
+    return FakeX(http)
+
+
+@pytest.fixture
+def x() -> XPlatform:
+    return XPlatform(BEARER, **KEYS)
+
+
+@pytest.fixture
+def bot(x: XPlatform, store: Store, anonymiser: Any) -> Pipeline:
+    pipeline = Pipeline(x, store, anonymiser, make_config(platforms=("x",)), hashtags=("protest",))
+    pipeline.start()
+    return pipeline
+
+
+def answered(fake: FakeX, bot: Pipeline, side: int = 256) -> tuple[dict, dict, dict, dict]:
+    """dave's photo tweet, bob's request under it and the bot's reply; returns (dave, original, request, reply)."""
+    dave, bob = fake.add_user("dave"), fake.add_user("bob")
+    original = fake.tweet(dave, "Crowd at the square", media=[fake.photo(jpeg(side))])
+    request = fake.tweet(bob, "@protestbot cover the faces please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    [reply] = fake.replies_to(request["id"])
+    return dave, original, request, reply
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def test_mention_with_photo_gets_reply_with_covered_image_and_alt_text(fake: FakeX, bot: Pipeline) -> None:
+    alice = fake.add_user("alice")
+    request = fake.tweet(alice, "@protestbot please cover the faces", media=[fake.photo(jpeg(512))])
+
+    jobs = bot.poll()
+    assert [(j.platform, j.kind, j.post_id, j.requester_id) for j in jobs] == [("x", "mention", request["id"], alice["id"])]
+    assert bot.run(jobs[0]) == "replied"
+
+    assert fake.bot_tweets() == fake.replies_to(request["id"]), "exactly one tweet by the bot, in the thread"
+    [reply] = fake.bot_tweets()
+    assert reply["text"].startswith("@alice Here is an anonymised copy (1 image")
+    assert re.search(r"\n\nref [0-9a-f]{10}$", reply["text"]), "the idempotency marker ends the text"
+    [upload] = fake.media_of(reply)
+    assert upload["category"] == "tweet_image"
+    assert heads_in(upload["alt_text"]) >= 1 and "raised-fist" in upload["alt_text"]
+    assert "sensitive_media_warning" not in upload["metadata"]
+    assert_anonymised(upload["data"], astronaut(512), face_box(512))
+    assert len(fake.photo_requests) == 1 and fake.photo_requests[0].endswith("?name=large")
+    # the job carries ids only; the reply is recorded for takedowns
+    assert bot.store.reply_for("x", request["id"], alice["id"]) == reply["id"]
+
+
+def test_hashtag_post_gets_reply_and_tweets_without_photos_are_not_picked_up(fake: FakeX, bot: Pipeline) -> None:
+    carol = fake.add_user("carol")
+    post = fake.tweet(carol, "March for the climate #Protest", media=[fake.photo(jpeg(256))])
+    fake.tweet(carol, "no photo here #protest")
+
+    jobs = bot.poll()
+    assert [(j.kind, j.post_id) for j in jobs] == [("hashtag", post["id"])]
+    assert bot.run(jobs[0]) == "replied"
+    [reply] = fake.bot_tweets()
+    assert fake.replies_to(post["id"]) == [reply]
+    assert reply["text"].startswith("@carol Here is an anonymised copy")
+    assert fake.media_of(reply)[0]["category"] == "tweet_image"
+    assert any(m == "GET" and p == "/2/tweets/search/recent" for m, p in fake.log)
+
+
+def test_mention_replying_to_a_photo_tweet_anonymises_the_parent(fake: FakeX, bot: Pipeline) -> None:
+    _, original, request, reply = answered(fake, bot, side=512)
+    assert reply["text"].startswith("@bob Here is an anonymised copy")
+    assert fake.replies_to(original["id"]) == [], "the answer goes to whoever asked, in their thread"
+    assert_anonymised(fake.media_of(reply)[0]["data"], astronaut(512), face_box(512))
+
+
+def test_quote_tweet_of_a_photo_is_anonymised(fake: FakeX, bot: Pipeline) -> None:
+    dave, erin = fake.add_user("dave"), fake.add_user("erin")
+    original = fake.tweet(dave, "Crowd at the square", media=[fake.photo(jpeg(256))])
+    quote = fake.tweet(erin, "@protestbot can you cover these faces?", quote=original)
+    assert bot.run_all() == ["replied"]
+    [reply] = fake.replies_to(quote["id"])
+    assert reply["text"].startswith("@erin Here is an anonymised copy (1 image")
+    assert bot.store.reply_for("x", original["id"], erin["id"]) == reply["id"]
+
+
+def test_only_photos_are_downloaded(fake: FakeX, bot: Pipeline) -> None:
+    alice = fake.add_user("alice")
+    request = fake.tweet(alice, "@protestbot video and photo", media=[fake.video(), fake.photo(jpeg(256))])
+    assert bot.run_all() == ["replied"]
+    [reply] = fake.replies_to(request["id"])
+    assert "(1 image" in reply["text"] and len(fake.photo_requests) == 1
+
+
+def test_corrupt_media_gets_a_polite_reply(fake: FakeX, bot: Pipeline) -> None:
+    alice = fake.add_user("alice")
+    request = fake.tweet(alice, "@protestbot broken upload", media=[fake.photo(truncated_jpeg(256))])
+    assert bot.run_all() == ["failed"]
+    [reply] = fake.replies_to(request["id"])
+    assert reply["text"].startswith("@alice " + messages.failed_all(["image 1: the image file is damaged or empty"]))
+    assert "attachments" not in reply and fake.uploads == {}
+
+
+# --------------------------------------------------------------------------- listener
+
+
+@pytest.mark.parametrize("tier", ["basic", "rules-only"])
+def test_listener_polls_when_the_filtered_stream_is_refused_with_403(fake: FakeX, x: XPlatform, store: Store, tier: str) -> None:
+    fake.tier = tier
+    jobs: list[Job] = []
+    listener = Listener(x, store, jobs.append, stream=True, poll_interval_s=0.05)
+    assert listener.channels == ["mentions", "dms"]
+    listener.catch_up("mentions")  # first start: the cursor begins now
+    thread = threading.Thread(target=listener.run, daemon=True)
+    thread.start()
+    try:
+        alice = fake.add_user("alice")
+        request = fake.tweet(alice, "@protestbot please", media=[fake.photo(jpeg(64))])
+        deadline = time.time() + 10
+        while not jobs and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        listener.stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert [(j.kind, j.post_id) for j in jobs] == [("mention", request["id"])], "polled once the stream was refused"
+    refused = "/2/tweets/search/stream/rules" if tier == "basic" else "/2/tweets/search/stream"
+    assert fake.count("GET", refused) >= 1
+    assert fake.count("GET", r"/2/users/\d+/mentions") >= 2
+
+
+def test_listener_streams_on_a_tier_that_allows_it(fake: FakeX, x: XPlatform, store: Store) -> None:
+    fake.tier = "pro"
+    alice = fake.add_user("alice")
+    store.set_cursor("x", "mentions", "0")
+    stream_only = fake.tweet(alice, "@protestbot streamed", media=[fake.photo(jpeg(64))])
+    other = fake.tweet(alice, "not for the bot #elsewhere")
+    fake.stream_lines = [stream_only["id"], other["id"]]
+    jobs: list[Job] = []
+    listener = Listener(x, store, jobs.append, stream=True, poll_interval_s=0.05)
+    events = [e for e in _until_end(x.stream("mentions")) if e is not None]
+    assert [e.post.id for e in events] == [stream_only["id"]]
+    assert events[0].post.text == "@protestbot streamed", "t.co link to the tweet's own photo removed"
+    assert {r["tag"]: r["value"] for r in fake.rules} == {"ppb:mentions": "@protestbot -from:protestbot -is:retweet"}
+    listener.handle("mentions", events[0])
+    assert [j.post_id for j in jobs] == [stream_only["id"]]
+    with pytest.raises(StreamUnavailable):
+        list(x.stream("mentions"))  # a second connection reuses the rule; this stream just ends
+    assert len(fake.rules) == 1
+
+
+def _until_end(stream: Any) -> list[Any]:
+    """Everything a stream yields until it ends (the fake's streams end after their lines)."""
+    out: list[Any] = []
+    with pytest.raises(StreamUnavailable, match="stream ended"):
+        for item in stream:
+            out.append(item)
+    return out
+
+
+# --------------------------------------------------------------------------- takedown
+
+
+@pytest.mark.parametrize("reference", ["reply url", "original url", "mobile original url", "i/web reply url", "reply id"])
+def test_takedown_by_dm_deletes_only_the_bots_reply_and_confirms(fake: FakeX, bot: Pipeline, reference: str) -> None:
+    dave, original, request, reply = answered(fake, bot)
+    named = {
+        "reply url": f"https://x.com/protestbot/status/{reply['id']}",
+        "original url": f"https://twitter.com/dave/status/{original['id']}?s=20",
+        "mobile original url": f"https://mobile.twitter.com/dave/status/{original['id']}/photo/1",
+        "i/web reply url": f"https://x.com/i/web/status/{reply['id']}",
+        "reply id": reply["id"],
+    }[reference]
+    carol = fake.add_user("carol")  # someone in the photo, not the requester
+    if named.startswith("http"):  # X wraps links in DMs in t.co
+        fake.dm(carol, "I am in this photo, please delete https://t.co/AbCd123", links={"https://t.co/AbCd123": named})
+    else:
+        fake.dm(carol, f"please delete {named}")
+
+    jobs = bot.poll()
+    assert [j.kind for j in jobs] == ["takedown"] and jobs[0].post_id.startswith("dm:")
+    assert bot.run(jobs[0]) == "deleted"
+    assert fake.deleted == [reply["id"]], "only the bot's own reply"
+    assert original["id"] in fake.tweets and request["id"] in fake.tweets
+    [confirmation] = fake.bot_dms(to=carol)
+    assert confirmation["text"].startswith(messages.TAKEDOWN_DONE.format(count=1))
+    # the same DM seen again (redelivery) is not handled twice
+    assert bot.run(jobs[0]) == "already_done"
+    assert len(fake.bot_dms(to=carol)) == 1
+
+
+def test_takedown_without_a_reference_gets_help(fake: FakeX, bot: Pipeline) -> None:
+    carol = fake.add_user("carol")
+    fake.dm(carol, "hello, how does this work?")
+    assert bot.run_all() == ["no_reference"]
+    [answer] = fake.bot_dms(to=carol)
+    assert answer["text"].startswith(messages.TAKEDOWN_HELP) and fake.deleted == []
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+def test_no_double_reply_when_the_job_runs_twice(fake: FakeX, bot: Pipeline) -> None:
+    alice = fake.add_user("alice")
+    fake.tweet(alice, "@protestbot please", media=[fake.photo(jpeg(256))])
+    [job] = bot.poll()
+    assert bot.run(job) == "replied"
+    assert bot.run(job) == "already_done"
+    assert len(fake.bot_tweets()) == 1
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    original = getattr(Store, name)
+    calls = {"n": 0}
+
+    def flaky(self: Store, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise redis.ConnectionError("Redis went away after the post")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, name, flaky)
+
+
+def test_no_double_reply_when_the_first_run_crashed_between_posting_and_recording(
+        fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = fake.add_user("alice")
+    request = fake.tweet(alice, "@protestbot please", media=[fake.photo(jpeg(256))])
+    [job] = bot.poll()
+    _fail_once(monkeypatch, "record_reply")
+    with pytest.raises(redis.ConnectionError):
+        bot.run(job)
+    assert len(fake.bot_tweets()) == 1, "the first run did post"
+    assert bot.run(job) == "replied"  # the redelivered job finds the reply by its marker
+    [reply] = fake.bot_tweets()
+    assert fake.count("POST", "/2/tweets") == 1
+    assert bot.store.reply_for("x", request["id"], alice["id"]) == reply["id"]
+
+
+def test_duplicate_refusal_is_the_backstop_while_the_timeline_lags(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = fake.add_user("alice")
+    fake.tweet(alice, "@protestbot please", media=[fake.photo(jpeg(256))])
+    [job] = bot.poll()
+    _fail_once(monkeypatch, "record_reply")
+    with pytest.raises(redis.ConnectionError):
+        bot.run(job)
+    fake.timeline_lag = 1  # the bot's new tweet is not listed yet
+    with pytest.raises(ServerError) as caught:
+        bot.run(job)
+    assert caught.value.retryable and caught.value.status == 403
+    fake.timeline_lag = 0
+    assert bot.run(job) == "replied"
+    assert len(fake.bot_tweets()) == 1
+
+
+def test_no_double_note_when_recording_the_answer_failed(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = fake.add_user("alice")
+    request = fake.tweet(alice, "@protestbot hello")
+    [job] = bot.poll()
+    _fail_once(monkeypatch, "mark_done")
+    with pytest.raises(redis.ConnectionError):
+        bot.run(job)
+    assert bot.run(job) == "no_image"
+    [answer] = fake.replies_to(request["id"])
+    assert messages.NO_IMAGE in answer["text"] and len(fake.bot_tweets()) == 1
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+def test_429_on_create_tweet_becomes_rate_limited_with_the_reset_wait(fake: FakeX, bot: Pipeline, x: XPlatform,
+                                                                     store: Store, anonymiser: Any) -> None:
+    from bot.tasks import backoff_s
+
+    alice = fake.add_user("alice")
+    request = fake.tweet(alice, "@protestbot please", media=[fake.photo(jpeg(256))])
+    reset = int(time.time()) + 120
+    fake.fail("POST /2/tweets", 429, {"title": "Too Many Requests", "detail": "Too Many Requests", "type": "about:blank", "status": 429},
+              headers={"x-rate-limit-limit": "100", "x-rate-limit-remaining": "0", "x-rate-limit-reset": str(reset)})
+    [job] = bot.poll()
+    with pytest.raises(RateLimited) as caught:
+        bot.run(job)
+    assert 115 <= caught.value.retry_after_s <= 121
+    assert 115 <= backoff_s(1, caught.value) <= 121, "the task retries after X's reset"
+    posts = fake.count("POST", "/2/tweets")
+    uploads = fake.count("POST", "/2/media/upload")
+    with pytest.raises(RateLimited):
+        bot.run(job)  # until the reset this client does not even try (nor upload)
+    assert fake.count("POST", "/2/tweets") == posts and fake.count("POST", "/2/media/upload") == uploads
+    # after the reset (here: a fresh worker process), the retried job posts once
+    later = Pipeline(XPlatform(BEARER, **KEYS), store, anonymiser, bot.config)
+    assert later.run(job) == "replied"
+    assert len(fake.replies_to(request["id"])) == 1
+
+
+def test_spent_budget_from_successful_answers_is_respected(fake: FakeX, x: XPlatform) -> None:
+    fake.fail("GET /2/users/:id/mentions", 200, {"meta": {"result_count": 0}},
+              headers={"x-rate-limit-remaining": "0", "x-rate-limit-reset": str(int(time.time()) + 60)})
+    assert x.mentions_since("0") == []
+    before = fake.count("GET", r"/2/users/\d+/mentions")
+    with pytest.raises(RateLimited) as caught:
+        x.mentions_since("0")
+    assert 55 <= caught.value.retry_after_s <= 61 and fake.count("GET", r"/2/users/\d+/mentions") == before
+    tweet = fake.tweet(fake.bot, "other endpoints keep their own budget")
+    assert x.get_post(tweet["id"]).id == tweet["id"]
+
+
+# --------------------------------------------------------------------------- protected accounts
+
+
+def test_protected_authors_photo_is_answered_by_dm_never_in_public(fake: FakeX, bot: Pipeline) -> None:
+    dave = fake.add_user("dave", protected=True)
+    bob = fake.add_user("bob")
+    original = fake.tweet(dave, "Only for my followers", media=[fake.photo(jpeg(512)), fake.photo(jpeg(256))])
+    request = fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+
+    assert fake.bot_tweets() == [] and fake.count("POST", "/2/tweets") == 0, "never a public tweet"
+    first, second = fake.bot_dms(to=bob)
+    assert first["text"].startswith("Here is an anonymised copy (2 images")
+    assert second["text"].startswith("Image 2 of 2.")
+    uploads = fake.media_of(first) + fake.media_of(second)
+    assert [u["category"] for u in uploads] == ["dm_image", "dm_image"]
+    assert_anonymised(uploads[0]["data"], astronaut(512), face_box(512))
+    assert all(heads_in(u["alt_text"]) >= 1 for u in uploads)
+    reply_id = bot.store.reply_for("x", original["id"], bob["id"])
+    assert reply_id == f"dm:{first['id']}"
+
+    # a takedown of that copy deletes the bot's DM
+    carol = fake.add_user("carol")
+    fake.dm(carol, f"delete https://t.co/q1", links={"https://t.co/q1": f"https://x.com/dave/status/{original['id']}"})
+    assert bot.run_all() == ["deleted"]
+    assert fake.deleted_dms == [first["id"]] and fake.deleted == []
+    assert request["id"] in fake.tweets
+
+
+def test_protected_requester_with_own_photo_is_answered_by_dm(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    carol = fake.add_user("carol", protected=True)
+    request = fake.tweet(carol, "@protestbot my photo", media=[fake.photo(jpeg(256))])
+    [job] = bot.poll()
+    _fail_once(monkeypatch, "record_reply")
+    with pytest.raises(redis.ConnectionError):
+        bot.run(job)
+    assert bot.run(job) == "replied"  # and the redelivered job does not DM twice
+    assert fake.bot_tweets() == []
+    [dm] = fake.bot_dms(to=carol)
+    assert dm["text"].startswith("Here is an anonymised copy") and fake.media_of(dm)[0]["category"] == "dm_image"
+    assert fake.replies_to(request["id"]) == []
+
+
+def test_sensitive_original_keeps_a_sensitive_media_warning(fake: FakeX, bot: Pipeline) -> None:
+    alice = fake.add_user("alice")
+    request = fake.tweet(alice, "@protestbot injured people", media=[fake.photo(jpeg(128))], sensitive=True)
+    assert bot.run_all() == ["replied"]
+    [reply] = fake.replies_to(request["id"])
+    [upload] = fake.media_of(reply)
+    assert upload["metadata"]["sensitive_media_warning"] == {"other": True}
+    assert upload["metadata"]["alt_text"]["text"] == upload["alt_text"]

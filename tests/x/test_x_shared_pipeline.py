@@ -1,0 +1,83 @@
+"""The pipeline's invariants, once, for every platform: the same scenarios run against Mastodon
+(its REST API faked with ``responses``) and X (its API v2 faked the same way), through the real
+listener, handlers and Redis store."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from bot import messages
+from bot_helpers import assert_anonymised, astronaut, face_box, jpeg
+
+from worlds import WORLDS
+from x_driver import Pipeline
+
+
+@pytest.fixture(params=sorted(WORLDS))
+def world(request: pytest.FixtureRequest, http: Any) -> Any:
+    return WORLDS[request.param](http)
+
+
+@pytest.fixture
+def bot(world: Any, store: Any, anonymiser: Any) -> Pipeline:
+    pipeline = Pipeline(world.platform, store, anonymiser, world.config)
+    pipeline.start()
+    return pipeline
+
+
+def body(world: Any, post: dict[str, Any]) -> str:
+    """A post's text without the leading mention and X's idempotency marker."""
+    return re.sub(r"\s*ref [0-9a-f]{10}$", "", world.text_of(post))
+
+
+def test_mention_with_photo_gets_anonymised_reply(world: Any, bot: Pipeline) -> None:
+    alice = world.person("alice")
+    request = world.mention(alice, "please cover the faces", images=[jpeg(512)])
+    assert bot.run_all() == ["replied"]
+    [reply] = world.replies_to(request)
+    assert world.public_posts_by_bot() == [reply]
+    assert body(world, reply).startswith("@alice Here is an anonymised copy (1 image")
+    [(data, alt)] = world.images_of(reply)
+    assert_anonymised(data, astronaut(512), face_box(512))
+    assert "raised-fist" in alt and re.search(r"\d+ heads? covered", alt)
+
+
+def test_mention_without_image_gets_help(world: Any, bot: Pipeline) -> None:
+    alice = world.person("alice")
+    request = world.mention(alice, "hello bot")
+    assert bot.run_all() == ["no_image"]
+    [answer] = world.replies_to(request)
+    assert body(world, answer) == "@alice " + messages.NO_IMAGE
+    assert world.images_of(answer) == []
+
+
+def test_author_with_nobot_gets_no_repost_and_the_requester_an_explanation(world: Any, bot: Pipeline) -> None:
+    dave = world.person("dave", note="Photographer. #NoBot please")
+    bob = world.person("bob")
+    original = world.photo_post(dave, "Crowd at the square", [jpeg(128)])
+    request = world.mention(bob, "cover this please", in_reply_to=original)
+    assert bot.run_all() == ["opted_out"]
+    [answer] = world.replies_to(request)
+    assert body(world, answer) == "@bob " + messages.NOBOT
+    assert world.images_of(answer) == []
+
+
+def test_takedown_by_direct_message_deletes_the_copy_and_confirms(world: Any, bot: Pipeline) -> None:
+    dave, bob, carol = world.person("dave"), world.person("bob"), world.person("carol")
+    original = world.photo_post(dave, "Crowd at the square", [jpeg(256)])
+    request = world.mention(bob, "cover the faces please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    [reply] = world.replies_to(request)
+
+    world.direct_message(carol, f"I am in this photo, please delete {world.url_of(reply)}")
+    assert bot.run_all() == ["deleted"]
+    assert world.deleted() == [reply["id"]]
+    [confirmation] = world.dms_to(carol)
+    assert messages.TAKEDOWN_DONE.format(count=1) in confirmation
+    world.direct_message(carol, f"and again {world.url_of(original)}")
+    assert bot.run_all() == ["nothing_deleted"]
+    assert messages.TAKEDOWN_ALREADY in world.dms_to(carol)[-1]
+    assert len(world.dms_to(carol)) == 2 and world.public_posts_by_bot() == []

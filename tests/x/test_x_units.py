@@ -1,0 +1,103 @@
+"""X configuration, references and text fitting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot import messages
+from bot.config import BotConfig, ConfigError, configured
+from bot.platforms.registry import make
+from bot.platforms.x import TWEET_LIMIT, XPlatform, fit, marker, weighted_length
+
+REPO = Path(__file__).resolve().parents[2]
+X_ENV = {"X_BEARER_TOKEN": "b", "X_API_KEY": "k", "X_API_SECRET": "s", "X_ACCESS_TOKEN": "t", "X_ACCESS_TOKEN_SECRET": "ts"}
+MASTODON_ENV = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "token"}
+
+
+def problems(error: ConfigError) -> list[str]:
+    return [line[4:] for line in str(error).splitlines() if line.startswith("  - ")]
+
+
+def test_only_x_configured_needs_no_mastodon_variables() -> None:
+    config = BotConfig.from_env(X_ENV)
+    assert config.platforms == ("x",)
+    assert (config.x_bearer_token, config.x_api_key, config.x_access_token_secret) == ("b", "k", "ts")
+    assert isinstance(make("x", config), XPlatform)
+    with pytest.raises(ValueError):
+        make("x", BotConfig.from_env(MASTODON_ENV))
+    assert configured(X_ENV) and configured(MASTODON_ENV) and not configured({"X_API_KEY": "k"})
+
+
+def test_a_partial_x_set_lists_every_missing_variable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        BotConfig.from_env({"X_API_KEY": "k", "X_ACCESS_TOKEN": " "})
+    assert [p.split(" ", 1)[0] for p in problems(caught.value)] == [
+        "X_BEARER_TOKEN", "X_API_SECRET", "X_ACCESS_TOKEN", "X_ACCESS_TOKEN_SECRET"]
+
+
+def test_bot_platform_x_requires_the_x_variables() -> None:
+    with pytest.raises(ConfigError) as caught:
+        BotConfig.from_env({"BOT_PLATFORM": "x"})
+    assert len(problems(caught.value)) == 5 and all(p.startswith("X_") for p in problems(caught.value))
+
+
+def test_side_by_side_deployment_validates_both() -> None:
+    config = BotConfig.from_env(MASTODON_ENV | X_ENV | {"BOT_PLATFORMS": "mastodon, x", "BOT_PLATFORM": "x"})
+    assert config.platforms == ("mastodon", "x")
+    with pytest.raises(ConfigError) as caught:
+        BotConfig.from_env(X_ENV | {"BOT_PLATFORMS": "mastodon,x,myspace"})
+    found = problems(caught.value)
+    assert found[0].startswith("BOT_PLATFORMS: unknown platform 'myspace'")
+    assert [p.split(" ", 1)[0] for p in found[1:]] == ["MASTODON_BASE_URL", "MASTODON_ACCESS_TOKEN"]
+
+
+def test_mastodon_only_behaviour_is_unchanged() -> None:
+    assert BotConfig.from_env(MASTODON_ENV).platforms == ("mastodon",)
+    with pytest.raises(ConfigError) as caught:
+        BotConfig.from_env({})
+    assert [p.split(" ", 1)[0] for p in problems(caught.value)] == ["MASTODON_BASE_URL", "MASTODON_ACCESS_TOKEN"]
+
+
+def test_x_listener_refuses_to_start_and_lists_the_problems() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTODON_", "BOT_", "REDIS_", "X_"))}
+    done = subprocess.run([sys.executable, "-m", "bot", "listen"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=env | {"BOT_PLATFORM": "x", "X_API_KEY": "k"})
+    assert done.returncode == 2
+    assert "X_BEARER_TOKEN is not set" in done.stderr and "X_ACCESS_TOKEN_SECRET is not set" in done.stderr
+    assert "MASTODON" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("reference, expected", [
+    ("https://x.com/dave/status/1890000000000000123", "1890000000000000123"),
+    ("https://twitter.com/dave/status/1890000000000000123?s=20&t=abc", "1890000000000000123"),
+    ("https://mobile.twitter.com/dave/status/1890000000000000123/photo/1", "1890000000000000123"),
+    ("https://www.x.com/i/web/status/1890000000000000123", "1890000000000000123"),
+    ("http://twitter.com/dave/statuses/1890000000000000123).", "1890000000000000123"),
+    ("1890000000000000123", "1890000000000000123"),
+    ("https://x.com/dave", None),
+    ("https://mastodon.social/@dave/1890000000000000123", None),
+    ("https://evil.example/x.com/dave/status/1", None),
+    ("https://x.com.evil.example/dave/status/1", None),
+])
+def test_post_id_from_reference(reference: str, expected: str | None) -> None:
+    assert XPlatform("b", "k", "s", "t", "ts").post_id_from_reference(reference) == expected
+
+
+def test_replies_fit_in_a_tweet_and_keep_their_marker() -> None:
+    code = marker("ppb-reply-x:1:2")
+    assert len(code) == 10 and code != marker("ppb-reply-x:1:3")
+    short = fit("@alice " + messages.NO_IMAGE, code, TWEET_LIMIT)
+    assert short == "@alice " + messages.NO_IMAGE + f"\n\nref {code}"
+    long_text = "@averylongname15 " + messages.reply_text(12, 4, ["image 3: the image file is damaged or empty"])
+    fitted = fit(long_text, code, TWEET_LIMIT)
+    assert weighted_length(fitted) <= TWEET_LIMIT and fitted.endswith(f"ref {code}")
+    assert fitted.startswith("@averylongname15 Here is an anonymised copy (4 images, 12 heads covered).")
+    assert "To have my copy deleted" in fitted, "the takedown hint survives; the caveat is in every alt text"
+    cut = fit("word " * 100, code, TWEET_LIMIT)
+    assert weighted_length(cut) <= TWEET_LIMIT and "…\n\nref" in cut
+    assert weighted_length("日本語") == 6 and weighted_length("see https://example.org/a/very/long/path/indeed") == 27
