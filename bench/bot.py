@@ -106,7 +106,8 @@ def main() -> None:
         try:
             rate = enqueue_rate(harness, args.mentions)
             harness.reset()
-            workers.start()
+            # The test harness pins ONNX Runtime to one thread; a production worker uses every core.
+            workers.start(ANON_ONNX_THREADS="0")
             warm_up(harness)
             latencies = reply_latencies(harness, args.replies)
         finally:
