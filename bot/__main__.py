@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 from . import logs
 from .config import BotConfig, ConfigError
@@ -22,8 +24,15 @@ def listen() -> int:
         return 2
     from .listener import Listener
     from .platforms.registry import make
+    from .routing import FleetSettings, Router, restore_expired
     from .store import Store
     from .tasks import app
+
+    try:
+        fleet = FleetSettings.from_env()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
 
     # One listener process per platform; without BOT_PLATFORM, Mastodon if configured, else X.
     name = os.environ.get("BOT_PLATFORM", "").strip().lower() or ("mastodon" if "mastodon" in config.platforms else config.platforms[0])
@@ -31,10 +40,16 @@ def listen() -> int:
     store = Store.from_url(config.redis_url)
     app.conf.broker_url = config.redis_url
 
+    # Each job goes to the queue of a live worker (GPU first, CPU when no GPU worker is alive or
+    # the GPU queue is full); a thread moves jobs out of queues nobody consumes any more.
+    router = Router.from_url(config.redis_url, fleet, restore=lambda: restore_expired(app))
+
     def enqueue(job) -> None:  # type: ignore[no-untyped-def]
-        app.send_task("bot.handle", args=[job.to_dict()])
+        payload = dict(job.to_dict(), enqueued_at=round(time.time(), 3))  # for the latency metric
+        app.send_task("bot.handle", args=[payload], queue=router.choose(job.kind))
 
     listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s)
+    threading.Thread(target=router.run, args=(listener.stop,), name="drain", daemon=True).start()
     me = platform.me()
     logging.getLogger("bot").info("listening", extra={"account": me.acct, "channels": ",".join(listener.channels)})
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from functools import lru_cache
 from typing import Any
 
 from celery import Celery, signals
 
+# First: metrics switch prometheus_client to multiprocess mode before anything imports it; both
+# modules connect worker signals (heartbeats, role queue, metrics server).
+from . import metrics, routing
 from anonymiser.limits import Limits
 from anonymiser.pipeline import Anonymiser, Settings
 
@@ -49,6 +53,8 @@ app.conf.update(
     task_soft_time_limit=_TIME_LIMIT_S,
     task_time_limit=_TIME_LIMIT_S + 30,
     worker_hijack_root_logger=False,
+    # Prefork children keep the real stderr, so their JSON job lines reach the worker log.
+    worker_redirect_stdouts=False,
 )
 
 
@@ -85,10 +91,23 @@ def platform(name: str):  # type: ignore[no-untyped-def]
     return make(name, config())
 
 
+_anonymiser_lock = threading.Lock()
+
+
 @lru_cache(maxsize=1)
+def _load_anonymiser() -> Anonymiser:
+    settings = Settings(limits=Limits.from_env())
+    if routing.FleetSettings.from_env().role == "gpu":
+        from .accelerated import build_anonymiser
+
+        return metrics.instrument(build_anonymiser(settings, config().weights_dir, on_batch=metrics.observe_batch))
+    return metrics.instrument(Anonymiser(settings, weights_dir=config().weights_dir))
+
+
 def anonymiser() -> Anonymiser:
-    """Loaded once per worker process; the models stay in memory between jobs."""
-    return Anonymiser(Settings(limits=Limits.from_env()), weights_dir=config().weights_dir)
+    """Loaded once per worker process (once, even with a thread pool); the models stay in memory."""
+    with _anonymiser_lock:
+        return _load_anonymiser()
 
 
 def run_job(job: Job) -> str:

@@ -1,0 +1,830 @@
+"""Batched, size-bucketed LSC-CNN inference: the GPU path (and its CPU twin, which the tests run).
+
+The reference path (:func:`anonymiser.locators.lsccnn.reference_detect`) runs one photo at a
+time in float32, which leaves a GPU mostly idle. This engine keeps the network busy and gives the
+same detections:
+
+* **Same pixels.** Every photo is floor-resized to multiples of 16 exactly like the reference
+  (OpenCV ``INTER_LINEAR``); a photo above ``max_tile_pixels`` is cut into tiles exactly like
+  :meth:`LSCCNNLocator.locate` (so GPU memory is bounded whatever the photo's size). Each network
+  input (a whole photo or a tile) is a *piece*.
+* **Buckets and batches.** Pieces are grouped by size: sides rounded up to ``bucket_multiple``
+  (a multiple of 16) form the bucket key, and a batch is padded to the largest member (or to the
+  bucket size itself when shapes must repeat, for ``torch.compile`` / CUDA graphs). A batch holds
+  at most ``max_batch`` pieces and ``max_batch_pixels`` padded pixels.
+* **Exact padding.** Padding is masked out of *every* layer: a pre-hook zeroes the first
+  convolution's input (the mean-subtracted photo) outside each piece, and a forward hook zeroes
+  every (transposed) convolution's output there. Every convolution then sees zeros beyond the
+  piece's edge, which is what its own zero padding gives the unpadded reference, and max-pooling
+  never mixes the two because piece sides are multiples of 16. So a padded piece's logits equal
+  its unpadded logits up to floating-point summation order. Decoding reads only each piece's own
+  region of the output maps, so nothing is ever detected in the padding.
+* **Arithmetic.** fp16 (default on CUDA; an overflow reruns that piece in float32) or bf16
+  autocast, channels-last activations, cuDNN autotuning on CUDA, optional ``torch.compile``
+  (``mode="reduce-overhead"`` adds CUDA graphs). On CUDA batches are padded to their bucket's size
+  and batch counts rounded up (1, 2, 3, 4, 6, 8, 12, ...) so that shapes repeat.
+* **Copies.** Pieces travel as uint8 (4x less than float) from pinned host memory with
+  ``non_blocking`` copies; logits come back into pinned buffers, followed by a CUDA event, so the
+  device thread queues the next batch while CPU threads decode the previous one.
+* **CPU threads.** Resizing/tiling and decoding (softmax, cross-scale merge, NMS, in float32
+  numpy, the reference's own code) run in a thread pool (:meth:`LSCCNNEngine.detect`) or in the
+  callers' threads (:class:`MicroBatcher`), overlapping with the forward pass of other batches.
+
+:class:`MicroBatcher` lets many threads (a Celery worker's thread pool, one task per photo) share
+one engine: each thread prepares its photo, submits its pieces, and decodes its own logits; one
+device thread turns whatever has arrived within ``max_wait_s`` into batches.
+
+The engine registers hooks on the model it is given: give it a model of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue as queue_module
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .locators.base import BoxKind, Detections
+from .locators.lsccnn import (
+    DEFAULT_MAX_TILE_PIXELS,
+    DEFAULT_TILE_MARGIN,
+    MIN_TILE_MARGIN,
+    Tile,
+    _check_rgb,
+    plan_tiles,
+    prepare_input,
+    to_original,
+)
+from .locators.lsccnn_decode import DEFAULT_NMS_THRESHOLD, OUTPUT_STRIDES, decode
+from .locators.lsccnn_net import INPUT_MULTIPLE
+
+#: autocast dtype of each precision name (``None``: plain float32)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: defaults on CPU: (max_tile_pixels, max_batch_pixels)
+_CPU_LIMITS = (DEFAULT_MAX_TILE_PIXELS, 4_000_000)
+#: Activation memory per input pixel at the peak of a forward pass, in bytes: about 2 GB per
+#: megapixel in float32 (spec §1.3's measured RSS), half that in fp16/bf16. An estimate: the
+#: GPU benchmark prints the real peak for each batch size.
+_BYTES_PER_PIXEL = {"fp32": 2000, "bf16": 1000, "fp16": 1000}
+
+
+def _cuda_limits(device: torch.device, precision: str) -> tuple[int, int]:
+    """(max_tile_pixels, max_batch_pixels) so that a batch stays within 60 % of the GPU's memory."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    batch = int(0.6 * total / _BYTES_PER_PIXEL[precision])
+    return min(8_388_608, batch), batch
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; anything else as ``torch.device`` reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_precision(device: torch.device) -> str:
+    """fp16 on a CUDA GPU, fp32 on CPU.
+
+    fp16 and bf16 run at the same tensor-core rate on current GPUs; fp16 keeps 3 more mantissa
+    bits, so its detections are closer to the float32 reference (with random weights on CPU:
+    98.5-99.4 % identical boxes against 94-95 % for bf16). Its narrow range is guarded: a piece
+    whose logits overflow is run again in float32 (see :meth:`DeviceBatch.logits`).
+    """
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How :class:`LSCCNNEngine` runs (``None`` / ``"auto"``: chosen for the device)."""
+
+    device: str = "auto"
+    precision: str = "auto"  # "fp32", "bf16", "fp16"
+    channels_last: bool | None = None  # default: on CUDA only
+    compile: bool = False
+    compile_mode: str | None = None  # e.g. "max-autotune", "reduce-overhead" (CUDA graphs)
+    compile_backend: str = "inductor"
+    cudnn_benchmark: bool = True
+    max_batch: int = 16
+    max_batch_pixels: int | None = None
+    bucket_multiple: int = 64
+    max_tile_pixels: int | None = None
+    tile_margin: int = DEFAULT_TILE_MARGIN
+    nms_threshold: float = DEFAULT_NMS_THRESHOLD
+    cpu_threads: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)))
+    #: pad every batch to its bucket's size and a count from 1, 2, 3, 4, 6, 8, 12, 16, 24, 32...
+    #: so that shapes repeat (default: on CUDA, where cuDNN autotunes per shape, and when compiling)
+    shape_stable: bool | None = None
+    #: MicroBatcher: how long the first photo of a batch waits for companions
+    max_wait_s: float = 0.005
+
+    def validate(self) -> None:
+        problems = []
+        if self.precision not in ("auto", *PRECISIONS):
+            problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.max_batch < 1:
+            problems.append(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.bucket_multiple < INPUT_MULTIPLE or self.bucket_multiple % INPUT_MULTIPLE:
+            problems.append(f"bucket_multiple must be a positive multiple of 16, got {self.bucket_multiple}")
+        if self.tile_margin < MIN_TILE_MARGIN or self.tile_margin % INPUT_MULTIPLE:
+            problems.append(f"tile_margin must be a multiple of 16 and >= {MIN_TILE_MARGIN}, got {self.tile_margin}")
+        smallest = (2 * self.tile_margin + INPUT_MULTIPLE) ** 2
+        if self.max_tile_pixels is not None and self.max_tile_pixels < smallest:
+            problems.append(f"max_tile_pixels must be >= {smallest} for tile_margin {self.tile_margin}")
+        if (self.max_tile_pixels is not None and self.max_batch_pixels is not None
+                and self.max_batch_pixels < self.max_tile_pixels):
+            problems.append("max_batch_pixels must be at least max_tile_pixels (one tile must fit a batch)")
+        if not 0.0 <= self.nms_threshold <= 1.0:
+            problems.append(f"nms_threshold must be in [0, 1], got {self.nms_threshold}")
+        if self.cpu_threads < 1:
+            problems.append(f"cpu_threads must be at least 1, got {self.cpu_threads}")
+        if not 0.0 <= self.max_wait_s <= 10.0:
+            problems.append(f"max_wait_s must be between 0 and 10 s, got {self.max_wait_s}")
+        if problems:
+            raise ValueError("invalid LSC-CNN engine options: " + "; ".join(problems))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "EngineOptions":
+        """Options from ``ANON_LSCCNN_*`` variables; ``ValueError`` names every bad one at once.
+
+        ``ANON_LSCCNN_DEVICE`` (auto, cpu, cuda, cuda:N), ``ANON_LSCCNN_PRECISION`` (auto, fp32,
+        bf16, fp16), ``ANON_LSCCNN_CHANNELS_LAST`` (0/1), ``ANON_LSCCNN_COMPILE`` (0/1),
+        ``ANON_LSCCNN_COMPILE_MODE``, ``ANON_LSCCNN_MAX_BATCH``, ``ANON_LSCCNN_BATCH_MEGAPIXELS``,
+        ``ANON_LSCCNN_TILE_MEGAPIXELS``, ``ANON_LSCCNN_BUCKET``, ``ANON_LSCCNN_CPU_THREADS``,
+        ``ANON_LSCCNN_BATCH_WAIT_MS``.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+
+        def read(name: str, key: str, convert: Callable[[str], Any]) -> None:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return
+            try:
+                values[key] = convert(raw)
+            except ValueError as exc:
+                problems.append(f"{name}={raw!r}: {exc}")
+
+        def flag(raw: str) -> bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+
+        def device(raw: str) -> str:
+            if raw != "auto":
+                torch.device(raw)  # raises RuntimeError for nonsense
+            return raw
+
+        def megapixels(raw: str) -> int:
+            value = float(raw)
+            if not value > 0:
+                raise ValueError("must be positive")
+            return int(value * 1_000_000)
+
+        def wrap(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+            def inner(raw: str) -> Any:
+                try:
+                    return convert(raw)
+                except (RuntimeError, TypeError) as exc:
+                    raise ValueError(str(exc)) from None
+            return inner
+
+        read("ANON_LSCCNN_DEVICE", "device", wrap(device))
+        read("ANON_LSCCNN_PRECISION", "precision", str.lower)
+        read("ANON_LSCCNN_CHANNELS_LAST", "channels_last", flag)
+        read("ANON_LSCCNN_COMPILE", "compile", flag)
+        read("ANON_LSCCNN_COMPILE_MODE", "compile_mode", str)
+        read("ANON_LSCCNN_MAX_BATCH", "max_batch", int)
+        read("ANON_LSCCNN_BATCH_MEGAPIXELS", "max_batch_pixels", megapixels)
+        read("ANON_LSCCNN_TILE_MEGAPIXELS", "max_tile_pixels", megapixels)
+        read("ANON_LSCCNN_BUCKET", "bucket_multiple", int)
+        read("ANON_LSCCNN_CPU_THREADS", "cpu_threads", int)
+        read("ANON_LSCCNN_BATCH_WAIT_MS", "max_wait_s", lambda raw: float(raw) / 1000.0)
+        values.update(overrides)
+        options = cls(**values)
+        try:
+            options.validate()
+        except ValueError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ValueError("invalid LSC-CNN settings: " + "; ".join(problems))
+        return options
+
+
+# --------------------------------------------------------------------------------------------
+# photos and pieces
+# --------------------------------------------------------------------------------------------
+
+
+class Piece:
+    """One network input: a whole prepared photo or one tile of it."""
+
+    __slots__ = ("owner", "index", "tile", "h", "w")
+
+    def __init__(self, owner: "Prepared", index: int, tile: Tile) -> None:
+        self.owner = owner
+        self.index = index
+        self.tile = tile
+        self.h = tile.y1 - tile.y0
+        self.w = tile.x1 - tile.x0
+
+    def pixels(self) -> np.ndarray:
+        t = self.tile
+        return self.owner.net_rgb[t.y0 : t.y1, t.x0 : t.x1]
+
+
+class Prepared:
+    """A photo resized for the network and cut into pieces; collects their logits."""
+
+    def __init__(self, rgb: np.ndarray, max_tile_pixels: int, tile_margin: int) -> None:
+        self.orig_hw = rgb.shape[:2]
+        self.net_rgb = prepare_input(rgb)
+        self.net_hw = self.net_rgb.shape[:2]
+        tiles = plan_tiles(self.net_hw[0], self.net_hw[1], max_tile_pixels, tile_margin)
+        self.pieces = [Piece(self, k, t) for k, t in enumerate(tiles)]
+        self._logits: list[list[np.ndarray] | None] = [None] * len(tiles)
+        self._remaining = len(tiles)
+        self._lock = threading.Lock()
+
+    def accept(self, piece: Piece, logits: list[np.ndarray]) -> bool:
+        """Store one piece's logits (``4 x h/d x w/d`` each); True once every piece is in."""
+        with self._lock:
+            self._logits[piece.index] = logits
+            self._remaining -= 1
+            return self._remaining == 0
+
+    def logits(self) -> list[np.ndarray]:
+        """Whole-photo logits; tiles contribute their cores, as in ``LSCCNNLocator``."""
+        if len(self.pieces) == 1:
+            return self._logits[0]  # type: ignore[return-value]
+        h, w = self.net_hw
+        full = [np.empty((4, h // d, w // d), np.float32) for d in OUTPUT_STRIDES]
+        for piece, outputs in zip(self.pieces, self._logits):
+            t = piece.tile
+            for out, dst, d in zip(outputs, full, OUTPUT_STRIDES):  # type: ignore[arg-type]
+                core = out[:, (t.cy0 - t.y0) // d : (t.cy1 - t.y0) // d, (t.cx0 - t.x0) // d : (t.cx1 - t.x0) // d]
+                dst[:, t.cy0 // d : t.cy1 // d, t.cx0 // d : t.cx1 // d] = core
+        return full
+
+    def detections(self, nms_threshold: float) -> Detections:
+        """Decode (float32 numpy, the reference's code) and map back to the photo's pixels."""
+        result = to_original(decode(self.logits(), nms_threshold), self.net_hw, self.orig_hw)
+        self._logits = [None] * len(self.pieces)  # free the maps early
+        return result
+
+
+class DeviceBatch:
+    """Logits of one batch, on their way back from the device."""
+
+    def __init__(self, engine: "LSCCNNEngine", pieces: list[Piece], outputs: list[torch.Tensor], event: Any,
+                 seconds: float, half: bool) -> None:
+        self.engine = engine
+        self.pieces = pieces
+        self._outputs = outputs
+        self._event = event
+        self._arrays: list[np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self._half = half
+        #: wall time the device thread spent issuing this batch (CPU: the whole forward pass)
+        self.seconds = seconds
+
+    def logits(self, k: int) -> list[np.ndarray]:
+        """The ``k``-th piece's own region of the four output maps (waits for the copy).
+
+        A half-precision overflow (fp16 tops out at 65504) shows as non-finite logits: that
+        piece alone is then run again in float32, so an overflow costs time, never detections.
+        """
+        with self._lock:
+            if self._arrays is None:
+                if self._event is not None:
+                    self._event.synchronize()
+                self._arrays = [o.numpy() for o in self._outputs]
+        piece = self.pieces[k]
+        out = [a[k, :, : piece.h // d, : piece.w // d] for a, d in zip(self._arrays, OUTPUT_STRIDES)]
+        if self._half and not all(np.isfinite(o).all() for o in out):
+            self.engine.overflows += 1
+            return self.engine.run_batch([piece], piece.h, piece.w, precision="fp32").logits(0)
+        return out
+
+
+def _slot_count(n: int) -> int:
+    """Batch sizes used when shapes must repeat: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, ...
+    (powers of two and 1.5 times them: at most a third of a batch is padding)."""
+    size = 1
+    while True:
+        for candidate in (size, size * 3 // 2):
+            if candidate >= n:
+                return candidate
+        size *= 2
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------
+
+
+class LSCCNNEngine:
+    """Batched LSC-CNN on one device; :meth:`detect` is the whole pipeline for a list of photos."""
+
+    name: str = "lsccnn"
+    kind: BoxKind = "head"
+
+    def __init__(self, model: nn.Module, options: EngineOptions = EngineOptions()) -> None:
+        options.validate()
+        self.device = resolve_device(options.device)
+        cuda = self.device.type == "cuda"
+        precision = default_precision(self.device) if options.precision == "auto" else options.precision
+        tile_default, batch_default = _CPU_LIMITS
+        if cuda:
+            tile_default, batch_default = _cuda_limits(self.device, precision)
+        max_tile = options.max_tile_pixels or tile_default
+        max_batch_pixels = options.max_batch_pixels or max(batch_default, max_tile)
+        options = replace(
+            options,
+            precision=precision,
+            channels_last=cuda if options.channels_last is None else options.channels_last,
+            max_tile_pixels=max_tile,
+            max_batch_pixels=max_batch_pixels,
+            # Repeating shapes let cuDNN autotune each once and torch.compile trace each once.
+            shape_stable=(options.compile or cuda) if options.shape_stable is None else options.shape_stable,
+        )
+        options.validate()
+        self.options = options
+        self.autocast_dtype = PRECISIONS[precision]
+        if cuda and options.cudnn_benchmark:
+            # Bucketed shapes repeat, so autotuning each convolution once per shape pays off.
+            torch.backends.cudnn.benchmark = True
+        model = model.eval().requires_grad_(False).to(self.device)
+        if options.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._pinned = cuda
+
+        # Masking state of the batch being run (only the device thread touches it).
+        self._valid: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._padded_hw: tuple[int, int] = (0, 0)
+        self._masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+        if not convs:
+            raise ValueError("the model has no convolution to mask")
+        self._hooks = [convs[0].register_forward_pre_hook(self._mask_input)]
+        self._hooks += [m.register_forward_hook(self._mask_output) for m in convs]
+
+        self._forward: Callable[[torch.Tensor], Any] = model
+        if options.compile:
+            self._forward = torch.compile(model, mode=options.compile_mode, backend=options.compile_backend, dynamic=False)
+        self._device_lock = threading.Lock()
+        #: pieces that overflowed in half precision and were run again in float32
+        self.overflows = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # -- masking ----------------------------------------------------------------------------
+
+    def _mask_for(self, t: torch.Tensor) -> torch.Tensor:
+        h, w = t.shape[-2:]
+        key = (h, w, t.dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            full_h, full_w = self._padded_hw
+            if full_h % h or full_w % w or full_h // h != full_w // w:
+                raise RuntimeError(f"unexpected activation size {h}x{w} for input {full_h}x{full_w}")
+            d = full_h // h
+            valid_h, valid_w = self._valid  # type: ignore[misc]
+            rows = torch.arange(h, device=t.device)[None, :] < (valid_h // d)[:, None]
+            cols = torch.arange(w, device=t.device)[None, :] < (valid_w // d)[:, None]
+            mask = (rows[:, None, :, None] & cols[:, None, None, :]).to(t.dtype)
+            self._masks[key] = mask
+        return mask
+
+    def _mask_input(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+        if self._valid is None:
+            return None
+        return (inputs[0] * self._mask_for(inputs[0]),) + tuple(inputs[1:])
+
+    def _mask_output(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> Any:
+        if self._valid is None:
+            return None
+        return output.mul_(self._mask_for(output))
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def prepare(self, rgb: np.ndarray) -> Prepared:
+        """CPU stage 1: resize like the reference and cut into pieces (any thread)."""
+        _check_rgb(rgb)
+        return Prepared(rgb, self.options.max_tile_pixels, self.options.tile_margin)  # type: ignore[arg-type]
+
+    def bucket_of(self, h: int, w: int) -> tuple[int, int]:
+        m = self.options.bucket_multiple
+        return (-(-h // m) * m, -(-w // m) * m)
+
+    def plan_batches(self, pieces: Sequence[Piece]) -> list[tuple[list[Piece], int, int]]:
+        """Group pieces into ``(pieces, padded_h, padded_w)`` batches (arrival order kept per bucket)."""
+        opts = self.options
+        groups: dict[tuple[int, int], list[Piece]] = {}
+        for p in pieces:
+            groups.setdefault(self.bucket_of(p.h, p.w), []).append(p)
+        batches: list[tuple[list[Piece], int, int]] = []
+        for (bh, bw), members in groups.items():
+            batch: list[Piece] = []
+            hb = wb = 0
+            for p in members:
+                nh, nw = (bh, bw) if opts.shape_stable else (max(hb, p.h), max(wb, p.w))
+                count = len(batch) + 1
+                if opts.shape_stable:
+                    count = _slot_count(count)
+                if batch and (len(batch) == opts.max_batch or count * nh * nw > opts.max_batch_pixels):  # type: ignore[operator]
+                    batches.append((batch, hb, wb))
+                    batch, hb, wb = [], 0, 0
+                    nh, nw = (bh, bw) if opts.shape_stable else (p.h, p.w)
+                batch.append(p)
+                hb, wb = nh, nw
+            if batch:
+                batches.append((batch, hb, wb))
+        return batches
+
+    def _full(self, members: Sequence[Piece], hb: int, wb: int) -> bool:
+        """Whether no further piece of the same size could join this batch."""
+        count = len(members) + 1
+        if self.options.shape_stable:
+            count = _slot_count(count)
+        return len(members) >= self.options.max_batch or count * hb * wb > self.options.max_batch_pixels  # type: ignore[operator]
+
+    def run_batch(self, pieces: Sequence[Piece], hb: int, wb: int, precision: str | None = None) -> DeviceBatch:
+        """Device stage: one padded batch through the network (one thread at a time).
+
+        ``precision`` overrides the engine's (the float32 rerun after a half-precision overflow).
+        """
+        started = time.perf_counter()
+        dtype = self.autocast_dtype if precision is None else PRECISIONS[precision]
+        n = len(pieces)
+        slots = min(_slot_count(n), self.options.max_batch) if self.options.shape_stable else n
+        slots = max(slots, n)
+        cuda = self.device.type == "cuda"
+        # Not zeroed: whatever lies outside a piece is masked to zero before the first convolution.
+        host_t = torch.empty((slots, hb, wb, 3), dtype=torch.uint8, pin_memory=self._pinned)
+        host = host_t.numpy()
+        for k, p in enumerate(pieces):
+            host[k, : p.h, : p.w] = p.pixels()
+        # Pinned too: a copy from pageable memory would wait for the previous batch's kernels.
+        valid_h = torch.tensor([p.h for p in pieces] + [0] * (slots - n), dtype=torch.int64, pin_memory=self._pinned)
+        valid_w = torch.tensor([p.w for p in pieces] + [0] * (slots - n), dtype=torch.int64, pin_memory=self._pinned)
+        padded = slots != n or any(p.h != hb or p.w != wb for p in pieces)
+        with self._device_lock:
+            x = host_t.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2).to(torch.float32)
+            x = x.contiguous(memory_format=torch.channels_last if self.options.channels_last else torch.contiguous_format)
+            if padded:
+                self._valid = (valid_h.to(self.device, non_blocking=cuda), valid_w.to(self.device, non_blocking=cuda))
+                self._padded_hw = (hb, wb)
+                self._masks = {}
+            try:
+                with torch.inference_mode(), torch.autocast(
+                    self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+                ):
+                    # The compiled graph was traced for the engine's precision; reruns go eager.
+                    outputs = (self._forward if precision is None else self.model)(x)
+                # Half-precision logits are widened so decoding is the reference's float32 code.
+                outputs = [o[:n].float() for o in outputs]
+            finally:
+                self._valid = None
+                self._masks = {}
+            event = None
+            if cuda:
+                host_out = []
+                for o in outputs:
+                    dst = torch.empty(o.shape, dtype=torch.float32, pin_memory=True)
+                    dst.copy_(o, non_blocking=True)
+                    host_out.append(dst)
+                event = torch.cuda.Event()
+                event.record()
+                outputs = host_out
+        return DeviceBatch(self, list(pieces), outputs, event, time.perf_counter() - started, dtype is not None)
+
+    def finish(self, prepared: Prepared) -> Detections:
+        """CPU stage 2: decode a photo whose pieces all have logits (any thread)."""
+        return prepared.detections(self.options.nms_threshold)
+
+    # -- whole pipeline -----------------------------------------------------------------------
+
+    def _cpu_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.options.cpu_threads, thread_name_prefix="lsccnn-cpu")
+            return self._pool
+
+    def detect(self, images: Sequence[np.ndarray], trace: list[tuple[str, float, float]] | None = None) -> list[Detections]:
+        """Detections for every photo, batched and bucketed; CPU work overlaps the forward passes.
+
+        Photos are prepared in the thread pool while earlier batches run; a bucket runs as soon as
+        it holds a full batch; each finished batch is decoded in the pool while the next runs.
+        ``trace`` (tests, benchmarks) receives ``(stage, start, end)`` perf-counter spans.
+        """
+        if not len(images):
+            return []
+        pool = self._cpu_pool()
+
+        def timed(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                if trace is not None:
+                    trace.append((stage, start, time.perf_counter()))
+
+        prepared_futures = [pool.submit(timed, "prepare", self.prepare, rgb) for rgb in images]
+        results: list[Future[Detections]] = [Future() for _ in images]
+        owner_index: dict[int, int] = {}
+        pending: dict[tuple[int, int], list[Piece]] = {}
+        decodes: list[Future[None]] = []
+
+        def finish_batch(batch: DeviceBatch) -> None:
+            for k, piece in enumerate(batch.pieces):
+                if piece.owner.accept(piece, batch.logits(k)):
+                    results[owner_index[id(piece.owner)]].set_result(self.finish(piece.owner))
+
+        def run(members: list[Piece], hb: int, wb: int) -> None:
+            batch = timed("forward", self.run_batch, members, hb, wb)
+            decodes.append(pool.submit(timed, "decode", finish_batch, batch))
+
+        for index, future in enumerate(prepared_futures):
+            prepared = future.result()
+            owner_index[id(prepared)] = index
+            for piece in prepared.pieces:
+                key = self.bucket_of(piece.h, piece.w)
+                group = pending.setdefault(key, [])
+                group.append(piece)
+                batches = self.plan_batches(group)
+                *ready, last = batches
+                if self._full(*last):
+                    ready.append(last)
+                    pending[key] = []
+                else:
+                    pending[key] = last[0]
+                for members, hb, wb in ready:
+                    run(members, hb, wb)
+        for group in pending.values():
+            for members, hb, wb in self.plan_batches(group):
+                run(members, hb, wb)
+        for d in decodes:
+            d.result()  # re-raises a decoding error
+        return [r.result() for r in results]
+
+    def close(self) -> None:
+        """Remove the hooks and stop the thread pool."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+# --------------------------------------------------------------------------------------------
+# many callers, one device thread
+# --------------------------------------------------------------------------------------------
+
+
+class MicroBatcher:
+    """Lets many threads share one engine: their photos' pieces meet in batches.
+
+    A caller (e.g. one Celery task thread per photo) prepares its own photo, submits its pieces
+    and decodes its own logits, so CPU work happens in the callers' threads while the device
+    thread runs batches. The device thread waits at most ``max_wait_s`` after the first piece
+    arrives for companions, and never waits once ``max_batch`` pieces are queued. A failure of
+    a batch is raised in every caller whose piece was in it (each task then applies its own
+    failure rules); other batches are unaffected.
+    """
+
+    def __init__(self, engine: LSCCNNEngine, on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.engine = engine
+        self.on_batch = on_batch
+        self._queue: "queue_module.SimpleQueue[tuple[Piece, Future[tuple[DeviceBatch, int]]] | None]" = queue_module.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lsccnn-device", daemon=True)
+        self._thread.start()
+
+    def detect(self, rgb: np.ndarray) -> Detections:
+        """Head boxes for one photo (blocks the calling thread until its batch has run)."""
+        if self._stop.is_set():
+            raise RuntimeError("the batcher is closed")
+        prepared = self.engine.prepare(rgb)
+        futures = []
+        for piece in prepared.pieces:
+            future: Future[tuple[DeviceBatch, int]] = Future()
+            self._queue.put((piece, future))
+            futures.append((piece, future))
+        for piece, future in futures:
+            batch, k = future.result()
+            prepared.accept(piece, batch.logits(k))
+        return self.engine.finish(prepared)
+
+    def _collect(self) -> list[tuple[Piece, Future[tuple[DeviceBatch, int]]]]:
+        first = self._queue.get()
+        if first is None:
+            return []
+        items = [first]
+        deadline = time.monotonic() + self.engine.options.max_wait_s
+        while len(items) < self.engine.options.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue_module.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue_module.Empty:
+                    break
+            if item is None:
+                self._stop.set()
+                break
+            items.append(item)
+        return items
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            items = self._collect()
+            if not items:
+                break
+            futures = {id(piece): future for piece, future in items}
+            for members, hb, wb in self.engine.plan_batches([piece for piece, _ in items]):
+                try:
+                    batch = self.engine.run_batch(members, hb, wb)
+                except BaseException as exc:  # every caller of this batch gets the error
+                    for piece in members:
+                        futures[id(piece)].set_exception(exc)
+                    continue
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch(len(members), batch.seconds)
+                    except Exception:  # metrics must never break inference
+                        pass
+                for k, piece in enumerate(members):
+                    futures[id(piece)].set_result((batch, k))
+        # Whatever is still queued will never run: fail it instead of hanging its caller.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue_module.Empty:
+                break
+            if item is not None:
+                item[1].set_exception(RuntimeError("the batcher is closed"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+
+class BatchedLSCCNNLocator:
+    """A ``HeadLocator`` whose ``locate`` goes through a shared :class:`MicroBatcher`."""
+
+    name: str = "lsccnn"
+    kind: BoxKind = "head"
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self.batcher = batcher
+
+    def locate(self, rgb: np.ndarray) -> Detections:
+        return self.batcher.detect(rgb)
+
+
+def load_batched_locator(
+    weights_dir: str | Path,
+    options: EngineOptions | None = None,
+    on_batch: Callable[[int, float], None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> BatchedLSCCNNLocator:
+    """The batched LSC-CNN locator with the checkpoint in ``weights_dir``.
+
+    The official checkpoint is verified by size and MD5 as usual. ``ANON_LSCCNN_MD5`` (with
+    ``ANON_LSCCNN_SIZE``, optional) names the checksum of another file the operator vouches for
+    (e.g. a bare state-dict some forks publish, or a generated checkpoint in tests).
+    """
+    from .locators.lsccnn_checkpoint import OFFICIAL_FILENAME, OFFICIAL_MD5, OFFICIAL_SIZE, load_model
+
+    env = os.environ if environ is None else environ
+    md5 = env.get("ANON_LSCCNN_MD5", "").strip().lower() or OFFICIAL_MD5
+    size_raw = env.get("ANON_LSCCNN_SIZE", "").strip()
+    if md5 != OFFICIAL_MD5 and (len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5)):
+        raise ValueError(f"ANON_LSCCNN_MD5 must be 32 hex digits, got {md5!r}")
+    try:
+        size = int(size_raw) if size_raw else (OFFICIAL_SIZE if md5 == OFFICIAL_MD5 else None)
+    except ValueError:
+        raise ValueError(f"ANON_LSCCNN_SIZE must be a number of bytes, got {size_raw!r}") from None
+    model = load_model(Path(weights_dir) / OFFICIAL_FILENAME, expected_size=size, expected_md5=md5)
+    engine = LSCCNNEngine(model, options or EngineOptions.from_env(env))
+    return BatchedLSCCNNLocator(MicroBatcher(engine, on_batch=on_batch))
+
+
+# --------------------------------------------------------------------------------------------
+# comparing two sets of detections (tests, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far ``candidate`` detections reproduce ``reference`` ones on one photo."""
+
+    reference: int
+    candidate: int
+    identical: int  # boxes present in both, coordinates equal
+    uncovered: int  # reference heads not fully painted over by the candidate's covers
+
+    @property
+    def identical_fraction(self) -> float:
+        most = max(self.reference, self.candidate)
+        return 1.0 if most == 0 else self.identical / most
+
+    def __add__(self, other: "Agreement") -> "Agreement":
+        return Agreement(self.reference + other.reference, self.candidate + other.candidate,
+                         self.identical + other.identical, self.uncovered + other.uncovered)
+
+
+def agreement(reference: Detections, candidate: Detections, image_hw: tuple[int, int]) -> Agreement:
+    """Identical boxes (multiset of exact coordinates) and reference heads left uncovered.
+
+    A reference head counts as covered when every pixel of its box lies under the covers the
+    pipeline would paint for the candidate's boxes (padded as head boxes, rounded outwards).
+    """
+    from collections import Counter
+
+    from .regions import pad_boxes, to_pixels
+
+    ref = Counter(map(tuple, np.asarray(reference.boxes).tolist()))
+    cand = Counter(map(tuple, np.asarray(candidate.boxes).tolist()))
+    identical = sum((ref & cand).values())
+    h, w = image_hw
+    painted = np.zeros((h, w), bool)
+    boxes, _ = to_pixels(pad_boxes(candidate.boxes, "head"), 1.0, w, h)
+    for x1, y1, x2, y2 in boxes:
+        painted[y1:y2, x1:x2] = True
+    uncovered = 0
+    for x1, y1, x2, y2 in np.asarray(reference.boxes, np.float64):
+        a, b = int(math.floor(x1)), int(math.ceil(x2))
+        c, d = int(math.floor(y1)), int(math.ceil(y2))
+        region = painted[max(c, 0) : min(d, h), max(a, 0) : min(b, w)]
+        if region.size and not region.all():
+            uncovered += 1
+    return Agreement(len(reference), len(candidate), identical, uncovered)
+
+
+# --------------------------------------------------------------------------------------------
+# arithmetic per photo (benchmarks: achieved TFLOP/s)
+# --------------------------------------------------------------------------------------------
+
+#: Input stride of every layer, from the data flow of spec §1.3 (the channel counts and kinds come
+#: from the layer table of spec §1.2, transcribed in ``lsccnn_net._LAYERS``). A 3x3 convolution
+#: keeps its input's resolution; a transposed one enlarges it by 2 (``t2``) or 4 (``t4``).
+LAYER_INPUT_STRIDES: dict[str, int] = {
+    **{f"conv1_{k}": 1 for k in (1, 2)},
+    **{f"conv2_{k}": 2 for k in (1, 2)},
+    **{f"conv3_{k}": 4 for k in (1, 2, 3)},
+    **{f"conv4_{k}": 8 for k in (1, 2, 3)},
+    **{f"conv5_{k}": 16 for k in (1, 2, 3)},
+    "conv_before_transpose_1": 16,
+    **{f"convA_{k}": 16 for k in range(1, 6)},
+    **{f"convB_{k}": 8 for k in range(1, 6)},
+    **{f"convC_{k}": 4 for k in range(1, 6)},
+    **{f"convD_{k}": 2 for k in range(1, 6)},
+    "transpose_1": 16, "conv_after_transpose_1_1": 8,
+    "transpose_2": 8, "conv_after_transpose_2_1": 4,
+    "transpose_3": 16, "conv_after_transpose_3_1": 4,
+    "transpose_4_1_a": 16, "transpose_4_1_b": 4, "conv_after_transpose_4_1": 2,
+    "transpose_4_2": 8, "conv_after_transpose_4_2": 2,
+    "transpose_4_3": 4, "conv_after_transpose_4_3": 2,
+    **{f"conv_middle_{k}": 8 for k in (1, 2, 3)}, "conv_mid_4": 8,
+    **{f"conv_lowest_{k}": 4 for k in (1, 2, 3, 4)},
+    **{f"conv_scale1_{k}": 2 for k in (1, 2, 3)},
+}
+
+
+def lsccnn_flops(height: int, width: int) -> int:
+    """Floating-point operations (2 per multiply-accumulate) of one forward pass at ``height x width``.
+
+    A 3x3 convolution costs ``9 * in * out`` MACs per output pixel; a transposed one ``9 * in *
+    out`` per *input* pixel (each input pixel scatters one 3x3 kernel per output channel).
+    Biases, ReLUs, poolings and the mean subtraction are left out (well under 0.1 %). About 359
+    GMAC at 640x480, 4.9 TFLOP at 1920x1088.
+    """
+    from .locators.lsccnn_net import _LAYERS
+
+    if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
+        raise ValueError("LSC-CNN input sides are multiples of 16")
+    macs = 0
+    for name, c_in, c_out, _kind in _LAYERS:
+        d = LAYER_INPUT_STRIDES[name]
+        macs += 9 * c_in * c_out * (height // d) * (width // d)
+    return 2 * macs

@@ -1,0 +1,300 @@
+"""LSC-CNN on a GPU: the batched engine against the fp32 reference path, and the GPU worker end to end.
+
+Prints, on a CUDA device:
+
+1. photos per second at 1920x1088 for the reference path (``reference_detect``: whole image,
+   fp32, batch 1) and for the batched engine at batch sizes 1-32, both measured in this run from
+   RGB arrays to head boxes (decoding included), the ratio between them, and the achieved
+   TFLOP/s against the GPU's bf16 dense peak (FLOPs per photo counted from the spec's layer
+   table: ``anonymiser.batching.lsccnn_flops``);
+2. agreement with the reference on the dev photos (``ANON_EVAL_DIR``): identical boxes and
+   reference heads left uncovered, for each precision;
+3. with ``--e2e``: one GPU worker (``BOT_WORKER_ROLE=gpu``, thread pool) behind a local fake
+   Mastodon and a throw-away Redis: photos per second from enqueue to reply under a burst, then
+   the p50 / p95 latency at half that rate.
+
+The model is the official checkpoint when it is in the weights folder, else a generated one of
+the same shapes (throughput is the same; agreement is then only indicative, see
+``tests/test_lsccnn_batching.py``). Without a GPU it runs a tiny CPU smoke configuration so the
+code path stays exercised, and says that the GPU figures are not measured.
+
+    python bench/gpu.py [--batches 1,2,4,8,16,32] [--precisions fp16,bf16] [--compile] [--e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "bot"), str(ROOT / "tests" / "fleet")]
+
+from anonymiser.batching import EngineOptions, LSCCNNEngine, agreement, lsccnn_flops  # noqa: E402
+from anonymiser.locators import lsccnn_checkpoint as ckpt  # noqa: E402
+from anonymiser.locators.lsccnn import reference_detect  # noqa: E402
+from anonymiser.locators.lsccnn_net import LSCCNN  # noqa: E402
+from anonymiser.locators.registry import default_weights_dir  # noqa: E402
+
+#: dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets
+BF16_PEAK_TFLOPS = {
+    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+    "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0,
+}
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key.lower() in name.lower():
+            return value
+    return None
+
+
+def load_model(weights: Path) -> tuple[LSCCNN, str]:
+    official = weights / ckpt.OFFICIAL_FILENAME
+    if official.is_file():
+        return ckpt.load_model(official), "official checkpoint"
+    from fleet_harness import generated_lsccnn_checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        md5 = generated_lsccnn_checkpoint(Path(folder))
+        path = Path(folder) / ckpt.OFFICIAL_FILENAME
+        model = ckpt.load_model(path, expected_size=path.stat().st_size, expected_md5=md5)
+    return model, "generated checkpoint (random weights, official shapes)"
+
+
+def clone(model: LSCCNN) -> LSCCNN:
+    copy = LSCCNN()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def photos(count: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
+    """Crowd-like test photos: the public-domain astronaut tiled and jittered to size."""
+    from skimage import data
+
+    base = data.astronaut()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        reps = (-(-height // 512) + 1, -(-width // 512) + 1, 1)
+        big = np.tile(base, reps)
+        y, x = rng.integers(0, 512, 2)
+        out.append(np.ascontiguousarray(big[y : y + height, x : x + width]))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_rate(model: LSCCNN, images: list[np.ndarray], device: torch.device) -> float:
+    model = model.to(device)
+    reference_detect(model, images[0])  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for rgb in images:
+        reference_detect(model, rgb)
+    sync(device)
+    return len(images) / (time.perf_counter() - start)
+
+
+def engine_rate(engine: LSCCNNEngine, images: list[np.ndarray]) -> float:
+    engine.detect(images[: engine.options.max_batch])  # warm-up: cuDNN autotuning, compilation
+    sync(engine.device)
+    start = time.perf_counter()
+    engine.detect(images)
+    sync(engine.device)
+    return len(images) / (time.perf_counter() - start)
+
+
+def dev_photos(limit: int, crop: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """The dev photos, read in place (``crop``: a centre crop of that size, for the CPU smoke)."""
+    from imaging import EVAL_DIR
+    from PIL import Image
+
+    files = sorted(EVAL_DIR.glob("*.jpg"))[:limit] if EVAL_DIR.is_dir() else []
+    images = [np.array(Image.open(f).convert("RGB")) for f in files]
+    if crop is not None:
+        h, w = crop
+        images = [np.ascontiguousarray(i[(i.shape[0] - h) // 2 :][:h, (i.shape[1] - w) // 2 :][:, :w]) for i in images]
+    return images
+
+
+def run_throughput(args: argparse.Namespace, model: LSCCNN, device: torch.device, smoke: bool) -> float | None:
+    h, w = args.size
+    flops = lsccnn_flops(h, w)
+    peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", args.peak_tflops)
+    n_ref = args.reference_photos
+    images = photos(max(args.batches) * args.rounds, h, w)
+    ref = reference_rate(clone(model), images[:n_ref], device)
+    print(f"\nThroughput at {w}x{h} ({flops / 1e12:.2f} TFLOP per photo), from RGB arrays to head boxes")
+    print(f"reference path (fp32, batch 1, whole image): {ref:.2f} photos/s")
+    print("| precision | batch | photos/s | x reference | TFLOP/s | of bf16 peak | peak GPU memory (GB) |")
+    print("|---|---|---|---|---|---|---|")
+    best = None
+    for precision in args.precisions:
+        for batch in args.batches:
+            engine = LSCCNNEngine(clone(model), EngineOptions(
+                device=str(device), precision=precision, max_batch=batch, compile=args.compile,
+                compile_mode=args.compile_mode, max_tile_pixels=max(h * w, 1_000_000),
+                max_batch_pixels=max(batch * h * w, h * w, 1_000_000)))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            rate = engine_rate(engine, images[: batch * args.rounds])
+            tflops = rate * flops / 1e12
+            share = f"{tflops / peak:.1%}" if peak else "peak unknown (--peak-tflops)"
+            memory = f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f}" if device.type == "cuda" else "n/a"
+            print(f"| {precision} | {batch} | {rate:.2f} | {rate / ref:.1f} | {tflops:.1f} | {share} | {memory} |")
+            best = max(best or 0.0, rate)
+            engine.close()
+    return best
+
+
+def run_agreement(args: argparse.Namespace, model: LSCCNN, device: torch.device, source: str, smoke: bool) -> None:
+    images = dev_photos(args.dev_photos, crop=args.size if smoke else None)
+    if not images:
+        print("\nAgreement: no dev photos (set ANON_EVAL_DIR); skipped")
+        return
+    print(f"\nAgreement with the fp32 reference on {len(images)} dev photos ({source})")
+    reference_model = clone(model).to(device)
+    references = [reference_detect(reference_model, rgb) for rgb in images]
+    print("| precision | boxes (reference) | identical | uncovered reference heads |")
+    print("|---|---|---|---|")
+    for precision in ["fp32", *args.precisions]:
+        engine = LSCCNNEngine(clone(model), EngineOptions(device=str(device), precision=precision, max_batch=8))
+        results = engine.detect(images)
+        parts = [agreement(r, c, rgb.shape[:2]) for r, c, rgb in zip(references, results, images)]
+        total = sum(parts[1:], parts[0])
+        print(f"| {precision} | {total.reference} | {total.identical_fraction:.2%} | {total.uncovered} |")
+        engine.close()
+
+
+def run_e2e(args: argparse.Namespace, smoke: bool) -> None:
+    """One GPU worker behind a fake Mastodon: burst throughput, then latency at half that rate."""
+    from bot_harness import E2E, RedisServer
+    from celery import Celery
+    from fake_mastodon import FakeMastodon
+    from fleet_harness import Fleet, generated_lsccnn_checkpoint
+    from PIL import Image
+
+    from bot.routing import GPU_QUEUE
+
+    count = 8 if smoke else args.e2e_photos
+    h, w = (256, 256) if smoke else (1080, 1920)
+    buffer = io.BytesIO()
+    Image.fromarray(photos(1, h, w)[0]).save(buffer, "JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    with tempfile.TemporaryDirectory() as root_name:
+        root = Path(root_name)
+        redis_server = RedisServer(root)
+        fake = FakeMastodon().start()
+        fleet = Fleet(redis_server, fake, root)
+        weights = default_weights_dir()
+        env = {"BOT_WORKER_ROLE": "gpu", "BOT_RATE_GLOBAL_HOUR": "1000000", "BOT_RATE_PER_ACCOUNT_HOUR": "1000000",
+               "ANON_ONNX_THREADS": "0", "ANON_LSCCNN_MAX_BATCH": str(max(args.batches))}
+        if not (weights / ckpt.OFFICIAL_FILENAME).is_file():
+            weights = root / "weights-lsccnn"
+            weights.mkdir()
+            env["ANON_LSCCNN_MD5"] = generated_lsccnn_checkpoint(weights)
+        app = Celery("bench", broker=redis_server.url, set_as_current=False)
+        try:
+            worker = fleet.launch("gpu", queues=GPU_QUEUE, pool="threads", concurrency=2 * max(args.batches),
+                                  weights=weights, **env)
+            fleet.ready(worker, timeout=300)
+            people = [fake.add_account(f"person{k}") for k in range(50)]
+
+            def post(k: int) -> dict:
+                return fake.mention(people[k % len(people)], "please", media=[fake.media(jpeg)])
+
+            seen: dict[str, float] = {}
+
+            def watch(statuses: list[dict], stop: threading.Event) -> None:
+                while not stop.is_set() and len(seen) < len(statuses):
+                    for s in statuses:
+                        if s["id"] not in seen and fake.replies_to(s["id"]):
+                            seen[s["id"]] = time.perf_counter()
+                    time.sleep(0.005)
+
+            def run(statuses: list[dict], interval_s: float) -> dict[str, float]:
+                seen.clear()
+                sent: dict[str, float] = {}
+                stop = threading.Event()
+                watcher = threading.Thread(target=watch, args=(statuses, stop), daemon=True)
+                watcher.start()
+                for s in statuses:
+                    sent[s["id"]] = time.perf_counter()
+                    app.send_task("bot.handle", args=[E2E.job(s)], queue=GPU_QUEUE)
+                    if interval_s:
+                        time.sleep(interval_s)
+                watcher.join(timeout=600)
+                stop.set()
+                return {k: seen[k] - sent[k] for k in seen} | {"_start": min(sent.values()), "_end": max(seen.values())}
+
+            run([post(k) for k in range(min(4, count))], 0)  # warm-up: models loaded, cuDNN tuned
+            burst = run([post(k) for k in range(count)], 0)
+            rate = count / (burst["_end"] - burst["_start"])
+            half = run([post(k) for k in range(count)], 2.0 / rate)
+            latencies = sorted(v for k, v in half.items() if not k.startswith("_"))
+            p50 = statistics.median(latencies)
+            p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
+            label = "CPU smoke, not a GPU figure" if smoke else f"{w}x{h} JPEG photos"
+            print(f"\nEnd to end, one GPU worker, fake Mastodon ({label}):")
+            print(f"burst of {count}: {rate:.2f} photos/s from enqueue to reply")
+            print(f"at half that rate ({rate / 2:.2f}/s): p50 {p50:.2f} s, p95 {p95:.2f} s over {len(latencies)} photos")
+        finally:
+            fleet.stop_all()
+            fake.stop()
+            redis_server.stop()
+            app.pool.force_close_all()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,2,4,8,16,32")
+    parser.add_argument("--precisions", default="fp16,bf16")
+    parser.add_argument("--size", default="1088x1920", help="HxW, multiples of 16")
+    parser.add_argument("--rounds", type=int, default=4, help="batches per measurement")
+    parser.add_argument("--reference-photos", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--compile-mode", default=None, help="e.g. max-autotune, reduce-overhead (CUDA graphs)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 dense peak, if not in the table")
+    parser.add_argument("--dev-photos", type=int, default=39)
+    parser.add_argument("--e2e", action="store_true", help="also run one GPU worker end to end")
+    parser.add_argument("--e2e-photos", type=int, default=400)
+    parser.add_argument("--cpu-smoke", action="store_true", help="force the CPU smoke configuration")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    args.size = tuple(int(v) for v in args.size.lower().split("x"))
+
+    smoke = args.cpu_smoke or not torch.cuda.is_available()
+    device = torch.device("cpu" if smoke else "cuda")
+    if smoke:
+        print("No CUDA device: GPU figures NOT MEASURED. Running the CPU smoke configuration "
+              "(tiny photos, small batches) only to exercise the code path; its numbers are not GPU figures.")
+        args.batches, args.precisions, args.size = [1, 2], ["bf16"], (96, 128)
+        args.rounds, args.reference_photos, args.dev_photos, args.e2e_photos = 2, 2, 2, 8
+    else:
+        print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    model, source = load_model(default_weights_dir())
+    print(f"LSC-CNN weights: {source}")
+    run_throughput(args, model, device, smoke)
+    run_agreement(args, model, device, source, smoke)
+    if args.e2e:
+        run_e2e(args, smoke)
+
+
+if __name__ == "__main__":
+    main()

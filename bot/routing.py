@@ -1,0 +1,319 @@
+"""Queues, worker heartbeats, routing and draining: the fleet grows by adding workers.
+
+* **Queues.** GPU workers consume ``anonymise.gpu``, CPU workers ``anonymise.cpu``
+  (``celery -A bot.tasks worker -Q anonymise.gpu``). A worker started without ``-Q`` consumes
+  the legacy default queue ``celery`` *and* its role's queue, so ``python -m bot run`` and old
+  process files keep working.
+* **Heartbeats.** Every worker's main process writes ``ppb:worker:<hostname>:<pid>`` (role,
+  queues) every ``BOT_HEARTBEAT_INTERVAL`` seconds with a time-to-live of three intervals, and deletes
+  it on a clean shutdown. A worker is alive while its key exists: Redis expires it on its own
+  clock, so the machines' clocks never matter.
+* **Routing** (the listener, for every job): the GPU queue when a live worker consumes it and it
+  holds fewer than ``BOT_GPU_QUEUE_LIMIT`` jobs per live GPU worker (beyond that, new jobs spill
+  over to the CPU queue, if a CPU worker is alive); else the CPU queue. Takedowns need no model
+  and go to the CPU queue whenever a CPU worker is alive.
+* **Draining** (the listener, every ``BOT_DRAIN_INTERVAL`` seconds): jobs left in a queue that no
+  live worker consumes (a GPU outage) are moved, oldest first and atomically (``LMOVE``), to the
+  queue routing would pick now. A job a dead worker had already taken comes back to its original
+  queue when Redis's visibility timeout expires (Kombu restores it) and is drained from there.
+
+Settings (read here until they are folded into ``bot/config.py``): ``BOT_WORKER_ROLE`` (cpu or
+gpu, default cpu), ``BOT_HEARTBEAT_INTERVAL`` (5 s), ``BOT_GPU_QUEUE_LIMIT`` (500 jobs per live
+GPU worker), ``BOT_DRAIN_INTERVAL`` (5 s), ``BOT_METRICS_PORT`` (unset: no metrics server).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import redis
+from celery import signals
+
+from .config import ConfigError
+
+log = logging.getLogger("bot.routing")
+
+GPU_QUEUE = "anonymise.gpu"
+CPU_QUEUE = "anonymise.cpu"
+#: Celery's default queue: what workers without ``-Q`` consume, and older listeners publish to
+LEGACY_QUEUE = "celery"
+ROLES = ("cpu", "gpu")
+ROLE_QUEUES = {"cpu": CPU_QUEUE, "gpu": GPU_QUEUE}
+HEARTBEAT_PREFIX = "ppb:worker:"
+#: Kombu's Redis transport keeps messages with a priority in ``<queue>\x06\x16<priority>`` lists
+_PRIORITY_SEP = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """How this process takes part in the fleet (validated; see the module docstring)."""
+
+    role: str = "cpu"
+    heartbeat_interval_s: float = 5.0
+    gpu_queue_limit: int = 500
+    drain_interval_s: float = 5.0
+    metrics_port: int | None = None
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        return 3 * self.heartbeat_interval_s
+
+    @property
+    def queue(self) -> str:
+        return ROLE_QUEUES[self.role]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "FleetSettings":
+        """Read and validate; ``ConfigError`` names every bad variable at once."""
+        env = os.environ if environ is None else environ
+        problems: list[str] = []
+        values: dict[str, Any] = {}
+        role = env.get("BOT_WORKER_ROLE", "").strip().lower() or "cpu"
+        if role not in ROLES:
+            problems.append(f"BOT_WORKER_ROLE must be cpu or gpu, got {env.get('BOT_WORKER_ROLE')!r}")
+        else:
+            values["role"] = role
+
+        def number(name: str, key: str, kind: type, low: float, high: float) -> None:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return
+            try:
+                value = kind(raw)
+            except ValueError:
+                problems.append(f"{name} must be a{'n integer' if kind is int else ' number'}, got {raw!r}")
+                return
+            if not low <= value <= high:
+                problems.append(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
+                return
+            values[key] = value
+
+        number("BOT_HEARTBEAT_INTERVAL", "heartbeat_interval_s", float, 0.1, 300)
+        number("BOT_GPU_QUEUE_LIMIT", "gpu_queue_limit", int, 1, 10_000_000)
+        number("BOT_DRAIN_INTERVAL", "drain_interval_s", float, 0.1, 3600)
+        number("BOT_METRICS_PORT", "metrics_port", int, 1, 65535)
+        if problems:
+            raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- Redis helpers
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Jobs waiting in ``queue`` (not those a worker has taken)."""
+    pipe = client.pipeline()
+    for key in _queue_keys(queue):
+        pipe.llen(key)
+    return int(sum(pipe.execute()))
+
+
+def _queue_keys(queue: str) -> list[str]:
+    return [queue] + [f"{queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS]
+
+
+def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every worker whose heartbeat has not expired."""
+    keys = sorted(client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000))
+    if not keys:
+        return []
+    workers = []
+    for raw in client.mget(keys):
+        if raw is None:
+            continue  # expired between SCAN and MGET
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(info, dict) and isinstance(info.get("queues"), list):
+            workers.append(info)
+    return workers
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class Heartbeat:
+    """A daemon thread that keeps ``ppb:worker:<hostname>:<pid>`` alive while the worker runs."""
+
+    def __init__(self, client: redis.Redis, hostname: str, info: Callable[[], dict[str, Any]], settings: FleetSettings) -> None:
+        self.client = client
+        # The pid too: two workers started with Celery's default name on one machine share it.
+        self.key = f"{HEARTBEAT_PREFIX}{hostname}:{os.getpid()}"
+        self.info = info
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ppb-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        payload = dict(self.info(), ts=round(time.time(), 3))
+        self.client.set(self.key, json.dumps(payload), px=int(self.settings.heartbeat_ttl_s * 1000))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except redis.RedisError:
+                log.warning("heartbeat_failed", exc_info=True)
+            self._stop.wait(self.settings.heartbeat_interval_s)
+
+    def start(self) -> "Heartbeat":
+        self.beat()  # alive from the first moment, not one interval later
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.client.delete(self.key)
+        except redis.RedisError:
+            pass
+
+
+_heartbeat: Heartbeat | None = None
+
+
+def settings_or_exit() -> FleetSettings:
+    """For worker signals: print the problems and stop the worker (Celery swallows other errors)."""
+    try:
+        return FleetSettings.from_env()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@signals.celeryd_after_setup.connect
+def _consume_role_queue(sender: str, instance: Any, **_: Any) -> None:
+    """A worker started without ``-Q`` consumes its role's queue besides Celery's default one."""
+    settings = settings_or_exit()
+    queues = instance.app.amqp.queues
+    if queues.consume_from is queues:  # no -Q: every declared queue is consumed
+        queues.select_add(settings.queue)
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender: Any, **_: Any) -> None:
+    global _heartbeat
+    settings = settings_or_exit()
+    app = sender.app
+    hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    queues = sorted(app.amqp.queues.consume_from)
+    pool = getattr(getattr(sender, "pool", None), "num_processes", None) or app.conf.worker_concurrency
+    info = {"hostname": hostname, "role": settings.role, "queues": queues, "pid": os.getpid(), "concurrency": pool}
+    client = redis.Redis.from_url(app.conf.broker_url)
+    _heartbeat = Heartbeat(client, hostname, lambda: info, settings).start()
+    log.info("worker_alive", extra={"hostname": hostname, "role": settings.role, "queues": ",".join(queues)})
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None
+
+
+# --------------------------------------------------------------------------- listener side
+
+
+class Router:
+    """Picks each job's queue from the live workers, and drains queues nobody consumes."""
+
+    def __init__(self, client: redis.Redis, settings: FleetSettings = FleetSettings(), cache_s: float = 1.0,
+                 restore: Callable[[], None] | None = None) -> None:
+        self.client = client
+        self.settings = settings
+        self.cache_s = cache_s
+        #: returns expired deliveries of dead workers to their queues first (see restore_expired)
+        self.restore = restore
+        self._cached: tuple[float, list[dict[str, Any]]] = (-1e18, [])
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, settings: FleetSettings = FleetSettings(), cache_s: float = 1.0,
+                 restore: Callable[[], None] | None = None) -> "Router":
+        return cls(redis.Redis.from_url(url), settings, cache_s, restore)
+
+    def workers(self, fresh: bool = False) -> list[dict[str, Any]]:
+        """Live workers, read at most once per ``cache_s`` (every job asks)."""
+        with self._lock:
+            at, workers = self._cached
+            now = time.monotonic()
+            if fresh or now - at > self.cache_s:
+                workers = live_workers(self.client)
+                self._cached = (now, workers)
+            return workers
+
+    def consumers(self, queue: str, workers: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        return [w for w in (self.workers() if workers is None else workers) if queue in w.get("queues", ())]
+
+    def choose(self, kind: str = "mention", workers: list[dict[str, Any]] | None = None) -> str:
+        """The queue for a new job of ``kind``."""
+        workers = self.workers() if workers is None else workers
+        gpu = self.consumers(GPU_QUEUE, workers)
+        cpu = self.consumers(CPU_QUEUE, workers)
+        if kind == "takedown" and cpu:
+            return CPU_QUEUE
+        if gpu:
+            if not cpu or queue_depth(self.client, GPU_QUEUE) < self.settings.gpu_queue_limit * len(gpu):
+                return GPU_QUEUE
+            return CPU_QUEUE  # the GPUs are saturated: spill over
+        if cpu:
+            return CPU_QUEUE
+        if self.consumers(LEGACY_QUEUE, workers):
+            return LEGACY_QUEUE
+        return CPU_QUEUE  # nobody is alive: wait where CPU workers (the default) will look
+
+    def drain(self) -> dict[str, int]:
+        """Move jobs out of our queues that no live worker consumes; returns ``{source: moved}``."""
+        workers = self.workers(fresh=True)
+        if not workers:
+            return {}  # nobody to hand them to: leave them where they are
+        if self.restore is not None:
+            self.restore()
+        moved: dict[str, int] = {}
+        for source in (GPU_QUEUE, CPU_QUEUE):
+            if self.consumers(source, workers):
+                continue
+            target = self.choose("mention", workers)
+            if target == source or not self.consumers(target, workers):
+                continue
+            count = 0
+            for key in _queue_keys(source):
+                # LEFT (newest) -> RIGHT (where consumers pop): the oldest job still comes out first.
+                while self.client.lmove(key, target, "LEFT", "RIGHT") is not None:
+                    count += 1
+            if count:
+                moved[source] = count
+                log.warning("queue_drained", extra={"source": source, "target": target, "jobs": count})
+        return moved
+
+    def run(self, stop: threading.Event) -> None:
+        """Drain every ``drain_interval_s`` until ``stop`` is set (the listener runs this)."""
+        while not stop.wait(self.settings.drain_interval_s):
+            try:
+                self.drain()
+            except redis.RedisError:
+                log.warning("drain_failed", exc_info=True)
+
+
+def restore_expired(app: Any) -> None:
+    """Return deliveries older than the visibility timeout to their queues, now.
+
+    Kombu does this in every consumer, but only every ``unacked_restore_interval *
+    unacked_restore_throttle`` seconds (100 s by default); the listener's drain calls it so that
+    the jobs a dead GPU worker had taken reach the CPU workers within a drain interval of the
+    visibility timeout. Same operation, same mutex as Kombu's own sweep.
+    """
+    with app.connection_for_write() as connection:
+        connection.default_channel.qos.restore_visible(num=1000, interval=1)

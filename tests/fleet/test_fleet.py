@@ -1,0 +1,257 @@
+"""The fleet: GPU and CPU queues, routing by live workers, draining after a GPU outage, Prometheus
+metrics and the batching GPU worker, with real Redis, real worker processes and a fake Mastodon.
+
+"GPU" workers here are ordinary processes started with ``BOT_WORKER_ROLE=gpu`` on the CPU:
+routing, draining and batching do not depend on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from bot.config import ConfigError
+from bot.routing import (
+    CPU_QUEUE,
+    GPU_QUEUE,
+    HEARTBEAT_PREFIX,
+    LEGACY_QUEUE,
+    FleetSettings,
+    Router,
+    queue_depth,
+    restore_expired,
+)
+from bot_harness import E2E, JOB_TIMEOUT_S, wait_until
+from bot_helpers import jpeg
+
+# --------------------------------------------------------------------------- helpers
+
+
+def beat(redis_server: Any, name: str, role: str, queues: list[str], ttl_ms: int = 60_000) -> None:
+    """A heartbeat as a worker writes it."""
+    payload = {"hostname": name, "role": role, "queues": queues, "pid": 1, "ts": time.time()}
+    redis_server.client.set(HEARTBEAT_PREFIX + name, json.dumps(payload), px=ttl_ms)
+
+
+def mention(fake: Any, who: str, side: int = 128) -> dict[str, Any]:
+    person = fake.add_account(who)
+    return fake.mention(person, "please", media=[fake.media(jpeg(side, exif=False))])
+
+
+def handled_by(worker: Any, status: dict[str, Any]) -> bool:
+    """Whether ``worker`` received the job (its main process logs every message it takes; the
+    prefork pool's children's own log lines do not reach the worker's stderr)."""
+    return bool(re.search(r"Task bot.handle\[.*'post_id': '%s'" % re.escape(status["id"]), worker.log()))
+
+
+def one_reply_each(fake: Any, statuses: list[dict[str, Any]], timeout: float = JOB_TIMEOUT_S) -> None:
+    for status in statuses:
+        fake.wait_for(lambda s=status: fake.replies_to(s["id"]), timeout, what=f"a reply to {status['id']}")
+    time.sleep(0.5)  # a duplicate would show up now
+    for status in statuses:
+        assert len(fake.replies_to(status["id"])) == 1, status["id"]
+
+
+# --------------------------------------------------------------------------- routing rules
+
+
+def test_router_follows_heartbeats_and_queue_depths(redis_server: Any) -> None:
+    client = redis_server.client
+    redis_server.clean()
+    router = Router(client, FleetSettings(gpu_queue_limit=2), cache_s=0)
+    assert router.choose() == CPU_QUEUE  # nobody alive: wait where CPU workers look
+
+    beat(redis_server, "legacy", "cpu", [LEGACY_QUEUE])
+    assert router.choose() == LEGACY_QUEUE
+
+    beat(redis_server, "c1", "cpu", [CPU_QUEUE, LEGACY_QUEUE])
+    assert router.choose() == CPU_QUEUE
+
+    beat(redis_server, "g1", "gpu", [GPU_QUEUE])
+    assert router.choose() == GPU_QUEUE
+    assert router.choose("takedown") == CPU_QUEUE  # no model needed: keep the GPU for photos
+
+    client.lpush(GPU_QUEUE, "a", "b")  # 2 waiting, limit 2 per live GPU worker: spill over
+    assert queue_depth(client, GPU_QUEUE) == 2
+    assert router.choose() == CPU_QUEUE
+    beat(redis_server, "g2", "gpu", [GPU_QUEUE])
+    assert router.choose() == GPU_QUEUE  # two GPU workers: room for 4
+
+    # GPU only: always the GPU queue, however deep.
+    client.delete(HEARTBEAT_PREFIX + "c1", HEARTBEAT_PREFIX + "legacy")
+    client.lpush(GPU_QUEUE, "c", "d", "e")
+    assert router.choose() == GPU_QUEUE and router.choose("takedown") == GPU_QUEUE
+    assert router.drain() == {}  # the GPU queue is consumed: nothing moves
+
+    # Heartbeats expire: the GPU workers are gone, the CPU worker is back.
+    client.delete(HEARTBEAT_PREFIX + "g1", HEARTBEAT_PREFIX + "g2")
+    beat(redis_server, "c1", "cpu", [CPU_QUEUE], ttl_ms=300)
+    assert router.choose() == CPU_QUEUE
+    assert router.drain() == {GPU_QUEUE: 5}
+    assert client.lrange(CPU_QUEUE, 0, -1) == [b"e", b"d", b"c", b"b", b"a"]  # oldest ("a") popped first
+    time.sleep(0.4)
+    assert router.workers(fresh=True) == [] and router.drain() == {}  # nobody alive: nothing moves
+    redis_server.clean()
+
+
+def test_fleet_settings_are_validated() -> None:
+    assert FleetSettings.from_env({}) == FleetSettings()
+    settings = FleetSettings.from_env({"BOT_WORKER_ROLE": "GPU", "BOT_METRICS_PORT": "9808", "BOT_HEARTBEAT_INTERVAL": "2"})
+    assert (settings.role, settings.queue, settings.metrics_port, settings.heartbeat_ttl_s) == ("gpu", GPU_QUEUE, 9808, 6.0)
+    with pytest.raises(ConfigError) as raised:
+        FleetSettings.from_env({"BOT_WORKER_ROLE": "tpu", "BOT_METRICS_PORT": "99999", "BOT_GPU_QUEUE_LIMIT": "many",
+                                "BOT_DRAIN_INTERVAL": "0"})
+    for name in ("BOT_WORKER_ROLE", "BOT_METRICS_PORT", "BOT_GPU_QUEUE_LIMIT", "BOT_DRAIN_INTERVAL"):
+        assert name in str(raised.value)
+
+
+# --------------------------------------------------------------------------- real workers
+
+
+@pytest.fixture(scope="module")
+def cpu_worker(fleet: Any) -> Any:
+    """A CPU worker with the prefork pool (tasks in a child process) and metrics on."""
+    worker = fleet.launch("cpu", queues=f"{CPU_QUEUE},{LEGACY_QUEUE}", pool="prefork", metrics=True, BOT_WORKER_ROLE="cpu")
+    return worker
+
+
+def test_gpu_outage_degrades_to_cpu_workers(fleet: Any, fake: Any, redis_server: Any, client_app: Any, cpu_worker: Any) -> None:
+    client = redis_server.client
+    redis_server.clean()
+    fake.reset()
+    gpu = fleet.launch("gpu", queues=GPU_QUEUE, BOT_WORKER_ROLE="gpu")
+    fleet.ready(gpu, cpu_worker)
+    router = Router(client, FleetSettings(drain_interval_s=0.3), cache_s=0, restore=lambda: restore_expired(client_app))
+    wait_until(lambda: len(router.workers()) == 2, 10, "both heartbeats")
+
+    def send(status: dict[str, Any]) -> str:
+        queue = router.choose()
+        client_app.send_task("bot.handle", args=[E2E.job(status)], queue=queue)
+        return queue
+
+    # While the GPU worker is alive, photos go to it.
+    first = [mention(fake, f"early{k}") for k in range(2)]
+    assert [send(s) for s in first] == [GPU_QUEUE, GPU_QUEUE]
+    one_reply_each(fake, first)
+    assert all(handled_by(gpu, s) and not handled_by(cpu_worker, s) for s in first)
+
+    # The GPU worker takes a job and hangs in its download; another waits in its queue.
+    fake.hold_media()
+    taken = mention(fake, "taken")
+    assert send(taken) == GPU_QUEUE
+    fake.wait_for(lambda: len(fake.media_requests()) == 3, 30, what="the GPU worker to start downloading")
+    waiting = mention(fake, "waiting")
+    assert send(waiting) == GPU_QUEUE
+    gpu.kill()  # no warm shutdown: its heartbeat just stops
+    fake.release_media()
+    assert client.llen(GPU_QUEUE) == 1 and client.hlen("unacked") == 1
+
+    # Within three heartbeat intervals the router sees the outage: new jobs go to the CPU queue...
+    wait_until(lambda: router.choose() == CPU_QUEUE, 5, "the GPU worker's heartbeat to expire")
+    late = mention(fake, "late")
+    assert send(late) == CPU_QUEUE
+
+    # ...and the listener's drain moves the stranded ones there (the taken one once Redis's
+    # visibility timeout has expired and it is back in the GPU queue).
+    stop = threading.Event()
+    drainer = threading.Thread(target=router.run, args=(stop,), daemon=True)
+    drainer.start()
+    try:
+        one_reply_each(fake, [waiting, late, taken])
+    finally:
+        stop.set()
+        drainer.join(5)
+    assert all(handled_by(cpu_worker, s) for s in (waiting, late, taken))
+    assert queue_depth(client, GPU_QUEUE) == 0 and client.hlen("unacked") == 0
+    assert len(fake.bot_posts()) == 5
+
+
+def _metric(text: str, name: str, missing: float | None = None, **labels: str) -> float:
+    """The sum of the samples of ``name`` with these labels (``missing`` if there are none)."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found and missing is not None:
+        return missing
+    assert found, f"{name}{labels} not in the scrape:\n{text}"
+    return total
+
+
+def test_worker_serves_prometheus_metrics(fleet: Any, fake: Any, redis_server: Any, client_app: Any, cpu_worker: Any) -> None:
+    fleet.ready(cpu_worker)
+    before = cpu_worker.scrape()
+    replied = {"kind": "mention", "outcome": "replied", "queue": CPU_QUEUE}
+    replied_before = _metric(before, "ppb_jobs_total", missing=0.0, **replied)
+    photos_before = _metric(before, "ppb_photos_total", missing=0.0, result="ok")
+
+    status = mention(fake, "measured")
+    client_app.send_task("bot.handle", args=[dict(E2E.job(status), enqueued_at=time.time())], queue=CPU_QUEUE)
+    one_reply_each(fake, [status])
+    redis_server.client.lpush(GPU_QUEUE, "x", "y")  # a stranded backlog shows in the depth gauge
+
+    after = cpu_worker.scrape()  # served by the main process, counted in the pool's child
+    assert _metric(after, "ppb_jobs_total", **replied) == replied_before + 1
+    assert _metric(after, "ppb_photos_total", result="ok") == photos_before + 1
+    assert _metric(after, "ppb_job_seconds_count", kind="mention") >= 1
+    assert _metric(after, "ppb_job_latency_seconds_count") >= 1
+    assert _metric(after, "ppb_photo_seconds_count") >= 1
+    assert _metric(after, "ppb_queue_depth", queue=GPU_QUEUE) == 2
+    assert _metric(after, "ppb_queue_depth", queue=CPU_QUEUE) == 0
+    assert _metric(after, "ppb_workers_alive", role="cpu") == 1
+    assert _metric(after, "ppb_worker_up", role="cpu") == 1
+    assert _metric(after, "ppb_redis_up") == 1
+    assert _metric(after, "ppb_dead_letters") == 0
+    redis_server.client.delete(GPU_QUEUE)
+
+
+def test_gpu_worker_batches_lsccnn_calls_of_concurrent_jobs(fleet: Any, fake: Any, redis_server: Any, client_app: Any,
+                                                              lsccnn_weights: Any) -> None:
+    """Four jobs at once in a thread-pool GPU worker: their LSC-CNN calls share batches, and each
+    job is still its own task (one reply each; a redelivered job is not answered twice)."""
+    redis_server.clean()
+    fake.reset()
+    weights, md5 = lsccnn_weights
+    worker = fleet.launch("batching", queues=GPU_QUEUE, pool="threads", concurrency=4, metrics=True, weights=weights,
+                          BOT_WORKER_ROLE="gpu", ANON_LSCCNN_MD5=md5, ANON_LSCCNN_MAX_BATCH="4",
+                          ANON_LSCCNN_BATCH_WAIT_MS="1500", ANON_LSCCNN_DEVICE="cpu")
+    fleet.ready(worker)
+    router = Router(redis_server.client, FleetSettings(), cache_s=0)
+    wait_until(lambda: router.choose() == GPU_QUEUE, 10, "the GPU worker's heartbeat")
+    statuses = [mention(fake, f"crowd{k}", side=96) for k in range(4)]
+    for status in statuses:
+        client_app.send_task("bot.handle", args=[E2E.job(status)], queue=GPU_QUEUE)
+    one_reply_each(fake, statuses, timeout=120)
+
+    text = worker.scrape()
+    assert _metric(text, "ppb_jobs_total", outcome="replied") == 4
+    batches = _metric(text, "ppb_batch_size_count")
+    assert _metric(text, "ppb_batch_size_sum") == 4  # every photo went through LSC-CNN once
+    assert batches < 4, "the four calls should have met in fewer than four batches"
+    for reply in (fake.replies_to(s["id"])[0] for s in statuses):
+        assert len(reply["media_attachments"]) == 1
+
+    # Redelivery of a finished job: same idempotency rules as any worker.
+    client_app.send_task("bot.handle", args=[E2E.job(statuses[0])], queue=GPU_QUEUE)
+    wait_until(lambda: _metric(worker.scrape(), "ppb_jobs_total", missing=0.0, outcome="already_done") == 1, 30,
+               "the redelivery")
+    assert len(fake.bot_posts()) == 4
+    assert list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "batching-*"))
+    worker.stop()  # a clean shutdown removes the heartbeat at once
+    assert not list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "batching-*"))
+
+
+def test_worker_refuses_bad_fleet_settings(fleet: Any) -> None:
+    worker = fleet.launch("bad", BOT_WORKER_ROLE="tpu")
+    worker.process.wait(60)
+    assert worker.process.returncode != 0
+    assert "BOT_WORKER_ROLE must be cpu or gpu" in worker.log()

@@ -1,0 +1,289 @@
+"""The batched, bucketed LSC-CNN engine (``anonymiser/batching.py``) against the fp32 reference.
+
+Runs on CPU with a generated checkpoint (seeded random weights of the official shapes, written to
+and loaded from a file like any checkpoint), or with the official checkpoint when it is in the
+weights directory. Photos are small crops of the team's dev photos (read in place from
+``ANON_EVAL_DIR``, never copied) or, when those are absent, of scikit-image's sample photos.
+
+The criterion is the issue's: at least 99 % of boxes identical to the reference path's
+(``reference_detect``: whole image, fp32, batch 1) and no reference head left uncovered. It is
+asserted for float32 batching with padding. Half precision is *measured* here but held to a
+looser bound, because random weights are a worst case for it: every logit layer sits near a
+three-way tie (the generator scales the logit layers down to keep the softmax unsaturated), so
+the rounding of 20+ bf16 layers flips many near-tie cells. Measured on this machine's dev crops:
+bf16 94-95 % identical (13-28 heads uncovered out of 3.5-3.9 thousand), fp16 98.5-99.4 %
+(3 uncovered); making the logits more decisive makes bf16 *worse* (66-88 %), so random weights
+cannot stand in for the trained network here. With the official checkpoint the half-precision
+comparison is ``bench/gpu.py``'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from anonymiser.batching import (
+    Agreement,
+    EngineOptions,
+    LSCCNNEngine,
+    MicroBatcher,
+    agreement,
+    lsccnn_flops,
+)
+from anonymiser.locators import lsccnn_checkpoint as ckpt
+from anonymiser.locators.lsccnn import LSCCNNLocator, plan_tiles, reference_detect
+from anonymiser.locators.lsccnn_net import LSCCNN
+from anonymiser.locators.registry import default_weights_dir
+from imaging import EVAL_DIR
+from test_lsccnn import _he_init, _smooth_image
+
+#: (height, width) of the crops: several share a bucket, two share a size, most are not
+#: multiples of 16 (floor-resized like the reference), one is tall and one is tiny.
+SIZES = [(78, 80), (54, 47), (48, 90), (63, 78), (63, 78), (68, 75), (52, 90), (74, 85), (88, 48),
+         (40, 56), (60, 55), (30, 25)]
+
+
+def _sample_photos() -> list[np.ndarray]:
+    files = sorted(EVAL_DIR.glob("*.jpg")) if EVAL_DIR.is_dir() else []
+    if files:
+        from PIL import Image
+
+        sources = [np.asarray(Image.open(f).convert("RGB")) for f in files[: len(SIZES)]]
+    else:
+        from skimage import data
+
+        sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    photos = []
+    for k, (h, w) in enumerate(SIZES):
+        src = sources[k % len(sources)]
+        y, x = (src.shape[0] - h) * (k + 1) // (len(SIZES) + 1), (src.shape[1] - w) // 2
+        photos.append(np.ascontiguousarray(src[y : y + h, x : x + w]))
+    return photos
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    return _sample_photos()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> LSCCNN:
+    """The official checkpoint if present, else a generated one loaded from its file."""
+    official = default_weights_dir() / ckpt.OFFICIAL_FILENAME
+    if official.is_file():
+        return ckpt.load_model(official)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("generated") / "generated_lsccnn.pth"
+    ckpt.write_bare_state_dict(_he_init(LSCCNN()), path)
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    model = ckpt.load_model(path, expected_size=path.stat().st_size, expected_md5=md5)
+    path.unlink()
+    return model
+
+
+@pytest.fixture(scope="module")
+def references(model: LSCCNN, photos: list[np.ndarray]) -> list:
+    return [reference_detect(model, rgb) for rgb in photos]
+
+
+def _engine(model: nn.Module, **options: object) -> LSCCNNEngine:
+    """Engines get a model of their own (they hook into it); the reference keeps the fixture."""
+    clone = LSCCNN()
+    clone.load_state_dict(model.state_dict())
+    defaults: dict[str, object] = {"device": "cpu", "max_batch": 4, "bucket_multiple": 64}
+    return LSCCNNEngine(clone, EngineOptions(**{**defaults, **options}))
+
+
+def _total(references: list, results: list, photos: list[np.ndarray]) -> Agreement:
+    parts = [agreement(r, c, rgb.shape[:2]) for r, c, rgb in zip(references, results, photos)]
+    return sum(parts[1:], parts[0])
+
+
+def _padded_batches(engine: LSCCNNEngine, photos: list[np.ndarray]) -> int:
+    pieces = [p for rgb in photos for p in engine.prepare(rgb).pieces]
+    return sum(1 for members, hb, wb in engine.plan_batches(pieces) if any((p.h, p.w) != (hb, wb) for p in members))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_fp32_bucketed_batches_match_the_reference(model, photos, references, channels_last) -> None:
+    engine = _engine(model, precision="fp32", channels_last=channels_last)
+    assert _padded_batches(engine, photos) >= 3, "the photos must exercise padding"
+    results = engine.detect(photos)
+    total = _total(references, results, photos)
+    assert total.reference > 500  # random weights: many detections, a demanding comparison
+    assert total.identical_fraction >= 0.99, total
+    assert total.uncovered == 0, total
+    engine.close()
+
+
+def test_padding_would_change_detections_without_the_masks(model, photos, references) -> None:
+    """The comparison above is sensitive: padding without masking moves boxes near the edges."""
+    engine = _engine(model, precision="fp32")
+    for hook in engine._hooks:
+        hook.remove()
+    total = _total(references, engine.detect(photos), photos)
+    assert total.identical_fraction < 0.99, total
+
+
+def test_bf16_autocast_channels_last_measured(model, photos, references) -> None:
+    engine = _engine(model, precision="bf16", channels_last=True)
+    assert engine.autocast_dtype is torch.bfloat16
+    total = _total(references, engine.detect(photos), photos)
+    print(f"\nbf16 vs fp32 reference: {total.identical_fraction:.2%} identical, "
+          f"{total.uncovered} of {total.reference} reference heads uncovered")
+    # Random weights are a worst case for half precision (see the module docstring).
+    assert total.identical_fraction >= 0.90, total
+    assert total.uncovered <= 0.02 * total.reference, total
+
+
+def test_fp16_overflow_is_rerun_in_fp32() -> None:
+    torch.manual_seed(3)
+    net = _he_init(LSCCNN()).eval()
+    with torch.no_grad():
+        net.conv1_1.weight.mul_(1e4)  # activations far beyond fp16's 65504
+    rgb = _smooth_image(32, 48, 7)
+    reference = reference_detect(net, rgb)
+    engine = _engine(net, precision="fp16")
+    (result,) = engine.detect([rgb])
+    assert engine.overflows == 1
+    total = agreement(reference, result, rgb.shape[:2])
+    assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
+
+
+def test_tiles_of_large_photos_are_batched(model) -> None:
+    """Bounded memory for any size: tiles are pieces like photos, batched with padding."""
+    rgb = _smooth_image(300, 260, 9)  # network input 288 x 256: 2 tiles of unequal size
+    limit, margin = 256 * 256, 96
+    assert len(plan_tiles(288, 256, limit, margin)) == 2
+    engine = _engine(model, precision="fp32", max_tile_pixels=limit, tile_margin=margin, max_batch_pixels=4 * limit)
+    prepared = engine.prepare(rgb)
+    assert len(prepared.pieces) == 2 and len(engine.plan_batches(prepared.pieces)) == 1
+    locator = LSCCNNLocator.from_model(model, device="cpu", max_tile_pixels=limit, tile_margin=margin)
+    total = agreement(locator.locate(rgb), engine.detect([rgb])[0], rgb.shape[:2])
+    assert total.reference > 100 and total.identical_fraction >= 0.99 and total.uncovered == 0, total
+
+
+def test_decoding_overlaps_the_next_forward_pass(model, photos, references, monkeypatch) -> None:
+    engine = _engine(model, precision="bf16", max_batch=2, cpu_threads=2)
+    finish = engine.finish
+
+    def slow_finish(prepared):  # type: ignore[no-untyped-def]
+        time.sleep(0.15)  # a decode long enough to be seen
+        return finish(prepared)
+
+    monkeypatch.setattr(engine, "finish", slow_finish)
+    trace: list[tuple[str, float, float]] = []
+    chosen = photos[:6]
+    results = engine.detect(chosen, trace=trace)
+    forwards = [(a, b) for stage, a, b in trace if stage == "forward"]
+    decodes = [(a, b) for stage, a, b in trace if stage == "decode"]
+    assert len(forwards) >= 3 and len(decodes) == len(forwards)
+    overlapping = [d for d in decodes if any(a < d[1] and d[0] < b for a, b in forwards)]
+    assert overlapping, (forwards, decodes)
+    busy = sum(b - a for a, b in forwards) + sum(b - a for a, b in decodes)
+    wall = max(b for _, _, b in trace) - min(a for _, a, _ in trace)
+    assert wall < busy
+    assert _total(references[:6], results, chosen).reference > 0
+
+
+def test_micro_batcher_shares_batches_between_threads(model, photos, references) -> None:
+    engine = _engine(model, precision="fp32", max_batch=4, max_wait_s=0.5)
+    sizes: list[int] = []
+    batcher = MicroBatcher(engine, on_batch=lambda n, _s: sizes.append(n))
+    chosen = photos[:4]
+    results: list = [None] * len(chosen)
+    start = threading.Barrier(len(chosen))
+
+    def work(k: int) -> None:
+        start.wait()
+        results[k] = batcher.detect(chosen[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(chosen))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(sizes) == 4 and max(sizes) >= 2, sizes
+    total = _total(references[:4], results, chosen)
+    assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
+
+    # A failing batch fails its callers (each task applies its own rules); the next one works.
+    real = engine.run_batch
+    engine.run_batch = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="device lost"):
+        batcher.detect(chosen[0])
+    engine.run_batch = real  # type: ignore[method-assign]
+    assert len(batcher.detect(chosen[0])) == len(results[0])
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.detect(chosen[0])
+
+
+def test_compiled_engine_with_stable_shapes(model, photos, references) -> None:
+    """torch.compile traces the masking hooks; ``aot_eager`` keeps the test fast on CPU (the
+    inductor backend gives the same boxes but takes over a minute to compile here)."""
+    engine = _engine(model, precision="fp32", compile=True, compile_backend="aot_eager")
+    assert engine.options.shape_stable
+    chosen, refs = photos[:4], references[:4]
+    batches = engine.plan_batches([p for rgb in chosen for p in engine.prepare(rgb).pieces])
+    assert all(hb % 64 == 0 and wb % 64 == 0 for _, hb, wb in batches)
+    total = _total(refs, engine.detect(chosen), chosen)
+    assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
+
+
+def test_flops_per_photo_from_the_spec_table() -> None:
+    # Spec §1.3: about 359 GMAC at 640x480 and 918 GMAC at 1024x768; issue: ~4.9 TFLOP at 1920x1088.
+    assert lsccnn_flops(480, 640) / 2e9 == pytest.approx(359, rel=0.002)
+    assert lsccnn_flops(768, 1024) / 2e9 == pytest.approx(918, rel=0.002)
+    assert lsccnn_flops(1088, 1920) / 1e12 == pytest.approx(4.88, rel=0.01)
+    # ...and the same count measured from the real module shapes (meta tensors, no arithmetic).
+    with torch.device("meta"):
+        net = LSCCNN()
+    macs = []
+
+    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        k = module.kernel_size[0] * module.kernel_size[1]
+        pixels = inputs[0].shape[-2] * inputs[0].shape[-1] if isinstance(module, nn.ConvTranspose2d) else output.shape[-2] * output.shape[-1]
+        macs.append(k * module.in_channels * module.out_channels * pixels)
+
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.register_forward_hook(count)
+    net(torch.empty(1, 3, 1088, 1920, device="meta"))
+    assert 2 * sum(macs) == lsccnn_flops(1088, 1920)
+
+
+def test_repeating_shapes_pad_counts_and_sides_to_a_few_values(model) -> None:
+    from anonymiser.batching import _slot_count
+
+    assert [_slot_count(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    engine = _engine(model, shape_stable=True, max_batch=8, bucket_multiple=64)
+    sizes = [(40, 50), (60, 40), (30, 20), (33, 60), (20, 20)]  # network sides at most 48
+    pieces = [engine.prepare(_smooth_image(h, w, 0)).pieces[0] for h, w in sizes]
+    (members, hb, wb), = engine.plan_batches(pieces)
+    assert (len(members), hb, wb) == (5, 64, 64)  # the bucket's size, not the largest member's
+    batch = engine.run_batch(members, hb, wb)  # 6 slots, one of them padding
+    assert batch._outputs[0].shape[0] == 5  # the padding slot never leaves the device stage
+    assert not _engine(model).options.shape_stable  # CPU default: pad to the largest member only
+
+
+def test_options_from_env_list_every_problem() -> None:
+    env = {"ANON_LSCCNN_PRECISION": "fp8", "ANON_LSCCNN_MAX_BATCH": "0", "ANON_LSCCNN_BUCKET": "40",
+           "ANON_LSCCNN_COMPILE": "maybe", "ANON_LSCCNN_DEVICE": "tpu9"}
+    with pytest.raises(ValueError) as raised:
+        EngineOptions.from_env(env)
+    message = str(raised.value)
+    for name in ("precision", "max_batch", "bucket_multiple", "ANON_LSCCNN_COMPILE", "ANON_LSCCNN_DEVICE"):
+        assert name in message, message
+    options = EngineOptions.from_env({"ANON_LSCCNN_MAX_BATCH": "32", "ANON_LSCCNN_BATCH_WAIT_MS": "3",
+                                      "ANON_LSCCNN_TILE_MEGAPIXELS": "4", "ANON_LSCCNN_PRECISION": "BF16"})
+    assert (options.max_batch, options.max_wait_s, options.max_tile_pixels, options.precision) == (32, 0.003, 4_000_000, "bf16")
