@@ -19,7 +19,7 @@ from . import emoji
 from .cover import STYLES, CoverStyle
 from .errors import AnonymiserError
 from .limits import Limits
-from .locators.registry import REGISTRY, available_names, default_weights_dir
+from .locators.registry import REGISTRY
 from .pipeline import Anonymiser, Settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".heic", ".heif", ".jfif"}
@@ -66,16 +66,21 @@ def _output_path(outdir: Path, source: Path, fmt: str, used: set[Path]) -> Path:
     return candidate
 
 
-def run(argv: Sequence[str]) -> int:
-    """Anonymise files; returns the process exit status (1 if any file failed)."""
-    args = _parser().parse_args(argv)
-    settings = Settings(
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The anonymiser settings chosen by the options both ``anonymise`` and ``serve`` accept."""
+    return Settings(
         locators=tuple(args.locator) if args.locator else None,
         style=CoverStyle(style=args.style, skin_tone=args.skin_tone),
         limits=Limits.from_env(),
         safeguard=not args.no_safeguard,
         residual_pass=not args.no_residual,
     )
+
+
+def run(argv: Sequence[str]) -> int:
+    """Anonymise files; returns the process exit status (1 if any file failed)."""
+    args = _parser().parse_args(argv)
+    settings = settings_from_args(args)
     try:
         anonymiser = Anonymiser(settings, weights_dir=args.weights)
     except AnonymiserError as exc:

@@ -41,7 +41,6 @@ def make_photo(megapixels: float) -> bytes:
 
 def child(megapixels: float, locators: str | None) -> None:
     """Runs in the subprocess: one warm-up on a small image, then the measured photo."""
-    from anonymiser.limits import Limits
     from anonymiser.pipeline import Anonymiser, Settings
 
     photo = make_photo(megapixels)

@@ -738,13 +738,9 @@ def main(argv: Sequence[str]) -> int:
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
-    settings = Settings(
-        locators=tuple(args.locator) if args.locator else None,
-        style=CoverStyle(style=args.style, skin_tone=args.skin_tone),
-        limits=Limits.from_env(),
-        safeguard=not args.no_safeguard,
-        residual_pass=not args.no_residual,
-    )
+    from ..cli import settings_from_args  # the CLI imports this module lazily, so no cycle
+
+    settings = settings_from_args(args)
     try:
         anonymiser = Anonymiser(settings, weights_dir=args.weights)
     except AnonymiserError as exc:

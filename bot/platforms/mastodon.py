@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from html.parser import HTMLParser
 from typing import Any, Iterator
 from urllib.parse import urlparse
