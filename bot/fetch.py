@@ -4,6 +4,10 @@ http(s) only; every address the host resolves to must be public (no loopback, pr
 link-local, multicast or reserved ranges) unless a test setting allows it; redirects are
 followed by hand so each hop is checked again; the body is read in chunks and abandoned as
 soon as it exceeds the byte cap. Nothing touches the disk.
+
+Known gap: the address check and the download resolve the name separately, so a DNS server that
+answers differently the second time (rebinding) is not caught; pinning the connection to the
+checked address is the fix.
 """
 
 from __future__ import annotations
