@@ -50,7 +50,15 @@ def listen() -> int:
 
     listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s)
     threading.Thread(target=router.run, args=(listener.stop,), name="drain", daemon=True).start()
-    me = platform.me()
+    from .platforms.base import PlatformError
+
+    try:
+        me = platform.me()
+    except PlatformError as exc:
+        # Wrong token or unreachable server: say so plainly instead of a traceback.
+        listener.stop.set()
+        print(f"Cannot reach the {platform.name} account: {exc}. Check the credentials and URL.", file=sys.stderr)
+        return 1
     logging.getLogger("bot").info("listening", extra={"account": me.acct, "channels": ",".join(listener.channels)})
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: listener.stop.set())
