@@ -6,6 +6,7 @@ every problem at once, so an operator fixes their ``.env`` in one go.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,18 +113,9 @@ class BotConfig:
         values["hashtags"] = tuple(dict.fromkeys(tags))
 
         def number(name: str, key: str, kind: type, minimum: float) -> None:
-            raw = env.get(name)
-            if raw is None or raw.strip() == "":
-                return
-            try:
-                value = kind(raw)
-            except ValueError:
-                problems.append(f"{name} must be a{'n integer' if kind is int else ' number'}, got {raw!r}")
-                return
-            if value < minimum:
-                problems.append(f"{name} must be at least {minimum}, got {raw!r}")
-                return
-            values[key] = value
+            value = read_number(env, name, kind, problems, low=minimum)
+            if value is not None:
+                values[key] = value
 
         number("BOT_MAX_MEDIA_BYTES", "max_media_bytes", int, 1)
         number("BOT_MEDIA_TIMEOUT", "media_timeout_s", float, 0.1)
@@ -168,6 +160,28 @@ def _platforms(env: Mapping[str, str], problems: list[str]) -> tuple[str, ...]:
     if not named and not any(env.get(v, "").strip() for v in ("BOT_PLATFORMS", "BOT_PLATFORM")):
         named.append("mastodon")
     return tuple(sorted(named, key=list(PLATFORMS).index))
+
+
+def read_number(
+    env: Mapping[str, str], name: str, kind: type, problems: list[str], low: float, high: float = math.inf
+) -> int | float | None:
+    """The number in ``env[name]``, or None when unset; a bad value is added to ``problems``.
+
+    The one parser of numeric settings, so every process reports them the same way.
+    """
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        problems.append(f"{name} must be a{'n integer' if kind is int else ' number'}, got {raw!r}")
+        return None
+    if not low <= value <= high:
+        bound = f"at least {low}" if high == math.inf else f"between {low:g} and {high:g}"
+        problems.append(f"{name} must be {bound}, got {raw!r}")
+        return None
+    return value
 
 
 def configured(environ: Mapping[str, str] | None = None) -> bool:

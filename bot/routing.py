@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 import redis
 from celery import signals
 
-from .config import ConfigError
+from .config import ConfigError, read_number
 
 log = logging.getLogger("bot.routing")
 
@@ -84,18 +84,9 @@ class FleetSettings:
             values["role"] = role
 
         def number(name: str, key: str, kind: type, low: float, high: float) -> None:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return
-            try:
-                value = kind(raw)
-            except ValueError:
-                problems.append(f"{name} must be a{'n integer' if kind is int else ' number'}, got {raw!r}")
-                return
-            if not low <= value <= high:
-                problems.append(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
-                return
-            values[key] = value
+            value = read_number(env, name, kind, problems, low=low, high=high)
+            if value is not None:
+                values[key] = value
 
         number("BOT_HEARTBEAT_INTERVAL", "heartbeat_interval_s", float, 0.1, 300)
         number("BOT_GPU_QUEUE_LIMIT", "gpu_queue_limit", int, 1, 10_000_000)
