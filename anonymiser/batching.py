@@ -127,30 +127,36 @@ class EngineOptions:
     #: MicroBatcher: how long the first photo of a batch waits for companions
     max_wait_s: float = 0.005
 
-    def validate(self) -> None:
-        problems = []
+    def problems(self) -> list[tuple[str, str]]:
+        """Each inconsistent option as ``(field, message)``."""
+        problems: list[tuple[str, str]] = []
         if self.precision not in ("auto", *PRECISIONS):
-            problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            problems.append(("precision", f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"))
         if self.max_batch < 1:
-            problems.append(f"max_batch must be at least 1, got {self.max_batch}")
+            problems.append(("max_batch", f"max_batch must be at least 1, got {self.max_batch}"))
         if self.bucket_multiple < INPUT_MULTIPLE or self.bucket_multiple % INPUT_MULTIPLE:
-            problems.append(f"bucket_multiple must be a positive multiple of 16, got {self.bucket_multiple}")
+            problems.append(("bucket_multiple", f"bucket_multiple must be a positive multiple of 16, got {self.bucket_multiple}"))
         if self.tile_margin < MIN_TILE_MARGIN or self.tile_margin % INPUT_MULTIPLE:
-            problems.append(f"tile_margin must be a multiple of 16 and >= {MIN_TILE_MARGIN}, got {self.tile_margin}")
+            problems.append(("tile_margin", f"tile_margin must be a multiple of 16 and >= {MIN_TILE_MARGIN}, got {self.tile_margin}"))
         smallest = (2 * self.tile_margin + INPUT_MULTIPLE) ** 2
         if self.max_tile_pixels is not None and self.max_tile_pixels < smallest:
-            problems.append(f"max_tile_pixels must be >= {smallest} for tile_margin {self.tile_margin}")
+            problems.append(("max_tile_pixels", f"max_tile_pixels must be >= {smallest} for tile_margin {self.tile_margin}"))
         if (self.max_tile_pixels is not None and self.max_batch_pixels is not None
                 and self.max_batch_pixels < self.max_tile_pixels):
-            problems.append("max_batch_pixels must be at least max_tile_pixels (one tile must fit a batch)")
+            problems.append(("max_batch_pixels", "max_batch_pixels must be at least max_tile_pixels (one tile must fit a batch)"))
         if not 0.0 <= self.nms_threshold <= 1.0:
-            problems.append(f"nms_threshold must be in [0, 1], got {self.nms_threshold}")
+            problems.append(("nms_threshold", f"nms_threshold must be in [0, 1], got {self.nms_threshold}"))
         if self.cpu_threads < 1:
-            problems.append(f"cpu_threads must be at least 1, got {self.cpu_threads}")
+            problems.append(("cpu_threads", f"cpu_threads must be at least 1, got {self.cpu_threads}"))
         if not 0.0 <= self.max_wait_s <= 10.0:
-            problems.append(f"max_wait_s must be between 0 and 10 s, got {self.max_wait_s}")
+            problems.append(("max_wait_s", f"max_wait_s must be between 0 and 10 s, got {self.max_wait_s}"))
+        return problems
+
+    def validate(self) -> None:
+        """``ValueError`` listing every inconsistent option."""
+        problems = self.problems()
         if problems:
-            raise ValueError("invalid LSC-CNN engine options: " + "; ".join(problems))
+            raise ValueError("invalid LSC-CNN engine options: " + "; ".join(message for _, message in problems))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "EngineOptions":
@@ -166,7 +172,10 @@ class EngineOptions:
         values: dict[str, Any] = {}
         problems: list[str] = []
 
+        variables: dict[str, str] = {}
+
         def read(name: str, key: str, convert: Callable[[str], Any]) -> None:
+            variables[key] = name
             raw = env.get(name, "").strip()
             if not raw:
                 return
@@ -214,10 +223,8 @@ class EngineOptions:
         read("ANON_LSCCNN_BATCH_WAIT_MS", "max_wait_s", lambda raw: float(raw) / 1000.0)
         values.update(overrides)
         options = cls(**values)
-        try:
-            options.validate()
-        except ValueError as exc:
-            problems.append(str(exc))
+        for key, message in options.problems():
+            problems.append(f"{variables[key]}: {message}" if key in variables and key not in overrides else message)
         if problems:
             raise ValueError("invalid LSC-CNN settings: " + "; ".join(problems))
         return options

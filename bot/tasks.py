@@ -13,14 +13,17 @@ import logging
 import os
 import sys
 import threading
+import time
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from celery import Celery, signals
 
 # First: metrics switch prometheus_client to multiprocess mode before anything imports it; both
 # modules connect worker signals (heartbeats, role queue, metrics server).
 from . import metrics, routing
+from anonymiser.errors import WeightsError
 from anonymiser.limits import Limits
 from anonymiser.pipeline import Anonymiser, Settings
 
@@ -59,7 +62,7 @@ app.conf.update(
 
 
 @signals.worker_init.connect
-def _validate_at_start(**_: Any) -> None:
+def _validate_at_start(sender: Any = None, **_: Any) -> None:
     """Fail at start-up, with every problem listed, rather than on the first job."""
     logs.setup()
     try:
@@ -69,6 +72,29 @@ def _validate_at_start(**_: Any) -> None:
         # anyway and fail every job); SystemExit is not swallowed and stops the worker.
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+    pool = getattr(sender, "pool_cls", "")
+    pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
+    # Prefork children would inherit models (and a CUDA context) loaded here, which neither
+    # ONNX Runtime's thread pools nor CUDA survive: they load their own on their first job.
+    if routing.settings_or_exit().role == "gpu" and "prefork" not in pool_name.lower():
+        _warm_up()
+
+
+def _warm_up() -> None:
+    """A GPU worker loads its models and runs one photo before it announces itself.
+
+    Its heartbeat (what makes listeners route jobs to it) starts only at ``worker_ready``, after
+    this, so no job waits behind model loading, cuDNN autotuning or compilation, and missing
+    weights stop the worker at start instead of failing its first jobs.
+    """
+    started = time.monotonic()
+    try:
+        # Small: loading, CUDA start-up and first kernels are what take long, not the pixels.
+        anonymiser().locate(np.full((256, 256, 3), 128, np.uint8))
+    except (WeightsError, ValueError) as exc:
+        print(f"cannot load the models: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("worker_warm", extra={"seconds": round(time.monotonic() - started, 3)})
 
 
 @signals.worker_process_init.connect

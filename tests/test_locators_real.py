@@ -18,7 +18,8 @@ from anonymiser.locators.centerface import STRIDE, CenterFaceLocator, decode_map
 from anonymiser.locators.heads import HeadsLocator, letterbox
 from anonymiser.locators.nms import iou_matrix, nms
 from anonymiser.locators.registry import REGISTRY, available_names
-from anonymiser.locators.tiling import clip_and_suppress, run_tiled, tile_origins, tile_windows
+from anonymiser.locators.onnx_models import OnnxOptions
+from anonymiser.locators.tiling import Tile, clip_and_suppress, run_batched, run_tiled, tile_origins, tile_windows, tiles
 from anonymiser.pipeline import Anonymiser, Settings
 
 from imaging import ASTRONAUT_FACE, HEADS_FILE, load_eval, points_in_boxes
@@ -110,6 +111,81 @@ def test_locator_covers_most_heads_in_a_medium_crowd(
     # not "cover everything": boxes are head-sized, not a blanket over the photo
     areas = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1])
     assert np.median(areas) < 0.02 * rgb.shape[0] * rgb.shape[1]
+
+
+@pytest.mark.parametrize("locator", ["centerface", "heads"])
+def test_batched_tiles_give_the_same_detections(
+    photo_detections: dict[str, tuple[np.ndarray, dict, Detections, Detections]],
+    heads_dir: Path,
+    locator: str,
+) -> None:
+    """Tiles run five at a time (as on the GPU, where the default is 8) give the same boxes and
+    scores as one tile per call, on real photos; and the calls really are batched."""
+    options = OnnxOptions(threads=0, tile_batch=5)
+    batched = (CenterFaceLocator(onnx_options=options) if locator == "centerface"
+               else HeadsLocator(heads_dir / HEADS_FILE, onnx_options=options))
+    assert batched.tile_batch == 5
+    sizes: list[int] = []
+    infer = batched._infer
+
+    def counting(batch: np.ndarray) -> list:
+        sizes.append(len(batch))
+        return infer(batch)
+
+    batched._infer = counting  # type: ignore[method-assign]
+    for name, (rgb, _meta, faces, heads) in photo_detections.items():
+        alone = faces if locator == "centerface" else heads
+        together = batched.locate(rgb)
+        assert len(together) == len(alone), name
+        order_a, order_t = np.lexsort(alone.boxes.T), np.lexsort(together.boxes.T)
+        np.testing.assert_allclose(together.boxes[order_t], alone.boxes[order_a], atol=1e-3)
+        np.testing.assert_allclose(together.scores[order_t], alone.scores[order_a], atol=1e-5)
+    assert max(sizes) == 5 and sum(sizes) > len(sizes)
+
+
+def test_run_batched_groups_equal_shapes_only() -> None:
+    """Inputs of different shapes never share a batch (nothing is padded), no batch exceeds the
+    limit, and every input's output reaches its own finisher."""
+    shapes = [(3, 32, 64), (3, 64, 32), (3, 32, 64), (3, 32, 64), (3, 64, 32), (3, 32, 64), (3, 32, 64)]
+    jobs = []
+    for index, shape in enumerate(shapes):
+        blob = np.full(shape, index, np.float32)
+        jobs.append((blob, lambda value, i=index: Detections([[i, i, i + 1, i + 1]], [value])))
+    calls: list[tuple[int, ...]] = []
+
+    def infer(batch: np.ndarray) -> list[float]:
+        calls.append(batch.shape)
+        return [float(item.flat[0]) for item in batch]  # each input's own marker
+
+    found = run_batched(iter(jobs), infer, batch=3)
+    assert sorted(found.scores.tolist()) == list(range(len(shapes)))
+    np.testing.assert_array_equal(found.boxes[:, 0], found.scores)  # output i went to finisher i
+    assert all(shape[0] <= 3 for shape in calls)
+    assert sorted(calls) == sorted([(3, 3, 32, 64), (2, 3, 32, 64), (2, 3, 64, 32)])
+    with pytest.raises(ValueError):
+        run_batched(iter(jobs), infer, batch=0)
+
+
+def test_tiles_map_back_like_run_tiled() -> None:
+    """``tiles`` and ``Tile.to_source`` are what ``run_tiled`` is made of: a whole-image tile
+    maps boxes unchanged, and tile images are the resized windows."""
+    image = np.random.default_rng(3).integers(0, 255, (500, 900, 3), np.uint8)
+    whole = Tile(image, 0, 0, 1.0, 1.0)
+    box = Detections([[1, 2, 3, 4]], [0.5])
+    np.testing.assert_array_equal(whole.to_source(box).boxes, box.boxes)
+    cut = list(tiles(image, 2.0, 640, 480, 160))
+    assert all(t.image.shape == (480, 640, 3) for t in cut)
+    assert len(cut) == len(tile_windows(900, 500, 320, 240, 80))
+
+
+def test_onnx_options_from_env() -> None:
+    """``ANON_ONNX_THREADS`` and ``ANON_ONNX_TILE_BATCH`` are read and checked; CPU sessions
+    default to one tile per call."""
+    assert OnnxOptions.from_env({}) == OnnxOptions(0, None)
+    assert OnnxOptions.from_env({"ANON_ONNX_THREADS": "2", "ANON_ONNX_TILE_BATCH": "16"}) == OnnxOptions(2, 16)
+    for env in ({"ANON_ONNX_TILE_BATCH": "0"}, {"ANON_ONNX_TILE_BATCH": "many"}, {"ANON_ONNX_THREADS": "-1"}):
+        with pytest.raises(ValueError, match="ANON_ONNX_"):
+            OnnxOptions.from_env(env)
 
 
 def test_head_model_finds_heads_seen_from_behind(
@@ -344,18 +420,18 @@ def test_centerface_decode_maps() -> None:
 
 @pytest.mark.parametrize("width,height", [(640, 480), (1280, 960), (300, 100), (100, 300), (2000, 900)])
 def test_letterbox_is_bgr_and_maps_back(width: int, height: int) -> None:
-    """The head model's input is BGR float 1x3x480x640; a marker at (x, y) in the photo lands
+    """The head model's input is BGR float 3x480x640 (batched by the caller); a marker at (x, y) in the photo lands
     at (x, y) / factor in the network input, and padding is grey 114."""
     rgb = np.zeros((height, width, 3), np.uint8)
     mx, my = width * 3 // 5, height * 2 // 5
     s = max(4, width // 40, height // 40)
     rgb[my : my + s, mx : mx + s] = (255, 0, 0)  # pure red
     blob, factor = letterbox(rgb)
-    assert blob.shape == (1, 3, 480, 640) and blob.dtype == np.float32
+    assert blob.shape == (3, 480, 640) and blob.dtype == np.float32
     assert factor == pytest.approx(max(width / 640, height / 480))
     nx, ny = int((mx + s / 2) / factor), int((my + s / 2) / factor)
-    assert blob[0, 2, ny, nx] > 200 and blob[0, 0, ny, nx] < 50  # red sits in channel 2 (BGR)
+    assert blob[2, ny, nx] > 200 and blob[0, ny, nx] < 50  # red sits in channel 2 (BGR)
     if width / height > 640 / 480 + 0.01:  # wide: padding at the bottom
-        assert np.all(blob[0, :, -1, :] == 114)
+        assert np.all(blob[:, -1, :] == 114)
     elif width / height < 640 / 480 - 0.01:  # tall: padding on the right
-        assert np.all(blob[0, :, :, -1] == 114)
+        assert np.all(blob[:, :, -1] == 114)

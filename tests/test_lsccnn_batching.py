@@ -282,7 +282,8 @@ def test_options_from_env_list_every_problem() -> None:
     with pytest.raises(ValueError) as raised:
         EngineOptions.from_env(env)
     message = str(raised.value)
-    for name in ("precision", "max_batch", "bucket_multiple", "ANON_LSCCNN_COMPILE", "ANON_LSCCNN_DEVICE"):
+    for name in ("ANON_LSCCNN_PRECISION", "ANON_LSCCNN_MAX_BATCH", "ANON_LSCCNN_BUCKET", "ANON_LSCCNN_COMPILE",
+                 "ANON_LSCCNN_DEVICE"):
         assert name in message, message
     options = EngineOptions.from_env({"ANON_LSCCNN_MAX_BATCH": "32", "ANON_LSCCNN_BATCH_WAIT_MS": "3",
                                       "ANON_LSCCNN_TILE_MEGAPIXELS": "4", "ANON_LSCCNN_PRECISION": "BF16"})

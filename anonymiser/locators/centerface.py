@@ -3,7 +3,8 @@
 Faces only: it never finds a head seen from behind. It is run on RGB (fed BGR it loses about 15
 points of recall on the dev set) at native size and at 2x upscale, because a single pass at
 native size misses most small, far-away faces. Large images are processed in tiles so memory
-stays bounded whatever the photo's size.
+stays bounded whatever the photo's size; tiles of equal shape go through the network in batches
+(``ANON_ONNX_TILE_BATCH``, 8 on the GPU by default).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import onnx
 
 from ..errors import WeightsError
 from .base import Detections
-from .onnx_models import drop_initializer_inputs, session
-from .tiling import clip_and_suppress, run_tiled
+from .onnx_models import OnnxOptions, drop_initializer_inputs, session
+from .tiling import Job, Tile, clip_and_suppress, run_batched, tiles
 
 #: CenterFace's output stride
 STRIDE = 4
@@ -95,25 +96,29 @@ class CenterFaceLocator:
         threshold: float = 0.2,
         nms_iou: float = 0.3,
         path: Path | None = None,
+        onnx_options: OnnxOptions | None = None,
     ) -> None:
         self.scales = scales
         self.threshold = threshold
         self.nms_iou = nms_iou
-        self._session = session(_load_model(path or model_path()))
+        self._session = session(_load_model(path or model_path()), onnx_options)
         self._input = self._session.get_inputs()[0].name
+        self.tile_batch = (onnx_options or OnnxOptions.from_env()).batch_for(self._session)
 
-    def _run_tile(self, rgb_tile: np.ndarray) -> Detections:
-        h, w = rgb_tile.shape[:2]
-        padded_h, padded_w = -(-h // 32) * 32, -(-w // 32) * 32
-        blob = np.zeros((1, 3, padded_h, padded_w), np.float32)
-        blob[0, :, :h, :w] = rgb_tile.transpose(2, 0, 1)
-        heatmap, scale, offset, _landmarks = self._session.run(None, {self._input: blob})
-        return decode_maps(heatmap[0, 0], scale[0], offset[0], self.threshold)
+    def _job(self, tile: Tile) -> Job:
+        # Each tile is padded on its own to a multiple of 32, exactly as it would be alone, so
+        # tiles batch together only when their padded shapes are equal.
+        h, w = tile.image.shape[:2]
+        blob = np.zeros((3, -(-h // 32) * 32, -(-w // 32) * 32), np.float32)
+        blob[:, :h, :w] = tile.image.transpose(2, 0, 1)
+        return blob, lambda maps: tile.to_source(decode_maps(maps[0][0], maps[1], maps[2], self.threshold))
+
+    def _infer(self, batch: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+        heatmap, scale, offset, _landmarks = self._session.run(None, {self._input: batch})
+        return list(zip(heatmap, scale, offset))
 
     def locate(self, rgb: np.ndarray) -> Detections:
         """Face boxes in pixels of ``rgb``, the union of all scales after NMS."""
         h, w = rgb.shape[:2]
-        found = Detections.concat(
-            [run_tiled(rgb, f, TILE, TILE, OVERLAP, self._run_tile) for f in self.scales]
-        )
-        return clip_and_suppress(found, w, h, self.nms_iou)
+        jobs = (self._job(t) for f in self.scales for t in tiles(rgb, f, TILE, TILE, OVERLAP))
+        return clip_and_suppress(run_batched(jobs, self._infer, self.tile_batch), w, h, self.nms_iou)

@@ -5,13 +5,16 @@ GPL-3.0 data that operators download into ``weights/`` (see ``weights/README.md`
 never ships it. The graph takes a BGR float image and resizes internally to a fixed 480x640, so
 every input is prepared as exactly 640x480 (letterboxed with grey 114) to make that resize an
 identity, and large photos are tiled: at native size, at 2x for small far heads, and once as a
-whole (shrunk) so that heads larger than a tile are seen too.
+whole (shrunk) so that heads larger than a tile are seen too. Every input is the same 640x480,
+so all of a photo's tiles batch together (``ANON_ONNX_TILE_BATCH``, 8 on the GPU by default).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -20,8 +23,8 @@ from onnx import numpy_helper
 
 from ..errors import WeightsError
 from .base import Detections
-from .onnx_models import session
-from .tiling import clip_and_suppress, run_tiled
+from .onnx_models import OnnxOptions, session
+from .tiling import Job, Tile, clip_and_suppress, run_batched, tiles
 
 FILE_NAME = "yolov9_n_wholebody25_post_0100_1x3x480x640.onnx"
 SHA256 = "f0592465de0c42a3a2ca6a423c6ae042e889c36bb1b4df28e18c5d4a5a9943af"
@@ -60,13 +63,61 @@ def _load_model(path: Path, score_threshold: float) -> onnx.ModelProto:
             replaced += 1
     if replaced != 2:
         raise WeightsError(f"{path} does not have the expected NMS settings: not the supported model.")
+    _free_batch_axis(model, path)
     return model
+
+
+#: the graph's own resize node (an identity for our exact 640x480 inputs) and the reshapes that
+#: spell the batch size as a literal 1
+_PREP_RESIZE = "prep/Resize"
+_BATCH_RESHAPES = ("/model.22/Reshape", "/model.22/Reshape_1", "/model.22/Reshape_2",
+                   "/model.22/dfl/Reshape", "/model.22/dfl/Reshape_1")
+
+
+def _free_batch_axis(model: onnx.ModelProto, path: Path) -> None:
+    """Let the exported batch-1 graph take ``[N, 3, 480, 640]``.
+
+    The export fixes the batch at 1 in two places: the input resize's target size and five
+    reshapes of the detection head. The resize is dropped (inputs are always exactly 640x480, so
+    it was an identity) and the reshapes copy the batch axis from their input (ONNX's 0) instead
+    of the literal 1. The graph's NMS already works per batch item and reports each box's batch
+    index, so each tile gets exactly the boxes it would get alone (checked by a test).
+    """
+    graph = model.graph
+    nodes = {node.name: node for node in graph.node}
+    inits = {init.name: init for init in graph.initializer}
+    if _PREP_RESIZE not in nodes or any(name not in nodes for name in _BATCH_RESHAPES):
+        raise WeightsError(f"{path} does not have the expected graph: not the supported model.")
+    resize = nodes[_PREP_RESIZE]
+    resized, source = resize.output[0], resize.input[0]
+    graph.node.remove(resize)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == resized:
+                node.input[index] = source
+    for name in _BATCH_RESHAPES:
+        node = nodes[name]
+        shape = numpy_helper.to_array(inits[node.input[1]]).copy()
+        if shape[0] != 1:
+            raise WeightsError(f"{path} does not have the expected graph: not the supported model.")
+        shape[0] = 0
+        node.input[1] = f"{node.input[1]}_any_batch"
+        if node.input[1] not in inits:
+            inits[node.input[1]] = numpy_helper.from_array(shape, node.input[1])
+            graph.initializer.append(inits[node.input[1]])
+    dims = graph.input[0].type.tensor_type.shape.dim
+    dims[0].ClearField("dim_value")
+    dims[0].dim_param = "N"
+    dims[2].dim_value, dims[3].dim_value = NET_H, NET_W
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
 
 
 def letterbox(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     """Pad to 4:3 with grey at right/bottom, then resize (area) to 640x480.
 
-    Returns the network input as BGR float32 ``[1, 3, 480, 640]`` and the factor that maps
+    Returns the network input as BGR float32 ``[3, 480, 640]`` and the factor that maps
     network pixels back to ``rgb`` pixels.
     """
     h, w = rgb.shape[:2]
@@ -79,7 +130,7 @@ def letterbox(rgb: np.ndarray) -> tuple[np.ndarray, float]:
         canvas = cv2.resize(
             canvas, (NET_W, NET_H), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         )
-    bgr = canvas[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32)
+    bgr = canvas[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
     return np.ascontiguousarray(bgr), canvas_w / NET_W
 
 
@@ -97,6 +148,7 @@ class HeadsLocator:
         nms_iou: float = 0.45,
         whole_image_pass: bool = True,
         verify: bool = True,
+        onnx_options: OnnxOptions | None = None,
     ) -> None:
         if verify:
             verify_file(path)
@@ -104,20 +156,29 @@ class HeadsLocator:
         self.threshold = threshold
         self.nms_iou = nms_iou
         self.whole_image_pass = whole_image_pass
-        self._session = session(_load_model(path, threshold))
+        self._session = session(_load_model(path, threshold), onnx_options)
         self._input = self._session.get_inputs()[0].name
+        self.tile_batch = (onnx_options or OnnxOptions.from_env()).batch_for(self._session)
 
-    def _run(self, rgb: np.ndarray) -> Detections:
-        """Heads in one image region (any size, letterboxed to the network)."""
-        blob, factor = letterbox(rgb)
-        (out,) = self._session.run(None, {self._input: blob})
-        out = out[(out[:, 1] == HEAD_CLASS) & (out[:, 2] >= self.threshold)]
-        return Detections(out[:, 3:7] * factor, out[:, 2])
+    def _job(self, tile: Tile) -> Job:
+        blob, factor = letterbox(tile.image)
+
+        def finish(out: np.ndarray) -> Detections:
+            out = out[(out[:, 1] == HEAD_CLASS) & (out[:, 2] >= self.threshold)]
+            return tile.to_source(Detections(out[:, 3:7] * factor, out[:, 2]))
+
+        return blob, finish
+
+    def _infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        (out,) = self._session.run(None, {self._input: batch})
+        return [out[out[:, 0] == index] for index in range(len(batch))]
 
     def locate(self, rgb: np.ndarray) -> Detections:
         """Head boxes in pixels of ``rgb``."""
         h, w = rgb.shape[:2]
-        parts = [run_tiled(rgb, f, NET_W, NET_H, OVERLAP, self._run) for f in self.scales]
+        # Lazily: a 50 MP photo has over a thousand 2x tiles.
+        regions: Iterable[Tile] = (t for f in self.scales for t in tiles(rgb, f, NET_W, NET_H, OVERLAP))
         if self.whole_image_pass and (w > NET_W or h > NET_H):
-            parts.append(self._run(rgb))
-        return clip_and_suppress(Detections.concat(parts), w, h, self.nms_iou)
+            regions = itertools.chain(regions, [Tile(rgb, 0, 0, 1.0, 1.0)])
+        found = run_batched((self._job(t) for t in regions), self._infer, self.tile_batch)
+        return clip_and_suppress(found, w, h, self.nms_iou)

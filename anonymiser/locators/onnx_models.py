@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Mapping
 
 import onnx
 import onnxruntime as ort
+
+#: tiles per ONNX Runtime call on the GPU, where one call per tile would leave it mostly idle
+CUDA_TILE_BATCH = 8
+MAX_TILE_BATCH = 64
 
 
 def providers() -> list[str]:
@@ -13,6 +20,55 @@ def providers() -> list[str]:
     available = ort.get_available_providers()
     wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return [p for p in wanted if p in available]
+
+
+@lru_cache(maxsize=1)
+def _share_cuda_libraries() -> None:
+    """Let onnxruntime-gpu use the CUDA and cuDNN libraries that the CUDA build of torch ships,
+    so the GPU image needs no second copy of them (ONNX Runtime >= 1.21's ``preload_dlls``)."""
+    import torch  # noqa: F401  (loading torch first maps its CUDA libraries into the process)
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How the ONNX locators run.
+
+    ``threads``: ONNX Runtime's intra-op threads (0: one per core). ``tile_batch``: tiles per
+    call (None: 8 when the CUDA provider is active, 1 on CPU, where ONNX Runtime already spreads
+    one tile over every core and a batch would only multiply activation memory).
+    """
+
+    threads: int = 0
+    tile_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"ANON_ONNX_THREADS must be at least 0, got {self.threads}")
+        if self.tile_batch is not None and not 1 <= self.tile_batch <= MAX_TILE_BATCH:
+            raise ValueError(f"ANON_ONNX_TILE_BATCH must be between 1 and {MAX_TILE_BATCH}, got {self.tile_batch}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "OnnxOptions":
+        """``ANON_ONNX_THREADS`` and ``ANON_ONNX_TILE_BATCH``; unset keeps the defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, int] = {}
+        for name, key in (("ANON_ONNX_THREADS", "threads"), ("ANON_ONNX_TILE_BATCH", "tile_batch")):
+            raw = env.get(name, "").strip()
+            if raw:
+                try:
+                    values[key] = int(raw)
+                except ValueError:
+                    raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        return cls(**values)
+
+    def batch_for(self, session: ort.InferenceSession) -> int:
+        """The tile batch for a session, by the provider it actually got."""
+        if self.tile_batch is not None:
+            return self.tile_batch
+        return CUDA_TILE_BATCH if "CUDAExecutionProvider" in session.get_providers() else 1
 
 
 def drop_initializer_inputs(model: onnx.ModelProto) -> None:
@@ -23,11 +79,14 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> None:
     model.graph.input.extend(kept)
 
 
-def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, options: OnnxOptions | None = None) -> ort.InferenceSession:
     """An inference session for an in-memory model (weights never leave the process)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    threads = threads or int(os.environ.get("ANON_ONNX_THREADS", "0") or 0)
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers())
+    options = options or OnnxOptions.from_env()
+    chosen = providers()
+    if "CUDAExecutionProvider" in chosen:
+        _share_cuda_libraries()
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    if options.threads:
+        session_options.intra_op_num_threads = options.threads
+    return ort.InferenceSession(model.SerializeToString(), sess_options=session_options, providers=chosen)

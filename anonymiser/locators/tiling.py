@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -36,24 +37,34 @@ def tile_windows(width: int, height: int, tile_w: int, tile_h: int, overlap: int
     ]
 
 
-def run_tiled(
-    rgb: np.ndarray,
-    factor: float,
-    tile_w: int,
-    tile_h: int,
-    overlap: int,
-    detect: Callable[[np.ndarray], Detections],
-) -> Detections:
-    """Run ``detect`` over ``rgb`` scaled by ``factor``, one tile at a time.
+@dataclass(frozen=True)
+class Tile:
+    """One window of a photo, resized to the detector's scale, and how to map boxes back."""
+
+    image: np.ndarray
+    x0: int
+    y0: int
+    sx: float
+    sy: float
+
+    def to_source(self, found: Detections) -> Detections:
+        """Boxes found in ``image`` as pixels of the photo the tile was cut from."""
+        if not len(found):
+            return found
+        sx, sy = self.sx, self.sy
+        return Detections(found.boxes / [sx, sy, sx, sy] + [self.x0, self.y0, self.x0, self.y0], found.scores)
+
+
+def tiles(rgb: np.ndarray, factor: float, tile_w: int, tile_h: int, overlap: int) -> Iterator[Tile]:
+    """The tiles of ``rgb`` scaled by ``factor``, one at a time.
 
     Tiles are cut from the source image and resized individually, so a 2x pass over a 50 MP
     photo never holds a 200 MP copy in memory. ``tile_w``, ``tile_h`` and ``overlap`` are in
-    scaled (network) pixels; boxes come back in ``rgb`` pixels.
+    scaled (network) pixels.
     """
     h, w = rgb.shape[:2]
     src_tw, src_th = max(1, round(tile_w / factor)), max(1, round(tile_h / factor))
     src_overlap = min(round(overlap / factor), min(src_tw, src_th) - 1)
-    parts = []
     for x0, y0, x1, y1 in tile_windows(w, h, src_tw, src_th, src_overlap):
         crop = rgb[y0:y1, x0:x1]
         if factor != 1.0:
@@ -62,9 +73,50 @@ def run_tiled(
             sx, sy = size[0] / (x1 - x0), size[1] / (y1 - y0)
         else:
             sx = sy = 1.0
-        found = detect(np.ascontiguousarray(crop))
-        if len(found):
-            parts.append(Detections(found.boxes / [sx, sy, sx, sy] + [x0, y0, x0, y0], found.scores))
+        yield Tile(np.ascontiguousarray(crop), x0, y0, sx, sy)
+
+
+def run_tiled(
+    rgb: np.ndarray,
+    factor: float,
+    tile_w: int,
+    tile_h: int,
+    overlap: int,
+    detect: Callable[[np.ndarray], Detections],
+) -> Detections:
+    """Run ``detect`` over ``rgb`` scaled by ``factor``, one tile at a time; boxes in ``rgb`` pixels."""
+    return Detections.concat([t.to_source(detect(t.image)) for t in tiles(rgb, factor, tile_w, tile_h, overlap)])
+
+
+#: a network input ``[C, H, W]`` and what turns its raw output into boxes in photo pixels
+Job = tuple[np.ndarray, Callable[[Any], Detections]]
+
+
+def run_batched(jobs: Iterable[Job], infer: Callable[[np.ndarray], Sequence[Any]], batch: int) -> Detections:
+    """Run network inputs through ``infer`` in batches of up to ``batch`` inputs of equal shape.
+
+    ``infer`` takes ``[B, C, H, W]`` and returns one raw output per input. Inputs are grouped by
+    exact shape, never padded to each other, so every input gives the network exactly what it
+    would get alone (the batch changes throughput, not detections). Jobs are consumed lazily and
+    a group runs as soon as it is full, so at most ``batch`` inputs per shape are held at once.
+    """
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    pending: dict[tuple[int, ...], list[Job]] = {}
+    parts: list[Detections] = []
+
+    def flush(shape: tuple[int, ...]) -> None:
+        group = pending.pop(shape)
+        outputs = infer(np.stack([blob for blob, _ in group]))
+        parts.extend(finish(out) for (_, finish), out in zip(group, outputs, strict=True))
+
+    for blob, finish in jobs:
+        group = pending.setdefault(blob.shape, [])
+        group.append((blob, finish))
+        if len(group) >= batch:
+            flush(blob.shape)
+    for shape in list(pending):
+        flush(shape)
     return Detections.concat(parts)
 
 

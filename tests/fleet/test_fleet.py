@@ -225,6 +225,9 @@ def test_gpu_worker_batches_lsccnn_calls_of_concurrent_jobs(fleet: Any, fake: An
                           BOT_WORKER_ROLE="gpu", ANON_LSCCNN_MD5=md5, ANON_LSCCNN_MAX_BATCH="4",
                           ANON_LSCCNN_BATCH_WAIT_MS="1500", ANON_LSCCNN_DEVICE="cpu")
     fleet.ready(worker)
+    # It loaded and ran its models before announcing itself, so no job waits behind loading.
+    log_text = worker.log()
+    assert "worker_warm" in log_text and log_text.index("worker_warm") < log_text.index("worker_alive")
     router = Router(redis_server.client, FleetSettings(), cache_s=0)
     wait_until(lambda: router.choose() == GPU_QUEUE, 10, "the GPU worker's heartbeat")
     statuses = [mention(fake, f"crowd{k}", side=96) for k in range(4)]
@@ -234,8 +237,8 @@ def test_gpu_worker_batches_lsccnn_calls_of_concurrent_jobs(fleet: Any, fake: An
 
     text = worker.scrape()
     assert _metric(text, "ppb_jobs_total", outcome="replied") == 4
-    batches = _metric(text, "ppb_batch_size_count")
-    assert _metric(text, "ppb_batch_size_sum") == 4  # every photo went through LSC-CNN once
+    batches = _metric(text, "ppb_batch_size_count") - 1  # the first batch was the warm-up's
+    assert _metric(text, "ppb_batch_size_sum") == 1 + 4  # the warm-up, then every photo once
     assert batches < 4, "the four calls should have met in fewer than four batches"
     for reply in (fake.replies_to(s["id"])[0] for s in statuses):
         assert len(reply["media_attachments"]) == 1
@@ -248,6 +251,18 @@ def test_gpu_worker_batches_lsccnn_calls_of_concurrent_jobs(fleet: Any, fake: An
     assert list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "batching-*"))
     worker.stop()  # a clean shutdown removes the heartbeat at once
     assert not list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "batching-*"))
+
+
+def test_gpu_worker_that_cannot_load_its_models_stops_at_start(fleet: Any, redis_server: Any) -> None:
+    """A GPU worker loads its models before it announces itself: bad model settings stop it at
+    start, with the reason, and no listener ever routes a job to it."""
+    redis_server.clean()
+    worker = fleet.launch("unloadable", queues=GPU_QUEUE, pool="threads", concurrency=2, BOT_WORKER_ROLE="gpu",
+                          ANON_LSCCNN_PRECISION="fp8")
+    worker.process.wait(60)
+    assert worker.process.returncode != 0
+    assert "cannot load the models" in worker.log() and "ANON_LSCCNN_PRECISION" in worker.log()
+    assert not list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "unloadable-*"))
 
 
 def test_worker_refuses_bad_fleet_settings(fleet: Any) -> None:
