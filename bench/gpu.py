@@ -9,7 +9,10 @@ Prints, on a CUDA device:
    table: ``anonymiser.batching.lsccnn_flops``);
 2. agreement with the reference on the dev photos (``ANON_EVAL_DIR``): identical boxes and
    reference heads left uncovered, for each precision;
-3. with ``--e2e``: one GPU worker (``BOT_WORKER_ROLE=gpu``, thread pool) behind a local fake
+3. the ONNX locators (CenterFace, and the head model when its weights are present): photos per
+   second at the same size with 1, 4, 8 and 16 tiles per ONNX Runtime call, and the provider
+   that ran them (CUDA with ``onnxruntime-gpu``);
+4. with ``--e2e``: one GPU worker (``BOT_WORKER_ROLE=gpu``, thread pool) behind a local fake
    Mastodon and a throw-away Redis: photos per second from enqueue to reply under a burst, then
    the p50 / p95 latency at half that rate.
 
@@ -19,6 +22,7 @@ the same shapes (throughput is the same; agreement is then only indicative, see
 code path stays exercised, and says that the GPU figures are not measured.
 
     python bench/gpu.py [--batches 1,2,4,8,16,32] [--precisions fp16,bf16] [--compile] [--e2e]
+                        [--onnx-batches 1,4,8,16]
 """
 
 from __future__ import annotations
@@ -260,6 +264,34 @@ def run_e2e(args: argparse.Namespace, smoke: bool) -> None:
             app.pool.force_close_all()
 
 
+def run_onnx(args: argparse.Namespace, smoke: bool) -> None:
+    """ONNX locators: photos/s by tiles per call (detections are the same at every batch size:
+    ``tests/test_locators_real.py``)."""
+    from anonymiser.locators.centerface import CenterFaceLocator
+    from anonymiser.locators.heads import FILE_NAME, HeadsLocator
+    from anonymiser.locators.onnx_models import OnnxOptions
+
+    weights = default_weights_dir()
+    h, w = args.size
+    images = photos(2 if smoke else args.onnx_photos, h, w, seed=2)
+    print(f"\nONNX locators, {w}x{h}, {len(images)} photos, photos/s by tiles per call:")
+    for name in ("centerface", "heads"):
+        if name == "heads" and not (weights / FILE_NAME).is_file():
+            print(f"  heads: skipped, no {FILE_NAME} in {weights}")
+            continue
+        for batch in ([1, 2] if smoke else args.onnx_batches):
+            options = OnnxOptions(threads=0, tile_batch=batch)
+            locator = CenterFaceLocator(onnx_options=options) if name == "centerface" else HeadsLocator(
+                weights / FILE_NAME, onnx_options=options)
+            locator.locate(images[0])  # warm-up: provider start, cuDNN algorithm search
+            start = time.perf_counter()
+            for rgb in images:
+                locator.locate(rgb)
+            rate = len(images) / (time.perf_counter() - start)
+            provider = locator._session.get_providers()[0]
+            print(f"  {name:10s} tiles/call {batch:2d}: {rate:7.2f} photos/s ({provider})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4,8,16,32")
@@ -273,9 +305,12 @@ def main() -> None:
     parser.add_argument("--dev-photos", type=int, default=39)
     parser.add_argument("--e2e", action="store_true", help="also run one GPU worker end to end")
     parser.add_argument("--e2e-photos", type=int, default=400)
+    parser.add_argument("--onnx-batches", default="1,4,8,16", help="tiles per ONNX Runtime call")
+    parser.add_argument("--onnx-photos", type=int, default=32)
     parser.add_argument("--cpu-smoke", action="store_true", help="force the CPU smoke configuration")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.onnx_batches = [int(b) for b in args.onnx_batches.split(",")]
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
 
@@ -292,6 +327,7 @@ def main() -> None:
     print(f"LSC-CNN weights: {source}")
     run_throughput(args, model, device, smoke)
     run_agreement(args, model, device, source, smoke)
+    run_onnx(args, smoke)
     if args.e2e:
         run_e2e(args, smoke)
 
