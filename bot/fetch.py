@@ -5,18 +5,24 @@ link-local, multicast or reserved ranges) unless a test setting allows it; redir
 followed by hand so each hop is checked again; the body is read in chunks and abandoned as
 soon as it exceeds the byte cap. Nothing touches the disk.
 
-Known gap: the address check and the download resolve the name separately, so a DNS server that
-answers differently the second time (rebinding) is not caught; pinning the connection to the
-checked address is the fix.
+The check is made where the connection is opened, on the very addresses it connects to: the
+connection resolves the name once, checks every address, and connects to a checked one. So a DNS
+server that answers "public" to a first lookup and "private" to the next (rebinding) gains
+nothing. (Through an HTTP proxy from the environment the proxy connects instead, and only the
+check before the request applies.)
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from functools import lru_cache
 from urllib.parse import urljoin, urlparse
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 MAX_REDIRECTS = 3
 
@@ -29,17 +35,66 @@ class MediaTooLarge(FetchError):
     pass
 
 
-def _check_address(host: str, allow_private: bool) -> None:
+def _check_address(host: str, allow_private: bool) -> str:
+    """Resolve ``host`` once; refuse it if any address is not public; return the first one."""
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except socket.gaierror:
         raise FetchError("the media server's name does not resolve") from None
+    if not infos:
+        raise FetchError("the media server's name does not resolve")
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
         if allow_private:
             continue
         if not address.is_global or address.is_multicast:
             raise FetchError("the media URL points to a private or local network address")
+    return str(infos[0][4][0])
+
+
+class _CheckedConnection:
+    """Mixed into urllib3's connections: the socket goes to an address checked in this very call."""
+
+    allow_private = False
+    _dns_host: str
+
+    def _new_conn(self):  # type: ignore[no-untyped-def]
+        name = self._dns_host
+        self._dns_host = _check_address(name, self.allow_private)
+        try:
+            return super()._new_conn()  # type: ignore[misc]
+        finally:
+            self._dns_host = name  # TLS (SNI, certificate) and the Host header keep the name
+
+
+@lru_cache(maxsize=2)
+def _checked_pools(allow_private: bool) -> dict[str, type]:
+    flag = {"allow_private": allow_private}
+    http = type("CheckedHTTPConnection", (_CheckedConnection, HTTPConnection), flag)
+    https = type("CheckedHTTPSConnection", (_CheckedConnection, HTTPSConnection), flag)
+    return {
+        "http": type("CheckedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
+        "https": type("CheckedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
+    }
+
+
+class _CheckedAdapter(HTTPAdapter):
+    def __init__(self, allow_private: bool) -> None:
+        self._allow_private = allow_private
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _checked_pools(self._allow_private)
+
+
+def checked_session(allow_private: bool, session: requests.Session | None = None) -> requests.Session:
+    """A session whose connections only ever reach addresses that pass the check."""
+    http = session or requests.Session()
+    adapter = _CheckedAdapter(allow_private)
+    http.mount("http://", adapter)
+    http.mount("https://", adapter)
+    return http
 
 
 def check_url(url: str, allow_private: bool) -> None:
@@ -52,7 +107,7 @@ def check_url(url: str, allow_private: bool) -> None:
 
 def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = False, session: requests.Session | None = None) -> bytes:
     """The body at ``url``, in memory, at most ``max_bytes``."""
-    http = session or requests.Session()
+    http = checked_session(allow_private, session)
     for _ in range(MAX_REDIRECTS + 1):
         check_url(url, allow_private)
         try:

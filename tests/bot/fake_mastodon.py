@@ -631,7 +631,7 @@ class _Handler(BaseHTTPRequestHandler):
             del self._raw_body  # keep-alive: one handler object serves many requests
         self._body()
         self._record = Request(time.time(), self.command, path, query,
-                               {k: v for k, v in self.headers.items() if k.lower() in ("idempotency-key", "content-type", "accept", "user-agent")})
+                               {k: v for k, v in self.headers.items() if k.lower() in ("idempotency-key", "content-type", "accept", "user-agent", "host")})
         with fake.lock:
             fake.requests.append(self._record)
         if path.startswith("/media/"):

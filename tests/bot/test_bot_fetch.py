@@ -140,6 +140,46 @@ def test_unknown_host(dns: None) -> None:
         fetch("https://nowhere.example/a.jpg", 1024, 5.0)
 
 
+def _answers(monkeypatch: pytest.MonkeyPatch, name: str, answers: list[str]) -> list[str]:
+    """``name`` resolves to each of ``answers`` in turn (then the last one again); returns the log
+    of answers given, so a test can see how many lookups were made."""
+    real = socket.getaddrinfo
+    given: list[str] = []
+
+    def getaddrinfo(host: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if host != name:
+            return real(host, *args, **kwargs)
+        address = answers[min(len(given), len(answers) - 1)]
+        given.append(address)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, 0))]
+
+    monkeypatch.setattr(fetching.socket, "getaddrinfo", getaddrinfo)
+    return given
+
+
+def test_dns_rebinding_to_a_local_address_is_refused(server: FakeMastodon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name answers a public address to the first lookup and loopback (where a server really
+    listens) to the next: the connection checks the address it is about to use, so nothing is
+    requested from the loopback server."""
+    url = server.add_file(b"\xff\xd8\xff internal").replace("127.0.0.1", "rebind.example")
+    given = _answers(monkeypatch, "rebind.example", ["93.184.216.34", "127.0.0.1"])
+    with pytest.raises(FetchError, match="private or local"):
+        fetch(url, 1024, 5.0)
+    assert given == ["93.184.216.34", "127.0.0.1"]
+    assert server.media_requests() == []
+
+
+def test_connection_goes_to_the_address_that_was_checked(server: FakeMastodon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name no real DNS knows reaches the local server only through the checked lookup (allowed
+    here, as in tests), and the server still sees the name in the Host header."""
+    url = server.add_file(b"\xff\xd8\xff pinned").replace("127.0.0.1", "pinned.example")
+    given = _answers(monkeypatch, "pinned.example", ["127.0.0.1"])
+    assert fetch(url, 1024, 5.0, allow_private=True) == b"\xff\xd8\xff pinned"
+    assert len(given) == 2  # the check before the request, and the connection's own
+    hosts = [{k.lower(): v for k, v in r.headers.items()}["host"] for r in server.media_requests()]
+    assert hosts == [f"pinned.example:{server.port}"]
+
+
 def test_declared_length_over_the_cap_is_refused_before_reading(server: FakeMastodon) -> None:
     url = server.add_file(b"\xff\xd8\xff", declared_length=50 * 1024 * 1024)
     started = time.monotonic()
