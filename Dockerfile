@@ -1,10 +1,14 @@
-# One image for the listener and the workers. The GPU worker is built with a CUDA torch wheel
-# (see docker-compose.yml); the default is the pinned CPU-capable wheel.
+# One image for the listener and the workers.
+# CPU image (default): torch 2.13.0 from PyTorch's CPU index. PyPI's Linux torch 2.13.0 is the
+# CUDA 13 build with gigabytes of CUDA packages, which only the GPU worker wants.
+# GPU image (docker-compose.yml, worker-gpu): TORCH_INDEX="" takes PyPI's CUDA 13 build, and
+# ONNXRUNTIME_GPU swaps onnxruntime for onnxruntime-gpu 1.31.1 (also CUDA 13 and cuDNN 9, checked
+# in its wheel's metadata), so CenterFace and the head model run on the GPU with the CUDA and
+# cuDNN libraries torch brings. A CUDA-12 torch would leave ONNX Runtime without its libraries,
+# and it silently falls back to the CPU (the worker logs a warning when that happens).
 FROM python:3.11-slim-bookworm
 ARG TORCH_SPEC="torch==2.13.0"
-ARG TORCH_INDEX=""
-# The GPU worker swaps in onnxruntime-gpu so CenterFace and the head model run on the GPU too; it
-# uses the CUDA and cuDNN libraries of the CUDA torch wheel (both CUDA 12, cuDNN 9).
+ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 ARG ONNXRUNTIME_GPU=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app

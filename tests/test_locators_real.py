@@ -178,6 +178,22 @@ def test_tiles_map_back_like_run_tiled() -> None:
     assert len(cut) == len(tile_windows(900, 500, 320, 240, 80))
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider")  # the CPU build's own complaint
+def test_a_cuda_provider_that_does_not_start_is_reported(
+    centerface_available: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ONNX Runtime quietly runs on the CPU when its CUDA provider cannot start (missing or
+    mismatched CUDA libraries); the locator still works and a warning says what happened."""
+    from anonymiser.locators import onnx_models
+
+    monkeypatch.setattr(onnx_models, "providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level("WARNING", logger=onnx_models.__name__):
+        locator = CenterFaceLocator(onnx_options=OnnxOptions())
+    assert locator._session.get_providers() == ["CPUExecutionProvider"]
+    assert locator.tile_batch == 1  # by the provider it got, not the one it asked for
+    assert [r.getMessage() for r in caplog.records] == ["onnx_cuda_unavailable"]
+
+
 def test_onnx_options_from_env() -> None:
     """``ANON_ONNX_THREADS`` and ``ANON_ONNX_TILE_BATCH`` are read and checked; CPU sessions
     default to one tile per call."""

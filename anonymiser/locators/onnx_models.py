@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -9,6 +10,8 @@ from typing import Mapping
 
 import onnx
 import onnxruntime as ort
+
+log = logging.getLogger(__name__)
 
 #: tiles per ONNX Runtime call on the GPU, where one call per tile would leave it mostly idle
 CUDA_TILE_BATCH = 8
@@ -29,7 +32,10 @@ def _share_cuda_libraries() -> None:
     import torch  # noqa: F401  (loading torch first maps its CUDA libraries into the process)
 
     if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
+        try:
+            ort.preload_dlls()
+        except OSError:  # nothing to preload: the session's own fallback check reports it
+            pass
 
 
 @dataclass(frozen=True)
@@ -89,4 +95,9 @@ def session(model: onnx.ModelProto, options: OnnxOptions | None = None) -> ort.I
     session_options.log_severity_level = 3
     if options.threads:
         session_options.intra_op_num_threads = options.threads
-    return ort.InferenceSession(model.SerializeToString(), sess_options=session_options, providers=chosen)
+    created = ort.InferenceSession(model.SerializeToString(), sess_options=session_options, providers=chosen)
+    if "CUDAExecutionProvider" in chosen and "CUDAExecutionProvider" not in created.get_providers():
+        # ONNX Runtime falls back to the CPU on its own when its CUDA libraries are missing or do
+        # not match (e.g. a CUDA 12 torch next to a CUDA 13 onnxruntime-gpu): say so loudly.
+        log.warning("onnx_cuda_unavailable", extra={"model": model.graph.name, "providers": ",".join(created.get_providers())})
+    return created

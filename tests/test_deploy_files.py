@@ -1,0 +1,65 @@
+"""The deployment files agree with each other and with the code (no Docker engine runs here, so
+these are the checks that can be made without building the images)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from bot.routing import CPU_QUEUE, GPU_QUEUE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r'^ARG (\w+)="([^"]*)"', (ROOT / "Dockerfile").read_text(), re.M))
+
+
+def test_differently_built_services_never_share_an_image_tag() -> None:
+    """Compose tags each build with its service's ``image``: two builds under one tag would let the
+    CPU services run the GPU build (or the reverse), whichever was built last."""
+    services = _compose()["services"]
+    built = {name: s for name, s in services.items() if "build" in s}
+    tags: dict[str, object] = {}
+    for name, service in built.items():
+        build = service["build"]
+        args = build.get("args", {}) if isinstance(build, dict) else {}
+        previous = tags.setdefault(service["image"], args)
+        assert previous == args, f"{name} shares image tag {service['image']} with a different build"
+    assert services["worker-gpu"]["image"] != services["worker-cpu"]["image"]
+
+
+def test_cpu_image_takes_the_cpu_torch_and_gpu_image_matching_cuda_builds() -> None:
+    """The default build takes torch from PyTorch's CPU index (PyPI's Linux torch is the CUDA 13
+    build); the GPU build takes PyPI's and pins onnxruntime-gpu (CUDA 13 too), with torch pinned
+    to the version the project tests."""
+    args = _dockerfile_args()
+    pinned = re.search(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pinned and args["TORCH_SPEC"] == f"torch=={pinned.group(1)}"
+    assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    assert args["ONNXRUNTIME_GPU"] == ""
+    gpu_args = _compose()["services"]["worker-gpu"]["build"]["args"]
+    assert gpu_args["TORCH_INDEX"] == ""
+    assert re.fullmatch(r"onnxruntime-gpu==\d+\.\d+\.\d+", gpu_args["ONNXRUNTIME_GPU"])
+
+
+def test_workers_consume_their_roles_queues_everywhere() -> None:
+    """Compose and the Procfile start the same workers: GPU ones as one thread-pool process on the
+    GPU queue, CPU ones on the CPU queue with one ONNX Runtime thread per child."""
+    services = _compose()["services"]
+    gpu, cpu = services["worker-gpu"], services["worker-cpu"]
+    assert gpu["environment"]["BOT_WORKER_ROLE"] == "gpu" and cpu["environment"]["BOT_WORKER_ROLE"] == "cpu"
+    assert cpu["environment"]["ANON_ONNX_THREADS"] == "1"
+    gpu_command, cpu_command = " ".join(gpu["command"]), " ".join(cpu["command"])
+    assert "--pool threads" in gpu_command and f"-Q {GPU_QUEUE}" in gpu_command
+    assert f"-Q {CPU_QUEUE},celery" in cpu_command
+    procfile = dict(line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    assert "BOT_WORKER_ROLE=gpu" in procfile["worker-gpu"] and "--pool threads" in procfile["worker-gpu"]
+    assert f"-Q {GPU_QUEUE}" in procfile["worker-gpu"] and f"-Q {CPU_QUEUE},celery" in procfile["worker"]
