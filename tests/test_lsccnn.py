@@ -41,6 +41,7 @@ from anonymiser.locators.lsccnn_decode import (
     softmax_channels,
 )
 from anonymiser.locators.lsccnn_net import LSCCNN, PARAMETER_COUNT, state_dict_manifest
+from lsccnn_generated import he_init
 
 # --------------------------------------------------------------------------------------------
 # (a) the key/shape manifest, transcribed from the table of spec §1.2 (registration order)
@@ -169,22 +170,10 @@ SPEC_MANIFEST: list[tuple[str, tuple[int, ...]]] = [
 SPEC_BOXES = [[16, 20, 24], [8, 10, 12], [4, 5, 6], [1, 2, 3]]
 
 
-def _he_init(net: nn.Module) -> nn.Module:
-    """Random weights that keep activations alive through 20+ layers, so logits vary in space."""
-    with torch.no_grad():
-        for name, m in net.named_modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.normal_(m.bias, std=0.1)
-                if name.endswith("_5"):  # logit layers: keep softmax away from saturation
-                    m.weight.mul_(0.03)
-    return net
-
-
 @pytest.fixture(scope="module")
 def model() -> LSCCNN:
     torch.manual_seed(0)
-    return _he_init(LSCCNN()).eval()
+    return he_init(LSCCNN()).eval()
 
 
 def _smooth_image(h: int, w: int, seed: int) -> np.ndarray:

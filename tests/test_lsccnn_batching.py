@@ -41,7 +41,8 @@ from anonymiser.locators.lsccnn import LSCCNNLocator, plan_tiles, reference_dete
 from anonymiser.locators.lsccnn_net import LSCCNN
 from anonymiser.locators.registry import default_weights_dir
 from imaging import EVAL_DIR
-from test_lsccnn import _he_init, _smooth_image
+from lsccnn_generated import he_init
+from test_lsccnn import _smooth_image
 
 #: (height, width) of the crops: several share a bucket, two share a size, most are not
 #: multiples of 16 (floor-resized like the reference), one is tall and one is tiny.
@@ -80,7 +81,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> LSCCNN:
         return ckpt.load_model(official)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("generated") / "generated_lsccnn.pth"
-    ckpt.write_bare_state_dict(_he_init(LSCCNN()), path)
+    ckpt.write_bare_state_dict(he_init(LSCCNN()), path)
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     model = ckpt.load_model(path, expected_size=path.stat().st_size, expected_md5=md5)
     path.unlink()
@@ -147,7 +148,7 @@ def test_bf16_autocast_channels_last_measured(model, photos, references) -> None
 
 def test_fp16_overflow_is_rerun_in_fp32() -> None:
     torch.manual_seed(3)
-    net = _he_init(LSCCNN()).eval()
+    net = he_init(LSCCNN()).eval()
     with torch.no_grad():
         net.conv1_1.weight.mul_(1e4)  # activations far beyond fp16's 65504
     rgb = _smooth_image(32, 48, 7)

@@ -109,6 +109,12 @@ class Workers:
         self.logs: list[Path] = []
         self.warm = False
 
+    @staticmethod
+    def python_path() -> str:
+        """The repository first, then whatever the caller had (e.g. packages carried to a bare
+        GPU machine and installed with ``--target``)."""
+        return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTODON_", "BOT_", "ANON_", "REDIS_", "CELERY"))}
         env.update(
@@ -138,7 +144,7 @@ class Workers:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--pool", "solo", "--concurrency", "1",
                  "--loglevel", "INFO", "-n", f"test{self.count}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
-                cwd=cwd, env=self.env(TMPDIR=str(tmpdir), PYTHONPATH=str(REPO), **extra_env), stdout=stdout, stderr=stderr,
+                cwd=cwd, env=self.env(TMPDIR=str(tmpdir), PYTHONPATH=self.python_path(), **extra_env), stdout=stdout, stderr=stderr,
             )
         process = self.process
 

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bot"))
 
 from bot_harness import REDIS_SERVER, VISIBILITY_TIMEOUT_S, RedisServer  # noqa: E402
 from fake_mastodon import FakeMastodon  # noqa: E402
-from fleet_harness import Fleet, generated_lsccnn_checkpoint  # noqa: E402
+from fleet_harness import Fleet  # noqa: E402
+from lsccnn_generated import generated_lsccnn_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

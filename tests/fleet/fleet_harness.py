@@ -4,7 +4,6 @@ which must be importable (its folder on ``sys.path``)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -70,7 +69,7 @@ class Fleet:
         tmpdir.mkdir(exist_ok=True)
         out, err = self.root / f"{name}.out", self.root / f"{name}.err"
         port = free_port() if metrics else None
-        extra = {"TMPDIR": str(tmpdir), "PYTHONPATH": str(REPO), "BOT_HEARTBEAT_INTERVAL": HEARTBEAT_S, **env}
+        extra = {"TMPDIR": str(tmpdir), "PYTHONPATH": Workers.python_path(), "BOT_HEARTBEAT_INTERVAL": HEARTBEAT_S, **env}
         if port is not None:
             extra["BOT_METRICS_PORT"] = str(port)
         if weights is not None:
@@ -99,26 +98,3 @@ class Fleet:
     def stop_all(self) -> None:
         for worker in self.workers:
             worker.stop()
-
-
-def generated_lsccnn_checkpoint(folder: Path, seed: int = 0) -> str:
-    """Write a generated LSC-CNN checkpoint (seeded random weights of the official shapes, He
-    initialised like ``tests/test_lsccnn.py``) under the official file name; returns its MD5,
-    which a worker accepts through ``ANON_LSCCNN_MD5``."""
-    import torch
-
-    from anonymiser.locators import lsccnn_checkpoint as ckpt
-    from anonymiser.locators.lsccnn_net import LSCCNN
-
-    torch.manual_seed(seed)
-    net = LSCCNN()
-    with torch.no_grad():
-        for name, module in net.named_modules():
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                torch.nn.init.normal_(module.bias, std=0.1)
-                if name.endswith("_5"):  # logit layers: keep the softmax away from saturation
-                    module.weight.mul_(0.03)
-    path = Path(folder) / ckpt.OFFICIAL_FILENAME
-    ckpt.write_bare_state_dict(net, path)
-    return hashlib.md5(path.read_bytes()).hexdigest()
