@@ -67,6 +67,8 @@ class BotConfig:
     stream: bool = True
     visibility_timeout_s: int = 900
     weights_dir: Path | None = None
+    #: the worker's head locators (``ANON_LOCATORS``); None: every one whose weights are present
+    locators: tuple[str, ...] | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -135,9 +137,25 @@ class BotConfig:
                     problems.append(f"{name}: {exc}")
         if env.get("ANON_WEIGHTS_DIR"):
             values["weights_dir"] = Path(env["ANON_WEIGHTS_DIR"])
+        locators = _locators(env, problems)
+        if locators:
+            values["locators"] = locators
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _locators(env: Mapping[str, str], problems: list[str]) -> tuple[str, ...]:
+    """``ANON_LOCATORS``: a comma list of registered locator names (whether their weights are
+    present is checked when the worker loads them, at start on a GPU worker)."""
+    from anonymiser.locators.registry import REGISTRY
+
+    names = [n.strip().lower() for n in env.get("ANON_LOCATORS", "").replace(",", " ").split()]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        problems.append(f"ANON_LOCATORS: unknown locator(s) {', '.join(unknown)} (known: {', '.join(REGISTRY)})")
+        return ()
+    return tuple(dict.fromkeys(names))
 
 
 def _platforms(env: Mapping[str, str], problems: list[str]) -> tuple[str, ...]:

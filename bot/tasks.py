@@ -25,6 +25,7 @@ from celery import Celery, signals
 from . import metrics, routing
 from anonymiser.errors import WeightsError
 from anonymiser.limits import Limits
+from anonymiser.locators.registry import REGISTRY, default_weights_dir
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
@@ -66,12 +67,18 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
     """Fail at start-up, with every problem listed, rather than on the first job."""
     logs.setup()
     try:
-        BotConfig.from_env()
+        settings = BotConfig.from_env()
     except ConfigError as exc:
         # Celery logs and swallows exceptions raised by signal handlers (the worker would start
         # anyway and fail every job); SystemExit is not swallowed and stops the worker.
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+    weights = settings.weights_dir or default_weights_dir()
+    missing = [name for name in settings.locators or () if not REGISTRY[name].available(weights)]
+    if missing:  # checked without loading anything, so prefork workers are covered too
+        print(f"cannot load the models: weights for {', '.join(missing)} are not in {weights} "
+              "(ANON_LOCATORS names them); see weights/README.md", file=sys.stderr)
+        raise SystemExit(2)
     pool = getattr(sender, "pool_cls", "")
     pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
     # Prefork children would inherit models (and a CUDA context) loaded here, which neither
@@ -122,7 +129,7 @@ _anonymiser_lock = threading.Lock()
 
 @lru_cache(maxsize=1)
 def _load_anonymiser() -> Anonymiser:
-    settings = Settings(limits=Limits.from_env())
+    settings = Settings(locators=config().locators, limits=Limits.from_env())
     if routing.FleetSettings.from_env().role == "gpu":
         from .accelerated import build_anonymiser
 

@@ -75,6 +75,16 @@ def test_valid_configuration_is_parsed() -> None:
     assert BotConfig.from_env({"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}).allow_private_addresses is False
 
 
+def test_worker_locators_are_chosen_by_name() -> None:
+    """``ANON_LOCATORS`` picks the worker's locators (e.g. CPU workers without LSC-CNN when the
+    weights folder is shared with GPU workers); unknown names are refused at start."""
+    base = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}
+    assert BotConfig.from_env(base).locators is None
+    assert BotConfig.from_env(base | {"ANON_LOCATORS": "CenterFace, heads,centerface"}).locators == ("centerface", "heads")
+    with pytest.raises(ConfigError, match="ANON_LOCATORS: unknown locator.*yolo"):
+        BotConfig.from_env(base | {"ANON_LOCATORS": "centerface,yolo"})
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTODON_", "BOT_", "REDIS_"))}
     return env | extra

@@ -265,6 +265,34 @@ def test_gpu_worker_that_cannot_load_its_models_stops_at_start(fleet: Any, redis
     assert not list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "unloadable-*"))
 
 
+def test_worker_runs_only_the_locators_it_is_given(fleet: Any, fake: Any, redis_server: Any, client_app: Any,
+                                                   lsccnn_weights: Any) -> None:
+    """With LSC-CNN weights in its folder, a worker told ``ANON_LOCATORS=centerface`` never runs
+    LSC-CNN (no batch at all, not even the warm-up's) and still answers; a GPU or CPU worker told
+    to use a locator whose weights are missing stops at start with the reason."""
+    redis_server.clean()
+    fake.reset()
+    weights, md5 = lsccnn_weights
+    worker = fleet.launch("chosen", queues=GPU_QUEUE, pool="threads", concurrency=2, metrics=True, weights=weights,
+                          BOT_WORKER_ROLE="gpu", ANON_LSCCNN_MD5=md5, ANON_LSCCNN_DEVICE="cpu",
+                          ANON_LOCATORS="centerface")
+    fleet.ready(worker)
+    status = mention(fake, "crowd", side=96)
+    client_app.send_task("bot.handle", args=[E2E.job(status)], queue=GPU_QUEUE)
+    one_reply_each(fake, [status], timeout=120)
+    text = worker.scrape()
+    assert _metric(text, "ppb_jobs_total", outcome="replied") == 1
+    assert _metric(text, "ppb_batch_size_count", missing=0.0) == 0
+    worker.stop()
+
+    for role, pool in (("gpu", "threads"), ("cpu", "prefork")):
+        missing = fleet.launch(f"missing-{role}", pool=pool, concurrency=2, BOT_WORKER_ROLE=role,
+                               ANON_LOCATORS="centerface,lsccnn")
+        missing.process.wait(60)
+        assert missing.process.returncode != 0, role
+        assert "cannot load the models" in missing.log() and "weights for lsccnn are not in" in missing.log()
+
+
 def test_worker_refuses_bad_fleet_settings(fleet: Any) -> None:
     worker = fleet.launch("bad", BOT_WORKER_ROLE="tpu")
     worker.process.wait(60)
