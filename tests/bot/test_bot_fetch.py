@@ -3,11 +3,18 @@ or local addresses (checked again on every redirect hop)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import ssl
+import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Iterator
 
 import pytest
+import requests
 import responses
 
 from bot import fetch as fetching
@@ -178,6 +185,45 @@ def test_connection_goes_to_the_address_that_was_checked(server: FakeMastodon, m
     assert len(given) == 2  # the check before the request, and the connection's own
     hosts = [{k.lower(): v for k, v in r.headers.items()}["host"] for r in server.media_requests()]
     assert hosts == [f"pinned.example:{server.port}"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_to_the_checked_address_still_verifies_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket goes to the checked address, but TLS (SNI and certificate check) still uses the
+    name: a certificate for the name is accepted, and one for another name is not."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=pinned.example", "-addext", "subjectAltName=DNS:pinned.example"],
+                   check=True, capture_output=True)
+
+    class Photo(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b"tls payload")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Photo)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        _answers(monkeypatch, "pinned.example", ["127.0.0.1"])
+        session = requests.Session()
+        session.trust_env = False  # else REQUESTS_CA_BUNDLE would replace the test's trust anchor
+        session.verify = str(cert)
+        assert fetch(f"https://pinned.example:{port}/a.jpg", 1024, 5.0, allow_private=True, session=session) == b"tls payload"
+        _answers(monkeypatch, "other.example", ["127.0.0.1"])
+        with pytest.raises(FetchError, match="could not be downloaded"):
+            fetch(f"https://other.example:{port}/a.jpg", 1024, 5.0, allow_private=True, session=session)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_declared_length_over_the_cap_is_refused_before_reading(server: FakeMastodon) -> None:
