@@ -1,10 +1,10 @@
 """The anonymiser of a GPU worker (``BOT_WORKER_ROLE=gpu``).
 
-Same locators as any worker (every one whose weights are present), but LSC-CNN runs through
-:class:`anonymiser.batching.MicroBatcher`: the worker runs with ``--pool threads`` so that its
-tasks share one process, one model and one device; each task still handles its own job end to
-end (fetch, decode, cover, encode, reply, idempotency, retries, dead letters) and only its
-LSC-CNN call meets the other tasks' calls in a batch.
+Same locators as any worker (``ANON_LOCATORS``, else every one whose weights are present), but
+LSC-CNN runs through :class:`anonymiser.batching.MicroBatcher`: the worker runs with ``--pool
+threads`` so that its tasks share one process, one model and one device; each task still handles
+its own job end to end (fetch, decode, cover, encode, reply, idempotency, retries, dead
+letters) and only its LSC-CNN call meets the other tasks' calls in a batch.
 
 Why not ``celery-batches``: its latest release (0.11) requires ``celery<5.7`` and this project
 runs Celery 5.7; and it hands a task a *list* of requests, which would make every job's reply,
