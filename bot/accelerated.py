@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from anonymiser.batching import EngineOptions, load_batched_locator
-from anonymiser.errors import WeightsError
 from anonymiser.locators.base import HeadLocator
-from anonymiser.locators.registry import REGISTRY, available_names, default_weights_dir
+from anonymiser.locators.registry import REGISTRY, default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
 
@@ -34,10 +33,7 @@ def build_anonymiser(
 ) -> Anonymiser:
     """An ``Anonymiser`` whose LSC-CNN locator (when its checkpoint is present) is batched."""
     weights = weights_dir or default_weights_dir()
-    names = settings.locators or tuple(available_names(weights))
-    missing = [n for n in names if n not in REGISTRY or not REGISTRY[n].available(weights)]
-    if missing:
-        raise WeightsError(f"weights for {', '.join(missing)} are not in {weights}; see weights/README.md")
+    names = resolve_names(settings.locators, weights)
     options = EngineOptions.from_env()  # ValueError names every bad ANON_LSCCNN_* variable
     locators: list[HeadLocator] = []
     for name in names:

@@ -147,7 +147,7 @@ class BotConfig:
 
 def _locators(env: Mapping[str, str], problems: list[str]) -> tuple[str, ...]:
     """``ANON_LOCATORS``: a comma list of registered locator names (whether their weights are
-    present is checked when the worker loads them, at start on a GPU worker)."""
+    present is checked by the worker at start, against its weights folder)."""
     from anonymiser.locators.registry import REGISTRY
 
     names = [n.strip().lower() for n in env.get("ANON_LOCATORS", "").replace(",", " ").split()]

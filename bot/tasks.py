@@ -25,7 +25,7 @@ from celery import Celery, signals
 from . import metrics, routing
 from anonymiser.errors import WeightsError
 from anonymiser.limits import Limits
-from anonymiser.locators.registry import REGISTRY, default_weights_dir
+from anonymiser.locators.registry import default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
@@ -73,12 +73,11 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
         # anyway and fail every job); SystemExit is not swallowed and stops the worker.
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
-    weights = settings.weights_dir or default_weights_dir()
-    missing = [name for name in settings.locators or () if not REGISTRY[name].available(weights)]
-    if missing:  # checked without loading anything, so prefork workers are covered too
-        print(f"cannot load the models: weights for {', '.join(missing)} are not in {weights} "
-              "(ANON_LOCATORS names them); see weights/README.md", file=sys.stderr)
-        raise SystemExit(2)
+    try:  # checks files without loading anything, so prefork workers are covered too
+        resolve_names(settings.locators, settings.weights_dir or default_weights_dir())
+    except (WeightsError, ValueError) as exc:
+        print(f"cannot load the models: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     pool = getattr(sender, "pool_cls", "")
     pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
     # Prefork children would inherit models (and a CUDA context) loaded here, which neither

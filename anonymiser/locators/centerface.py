@@ -101,9 +101,10 @@ class CenterFaceLocator:
         self.scales = scales
         self.threshold = threshold
         self.nms_iou = nms_iou
-        self._session = session(_load_model(path or model_path()), onnx_options)
+        options = onnx_options or OnnxOptions.from_env()
+        self._session = session(_load_model(path or model_path()), options)
         self._input = self._session.get_inputs()[0].name
-        self.tile_batch = (onnx_options or OnnxOptions.from_env()).batch_for(self._session)
+        self.tile_batch = options.batch_for(self._session)
 
     def _job(self, tile: Tile) -> Job:
         # Each tile is padded on its own to a multiple of 32, exactly as it would be alone, so

@@ -156,9 +156,10 @@ class HeadsLocator:
         self.threshold = threshold
         self.nms_iou = nms_iou
         self.whole_image_pass = whole_image_pass
-        self._session = session(_load_model(path, threshold), onnx_options)
+        options = onnx_options or OnnxOptions.from_env()
+        self._session = session(_load_model(path, threshold), options)
         self._input = self._session.get_inputs()[0].name
-        self.tile_batch = (onnx_options or OnnxOptions.from_env()).batch_for(self._session)
+        self.tile_batch = options.batch_for(self._session)
 
     def _job(self, tile: Tile) -> Job:
         blob, factor = letterbox(tile.image)

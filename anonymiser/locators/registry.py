@@ -80,3 +80,21 @@ REGISTRY: dict[str, LocatorEntry] = {
 def available_names(weights: Path) -> list[str]:
     """Names of the locators whose weights are present, in registry order."""
     return [name for name, entry in REGISTRY.items() if entry.available(weights)]
+
+
+def resolve_names(names: tuple[str, ...] | None, weights: Path) -> tuple[str, ...]:
+    """The locators to load: ``names`` (None: every one whose weights are present), checked.
+
+    Raises ``ValueError`` for an unknown name and ``WeightsError`` for a locator whose weights
+    are not in ``weights``, without loading anything (so a worker can check at start-up).
+    """
+    from ..errors import WeightsError
+
+    chosen = tuple(names) if names else tuple(available_names(weights))
+    unknown = [n for n in chosen if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown locator(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
+    missing = [n for n in chosen if not REGISTRY[n].available(weights)]
+    if missing:
+        raise WeightsError(f"weights for {', '.join(missing)} are not in {weights}; see weights/README.md")
+    return chosen
