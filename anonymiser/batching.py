@@ -20,7 +20,8 @@ same detections:
   its unpadded logits up to floating-point summation order. Decoding reads only each piece's own
   region of the output maps, so nothing is ever detected in the padding.
 * **Arithmetic.** fp16 (default on CUDA; an overflow reruns that piece in float32) or bf16
-  autocast, channels-last activations, cuDNN autotuning on CUDA, optional ``torch.compile``
+  autocast, TF32 (float32 tensors, tensor-core convolutions) or IEEE float32 (``fp32``, with TF32
+  switched off, since cuDNN would otherwise use it), channels-last activations, cuDNN autotuning on CUDA, optional ``torch.compile``
   (``mode="reduce-overhead"`` adds CUDA graphs). On CUDA batches are padded to their bucket's size
   and batch counts rounded up (1, 2, 3, 4, 6, 8, 12, ...) so that shapes repeat.
 * **Copies.** Pieces travel as uint8 (4x less than float) from pinned host memory with
@@ -60,6 +61,7 @@ from .locators.lsccnn import (
     MIN_TILE_MARGIN,
     Tile,
     _check_rgb,
+    float32_math,
     plan_tiles,
     prepare_input,
     to_original,
@@ -67,15 +69,19 @@ from .locators.lsccnn import (
 from .locators.lsccnn_decode import DEFAULT_NMS_THRESHOLD, OUTPUT_STRIDES, decode
 from .locators.lsccnn_net import INPUT_MULTIPLE
 
-#: autocast dtype of each precision name (``None``: plain float32)
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: autocast dtype of each precision name (``None``: float32 storage). "fp32" is IEEE float32, the
+#: reference's arithmetic; "tf32" keeps float32 tensors but lets CUDA convolutions round their
+#: inputs to TF32's 10 mantissa bits (tensor cores, about half the bf16 rate on an H200).
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+}
 
 #: defaults on CPU: (max_tile_pixels, max_batch_pixels)
 _CPU_LIMITS = (DEFAULT_MAX_TILE_PIXELS, 4_000_000)
 #: Activation memory per input pixel at the peak of a forward pass, in bytes: about 2 GB per
 #: megapixel in float32 (spec §1.3's measured RSS), half that in fp16/bf16. An estimate: the
 #: GPU benchmark prints the real peak for each batch size.
-_BYTES_PER_PIXEL = {"fp32": 2000, "bf16": 1000, "fp16": 1000}
+_BYTES_PER_PIXEL = {"fp32": 2000, "tf32": 2000, "bf16": 1000, "fp16": 1000}
 
 
 def _cuda_limits(device: torch.device, precision: str) -> tuple[int, int]:
@@ -108,7 +114,7 @@ class EngineOptions:
     """How :class:`LSCCNNEngine` runs (``None`` / ``"auto"``: chosen for the device)."""
 
     device: str = "auto"
-    precision: str = "auto"  # "fp32", "bf16", "fp16"
+    precision: str = "auto"  # "fp32", "tf32", "bf16", "fp16"
     channels_last: bool | None = None  # default: on CUDA only
     compile: bool = False
     compile_mode: str | None = None  # e.g. "max-autotune", "reduce-overhead" (CUDA graphs)
@@ -131,7 +137,7 @@ class EngineOptions:
         """Each inconsistent option as ``(field, message)``."""
         problems: list[tuple[str, str]] = []
         if self.precision not in ("auto", *PRECISIONS):
-            problems.append(("precision", f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"))
+            problems.append(("precision", f"precision must be auto, fp32, tf32, bf16 or fp16, got {self.precision!r}"))
         if self.max_batch < 1:
             problems.append(("max_batch", f"max_batch must be at least 1, got {self.max_batch}"))
         if self.bucket_multiple < INPUT_MULTIPLE or self.bucket_multiple % INPUT_MULTIPLE:
@@ -163,7 +169,7 @@ class EngineOptions:
         """Options from ``ANON_LSCCNN_*`` variables; ``ValueError`` names every bad one at once.
 
         ``ANON_LSCCNN_DEVICE`` (auto, cpu, cuda, cuda:N), ``ANON_LSCCNN_PRECISION`` (auto, fp32,
-        bf16, fp16), ``ANON_LSCCNN_CHANNELS_LAST`` (0/1), ``ANON_LSCCNN_COMPILE`` (0/1),
+        tf32, bf16, fp16), ``ANON_LSCCNN_CHANNELS_LAST`` (0/1), ``ANON_LSCCNN_COMPILE`` (0/1),
         ``ANON_LSCCNN_COMPILE_MODE``, ``ANON_LSCCNN_MAX_BATCH``, ``ANON_LSCCNN_BATCH_MEGAPIXELS``,
         ``ANON_LSCCNN_TILE_MEGAPIXELS``, ``ANON_LSCCNN_BUCKET``, ``ANON_LSCCNN_CPU_THREADS``,
         ``ANON_LSCCNN_BATCH_WAIT_MS``.
@@ -370,6 +376,7 @@ class LSCCNNEngine:
         options.validate()
         self.options = options
         self.autocast_dtype = PRECISIONS[precision]
+        self.precision = precision
         if cuda and options.cudnn_benchmark:
             # Bucketed shapes repeat, so autotuning each convolution once per shape pays off.
             torch.backends.cudnn.benchmark = True
@@ -476,6 +483,7 @@ class LSCCNNEngine:
         """
         started = time.perf_counter()
         dtype = self.autocast_dtype if precision is None else PRECISIONS[precision]
+        tf32 = (precision or self.precision) == "tf32"
         n = len(pieces)
         slots = min(_slot_count(n), self.options.max_batch) if self.options.shape_stable else n
         slots = max(slots, n)
@@ -499,7 +507,7 @@ class LSCCNNEngine:
             try:
                 with torch.inference_mode(), torch.autocast(
                     self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-                ):
+                ), float32_math(tf32):
                     # The compiled graph was traced for the engine's precision; reruns go eager.
                     outputs = (self._forward if precision is None else self.model)(x)
                 # Half-precision logits are widened so decoding is the reference's float32 code.

@@ -3,7 +3,7 @@
 Prints, on a CUDA device:
 
 1. photos per second at 1920x1088 for the reference path (``reference_detect``: whole image,
-   fp32, batch 1) and for the batched engine at batch sizes 1-32, both measured in this run from
+   IEEE fp32 with TF32 off, batch 1) and for the batched engine at batch sizes 1-32, both measured in this run from
    RGB arrays to head boxes (decoding included), the ratio between them, and the achieved
    TFLOP/s against the GPU's bf16 dense peak (FLOPs per photo counted from the spec's layer
    table: ``anonymiser.batching.lsccnn_flops``);
@@ -21,7 +21,7 @@ the same shapes (throughput is the same; agreement is then only indicative, see
 ``tests/test_lsccnn_batching.py``). Without a GPU it runs a tiny CPU smoke configuration so the
 code path stays exercised, and says that the GPU figures are not measured.
 
-    python bench/gpu.py [--batches 1,2,4,8,16,32] [--precisions fp16,bf16] [--compile] [--e2e]
+    python bench/gpu.py [--batches 1,2,4,8,16,32] [--precisions fp16,bf16,tf32] [--compile] [--e2e]
                         [--onnx-batches 1,4,8,16]
 """
 
@@ -146,7 +146,7 @@ def run_throughput(args: argparse.Namespace, model: LSCCNN, device: torch.device
     images = photos(max(args.batches) * args.rounds, h, w)
     ref = reference_rate(clone(model), images[:n_ref], device)
     print(f"\nThroughput at {w}x{h} ({flops / 1e12:.2f} TFLOP per photo), from RGB arrays to head boxes")
-    print(f"reference path (fp32, batch 1, whole image): {ref:.2f} photos/s")
+    print(f"reference path (IEEE fp32, TF32 off, batch 1, whole image): {ref:.2f} photos/s")
     print("| precision | batch | photos/s | x reference | TFLOP/s | of bf16 peak | peak GPU memory (GB) |")
     print("|---|---|---|---|---|---|---|")
     best = None
@@ -308,7 +308,7 @@ def run_onnx(args: argparse.Namespace, smoke: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4,8,16,32")
-    parser.add_argument("--precisions", default="fp16,bf16")
+    parser.add_argument("--precisions", default="fp16,bf16,tf32")
     parser.add_argument("--size", default="1088x1920", help="HxW, multiples of 16")
     parser.add_argument("--rounds", type=int, default=4, help="batches per measurement")
     parser.add_argument("--reference-photos", type=int, default=16)

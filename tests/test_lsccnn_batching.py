@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -289,3 +290,61 @@ def test_options_from_env_list_every_problem() -> None:
     options = EngineOptions.from_env({"ANON_LSCCNN_MAX_BATCH": "32", "ANON_LSCCNN_BATCH_WAIT_MS": "3",
                                       "ANON_LSCCNN_TILE_MEGAPIXELS": "4", "ANON_LSCCNN_PRECISION": "BF16"})
     assert (options.max_batch, options.max_wait_s, options.max_tile_pixels, options.precision) == (32, 0.003, 4_000_000, "bf16")
+
+
+def _tf32_switches() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture()
+def tf32_allowed() -> Iterator[None]:
+    """The switches as cuDNN ships them (TF32 on for convolutions), plus matrix products on."""
+    saved = _tf32_switches()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _recording_switches(net: nn.Module) -> list[tuple[bool, bool]]:
+    seen: list[tuple[bool, bool]] = []
+    net.conv1_1.register_forward_pre_hook(lambda *_: seen.append(_tf32_switches()))
+    return seen
+
+
+def test_fp32_means_ieee_float32_and_tf32_is_asked_for(model, tf32_allowed) -> None:
+    """On a GPU, cuDNN runs float32 convolutions in TF32 unless told not to: every forward pass
+    states its choice (read here from inside the network) and restores the caller's afterwards."""
+    rgb = _smooth_image(32, 48, 5)
+    for precision, expected in [("fp32", False), ("tf32", True), ("fp16", False), ("bf16", False)]:
+        engine = _engine(model, precision=precision)
+        seen = _recording_switches(engine.model)
+        engine.detect([rgb])
+        assert seen == [(expected, expected)], precision
+        assert _tf32_switches() == (True, True), precision
+        engine.close()
+
+    net = LSCCNN()
+    net.load_state_dict(model.state_dict())
+    seen = _recording_switches(net)
+    reference_detect(net, rgb)
+    LSCCNNLocator.from_model(net, device="cpu").locate(rgb)
+    assert seen == [(False, False), (False, False)]
+    assert _tf32_switches() == (True, True)
+
+
+def test_fp16_overflow_rerun_is_ieee_float32(tf32_allowed) -> None:
+    torch.manual_seed(3)
+    net = he_init(LSCCNN()).eval()
+    with torch.no_grad():
+        net.conv1_1.weight.mul_(1e4)
+    engine = _engine(net, precision="fp16")
+    seen = _recording_switches(engine.model)
+    engine.detect([_smooth_image(32, 48, 7)])
+    assert engine.overflows == 1
+    assert seen == [(False, False), (False, False)]
+
+
+def test_tf32_precision_from_env() -> None:
+    assert EngineOptions.from_env({"ANON_LSCCNN_PRECISION": "TF32"}).precision == "tf32"
+    with pytest.raises(ValueError, match="ANON_LSCCNN_PRECISION.*fp32, tf32, bf16 or fp16"):
+        EngineOptions.from_env({"ANON_LSCCNN_PRECISION": "fp8"})

@@ -14,9 +14,10 @@ context there.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -90,6 +91,29 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters())).device
 
 
+@contextmanager
+def float32_math(tf32: bool = False) -> Iterator[None]:
+    """Within the block, float32 convolutions and matrix products on CUDA use TF32 or not.
+
+    cuDNN's default lets float32 convolutions run on TF32 tensor cores (Ampere and later), which
+    read only 10 mantissa bits, as fp16 does: left alone, "float32" on an H200 would neither be
+    the spec's float32 reference nor agree with it as float32 does on a CPU. So every LSC-CNN
+    forward pass states its choice, and the previous settings come back afterwards (the reference
+    and a TF32 engine can share a process). No effect on CPUs, which have no TF32.
+
+    The flags are process-wide: callers run their forward passes one at a time (the engine holds
+    its device lock). The legacy ``allow_tf32`` switches are used because mixing them with the
+    newer ``fp32_precision`` ones makes PyTorch refuse to read either.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def reference_detect(
     model: nn.Module,
     rgb: np.ndarray,
@@ -100,13 +124,13 @@ def reference_detect(
     """The spec's reference whole-image path: one fp32 pass, batch 1, no tiling (for comparisons).
 
     Floor-resize to multiples of 16 (INTER_LINEAR), RGB 0-255 float32, forward on the model's
-    device with autocast disabled, softmax, decoding and NMS. Boxes are in original-image pixels
-    (clipped), or in network-input pixels, unclipped, with ``original_coordinates=False`` (what blm
-    returns). The model must hold float32 weights.
+    device with autocast and TF32 off (:func:`float32_math`), softmax, decoding and NMS. Boxes are
+    in original-image pixels (clipped), or in network-input pixels, unclipped, with
+    ``original_coordinates=False`` (what blm returns). The model must hold float32 weights.
     """
     net_rgb = prepare_input(rgb)
     x = _to_tensor(net_rgb[None], _model_device(model))
-    with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+    with torch.inference_mode(), torch.autocast(x.device.type, enabled=False), float32_math(tf32=False):
         outputs = model(x)
     grid = decode([o[0].float().cpu().numpy() for o in outputs], nms_threshold)
     if not original_coordinates:
@@ -257,7 +281,7 @@ class LSCCNNLocator:
         use_amp = self.autocast_dtype is not None
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=use_amp
-        ):
+        ), float32_math(tf32=False):
             outputs = self.model(x)
         # Half-precision logits are widened before the softmax so decoding is the same code path.
         return [o.float().cpu().numpy() for o in outputs]
