@@ -40,6 +40,7 @@ The engine registers hooks on the model it is given: give it a model of its own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue as queue_module
@@ -497,7 +498,9 @@ class LSCCNNEngine:
         valid_h = torch.tensor([p.h for p in pieces] + [0] * (slots - n), dtype=torch.int64, pin_memory=self._pinned)
         valid_w = torch.tensor([p.w for p in pieces] + [0] * (slots - n), dtype=torch.int64, pin_memory=self._pinned)
         padded = slots != n or any(p.h != hb or p.w != wb for p in pieces)
-        with self._device_lock:
+        # On "cuda:N" the thread's current device must be N too: the event below and the
+        # pinned copies follow the current device's stream.
+        with self._device_lock, torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
             x = host_t.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2).to(torch.float32)
             x = x.contiguous(memory_format=torch.channels_last if self.options.channels_last else torch.contiguous_format)
             if padded:
