@@ -63,3 +63,17 @@ def test_workers_consume_their_roles_queues_everywhere() -> None:
                     if line and not line.startswith("#"))
     assert "BOT_WORKER_ROLE=gpu" in procfile["worker-gpu"] and "--pool threads" in procfile["worker-gpu"]
     assert f"-Q {GPU_QUEUE}" in procfile["worker-gpu"] and f"-Q {CPU_QUEUE},celery" in procfile["worker"]
+
+
+def test_prometheus_service_gets_every_rule_file_its_config_names() -> None:
+    """Prometheus resolves ``rule_files`` beside its config file: each must be mounted there."""
+    service = _compose()["services"]["prometheus"]
+    config_arg = next(a for a in service["command"] if a.startswith("--config.file="))
+    config_dir = Path(config_arg.split("=", 1)[1]).parent
+    mounts = dict(reversed(v.split(":")[:2]) for v in service["volumes"] if v.startswith("./"))
+    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    assert config["rule_files"], "no alert rules loaded"
+    for name in config["rule_files"]:
+        source = mounts.get(str(config_dir / name))
+        assert source is not None, f"{name} is not mounted into {config_dir}"
+        assert (ROOT / source).resolve() == (ROOT / "monitoring" / name).resolve()
