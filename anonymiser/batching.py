@@ -41,6 +41,7 @@ The engine registers hooks on the model it is given: give it a model of its own.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import queue as queue_module
@@ -69,6 +70,8 @@ from .locators.lsccnn import (
 )
 from .locators.lsccnn_decode import DEFAULT_NMS_THRESHOLD, OUTPUT_STRIDES, decode
 from .locators.lsccnn_net import INPUT_MULTIPLE
+
+log = logging.getLogger(__name__)
 
 #: autocast dtype of each precision name (``None``: float32 storage). "fp32" is IEEE float32, the
 #: reference's arithmetic; "tf32" keeps float32 tensors but lets CUDA convolutions round their
@@ -530,6 +533,43 @@ class LSCCNNEngine:
                 outputs = host_out
         return DeviceBatch(self, list(pieces), outputs, event, time.perf_counter() - started, dtype is not None)
 
+    def run_isolating(self, pieces: Sequence[Piece], hb: int, wb: int) -> list[tuple[list[Piece], DeviceBatch | Exception]]:
+        """:meth:`run_batch`, but a failing batch never fails the pieces that would run alone.
+
+        Pieces of a batch belong to unrelated jobs: when a batch fails, each piece is run again on
+        its own, so only a piece that also fails alone carries the error (a job is never lost to
+        its batch-mates). A GPU out-of-memory error also halves ``max_batch_pixels`` (from the
+        failed batch's padded size) for the engine's remaining life, so the next batches fit.
+        """
+        try:
+            return [(list(pieces), self.run_batch(pieces, hb, wb))]
+        except Exception as exc:
+            if len(pieces) == 1:
+                return [(list(pieces), exc)]
+            error = exc
+        oom = isinstance(error, torch.OutOfMemoryError)
+        if oom:
+            # A lone piece always runs whatever the limit, so halving cannot starve anyone; the
+            # floor of one piece of this size keeps the limit meaningful after repeated failures.
+            slots = _slot_count(len(pieces)) if self.options.shape_stable else len(pieces)
+            limit = max(hb * wb, min(self.options.max_batch_pixels, slots * hb * wb) // 2)  # type: ignore[type-var]
+            self.options = replace(self.options, max_batch_pixels=limit)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        log.warning("lsccnn_batch_failed", extra={
+            "pieces": len(pieces), "error": type(error).__name__, "oom": oom,
+            "max_batch_megapixels": round(self.options.max_batch_pixels / 1e6, 2),  # type: ignore[operator]
+        })
+        outcomes: list[tuple[list[Piece], DeviceBatch | Exception]] = []
+        for piece in pieces:
+            # Same padded shape when shapes must repeat (a compiled graph exists for it).
+            h, w = (hb, wb) if self.options.shape_stable else (piece.h, piece.w)
+            try:
+                outcomes.append(([piece], self.run_batch([piece], h, w)))
+            except Exception as exc:
+                outcomes.append(([piece], exc))
+        return outcomes
+
     def finish(self, prepared: Prepared) -> Detections:
         """CPU stage 2: decode a photo whose pieces all have logits (any thread)."""
         return prepared.detections(self.options.nms_threshold)
@@ -620,9 +660,10 @@ class MicroBatcher:
     A caller (e.g. one Celery task thread per photo) prepares its own photo, submits its pieces
     and decodes its own logits, so CPU work happens in the callers' threads while the device
     thread runs batches. The device thread waits at most ``max_wait_s`` after the first piece
-    arrives for companions, and never waits once ``max_batch`` pieces are queued. A failure of
-    a batch is raised in every caller whose piece was in it (each task then applies its own
-    failure rules); other batches are unaffected.
+    arrives for companions, and never waits once ``max_batch`` pieces are queued. When a batch
+    fails, its pieces are run again one by one (:meth:`LSCCNNEngine.run_isolating`): only the
+    caller whose piece also fails alone gets the error (its task then applies its own failure
+    rules), so one bad photo or an out-of-memory batch never fails its batch-mates' jobs.
     """
 
     def __init__(self, engine: LSCCNNEngine, on_batch: Callable[[int, float], None] | None = None) -> None:
@@ -679,18 +720,21 @@ class MicroBatcher:
             futures = {id(piece): future for piece, future in items}
             for members, hb, wb in self.engine.plan_batches([piece for piece, _ in items]):
                 try:
-                    batch = self.engine.run_batch(members, hb, wb)
-                except BaseException as exc:  # every caller of this batch gets the error
-                    for piece in members:
-                        futures[id(piece)].set_exception(exc)
-                    continue
-                if self.on_batch is not None:
-                    try:
-                        self.on_batch(len(members), batch.seconds)
-                    except Exception:  # metrics must never break inference
-                        pass
-                for k, piece in enumerate(members):
-                    futures[id(piece)].set_result((batch, k))
+                    outcomes = self.engine.run_isolating(members, hb, wb)
+                except BaseException as exc:  # e.g. KeyboardInterrupt: nobody may hang waiting
+                    outcomes = [(members, exc)]  # type: ignore[list-item]
+                for ran, outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        for piece in ran:
+                            futures[id(piece)].set_exception(outcome)
+                        continue
+                    if self.on_batch is not None:
+                        try:
+                            self.on_batch(len(ran), outcome.seconds)
+                        except Exception:  # metrics must never break inference
+                            pass
+                    for k, piece in enumerate(ran):
+                        futures[id(piece)].set_result((outcome, k))
         # Whatever is still queued will never run: fail it instead of hanging its caller.
         while True:
             try:

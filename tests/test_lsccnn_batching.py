@@ -348,3 +348,91 @@ def test_tf32_precision_from_env() -> None:
     assert EngineOptions.from_env({"ANON_LSCCNN_PRECISION": "TF32"}).precision == "tf32"
     with pytest.raises(ValueError, match="ANON_LSCCNN_PRECISION.*fp32, tf32, bf16 or fp16"):
         EngineOptions.from_env({"ANON_LSCCNN_PRECISION": "fp8"})
+
+
+def _concurrent_detect(batcher: MicroBatcher, images: list[np.ndarray]) -> list:
+    """Each photo from its own thread, all at once (as a GPU worker's task threads): detections,
+    or the exception that caller got."""
+    results: list = [None] * len(images)
+    start = threading.Barrier(len(images))
+
+    def work(k: int) -> None:
+        start.wait()
+        try:
+            results[k] = batcher.detect(images[k])
+        except Exception as exc:
+            results[k] = exc
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_a_failing_batch_fails_only_the_photo_that_fails_alone(model, photos, references) -> None:
+    """Batch-mates are other people's jobs: one photo that breaks the network must not take
+    them down with it."""
+    chosen, refs = photos[:4], references[:4]
+    poisoned = chosen[1].shape[:2]
+    engine = _engine(model, precision="fp32", max_batch=4, max_wait_s=0.5)
+    real = engine.run_batch
+    calls: list[tuple[int, bool]] = []
+
+    def run_batch(pieces, hb, wb, precision=None):
+        bad = any(p.owner.orig_hw == poisoned for p in pieces)
+        calls.append((len(pieces), bad))
+        if bad:
+            raise ValueError("this photo breaks the network")
+        return real(pieces, hb, wb, precision)
+
+    engine.run_batch = run_batch  # type: ignore[method-assign]
+    ran: list[int] = []
+    batcher = MicroBatcher(engine, on_batch=lambda n, _s: ran.append(n))
+    results = _concurrent_detect(batcher, chosen)
+    batcher.close()
+
+    assert any(n > 1 and bad for n, bad in calls), f"the poisoned photo never shared a batch: {calls}"
+    assert isinstance(results[1], ValueError)
+    others = [k for k in range(4) if k != 1]
+    assert all(not isinstance(results[k], Exception) for k in others), results
+    total = _total([refs[k] for k in others], [results[k] for k in others], [chosen[k] for k in others])
+    assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
+    assert sum(ran) == 3, ran  # every healthy photo ran exactly once, the poisoned one never
+
+
+def test_out_of_memory_splits_the_batch_and_shrinks_the_next_ones(model, photos, references) -> None:
+    """A batch that does not fit the GPU is run one photo at a time, and later batches are
+    planned half as large, so the worker keeps answering instead of failing a batch of jobs."""
+    side = 48
+    crops = [np.ascontiguousarray(p[:side, :side]) for p in photos if min(p.shape[:2]) >= side][:4]
+    assert len(crops) == 4
+    refs = [reference_detect(model, rgb) for rgb in crops]
+    engine = _engine(model, precision="fp32", max_batch=4, max_wait_s=0.5, max_batch_pixels=1_000_000)
+    fits = 2 * side * side  # this "GPU" holds two of these photos at a time
+    real = engine.run_batch
+    batches: list[int] = []
+    failures: list[int] = []
+
+    def run_batch(pieces, hb, wb, precision=None):
+        if len(pieces) * hb * wb > fits:
+            failures.append(len(pieces))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        batches.append(len(pieces))
+        return real(pieces, hb, wb, precision)
+
+    engine.run_batch = run_batch  # type: ignore[method-assign]
+    batcher = MicroBatcher(engine)
+    first = _concurrent_detect(batcher, crops)
+    assert failures == [4] and batches == [1, 1, 1, 1], (failures, batches)
+    assert engine.options.max_batch_pixels == fits
+    batches.clear()
+    second = _concurrent_detect(batcher, crops)
+    batcher.close()
+    assert failures == [4], "the next batches must fit"
+    assert max(batches) == 2 and sum(batches) == 4, batches  # still batched, at the size that fits
+    for results in (first, second):
+        assert not any(isinstance(r, Exception) for r in results), results
+        total = _total(refs, results, crops)
+        assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
