@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import DeviceFailure
 from .locators.base import BoxKind, Detections
 from .locators.lsccnn import (
     DEFAULT_MAX_TILE_PIXELS,
@@ -675,18 +676,26 @@ class MicroBatcher:
         self._thread.start()
 
     def detect(self, rgb: np.ndarray) -> Detections:
-        """Head boxes for one photo (blocks the calling thread until its batch has run)."""
+        """Head boxes for one photo (blocks the calling thread until its batch has run).
+
+        :class:`~anonymiser.errors.DeviceFailure` when the device fails on it (the job should go
+        to another worker); ``ValueError`` when ``rgb`` is not an RGB array.
+        """
         if self._stop.is_set():
-            raise RuntimeError("the batcher is closed")
-        prepared = self.engine.prepare(rgb)
+            raise DeviceFailure("the LSC-CNN batcher is closed")
+        prepared = self.engine.prepare(rgb)  # a bad array raises ValueError: the input's fault
         futures = []
         for piece in prepared.pieces:
             future: Future[tuple[DeviceBatch, int]] = Future()
             self._queue.put((piece, future))
             futures.append((piece, future))
-        for piece, future in futures:
-            batch, k = future.result()
-            prepared.accept(piece, batch.logits(k))
+        try:
+            for piece, future in futures:
+                batch, k = future.result()
+                prepared.accept(piece, batch.logits(k))
+        except Exception as exc:
+            # The piece failed even alone (run_isolating): the device's fault, not the photo's.
+            raise DeviceFailure(f"LSC-CNN on {self.engine.device} failed: {type(exc).__name__}: {exc}") from exc
         return self.engine.finish(prepared)
 
     def _collect(self) -> list[tuple[Piece, Future[tuple[DeviceBatch, int]]]]:

@@ -50,3 +50,14 @@ class OutputTooLarge(AnonymiserError):
     """The anonymised image cannot be encoded within the configured output byte limit."""
 
     code = "output_too_large"
+
+
+class DeviceFailure(Exception):
+    """The accelerator failed on a photo that is itself fine (a GPU error, a lone photo out of
+    memory, the batcher shut down): a fault of this worker, not of the job.
+
+    Deliberately not an :class:`AnonymiserError`: those mean "this photo cannot be anonymised" and
+    become a reply saying so, while this one means "another worker should do it".
+    """
+
+    code = "device_failure"

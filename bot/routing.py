@@ -19,7 +19,8 @@
 
 Settings (read here until they are folded into ``bot/config.py``): ``BOT_WORKER_ROLE`` (cpu or
 gpu, default cpu), ``BOT_HEARTBEAT_INTERVAL`` (5 s), ``BOT_GPU_QUEUE_LIMIT`` (500 jobs per live
-GPU worker), ``BOT_DRAIN_INTERVAL`` (5 s), ``BOT_METRICS_PORT`` (unset: no metrics server).
+GPU worker), ``BOT_DRAIN_INTERVAL`` (5 s), ``BOT_METRICS_PORT`` (unset: no metrics server),
+``BOT_DEVICE_FAILURE_LIMIT`` (3 consecutive device failures take a GPU worker out).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class FleetSettings:
     gpu_queue_limit: int = 500
     drain_interval_s: float = 5.0
     metrics_port: int | None = None
+    #: consecutive LSC-CNN device failures after which a GPU worker withdraws and stops
+    device_failure_limit: int = 3
 
     @property
     def heartbeat_ttl_s(self) -> float:
@@ -92,6 +95,7 @@ class FleetSettings:
         number("BOT_GPU_QUEUE_LIMIT", "gpu_queue_limit", int, 1, 10_000_000)
         number("BOT_DRAIN_INTERVAL", "drain_interval_s", float, 0.1, 3600)
         number("BOT_METRICS_PORT", "metrics_port", int, 1, 65535)
+        number("BOT_DEVICE_FAILURE_LIMIT", "device_failure_limit", int, 1, 1000)
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
         return cls(**values)
@@ -140,6 +144,7 @@ class Heartbeat:
         self.client = client
         # The pid too: two workers started with Celery's default name on one machine share it.
         self.key = f"{HEARTBEAT_PREFIX}{hostname}:{os.getpid()}"
+        self.hostname = hostname
         self.info = info
         self.settings = settings
         self._stop = threading.Event()
@@ -207,11 +212,18 @@ def _start_heartbeat(sender: Any, **_: Any) -> None:
 
 
 @signals.worker_shutdown.connect
-def _stop_heartbeat(**_: Any) -> None:
+def withdraw(**_: Any) -> None:
+    """Stop this worker's heartbeat and delete it: listeners stop routing to it at once and
+    drain what waits in its queue to the workers still alive (also run at every clean shutdown)."""
     global _heartbeat
     if _heartbeat is not None:
         _heartbeat.stop()
         _heartbeat = None
+
+
+def is_self(worker: Mapping[str, Any]) -> bool:
+    """Whether a live worker's heartbeat is this process's own."""
+    return _heartbeat is not None and worker.get("pid") == os.getpid() and worker.get("hostname") == _heartbeat.hostname
 
 
 # --------------------------------------------------------------------------- listener side

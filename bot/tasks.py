@@ -4,7 +4,8 @@ Reliability: tasks are acknowledged late and rejected when the worker process is
 worker killed mid-task loses nothing (Redis redelivers the job after the visibility timeout);
 platform 429s and 5xx are retried with backoff honouring the server's reset time; after
 ``BOT_MAX_ATTEMPTS`` a job goes to the dead-letter list with its reason and the requester gets
-a short apology instead of silence.
+a short apology instead of silence. A GPU that fails on a job that is fine hands the job to
+another worker, and repeated failures take the worker out of rotation (:func:`_hand_over`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import redis
 from celery import Celery, signals
 
 # First: metrics switch prometheus_client to multiprocess mode before anything imports it; both
 # modules connect worker signals (heartbeats, role queue, metrics server).
 from . import metrics, routing
-from anonymiser.errors import WeightsError
+from anonymiser.errors import DeviceFailure, WeightsError
 from anonymiser.limits import Limits
 from anonymiser.locators.registry import default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
@@ -100,6 +102,9 @@ def _warm_up() -> None:
     except (WeightsError, ValueError) as exc:
         print(f"cannot load the models: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (DeviceFailure, RuntimeError) as exc:  # CUDA start-up errors are RuntimeErrors
+        print(f"the GPU failed the warm-up: {exc}", file=sys.stderr)
+        raise SystemExit(EX_UNAVAILABLE) from None
     log.info("worker_warm", extra={"seconds": round(time.monotonic() - started, 3)})
 
 
@@ -123,6 +128,36 @@ def platform(name: str):  # type: ignore[no-untyped-def]
     return make(name, config())
 
 
+#: exit status of a GPU worker whose device fails (sysexits' "service unavailable")
+EX_UNAVAILABLE = 69
+
+
+class DeviceHealth:
+    """Consecutive LSC-CNN device failures of this worker; any batch that runs clears them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures = 0
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+
+    def failed(self) -> int:
+        """Count one more failure; returns how many in a row."""
+        with self._lock:
+            self._failures += 1
+            return self._failures
+
+
+_device_health = DeviceHealth()
+
+
+def _on_batch(size: int, seconds: float) -> None:
+    _device_health.succeeded()
+    metrics.observe_batch(size, seconds)
+
+
 _anonymiser_lock = threading.Lock()
 
 
@@ -132,7 +167,7 @@ def _load_anonymiser() -> Anonymiser:
     if routing.FleetSettings.from_env().role == "gpu":
         from .accelerated import build_anonymiser
 
-        return metrics.instrument(build_anonymiser(settings, config().weights_dir, on_batch=metrics.observe_batch))
+        return metrics.instrument(build_anonymiser(settings, config().weights_dir, on_batch=_on_batch))
     return metrics.instrument(Anonymiser(settings, weights_dir=config().weights_dir))
 
 
@@ -159,6 +194,52 @@ def _apologise(job: Job) -> None:
         log.warning("apology_failed", extra={"post_id": job.post_id}, exc_info=True)
 
 
+def _queue_elsewhere(kind: str) -> str:
+    """Where routing would send ``kind`` if this worker were not alive."""
+    client = redis.Redis.from_url(config().redis_url)
+    try:
+        router = routing.Router(client, routing.settings_or_exit(), cache_s=0)
+        others = [w for w in router.workers(fresh=True) if not routing.is_self(w)]
+        return router.choose(kind, others)
+    finally:
+        client.close()
+
+
+def _take_out_of_rotation(failures: int) -> None:
+    """Withdraw the heartbeat (listeners route around this worker and drain its queue) and ask
+    Celery for a warm shutdown: running tasks finish, then the process exits with status 69 for
+    its supervisor to restart it. A restart re-initialises the GPU; a GPU that is really gone then
+    fails the warm-up and the worker stays down, while CPU workers take the jobs."""
+    from celery.worker import state
+
+    log.error("worker_withdrawn", extra={"reason": "device_failures", "failures": failures})
+    routing.withdraw()
+    state.should_stop = EX_UNAVAILABLE
+
+
+def _hand_over(task: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any], exc: DeviceFailure) -> str:
+    """This worker's accelerator failed on a job that is fine: another worker should do it.
+
+    The job is queued again where routing would send it without this worker (a CPU worker,
+    another GPU worker); the attempt counts, as for a platform error, so a fleet with no other
+    worker cannot loop forever. ``BOT_DEVICE_FAILURE_LIMIT`` failures in a row, with no batch
+    running in between, take this worker out of rotation.
+    """
+    failures = _device_health.failed()
+    if failures == routing.settings_or_exit().device_failure_limit:
+        _take_out_of_rotation(failures)
+    attempt = task.request.retries + 1
+    cause = type(exc.__cause__ or exc).__name__
+    if attempt < config().max_attempts:
+        queue = _queue_elsewhere(job.kind)
+        log.error("device_failure", extra=ids | {"error": cause, "failures": failures, "requeued_to": queue})
+        raise task.retry(exc=exc, queue=queue, countdown=0)
+    store().dead_letter(payload, f"DeviceFailure: {exc}")
+    log.error("dead_letter", extra=ids | {"error": cause})
+    _apologise(job)
+    return "dead_letter"
+
+
 def backoff_s(attempt: int, exc: PlatformError) -> float:
     """Seconds before the next attempt: the server's reset time for 429s, else exponential."""
     if isinstance(exc, RateLimited):
@@ -174,6 +255,8 @@ def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def
     ids = {"platform": job.platform, "post_id": job.post_id, "kind": job.kind, "attempt": self.request.retries + 1}
     try:
         outcome = run_job(job)
+    except DeviceFailure as exc:
+        return _hand_over(self, job, payload, ids, exc)
     except PlatformError as exc:
         attempt = self.request.retries + 1
         if exc.retryable and attempt < config().max_attempts:

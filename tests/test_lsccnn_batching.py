@@ -37,6 +37,7 @@ from anonymiser.batching import (
     agreement,
     lsccnn_flops,
 )
+from anonymiser.errors import DeviceFailure
 from anonymiser.locators import lsccnn_checkpoint as ckpt
 from anonymiser.locators.lsccnn import LSCCNNLocator, plan_tiles, reference_detect
 from anonymiser.locators.lsccnn_net import LSCCNN
@@ -221,13 +222,17 @@ def test_micro_batcher_shares_batches_between_threads(model, photos, references)
     # A failing batch fails its callers (each task applies its own rules); the next one works.
     real = engine.run_batch
     engine.run_batch = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="device lost"):
+    with pytest.raises(DeviceFailure, match="RuntimeError: device lost"):
         batcher.detect(chosen[0])
     engine.run_batch = real  # type: ignore[method-assign]
     assert len(batcher.detect(chosen[0])) == len(results[0])
     batcher.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(DeviceFailure, match="closed"):
         batcher.detect(chosen[0])
+    other = MicroBatcher(engine)
+    with pytest.raises(ValueError):  # not the device's fault: the caller's
+        other.detect(np.zeros((8, 8), np.uint8))
+    other.close()
 
 
 def test_compiled_engine_with_stable_shapes(model, photos, references) -> None:
@@ -394,7 +399,7 @@ def test_a_failing_batch_fails_only_the_photo_that_fails_alone(model, photos, re
     batcher.close()
 
     assert any(n > 1 and bad for n, bad in calls), f"the poisoned photo never shared a batch: {calls}"
-    assert isinstance(results[1], ValueError)
+    assert isinstance(results[1], DeviceFailure) and isinstance(results[1].__cause__, ValueError)
     others = [k for k in range(4) if k != 1]
     assert all(not isinstance(results[k], Exception) for k in others), results
     total = _total([refs[k] for k in others], [results[k] for k in others], [chosen[k] for k in others])

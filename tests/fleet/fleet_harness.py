@@ -63,8 +63,11 @@ class Fleet:
         self.workers: list[Worker] = []
 
     def launch(self, name: str, *, queues: str | None = None, pool: str = "solo", concurrency: int = 1,
-               metrics: bool = False, weights: Path | None = None, **env: str) -> Worker:
-        """Start a worker (does not wait for it to be ready; see :meth:`ready`)."""
+               metrics: bool = False, weights: Path | None = None, preload: str | None = None, **env: str) -> Worker:
+        """Start a worker (does not wait for it to be ready; see :meth:`ready`).
+
+        ``preload``: a module of ``tests/fleet`` imported before Celery starts (fault injection).
+        """
         tmpdir = self.root / f"tmp-{name}"
         tmpdir.mkdir(exist_ok=True)
         out, err = self.root / f"{name}.out", self.root / f"{name}.err"
@@ -74,7 +77,11 @@ class Fleet:
             extra["BOT_METRICS_PORT"] = str(port)
         if weights is not None:
             extra["ANON_WEIGHTS_DIR"] = str(weights)
-        command = [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--pool", pool,
+        python = [sys.executable, "-m", "celery"]
+        if preload is not None:
+            extra["PYTHONPATH"] = os.pathsep.join((str(Path(__file__).parent), extra["PYTHONPATH"]))
+            python = [sys.executable, "-c", f"import {preload}; from celery.__main__ import main; main()"]
+        command = [*python, "-A", "bot.tasks", "worker", "--pool", pool,
                    "--concurrency", str(concurrency), "--loglevel", "INFO", "-n", f"{name}-{os.getpid()}@%h",
                    "--without-mingle", "--without-gossip"]
         if queues:

@@ -101,12 +101,14 @@ def test_router_follows_heartbeats_and_queue_depths(redis_server: Any) -> None:
 
 def test_fleet_settings_are_validated() -> None:
     assert FleetSettings.from_env({}) == FleetSettings()
-    settings = FleetSettings.from_env({"BOT_WORKER_ROLE": "GPU", "BOT_METRICS_PORT": "9808", "BOT_HEARTBEAT_INTERVAL": "2"})
-    assert (settings.role, settings.queue, settings.metrics_port, settings.heartbeat_ttl_s) == ("gpu", GPU_QUEUE, 9808, 6.0)
+    settings = FleetSettings.from_env({"BOT_WORKER_ROLE": "GPU", "BOT_METRICS_PORT": "9808", "BOT_HEARTBEAT_INTERVAL": "2",
+                                       "BOT_DEVICE_FAILURE_LIMIT": "5"})
+    assert (settings.role, settings.queue, settings.metrics_port, settings.heartbeat_ttl_s,
+            settings.device_failure_limit) == ("gpu", GPU_QUEUE, 9808, 6.0, 5)
     with pytest.raises(ConfigError) as raised:
         FleetSettings.from_env({"BOT_WORKER_ROLE": "tpu", "BOT_METRICS_PORT": "99999", "BOT_GPU_QUEUE_LIMIT": "many",
-                                "BOT_DRAIN_INTERVAL": "0"})
-    for name in ("BOT_WORKER_ROLE", "BOT_METRICS_PORT", "BOT_GPU_QUEUE_LIMIT", "BOT_DRAIN_INTERVAL"):
+                                "BOT_DRAIN_INTERVAL": "0", "BOT_DEVICE_FAILURE_LIMIT": "0"})
+    for name in ("BOT_WORKER_ROLE", "BOT_METRICS_PORT", "BOT_GPU_QUEUE_LIMIT", "BOT_DRAIN_INTERVAL", "BOT_DEVICE_FAILURE_LIMIT"):
         assert name in str(raised.value)
 
 
@@ -298,3 +300,38 @@ def test_worker_refuses_bad_fleet_settings(fleet: Any) -> None:
     worker.process.wait(60)
     assert worker.process.returncode != 0
     assert "BOT_WORKER_ROLE must be cpu or gpu" in worker.log()
+
+
+def test_gpu_worker_whose_device_fails_hands_its_jobs_over_and_withdraws(fleet: Any, fake: Any, redis_server: Any,
+                                                                       client_app: Any, lsccnn_weights: Any) -> None:
+    """A GPU that fails after start-up is the worker's fault, not the jobs': every job goes to a
+    CPU worker and is answered once (none dead-lettered, no "could not process" reply), and after
+    BOT_DEVICE_FAILURE_LIMIT failures in a row the GPU worker withdraws its heartbeat and stops with
+    status 69 for its supervisor to restart it."""
+    redis_server.clean()
+    fake.reset()
+    weights, md5 = lsccnn_weights
+    rescuer = fleet.launch("rescuer", queues=CPU_QUEUE, BOT_WORKER_ROLE="cpu")
+    sick = fleet.launch("sick", queues=GPU_QUEUE, pool="threads", concurrency=1, weights=weights,
+                        preload="broken_device", BOT_WORKER_ROLE="gpu", ANON_LSCCNN_MD5=md5,
+                        ANON_LSCCNN_DEVICE="cpu", BOT_DEVICE_FAILURE_LIMIT="3")
+    fleet.ready(rescuer, sick)
+    assert "worker_warm" in sick.log()  # the device worked at start: the failure comes later
+    statuses = [mention(fake, f"bystander{k}", side=96) for k in range(3)]
+    for status in statuses:
+        client_app.send_task("bot.handle", args=[E2E.job(status)], queue=GPU_QUEUE)
+    one_reply_each(fake, statuses, timeout=120)
+    for status in statuses:
+        # The sick worker took every job and could answer none (its every batch fails): the
+        # replies came from a CPU worker (this one, or the module's other CPU worker).
+        assert handled_by(sick, status), status["id"]
+        reply = fake.replies_to(status["id"])[0]
+        assert len(reply["media_attachments"]) == 1  # the anonymised photo, not an apology
+    assert redis_server.client.llen("ppb:dead") == 0
+
+    sick.process.wait(60)
+    assert sick.process.returncode == 69, sick.log()[-3000:]
+    log_text = sick.log()
+    assert log_text.count("RuntimeError") >= 3 and "worker_withdrawn" in log_text
+    assert not list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "sick-*"))
+    rescuer.stop()
