@@ -231,7 +231,10 @@ def _hand_over(task: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any]
     attempt = task.request.retries + 1
     cause = type(exc.__cause__ or exc).__name__
     if attempt < config().max_attempts:
-        queue = _queue_elsewhere(job.kind)
+        try:
+            queue = _queue_elsewhere(job.kind)
+        except redis.RedisError:  # publishing the retry will tell whether Redis is really down
+            queue = routing.CPU_QUEUE
         log.error("device_failure", extra=ids | {"error": cause, "failures": failures, "requeued_to": queue})
         raise task.retry(exc=exc, queue=queue, countdown=0)
     store().dead_letter(payload, f"DeviceFailure: {exc}")
