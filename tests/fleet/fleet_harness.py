@@ -11,7 +11,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from bot_harness import REPO, RedisServer, Workers, free_port, wait_until
+from bot_harness import REPO, RedisServer, Workers, free_port, terminate, wait_until
 from fake_mastodon import FakeMastodon
 
 #: heartbeats every half second (alive for 1.5 s after the last one) keep the tests short
@@ -39,14 +39,7 @@ class Worker:
         self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
 
     def scrape(self) -> str:
         assert self.metrics_port is not None
