@@ -41,6 +41,7 @@ The engine registers hooks on the model it is given: give it a model of its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -83,6 +84,33 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 
 #: defaults on CPU: (max_tile_pixels, max_batch_pixels)
 _CPU_LIMITS = (DEFAULT_MAX_TILE_PIXELS, 4_000_000)
+
+#: default ``timeout_s`` on CUDA: far above a batch's fraction of a second, and above a first
+#: ``torch.compile`` of a new shape, which runs on the device thread
+_CUDA_TIMEOUT_S = 300.0
+
+#: how often a waiting caller checks that the device thread still runs
+_LIVENESS_CHECK_S = 1.0
+
+
+def _without_traceback(exc: BaseException) -> BaseException:
+    """``exc`` without the frames it holds (also those of its cause and context).
+
+    A failed forward pass's traceback keeps every frame's tensors alive, the activations that ran
+    out of memory included (about 100 MB for a batch of four 256x256 inputs), until the exception
+    is dropped: recovering from an out-of-memory error, or keeping the error for a caller, must
+    not keep them. The type and message, all a caller needs, stay.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]
+    return exc
 #: Activation memory per input pixel at the peak of a forward pass, in bytes: about 2 GB per
 #: megapixel in float32 (spec §1.3's measured RSS), half that in fp16/bf16. An estimate: the
 #: GPU benchmark prints the real peak for each batch size.
@@ -137,6 +165,11 @@ class EngineOptions:
     shape_stable: bool | None = None
     #: MicroBatcher: how long the first photo of a batch waits for companions
     max_wait_s: float = 0.005
+    #: MicroBatcher: seconds a photo's piece may wait for its logits (queue, forward pass, copy)
+    #: before its caller gets a DeviceFailure; 0: no limit. Default: 300 s on CUDA (a hung GPU
+    #: must not hold a worker's task threads for ever: Celery's thread pool enforces no time
+    #: limits), no limit on CPU, where a batch of large photos legitimately takes minutes.
+    timeout_s: float | None = None
 
     def problems(self) -> list[tuple[str, str]]:
         """Each inconsistent option as ``(field, message)``."""
@@ -161,6 +194,8 @@ class EngineOptions:
             problems.append(("cpu_threads", f"cpu_threads must be at least 1, got {self.cpu_threads}"))
         if not 0.0 <= self.max_wait_s <= 10.0:
             problems.append(("max_wait_s", f"max_wait_s must be between 0 and 10 s, got {self.max_wait_s}"))
+        if self.timeout_s is not None and not self.timeout_s >= 0.0:
+            problems.append(("timeout_s", f"timeout_s must be 0 (no limit) or a positive number of seconds, got {self.timeout_s}"))
         return problems
 
     def validate(self) -> None:
@@ -177,7 +212,7 @@ class EngineOptions:
         tf32, bf16, fp16), ``ANON_LSCCNN_CHANNELS_LAST`` (0/1), ``ANON_LSCCNN_COMPILE`` (0/1),
         ``ANON_LSCCNN_COMPILE_MODE``, ``ANON_LSCCNN_MAX_BATCH``, ``ANON_LSCCNN_BATCH_MEGAPIXELS``,
         ``ANON_LSCCNN_TILE_MEGAPIXELS``, ``ANON_LSCCNN_BUCKET``, ``ANON_LSCCNN_CPU_THREADS``,
-        ``ANON_LSCCNN_BATCH_WAIT_MS``.
+        ``ANON_LSCCNN_BATCH_WAIT_MS``, ``ANON_LSCCNN_TIMEOUT_S``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -232,6 +267,7 @@ class EngineOptions:
         read("ANON_LSCCNN_BUCKET", "bucket_multiple", int)
         read("ANON_LSCCNN_CPU_THREADS", "cpu_threads", int)
         read("ANON_LSCCNN_BATCH_WAIT_MS", "max_wait_s", lambda raw: float(raw) / 1000.0)
+        read("ANON_LSCCNN_TIMEOUT_S", "timeout_s", float)
         values.update(overrides)
         options = cls(**values)
         for key, message in options.problems():
@@ -315,20 +351,54 @@ class DeviceBatch:
         self._arrays: list[np.ndarray] | None = None
         self._lock = threading.Lock()
         self._half = half
+        self._started = time.perf_counter() - seconds
         #: wall time the device thread spent issuing this batch (CPU: the whole forward pass)
         self.seconds = seconds
+        #: called once, from the first caller that finds the logits on the host: the moment the
+        #: device has really run the batch (on CUDA a kernel fault surfaces only at that wait)
+        self.on_ready: Callable[[float], None] | None = None
 
-    def logits(self, k: int) -> list[np.ndarray]:
-        """The ``k``-th piece's own region of the four output maps (waits for the copy).
+    def _wait(self, deadline: float | None) -> None:
+        """Block until the logits are on the host; ``TimeoutError`` past ``deadline``."""
+        ready = False
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._lock.acquire(timeout=-1 if remaining is None else remaining):
+            raise TimeoutError("the device did not return the batch's logits in time")
+        try:
+            if self._arrays is not None:
+                return
+            ready = True
+            if self._event is not None:
+                if deadline is None:
+                    self._event.synchronize()
+                else:
+                    # A CUDA event's synchronize() cannot time out: poll it instead (sleeping
+                    # releases the GIL; the pause grows to 5 ms, small next to a batch).
+                    pause = 0.0002
+                    while not self._event.query():
+                        if time.monotonic() >= deadline:
+                            raise TimeoutError("the device did not finish the batch in time")
+                        time.sleep(pause)
+                        pause = min(2 * pause, 0.005)
+            self._arrays = [o.numpy() for o in self._outputs]
+            self._outputs = []
+        finally:
+            self._lock.release()
+        if ready and self.on_ready is not None:
+            try:
+                self.on_ready(time.perf_counter() - self._started)
+            except Exception:  # metrics must never break inference
+                log.warning("on_ready_failed", exc_info=True)
+
+    def logits(self, k: int, deadline: float | None = None) -> list[np.ndarray]:
+        """The ``k``-th piece's own region of the four output maps (waits for the copy, until
+        ``deadline`` on ``time.monotonic()``'s clock when one is given).
 
         A half-precision overflow (fp16 tops out at 65504) shows as non-finite logits: that
         piece alone is then run again in float32, so an overflow costs time, never detections.
         """
-        with self._lock:
-            if self._arrays is None:
-                if self._event is not None:
-                    self._event.synchronize()
-                self._arrays = [o.numpy() for o in self._outputs]
+        self._wait(deadline)
+        assert self._arrays is not None
         piece = self.pieces[k]
         out = [a[k, :, : piece.h // d, : piece.w // d] for a, d in zip(self._arrays, OUTPUT_STRIDES)]
         if self._half and not all(np.isfinite(o).all() for o in out):
@@ -377,6 +447,7 @@ class LSCCNNEngine:
             max_batch_pixels=max_batch_pixels,
             # Repeating shapes let cuDNN autotune each once and torch.compile trace each once.
             shape_stable=(options.compile or cuda) if options.shape_stable is None else options.shape_stable,
+            timeout_s=(_CUDA_TIMEOUT_S if cuda else 0.0) if options.timeout_s is None else options.timeout_s,
         )
         options.validate()
         self.options = options
@@ -541,20 +612,24 @@ class LSCCNNEngine:
         its own, so only a piece that also fails alone carries the error (a job is never lost to
         its batch-mates). A GPU out-of-memory error also halves ``max_batch_pixels`` (from the
         failed batch's padded size) for the engine's remaining life, so the next batches fit.
+        Errors come without their tracebacks (:func:`_without_traceback`).
         """
         try:
             return [(list(pieces), self.run_batch(pieces, hb, wb))]
         except Exception as exc:
+            error = _without_traceback(exc)
             if len(pieces) == 1:
-                return [(list(pieces), exc)]
-            error = exc
+                return [(list(pieces), error)]
         oom = isinstance(error, torch.OutOfMemoryError)
         if oom:
-            # A lone piece always runs whatever the limit, so halving cannot starve anyone; the
-            # floor of one piece of this size keeps the limit meaningful after repeated failures.
             slots = _slot_count(len(pieces)) if self.options.shape_stable else len(pieces)
-            limit = max(hb * wb, min(self.options.max_batch_pixels, slots * hb * wb) // 2)  # type: ignore[type-var]
-            self.options = replace(self.options, max_batch_pixels=limit)
+            size = slots * hb * wb
+            # Only a batch that fit the current limit says the limit is too high: batches planned
+            # before an earlier halving (the same round's) must not halve it again. A lone piece
+            # runs whatever the limit, so halving never starves anyone; the floor of one piece of
+            # this size keeps the limit meaningful after repeated failures.
+            if size <= self.options.max_batch_pixels:  # type: ignore[operator]
+                self.options = replace(self.options, max_batch_pixels=max(hb * wb, size // 2))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         log.warning("lsccnn_batch_failed", extra={
@@ -568,7 +643,7 @@ class LSCCNNEngine:
             try:
                 outcomes.append(([piece], self.run_batch([piece], h, w)))
             except Exception as exc:
-                outcomes.append(([piece], exc))
+                outcomes.append(([piece], _without_traceback(exc)))
         return outcomes
 
     def finish(self, prepared: Prepared) -> Detections:
@@ -665,6 +740,12 @@ class MicroBatcher:
     fails, its pieces are run again one by one (:meth:`LSCCNNEngine.run_isolating`): only the
     caller whose piece also fails alone gets the error (its task then applies its own failure
     rules), so one bad photo or an out-of-memory batch never fails its batch-mates' jobs.
+    (On CUDA an error that surfaces only when the logits are copied back, such as a kernel
+    fault, reaches every caller of its batch: it usually breaks the whole CUDA context anyway.)
+
+    A caller waits at most the engine's ``timeout_s`` for its logits, and never for a device
+    thread that has ended. ``on_batch(size, seconds)`` is called once per batch, when the device
+    has really run it (its logits reached the host): ``seconds`` from issuing it until then.
     """
 
     def __init__(self, engine: LSCCNNEngine, on_batch: Callable[[int, float], None] | None = None) -> None:
@@ -678,12 +759,15 @@ class MicroBatcher:
     def detect(self, rgb: np.ndarray) -> Detections:
         """Head boxes for one photo (blocks the calling thread until its batch has run).
 
-        :class:`~anonymiser.errors.DeviceFailure` when the device fails on it (the job should go
-        to another worker); ``ValueError`` when ``rgb`` is not an RGB array.
+        :class:`~anonymiser.errors.DeviceFailure` when the device fails on it, or does not
+        answer within the engine's ``timeout_s`` (the job should go to another worker);
+        ``ValueError`` when ``rgb`` is not an RGB array.
         """
         if self._stop.is_set():
             raise DeviceFailure("the LSC-CNN batcher is closed")
         prepared = self.engine.prepare(rgb)  # a bad array raises ValueError: the input's fault
+        timeout = self.engine.options.timeout_s
+        deadline = time.monotonic() + timeout if timeout else None
         futures = []
         for piece in prepared.pieces:
             future: Future[tuple[DeviceBatch, int]] = Future()
@@ -691,12 +775,28 @@ class MicroBatcher:
             futures.append((piece, future))
         try:
             for piece, future in futures:
-                batch, k = future.result()
-                prepared.accept(piece, batch.logits(k))
+                batch, k = self._result(future, deadline)
+                prepared.accept(piece, batch.logits(k, deadline))
         except Exception as exc:
-            # The piece failed even alone (run_isolating): the device's fault, not the photo's.
+            # The piece failed even alone (run_isolating), or the device stalled: the device's
+            # fault, not the photo's.
             raise DeviceFailure(f"LSC-CNN on {self.engine.device} failed: {type(exc).__name__}: {exc}") from exc
         return self.engine.finish(prepared)
+
+    def _result(self, future: "Future[tuple[DeviceBatch, int]]", deadline: float | None) -> tuple[DeviceBatch, int]:
+        """The future's result; ``TimeoutError`` past ``deadline``, ``RuntimeError`` when the
+        device thread has ended (closed while this caller was queueing) and nobody will answer."""
+        while True:
+            wait = _LIVENESS_CHECK_S if deadline is None else min(_LIVENESS_CHECK_S, deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError(f"no logits within {self.engine.options.timeout_s:g} s")
+            try:
+                return future.result(timeout=wait)
+            except TimeoutError:
+                if future.done():  # the piece's own error happened to be a TimeoutError
+                    raise
+                if not self._thread.is_alive() and not future.done():
+                    raise RuntimeError("the batcher is closed") from None
 
     def _collect(self) -> list[tuple[Piece, Future[tuple[DeviceBatch, int]]]]:
         first = self._queue.get()
@@ -726,24 +826,10 @@ class MicroBatcher:
             items = self._collect()
             if not items:
                 break
-            futures = {id(piece): future for piece, future in items}
-            for members, hb, wb in self.engine.plan_batches([piece for piece, _ in items]):
-                try:
-                    outcomes = self.engine.run_isolating(members, hb, wb)
-                except BaseException as exc:  # e.g. KeyboardInterrupt: nobody may hang waiting
-                    outcomes = [(members, exc)]  # type: ignore[list-item]
-                for ran, outcome in outcomes:
-                    if isinstance(outcome, BaseException):
-                        for piece in ran:
-                            futures[id(piece)].set_exception(outcome)
-                        continue
-                    if self.on_batch is not None:
-                        try:
-                            self.on_batch(len(ran), outcome.seconds)
-                        except Exception:  # metrics must never break inference
-                            pass
-                    for k, piece in enumerate(ran):
-                        futures[id(piece)].set_result((outcome, k))
+            self._run_round(items)
+            # The round's batches and errors stay referenced only by their callers, so nothing
+            # of them lives on here while the thread waits or runs the next round.
+            del items
         # Whatever is still queued will never run: fail it instead of hanging its caller.
         while True:
             try:
@@ -752,6 +838,24 @@ class MicroBatcher:
                 break
             if item is not None:
                 item[1].set_exception(RuntimeError("the batcher is closed"))
+
+    def _run_round(self, items: list[tuple[Piece, "Future[tuple[DeviceBatch, int]]"]]) -> None:
+        """Run what one collection gathered, as batches, and answer every piece's future."""
+        futures = {id(piece): future for piece, future in items}
+        for members, hb, wb in self.engine.plan_batches([piece for piece, _ in items]):
+            try:
+                outcomes = self.engine.run_isolating(members, hb, wb)
+            except BaseException as exc:  # e.g. KeyboardInterrupt: nobody may hang waiting
+                outcomes = [(members, _without_traceback(exc))]  # type: ignore[list-item]
+            for ran, outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    for piece in ran:
+                        futures[id(piece)].set_exception(outcome)
+                    continue
+                if self.on_batch is not None:
+                    outcome.on_ready = functools.partial(self.on_batch, len(ran))
+                for k, piece in enumerate(ran):
+                    futures[id(piece)].set_result((outcome, k))
 
     def close(self) -> None:
         self._stop.set()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 import time
 from typing import Iterator
 
@@ -52,16 +53,19 @@ SIZES = [(78, 80), (54, 47), (48, 90), (63, 78), (63, 78), (68, 75), (52, 90), (
          (40, 56), (60, 55), (30, 25)]
 
 
-def _sample_photos() -> list[np.ndarray]:
+def _sources() -> list[np.ndarray]:
     files = sorted(EVAL_DIR.glob("*.jpg")) if EVAL_DIR.is_dir() else []
     if files:
         from PIL import Image
 
-        sources = [np.asarray(Image.open(f).convert("RGB")) for f in files[: len(SIZES)]]
-    else:
-        from skimage import data
+        return [np.asarray(Image.open(f).convert("RGB")) for f in files[: len(SIZES)]]
+    from skimage import data
 
-        sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    return [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+
+
+def _sample_photos() -> list[np.ndarray]:
+    sources = _sources()
     photos = []
     for k, (h, w) in enumerate(SIZES):
         src = sources[k % len(sources)]
@@ -441,3 +445,133 @@ def test_out_of_memory_splits_the_batch_and_shrinks_the_next_ones(model, photos,
         assert not any(isinstance(r, Exception) for r in results), results
         total = _total(refs, results, crops)
         assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
+
+
+def _crops(photos: list[np.ndarray], side: int, count: int) -> list[np.ndarray]:
+    crops = [np.ascontiguousarray(p[:side, :side]) for p in photos if min(p.shape[:2]) >= side][:count]
+    assert len(crops) == count
+    return crops
+
+
+def test_out_of_memory_frees_the_failed_batch_before_the_photos_run_alone(model, photos) -> None:
+    """The error of a failed forward pass holds its frames, and they hold the activations that
+    ran out of memory: the photos must not be run again one by one next to those."""
+    engine = _engine(model, precision="fp32", max_batch=4)
+    net = engine.model
+    failed_inputs: list[weakref.ref] = []
+    alive_during_reruns: list[bool] = []
+
+    def watch_input(_module, inputs):
+        if inputs[0].shape[0] > 1:
+            failed_inputs.append(weakref.ref(inputs[0]))
+        else:
+            alive_during_reruns.append(any(ref() is not None for ref in failed_inputs))
+
+    def out_of_memory(_module, _inputs, output):
+        if output.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    hooks = [net.conv1_1.register_forward_pre_hook(watch_input), net.conv_scale1_2.register_forward_hook(out_of_memory)]
+    pieces = [p for rgb in _crops(photos, 48, 4) for p in engine.prepare(rgb).pieces]
+    (members, hb, wb), = engine.plan_batches(pieces)
+    outcomes = engine.run_isolating(members, hb, wb)
+    for hook in hooks:
+        hook.remove()
+    assert len(failed_inputs) == 1 and [len(ran) for ran, _ in outcomes] == [1, 1, 1, 1]
+    assert not any(isinstance(outcome, Exception) for _, outcome in outcomes)
+    assert alive_during_reruns == [False] * 4
+
+
+def test_one_out_of_memory_round_halves_the_limit_once(model) -> None:
+    """Batches planned in the same round as a failed one were planned under the old limit: their
+    own failures must not halve the limit again and again (batching would end for good)."""
+    side = 144  # four of them make the smallest batch limit a 128 px tile margin allows
+    engine = _engine(model, precision="fp32", max_batch=4, bucket_multiple=16,
+                     max_tile_pixels=4 * side * side, max_batch_pixels=4 * side * side)
+    real = engine.run_batch
+    sizes: list[int] = []
+
+    def run_batch(pieces, hb, wb, precision=None):
+        sizes.append(len(pieces))
+        if len(pieces) * hb * wb > 3 * side * side:  # this "GPU" holds three of these photos
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(pieces, hb, wb, precision)
+
+    engine.run_batch = run_batch  # type: ignore[method-assign]
+    src = max(_sources(), key=lambda a: min(a.shape[:2]))
+    corners = [(y, x) for y in range(0, src.shape[0] - side + 1, side) for x in range(0, src.shape[1] - side + 1, side)]
+    crops = [np.ascontiguousarray(src[y : y + side, x : x + side]) for y, x in corners[:8]]
+    assert len(crops) == 8
+    pieces = [p for rgb in crops for p in engine.prepare(rgb).pieces]
+    planned = engine.plan_batches(pieces)
+    assert [len(members) for members, _, _ in planned] == [4, 4]
+    for members, hb, wb in planned:  # one round: both planned before either ran
+        assert not any(isinstance(o, Exception) for _, o in engine.run_isolating(members, hb, wb))
+    assert engine.options.max_batch_pixels == 2 * side * side, "halved once, from the size that failed"
+    assert sizes.count(4) == 2
+
+
+def test_a_stalled_device_fails_its_callers_within_the_timeout(model, photos) -> None:
+    """A hung GPU must not hold a worker's task threads for ever (Celery's thread pool enforces
+    no time limit): each caller gets a DeviceFailure once ``timeout_s`` has passed."""
+    engine = _engine(model, precision="fp32", timeout_s=1.0)
+    release = threading.Event()
+    real = engine.run_batch
+
+    def hung(pieces, hb, wb, precision=None):
+        release.wait(30)
+        return real(pieces, hb, wb, precision)
+
+    engine.run_batch = hung  # type: ignore[method-assign]
+    batcher = MicroBatcher(engine)
+    started = time.monotonic()
+    results = _concurrent_detect(batcher, _crops(photos, 48, 3))
+    waited = time.monotonic() - started
+    release.set()
+    batcher.close()
+    assert all(isinstance(r, DeviceFailure) and isinstance(r.__cause__, TimeoutError) for r in results), results
+    assert 1.0 <= waited < 10.0, waited
+
+
+def test_a_copy_that_never_completes_times_out(model, photos) -> None:
+    """On CUDA the logits arrive behind an event; a device that never reaches it must time out."""
+
+    class NeverDone:
+        def query(self) -> bool:
+            return False
+
+        def synchronize(self) -> None:
+            raise AssertionError("would block for ever")
+
+    engine = _engine(model, precision="fp32")
+    piece = engine.prepare(_crops(photos, 48, 1)[0]).pieces[0]
+    batch = engine.run_batch([piece], piece.h, piece.w)
+    batch._event = NeverDone()  # what run_batch records on CUDA
+    ready: list[float] = []
+    batch.on_ready = ready.append
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        batch.logits(0, deadline=started + 0.3)
+    assert 0.3 <= time.monotonic() - started < 5.0
+    assert ready == [], "a batch the device never finished is not a healthy batch"
+    batch._event = None
+    assert len(batch.logits(0)) == 4 and len(ready) == 1 and batch.logits(0) and len(ready) == 1
+
+
+def test_a_caller_never_waits_for_a_closed_batcher(model, photos) -> None:
+    """A photo queued just as the worker shuts the batcher down gets a DeviceFailure instead of
+    waiting for a device thread that is gone."""
+    batcher = MicroBatcher(_engine(model, precision="fp32"))
+    batcher.close()
+    assert not batcher._thread.is_alive()
+    batcher._stop.clear()  # the caller checked before close() and queues after it
+    results = _concurrent_detect(batcher, _crops(photos, 48, 1))
+    assert isinstance(results[0], DeviceFailure) and "closed" in str(results[0]), results
+
+
+def test_device_timeout_defaults_and_setting() -> None:
+    assert EngineOptions.from_env({"ANON_LSCCNN_TIMEOUT_S": "45"}).timeout_s == 45.0
+    with pytest.raises(ValueError, match="ANON_LSCCNN_TIMEOUT_S"):
+        EngineOptions.from_env({"ANON_LSCCNN_TIMEOUT_S": "-1"})
+    engine = LSCCNNEngine(LSCCNN(), EngineOptions(device="cpu"))
+    assert engine.options.timeout_s == 0.0  # CPU: large batches legitimately take minutes
