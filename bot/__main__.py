@@ -73,7 +73,10 @@ def run_all() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--loglevel", "INFO"])
+    command = [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--loglevel", "INFO"]
+    if os.environ.get("BOT_WORKER_ROLE", "").strip().lower() == "gpu":
+        command += ["--pool", "threads", "--concurrency", "32"]  # one model, one GPU, many tasks
+    worker = subprocess.Popen(command)
     try:
         return listen()
     finally:

@@ -211,10 +211,12 @@ def _start_heartbeat(sender: Any, **_: Any) -> None:
     log.info("worker_alive", extra={"hostname": hostname, "role": settings.role, "queues": ",".join(queues)})
 
 
+@signals.worker_shutting_down.connect  # a warm shutdown's start: running tasks may take long
 @signals.worker_shutdown.connect
 def withdraw(**_: Any) -> None:
     """Stop this worker's heartbeat and delete it: listeners stop routing to it at once and
-    drain what waits in its queue to the workers still alive (also run at every clean shutdown)."""
+    drain what waits in its queue to the workers still alive (also run as soon as a clean
+    shutdown begins, while the tasks still running finish: the worker takes no new job)."""
     global _heartbeat
     if _heartbeat is not None:
         _heartbeat.stop()

@@ -82,9 +82,14 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
         raise SystemExit(2) from None
     pool = getattr(sender, "pool_cls", "")
     pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
-    # Prefork children would inherit models (and a CUDA context) loaded here, which neither
-    # ONNX Runtime's thread pools nor CUDA survive: they load their own on their first job.
-    if routing.settings_or_exit().role == "gpu" and "prefork" not in pool_name.lower():
+    if routing.settings_or_exit().role == "gpu":
+        if "prefork" in pool_name.lower():
+            # Each prefork child would load its own model and batch only its own photo, and a
+            # child can neither withdraw the worker's heartbeat nor stop the worker when the
+            # GPU fails (its hand-over would pick this very worker again).
+            print("a GPU worker (BOT_WORKER_ROLE=gpu) runs one process whose tasks share the model: "
+                  "start it with --pool threads --concurrency 32 (or --pool solo)", file=sys.stderr)
+            raise SystemExit(2)
         _warm_up()
 
 

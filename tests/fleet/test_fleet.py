@@ -302,6 +302,16 @@ def test_worker_refuses_bad_fleet_settings(fleet: Any) -> None:
     assert "BOT_WORKER_ROLE must be cpu or gpu" in worker.log()
 
 
+def test_gpu_worker_refuses_the_prefork_pool(fleet: Any, redis_server: Any) -> None:
+    """Prefork children could not batch together, nor take a failing GPU worker out of
+    rotation: a GPU-role worker on that pool stops at start and says which pool to use."""
+    worker = fleet.launch("forked", pool="prefork", concurrency=2, BOT_WORKER_ROLE="gpu")
+    worker.process.wait(60)
+    assert worker.process.returncode == 2
+    assert "--pool threads" in worker.log()
+    assert not list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "forked-*"))
+
+
 def test_gpu_worker_whose_device_fails_hands_its_jobs_over_and_withdraws(fleet: Any, fake: Any, redis_server: Any,
                                                                        client_app: Any, lsccnn_weights: Any) -> None:
     """A GPU that fails after start-up is the worker's fault, not the jobs': every job goes to a
@@ -335,3 +345,30 @@ def test_gpu_worker_whose_device_fails_hands_its_jobs_over_and_withdraws(fleet: 
     assert log_text.count("RuntimeError") >= 3 and "worker_withdrawn" in log_text
     assert not list(redis_server.client.scan_iter(HEARTBEAT_PREFIX + "sick-*"))
     rescuer.stop()
+
+
+def test_clean_shutdown_withdraws_at_once_and_finishes_running_jobs(fleet: Any, fake: Any, redis_server: Any,
+                                                                   client_app: Any) -> None:
+    """A warm shutdown waits for running tasks (on a thread pool, however long they take), and
+    the worker takes no new job meanwhile: its heartbeat must go when the shutdown starts, so
+    listeners route around it at once, and the running job must still be answered."""
+    import signal
+
+    redis_server.clean()
+    fake.reset()
+    worker = fleet.launch("leaving", queues=GPU_QUEUE, pool="threads", concurrency=2, preload="slow_jobs",
+                          BOT_WORKER_ROLE="cpu", PPB_TEST_JOB_SECONDS="8")
+    fleet.ready(worker)
+    key_pattern = HEARTBEAT_PREFIX + "leaving-*"
+    wait_until(lambda: bool(list(redis_server.client.scan_iter(key_pattern))), 10, "the heartbeat")
+    status = mention(fake, "leaving", side=96)
+    client_app.send_task("bot.handle", args=[E2E.job(status)], queue=GPU_QUEUE)
+    wait_until(lambda: f"slow_job_started {status['id']}" in worker.log(), 30, "the job to start")
+
+    worker.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: not list(redis_server.client.scan_iter(key_pattern)), 3, "the heartbeat to be withdrawn")
+    assert worker.alive(), "withdrawn while its job still runs"
+    one_reply_each(fake, [status], timeout=90)
+    worker.process.wait(60)
+    assert worker.process.returncode == 0
+    assert len(fake.replies_to(status["id"])[0]["media_attachments"]) == 1
