@@ -9,14 +9,18 @@ process serves their sum. This module must therefore be imported before anything
 Exported (all prefixed ``ppb_``):
 
 * ``jobs_total{kind, outcome, queue}``: finished task runs by outcome (``replied``,
-  ``already_done``, ``no_image``, ``failed``, ``dead_letter``, ``retry``, ...);
-* ``job_failures_total{reason}``: ``retry`` (a platform error, retried) and ``dead_letter``;
+  ``already_done``, ``no_image``, ``failed``, ``dead_letter``, ``retry``, ``handed_over``, ...);
+* ``job_failures_total{reason}``: ``retry`` (a platform error, retried), ``device`` (this
+  worker's GPU failed; the job went to another worker) and ``dead_letter``;
 * ``photos_total{result}``: photos anonymised (``ok``) or refused (``failed``);
 * ``job_seconds{kind}`` (processing time of one task run), ``job_latency_seconds`` (from the
   listener's enqueue to the end of the task that answered), ``photo_seconds``: histograms;
 * ``batch_size``, ``batch_seconds``: histograms of the GPU worker's LSC-CNN batches;
 * read from Redis at each scrape: ``queue_depth{queue}``, ``workers_alive{role}`` (from the
   heartbeats), ``dead_letters``, and ``worker_up{hostname, role}`` = 1.
+
+The failure and photo series exist from the start, at 0: ``increase()`` of a series that first
+appears at 1 is 0, so alerts on them would miss each process's first failure.
 
 Photos per second is ``rate(ppb_photos_total[1m])``; latency percentiles come from
 ``histogram_quantile`` over ``ppb_job_latency_seconds_bucket``. Queue depths, workers alive and
@@ -42,6 +46,8 @@ from celery import signals  # noqa: E402
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server  # noqa: E402
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 
+from anonymiser.errors import DeviceFailure  # noqa: E402
+
 from .routing import CPU_QUEUE, GPU_QUEUE, LEGACY_QUEUE, ROLES, live_workers, queue_depth, settings_or_exit  # noqa: E402
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -56,6 +62,30 @@ BATCH_SIZE = Histogram("ppb_batch_size", "Photos (or tiles) per LSC-CNN batch", 
 BATCH_SECONDS = Histogram("ppb_batch_seconds", "Device time issuing one LSC-CNN batch", buckets=_SECONDS)
 
 _started: dict[str, float] = {}
+
+#: label values whose series are created at 0 in every process (see the module docstring)
+FAILURE_REASONS = ("retry", "device", "dead_letter")
+PHOTO_RESULTS = ("ok", "failed")
+
+
+def _zero_series() -> None:
+    for reason in FAILURE_REASONS:
+        FAILURES.labels(reason)
+    for result in PHOTO_RESULTS:
+        PHOTOS.labels(result)
+
+
+_zero_series()
+
+
+def _outcome(state: str | None, retval: Any) -> str:
+    """A task run's outcome label: the handler's own word, or Celery's state."""
+    if state == "SUCCESS" and isinstance(retval, str):
+        return retval
+    # A retry's return value is Celery's Retry, whose ``exc`` is what caused it.
+    if state == "RETRY" and isinstance(getattr(retval, "exc", None), DeviceFailure):
+        return "handed_over"
+    return str(state or "unknown").lower()
 
 
 def observe_batch(size: int, seconds: float) -> None:
@@ -96,14 +126,14 @@ def _task_finished(task_id: str, task: Any, args: Any = (), retval: Any = None, 
     payload = args[0] if args and isinstance(args[0], dict) else {}
     kind = str(payload.get("kind", "unknown"))
     queue = str((getattr(task.request, "delivery_info", None) or {}).get("routing_key") or "unknown")
-    outcome = retval if state == "SUCCESS" and isinstance(retval, str) else str(state or "unknown").lower()
+    outcome = _outcome(state, retval)
     JOBS.labels(kind, outcome, queue).inc()
-    if outcome in ("retry", "dead_letter", "failure"):
-        FAILURES.labels(outcome).inc()
+    if outcome in ("retry", "dead_letter", "failure", "handed_over"):
+        FAILURES.labels("device" if outcome == "handed_over" else outcome).inc()
     if started is not None:
         JOB_SECONDS.labels(kind).observe(time.perf_counter() - started)
     enqueued_at = payload.get("enqueued_at")
-    if outcome != "retry" and enqueued_at:
+    if outcome not in ("retry", "handed_over") and enqueued_at:
         try:
             LATENCY.observe(max(0.0, time.time() - float(enqueued_at)))
         except (TypeError, ValueError):

@@ -192,6 +192,10 @@ def _metric(text: str, name: str, missing: float | None = None, **labels: str) -
 def test_worker_serves_prometheus_metrics(fleet: Any, fake: Any, redis_server: Any, client_app: Any, cpu_worker: Any) -> None:
     fleet.ready(cpu_worker)
     before = cpu_worker.scrape()
+    # Alerts take increase() of these: they must exist at 0 before the first failure.
+    for reason in ("retry", "device", "dead_letter"):
+        assert _metric(before, "ppb_job_failures_total", reason=reason) == 0
+    assert _metric(before, "ppb_photos_total", result="failed") == 0
     replied = {"kind": "mention", "outcome": "replied", "queue": CPU_QUEUE}
     replied_before = _metric(before, "ppb_jobs_total", missing=0.0, **replied)
     photos_before = _metric(before, "ppb_photos_total", missing=0.0, result="ok")
@@ -372,3 +376,32 @@ def test_clean_shutdown_withdraws_at_once_and_finishes_running_jobs(fleet: Any, 
     worker.process.wait(60)
     assert worker.process.returncode == 0
     assert len(fake.replies_to(status["id"])[0]["media_attachments"]) == 1
+
+
+def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
+    """A job handed over because this worker's GPU failed is neither a platform error (which
+    PPBPlatformErrors watches) nor an answer (no latency is observed for it)."""
+    from types import SimpleNamespace
+
+    from celery.exceptions import Retry
+    from prometheus_client import REGISTRY
+
+    from anonymiser.errors import DeviceFailure
+    from bot import metrics
+    from bot.platforms.base import RateLimited
+
+    task = SimpleNamespace(name="bot.handle", request=SimpleNamespace(delivery_info={"routing_key": GPU_QUEUE}))
+    job = {"kind": "mention", "enqueued_at": time.time()}
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {r: sample("ppb_job_failures_total", reason=r) for r in ("device", "retry")}
+    latency_before = sample("ppb_job_latency_seconds_count")
+    metrics._task_finished("t1", task, args=(job,), retval=Retry(exc=DeviceFailure("GPU gone")), state="RETRY")
+    assert sample("ppb_job_failures_total", reason="device") == before["device"] + 1
+    assert sample("ppb_job_failures_total", reason="retry") == before["retry"]
+    assert sample("ppb_jobs_total", kind="mention", outcome="handed_over", queue=GPU_QUEUE) >= 1
+    metrics._task_finished("t2", task, args=(job,), retval=Retry(exc=RateLimited("slow down", 60.0)), state="RETRY")
+    assert sample("ppb_job_failures_total", reason="retry") == before["retry"] + 1
+    assert sample("ppb_job_latency_seconds_count") == latency_before
