@@ -24,7 +24,7 @@ def listen() -> int:
         return 2
     from .listener import Listener
     from .platforms.registry import make
-    from .routing import FleetSettings, Router, restore_expired
+    from .routing import FleetSettings, Router, release_parked, restore_expired
     from .store import Store
     from .tasks import app
 
@@ -42,11 +42,15 @@ def listen() -> int:
 
     # Each job goes to the queue of a live worker (GPU first, CPU when no GPU worker is alive or
     # the GPU queue is full); a thread moves jobs out of queues nobody consumes any more.
-    router = Router.from_url(config.redis_url, fleet, restore=lambda: restore_expired(app))
+    def publish(payload: dict, retries: int = 0) -> None:
+        app.send_task("bot.handle", args=[payload], queue=router.choose(payload.get("kind", "mention")), retries=retries)
+
+    # Its drain also queues the retries that were parked to wait out a long rate limit.
+    router = Router.from_url(config.redis_url, fleet, restore=lambda: restore_expired(app),
+                             release=lambda: release_parked(store, publish))
 
     def enqueue(job) -> None:  # type: ignore[no-untyped-def]
-        payload = dict(job.to_dict(), enqueued_at=round(time.time(), 3))  # for the latency metric
-        app.send_task("bot.handle", args=[payload], queue=router.choose(job.kind))
+        publish(dict(job.to_dict(), enqueued_at=round(time.time(), 3)))  # enqueued_at: latency metric
 
     listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s)
     threading.Thread(target=router.run, args=(listener.stop,), name="drain", daemon=True).start()

@@ -66,6 +66,8 @@ class BotConfig:
     poll_interval_s: float = 30.0
     stream: bool = True
     visibility_timeout_s: int = 900
+    #: Celery's soft time limit per task run (prefork workers; the thread pool enforces none)
+    task_time_limit_s: int = 600
     weights_dir: Path | None = None
     #: the worker's head locators (``ANON_LOCATORS``); None: every one whose weights are present
     locators: tuple[str, ...] | None = None
@@ -128,6 +130,7 @@ class BotConfig:
         number("BOT_MAX_ATTEMPTS", "max_attempts", int, 1)
         number("BOT_POLL_INTERVAL", "poll_interval_s", float, 0.05)
         number("BOT_VISIBILITY_TIMEOUT", "visibility_timeout_s", int, 1)
+        number("BOT_TASK_TIME_LIMIT", "task_time_limit_s", int, 1)
         for name, key in (("BOT_ALLOW_PRIVATE_ADDRESSES", "allow_private_addresses"), ("BOT_STREAM", "stream")):
             raw = env.get(name)
             if raw is not None:
@@ -195,11 +198,23 @@ def read_number(
     except ValueError:
         problems.append(f"{name} must be a{'n integer' if kind is int else ' number'}, got {raw!r}")
         return None
+    if not math.isfinite(value):
+        problems.append(f"{name} must be a finite number, got {raw!r}")
+        return None
     if not low <= value <= high:
         bound = f"at least {low}" if high == math.inf else f"between {low:g} and {high:g}"
         problems.append(f"{name} must be {bound}, got {raw!r}")
         return None
     return value
+
+
+def int_or_default(name: str, default: int, environ: Mapping[str, str] | None = None) -> int:
+    """For settings needed at import time: a bad value falls back to the default here, and
+    ``BotConfig.from_env`` reports it when the process starts."""
+    try:
+        return int((os.environ if environ is None else environ).get(name, "").strip() or default)
+    except ValueError:
+        return default
 
 
 def configured(environ: Mapping[str, str] | None = None) -> bool:

@@ -9,8 +9,9 @@ process serves their sum. This module must therefore be imported before anything
 Exported (all prefixed ``ppb_``):
 
 * ``jobs_total{kind, outcome, queue}``: finished task runs by outcome (``replied``,
-  ``already_done``, ``no_image``, ``failed``, ``dead_letter``, ``retry``, ``handed_over``, ...);
-* ``job_failures_total{reason}``: ``retry`` (a platform error, retried), ``device`` (this
+  ``already_done``, ``no_image``, ``failed``, ``dead_letter``, ``retry``, ``parked``,
+  ``handed_over``, ...);
+* ``job_failures_total{reason}``: ``retry`` (a platform error, retried now or parked), ``device`` (this
   worker's GPU failed; the job went to another worker) and ``dead_letter``;
 * ``photos_total{result}``: photos anonymised (``ok``) or refused (``failed``);
 * ``job_seconds{kind}`` (processing time of one task run), ``job_latency_seconds`` (from the
@@ -128,12 +129,12 @@ def _task_finished(task_id: str, task: Any, args: Any = (), retval: Any = None, 
     queue = str((getattr(task.request, "delivery_info", None) or {}).get("routing_key") or "unknown")
     outcome = _outcome(state, retval)
     JOBS.labels(kind, outcome, queue).inc()
-    if outcome in ("retry", "dead_letter", "failure", "handed_over"):
-        FAILURES.labels("device" if outcome == "handed_over" else outcome).inc()
+    if outcome in ("retry", "parked", "dead_letter", "failure", "handed_over"):
+        FAILURES.labels({"handed_over": "device", "parked": "retry"}.get(outcome, outcome)).inc()
     if started is not None:
         JOB_SECONDS.labels(kind).observe(time.perf_counter() - started)
     enqueued_at = payload.get("enqueued_at")
-    if outcome not in ("retry", "handed_over") and enqueued_at:
+    if outcome not in ("retry", "parked", "handed_over") and enqueued_at:
         try:
             LATENCY.observe(max(0.0, time.time() - float(enqueued_at)))
         except (TypeError, ValueError):

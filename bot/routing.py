@@ -235,19 +235,21 @@ class Router:
     """Picks each job's queue from the live workers, and drains queues nobody consumes."""
 
     def __init__(self, client: redis.Redis, settings: FleetSettings = FleetSettings(), cache_s: float = 1.0,
-                 restore: Callable[[], None] | None = None) -> None:
+                 restore: Callable[[], None] | None = None, release: Callable[[], Any] | None = None) -> None:
         self.client = client
         self.settings = settings
         self.cache_s = cache_s
         #: returns expired deliveries of dead workers to their queues first (see restore_expired)
         self.restore = restore
+        #: queues the parked retries that are due (see release_parked)
+        self.release = release
         self._cached: tuple[float, list[dict[str, Any]]] = (-1e18, [])
         self._lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, settings: FleetSettings = FleetSettings(), cache_s: float = 1.0,
-                 restore: Callable[[], None] | None = None) -> "Router":
-        return cls(redis.Redis.from_url(url), settings, cache_s, restore)
+                 restore: Callable[[], None] | None = None, release: Callable[[], Any] | None = None) -> "Router":
+        return cls(redis.Redis.from_url(url), settings, cache_s, restore, release)
 
     def workers(self, fresh: bool = False) -> list[dict[str, Any]]:
         """Live workers, read at most once per ``cache_s`` (every job asks)."""
@@ -280,7 +282,10 @@ class Router:
         return CPU_QUEUE  # nobody is alive: wait where CPU workers (the default) will look
 
     def drain(self) -> dict[str, int]:
-        """Move jobs out of our queues that no live worker consumes; returns ``{source: moved}``."""
+        """Queue the parked retries that are due, then move jobs out of our queues that no live
+        worker consumes; returns ``{source: moved}``."""
+        if self.release is not None:
+            self.release()
         workers = self.workers(fresh=True)
         if not workers:
             return {}  # nobody to hand them to: leave them where they are
@@ -308,8 +313,31 @@ class Router:
         while not stop.wait(self.settings.drain_interval_s):
             try:
                 self.drain()
-            except redis.RedisError:
+            except Exception:  # Redis or the broker hiccups: the next round tries again
                 log.warning("drain_failed", exc_info=True)
+
+
+def release_parked(store: Any, publish: Callable[[dict[str, Any], int], None], now: float | None = None) -> int:
+    """Queue the parked retries that are due (``publish(job, retries)``); returns how many.
+
+    A retry that must wait longer than half the visibility timeout (a platform's rate-limit
+    window) is parked in Redis by its task instead of becoming a Celery countdown: a countdown is
+    a message the worker holds unacknowledged until it is due, and Redis hands a message held
+    past the visibility timeout to another worker, so the job would run twice or more. The
+    listeners' drain releases parked jobs. A job whose publishing fails is parked again for the
+    next drain.
+    """
+    released = 0
+    for entry in store.take_due(time.time() if now is None else now):
+        try:
+            publish(entry["job"], int(entry["retries"]))
+        except Exception:
+            store.park(entry["job"], int(entry["retries"]), time.time())
+            raise
+        released += 1
+    if released:
+        log.info("parked_released", extra={"jobs": released})
+    return released
 
 
 def restore_expired(app: Any) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 import redis
 
 PREFIX = "ppb"
+#: sorted set of parked retries, scored by when they are due
+PARKED = f"{PREFIX}:parked"
 SEEN_TTL_S = 14 * 24 * 3600
 DONE_TTL_S = 365 * 24 * 3600
 
@@ -111,3 +114,22 @@ class Store:
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.r.lrange(f"{PREFIX}:dead", 0, -1)]
+
+    # retries that wait long -----------------------------------------------------------------
+    def park(self, job: dict[str, Any], retries: int, due: float) -> None:
+        """Keep ``job`` (ids only) until ``due`` (epoch seconds); its next run is retry ``retries``."""
+        entry = {"job": job, "retries": retries, "id": uuid.uuid4().hex}
+        self.r.zadd(PARKED, {json.dumps(entry): due})
+
+    def take_due(self, now: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Remove and return the parked entries due by ``now``, oldest first. Each goes to exactly
+        one caller: the one whose ZREM removed it (several listeners may look at once)."""
+        taken = []
+        for member in self.r.zrangebyscore(PARKED, "-inf", now, start=0, num=limit):
+            if self.r.zrem(PARKED, member):
+                taken.append(json.loads(member))
+        return taken
+
+    def parked(self) -> list[tuple[dict[str, Any], float]]:
+        """Every parked entry with its due time (operators, tests)."""
+        return [(json.loads(m), float(due)) for m, due in self.r.zrange(PARKED, 0, -1, withscores=True)]

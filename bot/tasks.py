@@ -31,7 +31,7 @@ from anonymiser.locators.registry import default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
-from .config import BotConfig, ConfigError
+from .config import BotConfig, ConfigError, int_or_default
 from .handler import Job, MentionHandler
 from .platforms.base import PlatformError, RateLimited
 from .platforms.registry import make
@@ -40,8 +40,9 @@ from .takedown import TakedownHandler
 
 log = logging.getLogger("bot.tasks")
 
-_VISIBILITY_TIMEOUT_S = int(os.environ.get("BOT_VISIBILITY_TIMEOUT", "900") or 900)
-_TIME_LIMIT_S = int(os.environ.get("BOT_TASK_TIME_LIMIT", "600") or 600)
+# Needed before the configuration is validated (at worker_init, which lists bad values).
+_VISIBILITY_TIMEOUT_S = int_or_default("BOT_VISIBILITY_TIMEOUT", BotConfig.visibility_timeout_s)
+_TIME_LIMIT_S = int_or_default("BOT_TASK_TIME_LIMIT", BotConfig.task_time_limit_s)
 
 app = Celery("bot")
 app.conf.update(
@@ -269,7 +270,14 @@ def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def
         attempt = self.request.retries + 1
         if exc.retryable and attempt < config().max_attempts:
             delay = backoff_s(attempt, exc)
-            log.warning("retry", extra=ids | {"error": type(exc).__name__, "status": exc.status, "delay_s": delay})
+            extra = ids | {"error": type(exc).__name__, "status": exc.status, "delay_s": delay}
+            if delay > _VISIBILITY_TIMEOUT_S / 2:
+                # A countdown this long would sit unacknowledged in this worker past the
+                # visibility timeout and run again elsewhere: park it (routing.release_parked).
+                store().park(payload, attempt, time.time() + delay)
+                log.warning("parked", extra=extra)
+                return "parked"
+            log.warning("retry", extra=extra)
             raise self.retry(countdown=delay, exc=exc)
         store().dead_letter(payload, f"{type(exc).__name__}: {exc}")
         log.error("dead_letter", extra=ids | {"error": type(exc).__name__, "status": exc.status})

@@ -248,6 +248,15 @@ class E2E:
 
         listener = Listener(self.platform(), self.store, enqueue or self.enqueue, hashtags, stream, poll_interval_s=poll_interval_s)
         running = Listening(listener, self.fake)
+        # Like `python -m bot listen`: a drain thread beside the listener queues parked retries.
+        from bot.routing import FleetSettings, Router, release_parked
+
+        def republish(job: dict[str, Any], retries: int) -> None:
+            self.app.send_task("bot.handle", args=[job], retries=retries)
+
+        router = Router(self.redis, FleetSettings(drain_interval_s=0.2), cache_s=0,
+                        release=lambda: release_parked(self.store, republish))
+        threading.Thread(target=router.run, args=(listener.stop,), name="drain", daemon=True).start()
         self.listeners.append(running)
         if stream and wait_stream and self.fake.stream_refuse is None:
             self.fake.wait_streaming("notification")

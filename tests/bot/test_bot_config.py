@@ -39,6 +39,7 @@ def test_every_invalid_variable_is_listed_in_one_error() -> None:
         "BOT_MAX_ATTEMPTS": "-1",
         "BOT_POLL_INTERVAL": "soon",
         "BOT_VISIBILITY_TIMEOUT": "1.5",
+        "BOT_TASK_TIME_LIMIT": "-5",
         "BOT_STREAM": "maybe",
         "BOT_ALLOW_PRIVATE_ADDRESSES": "perhaps",
     }
@@ -49,7 +50,7 @@ def test_every_invalid_variable_is_listed_in_one_error() -> None:
     assert named == [
         "MASTODON_BASE_URL", "MASTODON_ACCESS_TOKEN", "REDIS_URL", "BOT_HASHTAGS", "BOT_MAX_MEDIA_BYTES",
         "BOT_MEDIA_TIMEOUT", "BOT_MAX_IMAGES", "BOT_MAX_ATTEMPTS", "BOT_POLL_INTERVAL", "BOT_VISIBILITY_TIMEOUT",
-        "BOT_ALLOW_PRIVATE_ADDRESSES", "BOT_STREAM",
+        "BOT_TASK_TIME_LIMIT", "BOT_ALLOW_PRIVATE_ADDRESSES", "BOT_STREAM",
     ]
     assert "'not-a-tag'" in found[3]
     assert "got 'forty megabytes'" in found[4]
@@ -112,3 +113,24 @@ def test_worker_refuses_to_start_and_lists_the_problems() -> None:
     assert done.returncode != 0
     assert "MASTODON_ACCESS_TOKEN is not set" in done.stderr and "BOT_STREAM" in done.stderr
     assert "Cannot connect to redis" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["BOT_POLL_INTERVAL", "BOT_MEDIA_TIMEOUT"])
+@pytest.mark.parametrize("raw", ["inf", "nan"])
+def test_numbers_must_be_finite(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+        BotConfig.from_env({"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t", name: raw})
+
+
+def test_a_bad_visibility_timeout_does_not_break_importing_the_tasks() -> None:
+    """The tasks module reads two settings at import; a bad value must reach the operator as the
+    usual list of problems at start-up, not as a traceback from the import."""
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "BOT_VISIBILITY_TIMEOUT": "1.5", "BOT_TASK_TIME_LIMIT": "soon",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", "import bot.tasks as t; print(t._VISIBILITY_TIMEOUT_S, t._TIME_LIMIT_S)"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["900", "600"]

@@ -24,6 +24,7 @@ from bot.routing import (
     FleetSettings,
     Router,
     queue_depth,
+    release_parked,
     restore_expired,
 )
 from bot_harness import E2E, JOB_TIMEOUT_S, wait_until
@@ -405,3 +406,48 @@ def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
     metrics._task_finished("t2", task, args=(job,), retval=Retry(exc=RateLimited("slow down", 60.0)), state="RETRY")
     assert sample("ppb_job_failures_total", reason="retry") == before["retry"] + 1
     assert sample("ppb_job_latency_seconds_count") == latency_before
+
+
+def test_a_long_rate_limit_parks_the_job_instead_of_holding_it_past_the_visibility_timeout(
+        fleet: Any, fake: Any, redis_server: Any, client_app: Any, cpu_worker: Any) -> None:
+    """A countdown longer than the visibility timeout would sit unacknowledged in a worker and be
+    handed to another worker (and again, each visibility timeout): the job is parked in Redis
+    instead, held by nobody, and the listeners' drain queues it when it is due."""
+    from bot.store import Store
+
+    redis_server.clean()
+    fake.reset()
+    fleet.ready(cpu_worker)
+    store = Store.from_url(redis_server.url)
+    status = mention(fake, "patient", side=96)
+    reset_s = 8.0  # beyond half of the tests' 5 s visibility timeout
+    limited = fake.fail("GET", r"/api/v1/statuses/\d+", 429, times=1, reset_in_s=reset_s)
+    sent_at = time.time()
+    client_app.send_task("bot.handle", args=[E2E.job(status)], queue=CPU_QUEUE)
+    wait_until(lambda: store.parked(), 60, "the job to be parked")
+    [(entry, due)] = store.parked()
+    assert entry["job"]["post_id"] == status["id"] and entry["retries"] == 1
+    assert sent_at + reset_s - 5 <= due <= time.time() + reset_s + 5
+    assert len(limited.hits) == 1
+    assert release_parked(store, lambda job, retries: None, now=due - 1) == 0, "not due yet"
+
+    # Nothing is held: no delivery waits unacknowledged, so no visibility timeout can duplicate
+    # it (a countdown would have been redelivered twice by now).
+    time.sleep(2 * 5 + 1)
+    assert time.time() > due
+    assert redis_server.client.hlen("unacked") == 0
+    assert queue_depth(redis_server.client, CPU_QUEUE) == 0 and fake.replies_to(status["id"]) == []
+
+    published: list[int] = []
+
+    def publish(job: dict[str, Any], retries: int) -> None:
+        published.append(retries)
+        client_app.send_task("bot.handle", args=[job], queue=CPU_QUEUE, retries=retries)
+
+    router = Router(redis_server.client, FleetSettings(), cache_s=0,
+                    release=lambda: release_parked(store, publish))
+    router.drain()  # what the listener runs every BOT_DRAIN_INTERVAL
+    assert published == [1] and store.parked() == []
+    one_reply_each(fake, [status], timeout=90)
+    assert len(fake.replies_to(status["id"])[0]["media_attachments"]) == 1
+    assert len(limited.hits) == 1
