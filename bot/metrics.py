@@ -60,7 +60,7 @@ JOB_SECONDS = Histogram("ppb_job_seconds", "Processing time of one task run", ["
 LATENCY = Histogram("ppb_job_latency_seconds", "From the listener's enqueue to the job's answer", buckets=_SECONDS)
 PHOTO_SECONDS = Histogram("ppb_photo_seconds", "Time to anonymise one photo", buckets=_SECONDS)
 BATCH_SIZE = Histogram("ppb_batch_size", "Photos (or tiles) per LSC-CNN batch", buckets=(1, 2, 4, 8, 12, 16, 24, 32, 64))
-BATCH_SECONDS = Histogram("ppb_batch_seconds", "Device time issuing one LSC-CNN batch", buckets=_SECONDS)
+BATCH_SECONDS = Histogram("ppb_batch_seconds", "One LSC-CNN batch, from issuing it to its logits on the host", buckets=_SECONDS)
 
 _started: dict[str, float] = {}
 

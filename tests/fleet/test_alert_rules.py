@@ -57,6 +57,8 @@ MUTANTS = [
     ("PPBBacklogGrowing", "/ sum(rate(ppb_jobs_total[10m])) > 900", "/ sum(rate(ppb_jobs_total[10m])) > 9000"),
     ("PPBSlowReplies", "histogram_quantile(0.95,", "histogram_quantile(0.5,"),
     ("PPBRedisUnreachable", "ppb_redis_up == 0", "max(ppb_redis_up) == 0"),
+    # Platform retries are not device failures.
+    ("PPBGpuHandsJobsOver", 'ppb_job_failures_total{reason="device"}', "ppb_job_failures_total"),
 ]
 
 
