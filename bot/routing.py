@@ -327,14 +327,15 @@ def release_parked(store: Any, publish: Callable[[dict[str, Any], int], None], n
     listeners' drain releases parked jobs. A job whose publishing fails is parked again for the
     next drain.
     """
+    taken = store.take_due(time.time() if now is None else now)
     released = 0
-    for entry in store.take_due(time.time() if now is None else now):
-        try:
+    try:
+        for entry in taken:
             publish(entry["job"], int(entry["retries"]))
-        except Exception:
+            released += 1
+    finally:
+        for entry in taken[released:]:  # taken out of Redis, not yet queued: never drop them
             store.park(entry["job"], int(entry["retries"]), time.time())
-            raise
-        released += 1
     if released:
         log.info("parked_released", extra={"jobs": released})
     return released

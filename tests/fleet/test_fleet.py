@@ -451,3 +451,27 @@ def test_a_long_rate_limit_parks_the_job_instead_of_holding_it_past_the_visibili
     one_reply_each(fake, [status], timeout=90)
     assert len(fake.replies_to(status["id"])[0]["media_attachments"]) == 1
     assert len(limited.hits) == 1
+
+
+def test_parked_jobs_survive_a_failed_release(redis_server: Any) -> None:
+    """Jobs taken out of the parked set are put back when publishing them fails (the broker
+    hiccups): the next drain queues them, none is lost."""
+    from bot.store import Store
+
+    redis_server.clean()
+    store = Store.from_url(redis_server.url)
+    for k in range(3):
+        store.park({"post_id": str(k), "kind": "mention"}, 1, time.time() - 10 + k)
+    published: list[str] = []
+
+    def flaky(job: dict[str, Any], retries: int) -> None:
+        if len(published) == 1:
+            raise ConnectionError("broker unreachable")
+        published.append(job["post_id"])
+
+    with pytest.raises(ConnectionError):
+        release_parked(store, flaky)
+    assert published == ["0"]
+    assert sorted(entry["job"]["post_id"] for entry, _ in store.parked()) == ["1", "2"]
+    assert release_parked(store, lambda job, retries: published.append(job["post_id"])) == 2
+    assert sorted(published) == ["0", "1", "2"] and store.parked() == []
