@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from bot_helpers import jpeg
-from fake_mastodon import TOKEN, FakeMastodon
+from fake_mastodon import TOKEN, FakeMastodon, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -45,17 +45,6 @@ def terminate(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- Redis

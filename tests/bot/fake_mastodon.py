@@ -62,6 +62,18 @@ def _id_key(value: str) -> tuple[int, str]:
     return (len(value), value)
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """``predicate()``'s first truthy value; ``AssertionError`` after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
 @dataclass
 class Injection:
     """Answer the next ``times`` requests matching ``method`` + ``path`` (a regex) with ``status``
@@ -482,15 +494,13 @@ class FakeMastodon:
             return list(self.requests)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
-        deadline = time.time() + timeout
-        while True:
+        """:func:`wait_until`, reading the server's state under its lock."""
+
+        def locked() -> Any:
             with self.lock:
-                value = predicate()
-            if value:
-                return value
-            if time.time() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(interval)
+                return predicate()
+
+        return wait_until(locked, timeout, what, interval)
 
     def wait_for_posts(self, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Wait until the bot has posted at least ``count`` statuses; returns them."""
