@@ -41,6 +41,9 @@ def _check_address(host: str, allow_private: bool) -> str:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except socket.gaierror:
         raise FetchError("the media server's name does not resolve") from None
+    except (UnicodeError, ValueError):
+        # IDNA refuses labels over 63 characters, and so on: a malformed name, not our failure.
+        raise FetchError("the media URL is invalid") from None
     if not infos:
         raise FetchError("the media server's name does not resolve")
     for info in infos:
@@ -99,10 +102,14 @@ def checked_session(allow_private: bool, session: requests.Session | None = None
 
 def check_url(url: str, allow_private: bool) -> None:
     """Refuse non-http(s) URLs and hosts that resolve to non-public addresses."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    try:
+        parsed = urlparse(url)
+        host = parsed.hostname  # parsing an IPv6 literal like "[::zz]" happens here
+    except ValueError:
+        raise FetchError("the media URL is invalid") from None
+    if parsed.scheme not in ("http", "https") or not host:
         raise FetchError("the media URL is not http(s)")
-    _check_address(parsed.hostname, allow_private)
+    _check_address(host, allow_private)
 
 
 def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = False, session: requests.Session | None = None) -> bytes:

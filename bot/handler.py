@@ -19,7 +19,7 @@ from . import messages
 from .config import BotConfig
 from .fetch import FetchError, fetch
 from .logs import Timer
-from .platforms.base import Account, Platform, Post, ReplyDraft, Visibility, narrowest
+from .platforms.base import Account, NotFound, Platform, Post, ReplyDraft, Visibility, narrowest
 from .store import Store
 
 log = logging.getLogger("bot.handler")
@@ -44,14 +44,20 @@ class Job:
         return cls(**{k: str(v) for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-def reply_visibility(target: Visibility, request: Visibility) -> Visibility:
+def reply_visibility(target: Post, request: Post) -> Visibility:
     """Never wider than the original or the request.
 
     A followers-only original is answered by direct message: the bot's followers are not the
     author's followers, so a followers-only reply from the bot would reach a different audience.
+    A protected account's image, or a post its server keeps local, is never reposted in public,
+    whatever the post says.
     """
-    narrow = narrowest(target, request)
-    return "direct" if narrow == "private" else narrow
+    narrow = narrowest(target.visibility, request.visibility)
+    if narrow == "private":
+        return "direct"
+    if narrow in ("public", "unlisted") and (target.account.locked or target.local_only):
+        return "direct"
+    return narrow
 
 
 def opted_out(account: Account) -> bool:
@@ -59,16 +65,65 @@ def opted_out(account: Account) -> bool:
     return bool(_NOBOT.search(account.note or ""))
 
 
-def choose_target(platform: Platform, request: Post) -> Post | None:
+def may_see(request: Post, target: Post) -> bool:
+    """Whether the requester is in the audience of ``target`` as far as the bot can tell.
+
+    The bot reads posts with its own rights, which may be wider than the requester's (the bot
+    follows a locked author; another server relays a reply to a post its author never showed the
+    replier). For a followers-only or direct post the bot cannot list who follows whom, so it
+    trusts the author, the accounts the post mentions, and a reply from an account of its own
+    server, which that server accepts only to a post the account may see.
+    """
+    requester = request.account
+    if target.visibility in ("public", "unlisted") or requester.id == target.account.id or target.addresses(requester):
+        return True
+    return requester.local and request.in_reply_to_id == target.id
+
+
+@dataclass
+class Lookup:
+    """Where a request points."""
+
+    #: the post whose images to anonymise, if any
+    target: Post | None
+    #: the post the request replies to, if the bot could read it
+    parent: Post | None = None
+    #: a post the request points at is deleted or hidden from the bot
+    gone: bool = False
+
+
+def choose_target(platform: Platform, request: Post) -> Lookup:
     """The post whose images to anonymise: the request itself, else the one it replies to or quotes."""
     if request.images:
-        return request
+        return Lookup(request)
+    found = Lookup(None)
     for parent_id in (request.in_reply_to_id, request.quote_id):
-        if parent_id:
-            parent = platform.get_post(parent_id)
-            if parent.images:
-                return parent
-    return None
+        if not parent_id:
+            continue
+        try:
+            post = platform.get_post(parent_id)
+        except NotFound:
+            found.gone = True
+            continue
+        if parent_id == request.in_reply_to_id:
+            found.parent = post
+        if post.images:
+            found.target = post
+            return found
+    return found
+
+
+def incidental(request: Post, parent: Post | None, me: Account) -> bool:
+    """A mention nobody meant as a request.
+
+    Replies pre-fill every account the parent mentions, so answers in a thread where someone
+    once asked the bot mention it again and again; a reply to the bot's own post (another bot's
+    auto-reply, a "thanks") mentions it too. Answering those with "no photo here" would spam the
+    thread, and two bots would answer each other for ever.
+    """
+    if request.in_reply_to_account_id == me.id:
+        return True
+    return parent is not None and (parent.account.id == me.id or parent.addresses(me))
 
 
 class MentionHandler:
@@ -97,17 +152,42 @@ class MentionHandler:
         self.store.mark_done(f"note:{key}", posted.id)
         return posted.id
 
+    def _notice(self, job: Job, request: Post, text: str, visibility: Visibility, key: str, limit_key: str) -> None:
+        """A "too many requests" answer, at most once per account and hour: a loop or a flood
+        must not turn every refused request into another post."""
+        if self.store.once(f"notice:{limit_key}", 3600):
+            self._answer(job, request, text, visibility, key)
+
+    def _admitted(self, job: Job, key: str) -> bool:
+        """Count the request against the per-account and global hourly limits, once per job:
+        a retried or redelivered job was counted by its first attempt."""
+        admitted = f"admitted:{key}"
+        if not self.store.once(admitted, 24 * 3600):
+            return True
+        if self.store.within_limit(f"acct:{job.platform}:{job.requester_id}", self.config.per_account_per_hour) and (
+            self.store.within_limit(f"global:{job.platform}", self.config.global_per_hour)
+        ):
+            return True
+        self.store.forget(admitted)
+        return False
+
     def handle(self, job: Job) -> str:
         """Process ``job``; returns a short outcome word for logs and tests."""
         me = self.platform.me()
-        request = self.platform.get_post(job.post_id)
+        try:
+            request = self.platform.get_post(job.post_id)
+        except NotFound:
+            return "request_gone"  # deleted before its turn: there is nobody left to answer
         requester = request.account
         if requester.id == me.id or requester.bot:
             return "ignored_bot"
-        target = choose_target(self.platform, request)
+        found = choose_target(self.platform, request)
+        target = found.target
         if target is not None and target.account.id == me.id:
             # "Thanks!" under the bot's own copy mentions the bot too: never re-anonymise our copy.
             return "ignored_own_copy"
+        if target is None and not found.gone and job.kind != "hashtag" and incidental(request, found.parent, me):
+            return "ignored_incidental"
         # Text-only answers are keyed by the request, so asking again later gets a fresh answer;
         # an anonymised copy is keyed by (original, requester), so it is never posted twice.
         key = self._key(job, request.id)
@@ -115,26 +195,24 @@ class MentionHandler:
             target is not None and self.store.reply_for(job.platform, target.id, job.requester_id)
         ):
             return "already_done"
-        request_visibility = request.visibility
         if target is None:
             if job.kind == "hashtag":
                 return "no_image"
-            self._answer(job, request, messages.NO_IMAGE, reply_visibility(request_visibility, request_visibility), key)
-            return "no_image"
-        visibility = reply_visibility(target.visibility, request_visibility)
-        if target.account.locked and visibility in ("public", "unlisted"):
-            # A protected account's image is never reposted in public, whatever the post says.
-            visibility = "direct"
+            text = messages.GONE if found.gone else messages.NO_IMAGE
+            self._answer(job, request, text, reply_visibility(request, request), key)
+            return "gone" if found.gone else "no_image"
+        visibility = reply_visibility(target, request)
+        if not may_see(request, target):
+            # Only the bot's rights reached this post: a copy would widen its audience.
+            self._answer(job, request, messages.NOT_YOURS, visibility, key)
+            return "not_visible"
         if opted_out(target.account):
             if job.kind != "hashtag":
                 self._answer(job, request, messages.NOBOT, visibility, key)
             return "opted_out"
-        if not (
-            self.store.within_limit(f"acct:{job.platform}:{job.requester_id}", self.config.per_account_per_hour)
-            and self.store.within_limit(f"global:{job.platform}", self.config.global_per_hour)
-        ):
+        if not self._admitted(job, self._key(job, target.id)):
             if job.kind != "hashtag":
-                self._answer(job, request, messages.RATE_LIMITED, visibility, key)
+                self._notice(job, request, messages.RATE_LIMITED, visibility, key, f"{job.platform}:{job.requester_id}")
             return "rate_limited"
 
         results, failures = self._anonymise_all(target)
@@ -186,4 +264,8 @@ class MentionHandler:
             log.info("image_done", extra={"post_id": target.id, "media_id": media.id, "heads": results[-1].report.heads_covered, "s": timer()})
         if len(target.images) > self.config.max_images:
             failures.append(f"only the first {self.config.max_images} images were processed")
+        others = len(target.media) - len(target.images)
+        if others:
+            # Say so: a reader must not take the copy for the whole post.
+            failures.append(f"{others} video, audio or other attachment{'s' if others > 1 else ''} (only photos are anonymised)")
         return results, failures

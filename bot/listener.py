@@ -75,7 +75,13 @@ class Listener:
             job = job_for(event, me.id)
             job.platform = self.platform.name
             if self.store.first_sighting(job.platform, job.post_id, job.requester_id):
-                self.enqueue(job)
+                try:
+                    self.enqueue(job)
+                except BaseException:
+                    # The cursor stays put and the next poll sees the event again: it must not
+                    # find it marked as already queued.
+                    self.store.unsee(job.platform, job.post_id, job.requester_id)
+                    raise
                 self.enqueued += 1
                 log.info("enqueued", extra={"channel": channel, "post_id": job.post_id, "kind": job.kind})
         # The cursor moves only after the job is safely in the queue: at-least-once, and the
@@ -154,6 +160,10 @@ class Listener:
 
     def run(self) -> None:
         """Every channel in its own thread; returns when ``stop`` is set."""
+        try:
+            self.platform.prepare()
+        except Exception:
+            log.exception("prepare_failed")  # the polls still find what a server filtered
         threads = [threading.Thread(target=self._guard, args=(c,), name=f"listen-{c}", daemon=True) for c in self.channels]
         for thread in threads:
             thread.start()

@@ -61,6 +61,14 @@ NO_IMAGE = (
     "I could not find a photo in this post or in the post it replies to. Mention me in a reply "
     "to a post with photos and I will answer with a copy in which every head is covered."
 )
+GONE = (
+    "The post you replied to was deleted or is not visible to me, so there is nothing for me to "
+    "anonymise."
+)
+NOT_YOURS = (
+    "That post is not public, so I only make a copy of it for its author or the people it "
+    "addresses. Please ask the author."
+)
 NOBOT = (
     "The author of that post asks bots not to interact with their posts (#nobot/#noanon in "
     "their profile), so I will not repost their image. Please ask them directly."
@@ -74,8 +82,17 @@ TAKEDOWN_HELP = (
     "To delete a copy I posted, send me a direct message with the link (or id) of my reply or "
     "of the original post."
 )
-TAKEDOWN_UNKNOWN = "I could not find a reply of mine for: {refs}. Nothing was deleted."
+TAKEDOWN_ASK = (
+    "If you want me to delete my copy, answer with the word \"delete\" (or send me its link)."
+)
+# Never echo the references: the platform would turn an "@name" hidden in them into a mention
+# and deliver this direct message to a third person.
+TAKEDOWN_UNKNOWN = "I could not find a reply of mine for {count} of the links or ids you sent; nothing was deleted for {them}."
 TAKEDOWN_DONE = "Done: I deleted {count} of my replies for that post."
+TAKEDOWN_ONE_SIDED = (
+    "{count} of them {were} direct message{s}, which the platform lets me delete only on my side: "
+    "please delete {them} in your inbox too."
+)
 TAKEDOWN_ALREADY = "My copy of that post was already deleted."
 TAKEDOWN_LIMIT = "You have sent many deletion requests in the last hour; please try again later."
 
@@ -102,3 +119,15 @@ def failure_reason(exc: BaseException) -> str:
 def failed_all(reasons: list[str], limit: int = MAX_TEXT - MENTION_ROOM) -> str:
     """Reply when no image of a post could be anonymised."""
     return _fit("Sorry, I could not anonymise this post:", [r + ";" for r in reasons], limit).rstrip(";") + "."
+
+
+def takedown_unknown(count: int) -> str:
+    """References in a takedown request that name nothing the bot posted."""
+    return TAKEDOWN_UNKNOWN.format(count=count, them="it" if count == 1 else "those")
+
+
+def takedown_one_sided(count: int) -> str:
+    """Deleted copies that stay in the recipient's inbox (X direct messages)."""
+    return TAKEDOWN_ONE_SIDED.format(
+        count=count, were="was a" if count == 1 else "were", s="" if count == 1 else "s", them="it" if count == 1 else "them"
+    )

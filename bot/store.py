@@ -42,7 +42,15 @@ class Store:
 
     def first_sighting(self, platform: str, post_id: str, requester_id: str) -> bool:
         """True exactly once per (post, requester): the stream and the poll may both see it."""
-        return bool(self.r.set(f"{PREFIX}:seen:{platform}:{post_id}:{requester_id}", "1", nx=True, ex=SEEN_TTL_S))
+        return bool(self.r.set(self._seen(platform, post_id, requester_id), "1", nx=True, ex=SEEN_TTL_S))
+
+    def unsee(self, platform: str, post_id: str, requester_id: str) -> None:
+        """Undo :meth:`first_sighting` when the job could not be queued, so the next poll retries it."""
+        self.r.delete(self._seen(platform, post_id, requester_id))
+
+    @staticmethod
+    def _seen(platform: str, post_id: str, requester_id: str) -> str:
+        return f"{PREFIX}:seen:{platform}:{post_id}:{requester_id}"
 
     # replies -------------------------------------------------------------------------------
     def reply_for(self, platform: str, original_id: str, requester_id: str) -> str | None:
@@ -95,6 +103,14 @@ class Store:
 
     def mark_done(self, key: str, value: str) -> None:
         self.r.set(f"{PREFIX}:finished:{key}", value, ex=DONE_TTL_S)
+
+    def once(self, key: str, ttl_s: int) -> bool:
+        """True the first time ``key`` is claimed within ``ttl_s`` seconds, False after that."""
+        return bool(self.r.set(f"{PREFIX}:once:{key}", "1", nx=True, ex=ttl_s))
+
+    def forget(self, key: str) -> None:
+        """Release a key claimed with :meth:`once`."""
+        self.r.delete(f"{PREFIX}:once:{key}")
 
     # limits --------------------------------------------------------------------------------
     def within_limit(self, bucket: str, limit: int, window_s: int = 3600) -> bool:

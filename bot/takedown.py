@@ -19,6 +19,15 @@ from .store import Store
 log = logging.getLogger("bot.takedown")
 _URL = re.compile(r"https?://[^\s<>\"']+")
 _ID = re.compile(r"(?<![\w@/])(\d{5,30})(?![\w/])")
+#: words that ask for deletion, at a word's start, in the languages protests are most often
+#: photographed in; a bare "thanks!" answering the bot's copy must not delete it
+_DELETE_INTENT = re.compile(
+    r"\b(?:delet|remov|take ?(?:it |this )?down|takedown|unpublish|erase|withdraw"
+    r"|l[öo]sch|entfern|supprim|retir|effac|borr|elimin|quit|rimuov|cancell|verwijder|apag|exclu|usu[ńn])",
+    re.IGNORECASE,
+)
+#: references looked up per message: each remote link costs the bot a search request
+MAX_REFERENCES = 10
 
 
 def references(text: str) -> list[str]:
@@ -47,7 +56,10 @@ class TakedownHandler:
 
     def handle(self, job: Job) -> str:
         me = self.platform.me()
-        dm = self.platform.get_post(job.post_id)
+        try:
+            dm = self.platform.get_post(job.post_id)
+        except NotFound:
+            return "request_gone"
         requester = dm.account
         if requester.id == me.id or requester.bot:
             return "ignored_bot"
@@ -55,35 +67,47 @@ class TakedownHandler:
         if self.store.done(done_key):
             return "already_done"
         if not self.store.within_limit(f"takedown:{job.platform}:{requester.id}", self.per_account_per_hour):
-            return self._confirm(dm, messages.TAKEDOWN_LIMIT, done_key, "rate_limited")
-        refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)]
+            # One notice per hour: a flood of requests must not become a flood of answers.
+            if self.store.once(f"notice:takedown:{job.platform}:{requester.id}", 3600):
+                return self._confirm(dm, messages.TAKEDOWN_LIMIT, done_key, "rate_limited")
+            return "rate_limited"
+        refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)][:MAX_REFERENCES]
         if not refs and dm.in_reply_to_id:
-            refs = [dm.in_reply_to_id]  # a DM answering the bot's copy: "please delete this"
+            # A direct answer to the bot's copy: "please delete this" is a takedown, "thanks!" is not.
+            if not _DELETE_INTENT.search(dm.text):
+                return self._confirm(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
+            refs = [dm.in_reply_to_id]
         if not refs:
             return self._confirm(dm, messages.TAKEDOWN_HELP, done_key, "no_reference")
         originals: dict[str, str] = {}
-        unknown: list[str] = []
+        unknown = 0
         for ref in refs:
             original = self._original(ref)
             if original:
                 originals[original] = ref
             else:
-                unknown.append(ref)
-        deleted = sum(self._delete_replies(original, me.id) for original in originals)
+                unknown += 1
+        deleted, one_sided = 0, 0
+        for original in originals:
+            everywhere, here_only = self._delete_replies(original, me.id)
+            deleted, one_sided = deleted + everywhere + here_only, one_sided + here_only
         if originals and deleted == 0:
             text = messages.TAKEDOWN_ALREADY
         elif originals:
             text = messages.TAKEDOWN_DONE.format(count=deleted)
+            if one_sided:
+                text += " " + messages.takedown_one_sided(one_sided)
         else:
-            text = messages.TAKEDOWN_UNKNOWN.format(refs=", ".join(unknown[:5])) + " " + messages.TAKEDOWN_HELP
+            text = messages.takedown_unknown(unknown) + " " + messages.TAKEDOWN_HELP
         if originals and unknown:
-            text += " " + messages.TAKEDOWN_UNKNOWN.format(refs=", ".join(unknown[:5]))
-        log.info("takedown", extra={"dm_id": dm.id, "originals": len(originals), "deleted": deleted, "unknown": len(unknown)})
+            text += " " + messages.takedown_unknown(unknown)
+        log.info("takedown", extra={"dm_id": dm.id, "originals": len(originals), "deleted": deleted, "unknown": unknown})
         return self._confirm(dm, text, done_key, "deleted" if deleted else "nothing_deleted")
 
-    def _delete_replies(self, original: str, my_id: str) -> int:
+    def _delete_replies(self, original: str, my_id: str) -> tuple[int, int]:
+        """Delete the bot's replies for ``original``: (deleted for everyone, deleted on the bot's side only)."""
         name = self.platform.name
-        deleted = 0
+        everywhere, here_only = 0, 0
         for reply_id in sorted(self.store.replies_of(name, original)):
             try:
                 post = self.platform.get_post(reply_id)
@@ -93,10 +117,16 @@ class TakedownHandler:
             if post.account.id != my_id:
                 log.warning("not_ours", extra={"post_id": reply_id})
                 continue
-            self.platform.delete_post(reply_id)
+            try:
+                removed = self.platform.delete_post(reply_id)
+            except NotFound:
+                removed = None  # deleted meanwhile (by hand, by a moderator): gone all the same
             self.store.forget_reply(name, original, reply_id)
-            deleted += 1
-        return deleted
+            if removed is True:
+                everywhere += 1
+            elif removed is False:
+                here_only += 1
+        return everywhere, here_only
 
     def _confirm(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
         sent = self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=f"ppb-{done_key}")

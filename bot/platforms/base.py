@@ -18,6 +18,9 @@ class Account:
     note: str = ""
     #: protected/locked accounts (X protected, Mastodon locked)
     locked: bool = False
+    #: an account of the bot's own server, whose replies that server lets through only to posts
+    #: the account may see (Mastodon local accounts; every account on X)
+    local: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,19 @@ class Post:
     uri: str = ""
     media: tuple[Media, ...] = ()
     tags: tuple[str, ...] = ()
+    #: the accounts the post mentions (who, besides its author, may see a followers-only or direct
+    #: post): account ids, or lower-case usernames where a platform gives only those (X)
+    addressed: tuple[str, ...] = ()
+    #: a post its server keeps from federating (glitch-soc, Hometown): never repost it in public
+    local_only: bool = False
 
     @property
     def images(self) -> tuple[Media, ...]:
         return tuple(m for m in self.media if m.type == "image")
+
+    def addresses(self, account: Account) -> bool:
+        """Whether the post mentions ``account``."""
+        return account.id in self.addressed or account.acct.lower() in self.addressed
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,11 @@ class Platform(Protocol):
 
     def me(self) -> Account: ...
 
+    def prepare(self) -> None:
+        """Called once when a listener starts: make sure every request can reach the bot (e.g. a
+        server's notification filters). Must not fail for lack of a feature or permission."""
+        ...
+
     def get_post(self, post_id: str) -> Post: ...
 
     def mentions_since(self, since_id: str | None) -> list[Event]:
@@ -129,7 +146,9 @@ class Platform(Protocol):
 
     def reply(self, draft: ReplyDraft) -> Post: ...
 
-    def delete_post(self, post_id: str) -> None: ...
+    def delete_post(self, post_id: str) -> bool:
+        """Delete one of the bot's posts; False when it is gone only from the bot's side (X DMs)."""
+        ...
 
     def direct_message(self, to: Account, text: str, in_reply_to: Post | None = None, idempotency_key: str = "") -> Post: ...
 
@@ -141,3 +160,9 @@ class Platform(Protocol):
 def narrowest(*visibilities: Visibility) -> Visibility:
     """The most restrictive of the given visibilities."""
     return min(visibilities, key=VISIBILITIES.index)
+
+
+def known_visibility(value: object) -> Visibility:
+    """A server's visibility word as one of ours; anything unknown (Akkoma's ``local``, Pleroma's
+    ``list``, a future one) counts as the narrowest, so it can never widen an audience."""
+    return value if value in VISIBILITIES else "direct"  # type: ignore[return-value]

@@ -1,14 +1,18 @@
 """Mastodon through its REST and streaming APIs (plain HTTP, so tests fake it at the boundary).
 
 Rate limits: every response's ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset`` are honoured;
-when the budget is spent the client refuses further calls until the reset instead of
-hammering the server, and a 429 becomes ``RateLimited`` with the server's reset time.
+when a budget is spent the client refuses further calls of that budget until the reset instead
+of hammering the server, and a 429 becomes ``RateLimited`` with the server's reset time. Mastodon
+keeps separate budgets for media uploads and for deletions (30 each per 30 minutes) beside the
+general one, and its headers describe whichever budget of the request is closest to running out,
+so the client keeps one block per budget: a spent upload budget must not stop takedowns.
 Posting uses Mastodon's ``Idempotency-Key`` header, so a retried reply is never posted twice.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from datetime import datetime
@@ -29,9 +33,15 @@ from .base import (
     ReplyDraft,
     ServerError,
     StreamUnavailable,
+    known_visibility,
 )
 
+log = logging.getLogger("bot.mastodon")
+
 PAGE = 40
+#: Mastodon's own throttles beside the general API budget (``config/initializers/rack_attack.rb``)
+_MEDIA_UPLOAD = re.compile(r"^/api/v[12]/media$")
+_STATUS_DELETE = re.compile(r"^/api/v1/statuses/[^/]+$")
 _STATUS_PATH = re.compile(r"^/(?:@[^/]+|users/[^/]+/statuses|web/statuses|web/@[^/]+|notice)/(\d+)/?$")
 
 
@@ -80,13 +90,23 @@ class MastodonPlatform:
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
         self.session.headers.update({"Authorization": f"Bearer {token}", "User-Agent": "protest-privacy-bot"})
-        self._blocked_until = 0.0
+        self._blocked_until: dict[str, float] = {}
         self._me: Account | None = None
 
     # -- HTTP -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _budget(method: str, path: str) -> str:
+        """Which of the server's rate budgets a request draws on."""
+        if method == "POST" and _MEDIA_UPLOAD.match(path):
+            return "media"
+        if method == "DELETE" and _STATUS_DELETE.match(path):
+            return "delete"
+        return "api"
+
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        wait = self._blocked_until - time.time()
+        budget = self._budget(method, path)
+        wait = self._blocked_until.get(budget, 0.0) - time.time()
         if wait > 0:
             raise RateLimited(f"rate limit reached, resets in {wait:.0f}s", wait, status=None)
         kwargs.setdefault("timeout", self.timeout_s)
@@ -94,7 +114,7 @@ class MastodonPlatform:
             response = self.session.request(method, self.base_url + path, **kwargs)
         except requests.RequestException as exc:
             raise ServerError(f"{method} {path}: {type(exc).__name__}") from None
-        self._note_rate_limit(response)
+        self._note_rate_limit(budget, response)
         if response.status_code == 429:
             reset = _parse_reset(response.headers.get("X-RateLimit-Reset"))
             retry_after = response.headers.get("Retry-After")
@@ -115,11 +135,11 @@ class MastodonPlatform:
         except ValueError:
             return ""
 
-    def _note_rate_limit(self, response: requests.Response) -> None:
+    def _note_rate_limit(self, budget: str, response: requests.Response) -> None:
         remaining = response.headers.get("X-RateLimit-Remaining")
         reset = _parse_reset(response.headers.get("X-RateLimit-Reset"))
         if remaining is not None and remaining.strip() == "0" and reset:
-            self._blocked_until = reset
+            self._blocked_until[budget] = reset
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
@@ -134,6 +154,7 @@ class MastodonPlatform:
             bot=bool(data.get("bot")),
             note=html_to_text(data.get("note", "")),
             locked=bool(data.get("locked")),
+            local="@" not in data.get("acct", ""),
         )
 
     @classmethod
@@ -148,7 +169,7 @@ class MastodonPlatform:
             id=str(data["id"]),
             account=cls.parse_account(data["account"]),
             text=html_to_text(data.get("content", "")),
-            visibility=data.get("visibility", "public"),
+            visibility=known_visibility(data.get("visibility", "public")),
             sensitive=bool(data.get("sensitive")),
             spoiler_text=data.get("spoiler_text", "") or "",
             in_reply_to_id=str(data["in_reply_to_id"]) if data.get("in_reply_to_id") else None,
@@ -158,6 +179,8 @@ class MastodonPlatform:
             uri=data.get("uri") or "",
             media=media,
             tags=tuple(t.get("name", "").lower() for t in data.get("tags", [])),
+            addressed=tuple(str(m["id"]) for m in data.get("mentions") or [] if m.get("id")),
+            local_only=bool(data.get("local_only")),
         )
 
     # -- the Platform interface -------------------------------------------------------------
@@ -166,6 +189,17 @@ class MastodonPlatform:
         if self._me is None:
             self._me = self.parse_account(self._json("GET", "/api/v1/accounts/verify_credentials"))
         return self._me
+
+    def prepare(self) -> None:
+        """Accept private mentions from strangers. Since Mastodon 4.3 a server files a direct
+        message from an account the bot does not follow under "filtered notifications" by
+        default: neither listed nor streamed, so a stranger's takedown request would never
+        arrive. Older servers have no policy (404); a token without ``write:notifications``
+        is refused (403): the poll's ``include_filtered`` still finds those messages."""
+        try:
+            self._request("PATCH", "/api/v2/notifications/policy", json={"for_private_mentions": "accept"})
+        except PlatformError as exc:
+            log.warning("notification_policy_unchanged", extra={"status": exc.status, "error": type(exc).__name__})
 
     def get_post(self, post_id: str) -> Post:
         return self.parse_post(self._json("GET", f"/api/v1/statuses/{post_id}"))
@@ -189,7 +223,8 @@ class MastodonPlatform:
         return items
 
     def mentions_since(self, since_id: str | None) -> list[Event]:
-        found = self._pages("/api/v1/notifications", {"types[]": "mention"}, since_id)
+        # include_filtered: also what the notification policy filtered (see ``prepare``).
+        found = self._pages("/api/v1/notifications", {"types[]": "mention", "include_filtered": "true"}, since_id)
         return [
             Event("mention", str(n["id"]), self.parse_post(n["status"]))
             for n in found
@@ -296,8 +331,9 @@ class MastodonPlatform:
         headers = {"Idempotency-Key": draft.idempotency_key} if draft.idempotency_key else {}
         return self.parse_post(self._json("POST", "/api/v1/statuses", json=body, headers=headers))
 
-    def delete_post(self, post_id: str) -> None:
+    def delete_post(self, post_id: str) -> bool:
         self._request("DELETE", f"/api/v1/statuses/{post_id}")
+        return True
 
     def direct_message(self, to: Account, text: str, in_reply_to: Post | None = None, idempotency_key: str = "") -> Post:
         body: dict[str, Any] = {"status": f"@{to.acct} {text}", "visibility": "direct"}

@@ -373,7 +373,8 @@ class XPlatform:
             url = _photo_url(item.get("url") or "") if kind == "image" else (item.get("url") or "")
             media.append(Media(id=str(key), type=kind, url=url, description=item.get("alt_text") or ""))
         referenced = {r.get("type"): str(r.get("id")) for r in tweet.get("referenced_tweets", []) or []}
-        tags = [h.get("tag", "").lower() for h in ((note.get("entities") if note.get("text") else None) or tweet.get("entities") or {}).get("hashtags", []) or []]
+        entities = (note.get("entities") if note.get("text") else None) or tweet.get("entities") or {}
+        tags = [h.get("tag", "").lower() for h in entities.get("hashtags", []) or []]
         url = f"https://x.com/{account.acct}/status/{tweet['id']}"
         return Post(
             id=str(tweet["id"]),
@@ -389,6 +390,8 @@ class XPlatform:
             uri=url,
             media=tuple(media),
             tags=tuple(tags),
+            # X's mention entities name users by username only.
+            addressed=tuple(str(m.get("username", "")).lower() for m in (entities.get("mentions") or []) if m.get("username")),
         )
 
     @classmethod
@@ -413,6 +416,9 @@ class XPlatform:
             body = self._call("GET /2/users/me", self.client.get_me, user_fields=USER_FIELDS, user_auth=True)
             self._me = self.parse_account(self._data("GET /2/users/me", body))
         return self._me
+
+    def prepare(self) -> None:
+        """Nothing to set up: X has no filter that could hide mentions or DMs from the bot."""
 
     def get_post(self, post_id: str) -> Post:
         if post_id.startswith("dm:"):
@@ -763,12 +769,13 @@ class XPlatform:
     def direct_message(self, to: Account, text: str, in_reply_to: Post | None = None, idempotency_key: str = "") -> Post:
         return self._send_dms(to, text, [], idempotency_key)
 
-    def delete_post(self, post_id: str) -> None:
+    def delete_post(self, post_id: str) -> bool:
         if post_id.startswith("dm:"):
             # X removes a deleted DM from the bot's side of the conversation only.
             self._http("DELETE", f"/2/dm_events/{post_id[3:]}")
-            return
+            return False
         self._call("DELETE /2/tweets/:id", self.client.delete_tweet, post_id, user_auth=True)
+        return True
 
     def post_id_from_reference(self, reference: str) -> str | None:
         reference = reference.strip().rstrip(".,;:!?)>")

@@ -163,6 +163,7 @@ class FakeMastodon:
             self.accounts: dict[str, dict[str, Any]] = {}
             self.statuses: dict[str, dict[str, Any]] = {}
             self.notifications: list[dict[str, Any]] = []
+            self.filtered: set[str] = set()  # ids of the notifications the policy filtered
             self.media_files: dict[str, MediaFile] = {}
             self.attachments: dict[str, dict[str, Any]] = {}
             self.uploads: dict[str, dict[str, Any]] = {}
@@ -174,6 +175,10 @@ class FakeMastodon:
             self.idempotency: dict[tuple[str, str], str] = {}
             self.injections: list[Injection] = []
             self.followers: dict[str, set[str]] = {}
+            #: Mastodon 4.3+'s notification policy of the bot's account, with its defaults
+            self.notification_policy = {"for_not_following": "accept", "for_not_followers": "accept",
+                                        "for_new_accounts": "accept", "for_private_mentions": "filter",
+                                        "for_limited_accounts": "filter"}
             # switches
             self.stream_refuse: int | None = None  # 404 or 501: streaming endpoints refused
             self.stream_drop_after: int | None = None  # close each stream after N events
@@ -391,6 +396,10 @@ class FakeMastodon:
         create a ``mention`` notification (pushed to live streams), public posts with tags are
         pushed to hashtag streams."""
         with self.lock:
+            if in_reply_to is not None and "@" not in author["acct"] and not self.visible_to(author, in_reply_to):
+                # Mastodon's StatusesController authorises the thread: a local account cannot
+                # reply to a post it may not see (404). Other servers' replies arrive regardless.
+                raise ValueError(f"{author['acct']} may not see the post it replies to")
             status = self._make_status(author, text, list(media), visibility, in_reply_to["id"] if in_reply_to else None,
                                        sensitive or bool(spoiler_text), spoiler_text)
             if notify:
@@ -449,6 +458,25 @@ class FakeMastodon:
         self.statuses[status_id] = status
         return status
 
+    def _filtered(self, status: dict[str, Any]) -> bool:
+        """Mastodon 4.3+ (``NotifyService``): with ``for_private_mentions: filter`` (the default), a
+        direct message from an account the bot does not follow is filtered unless it answers a
+        thread in which the bot mentioned its sender. Filtered notifications are neither
+        streamed nor listed without ``include_filtered``."""
+        sender = status["account"]["id"]
+        if self.notification_policy["for_private_mentions"] != "filter" or status["visibility"] != "direct":
+            return False
+        if self.bot["id"] in self.followers.get(sender, set()):
+            return False
+        parent = self.statuses.get(status["in_reply_to_id"] or "")
+        for _ in range(100):
+            if parent is None:
+                return True
+            if parent["account"]["id"] == self.bot["id"] and any(m["id"] == sender for m in parent["mentions"]):
+                return False
+            parent = self.statuses.get(parent["in_reply_to_id"] or "")
+        return True
+
     def _deliver(self, status: dict[str, Any]) -> None:
         author = status["account"]
         if author["id"] != self.bot["id"] and any(m["id"] == self.bot["id"] for m in status["mentions"]):
@@ -461,7 +489,10 @@ class FakeMastodon:
                 "status": status,
             }
             self.notifications.append(notification)
-            self._push("notification", "", "notification", notification)
+            if self._filtered(status):
+                self.filtered.add(notification["id"])
+            else:
+                self._push("notification", "", "notification", notification)
         if status["visibility"] == "public":
             for tag in status["tags"]:
                 self._push("hashtag", tag["name"], "update", status)
@@ -559,14 +590,17 @@ class FakeMastodon:
             "X-RateLimit-Reset": iso(self._rate_window_start + self.rate_window_s),
         }
 
-    def visible_to_bot(self, status: dict[str, Any]) -> bool:
+    def visible_to(self, account: dict[str, Any], status: dict[str, Any]) -> bool:
         if status["id"] in self.deleted:
             return False
         if status["visibility"] in ("public", "unlisted"):
             return True
-        if status["account"]["id"] == self.bot["id"] or any(m["id"] == self.bot["id"] for m in status["mentions"]):
+        if status["account"]["id"] == account["id"] or any(m["id"] == account["id"] for m in status["mentions"]):
             return True
-        return status["visibility"] == "private" and self.bot["id"] in self.followers.get(status["account"]["id"], set())
+        return status["visibility"] == "private" and account["id"] in self.followers.get(status["account"]["id"], set())
+
+    def visible_to_bot(self, status: dict[str, Any]) -> bool:
+        return self.visible_to(self.bot, status)
 
 
 def _page(items: list[dict[str, Any]], query: dict[str, list[str]], default_limit: int, max_limit: int) -> list[dict[str, Any]]:
@@ -677,6 +711,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ("POST", r"/api/v2/media", self._upload),
                 ("GET", r"/api/v1/media/(\d+)", self._get_media),
                 ("GET", r"/api/v2/search", self._search),
+                ("PATCH", r"/api/v2/notifications/policy", self._update_policy),
             ]
             for method, pattern, route in routes:
                 match = re.fullmatch(pattern, path)
@@ -704,10 +739,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self._dispatch()
 
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._dispatch()
+
     def do_HEAD(self) -> None:  # noqa: N802
         self._dispatch()
 
     # -- REST endpoints (called with the fake's lock held) ----------------------------------------
+
+    def _update_policy(self, query: Any) -> tuple[int, Any]:
+        params = self._params()
+        policy = self.fake.notification_policy
+        for key, value in params.items():
+            if key in policy:
+                if value not in ("accept", "filter", "drop"):
+                    return 422, {"error": f"Validation failed: {key} is not included in the list"}
+                policy[key] = value
+        return 200, dict(policy, summary={"pending_requests_count": 0, "pending_notifications_count": 0})
 
     def _verify_credentials(self, query: Any) -> tuple[int, Any]:
         bot = dict(self.fake.bot)
@@ -798,6 +846,8 @@ class _Handler(BaseHTTPRequestHandler):
             items = [n for n in items if n["type"] in types]
         exclude = query.get("exclude_types[]") or []
         items = [n for n in items if n["type"] not in exclude and n["status"]["id"] not in fake.deleted]
+        if not self._truthy((query.get("include_filtered") or ["false"])[0]):
+            items = [n for n in items if n["id"] not in fake.filtered]
         page = _page(items, query, 40, 80)
         return 200, page, self._link("/api/v1/notifications", query, page)
 

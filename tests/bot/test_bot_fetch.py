@@ -142,6 +142,17 @@ def test_redirect_to_a_non_http_scheme_is_refused(dns: None) -> None:
         fetch("https://photos.example/a.jpg", 1024, 5.0)
 
 
+@pytest.mark.parametrize("url", [
+    "https://" + "a" * 64 + ".invalid/a.jpg",  # IDNA refuses labels over 63 characters (UnicodeError)
+    "https://[::1/a.jpg",  # an unclosed IPv6 literal (ValueError from urlparse)
+    "https://[::zz]/a.jpg",  # an invalid one (ValueError from .hostname)
+])
+def test_malformed_media_urls_fail_that_image_only(url: str) -> None:
+    """A FetchError is one image's failure; anything else would fail the whole post."""
+    with pytest.raises(FetchError, match="invalid"):
+        fetch(url, 1024, 5.0)
+
+
 def test_unknown_host(dns: None) -> None:
     with pytest.raises(FetchError, match="does not resolve"):
         fetch("https://nowhere.example/a.jpg", 1024, 5.0)

@@ -135,6 +135,7 @@ def test_followers_only_original_is_answered_by_direct_message(e2e: E2E) -> None
     fake = e2e.fake
     alice, bob = fake.add_account("alice"), fake.add_account("bob")
     fake.follow(fake.bot, alice)  # the bot may see alice's followers-only posts
+    fake.follow(bob, alice)  # and so may bob: his server lets him reply to them
     private_post = fake.post(alice, "Our meeting today", media=[fake.media(jpeg())], visibility="private")
     e2e.listen()
     request = fake.mention(bob, "cover these please", in_reply_to=private_post)  # bob asks in public

@@ -361,6 +361,9 @@ def test_protected_authors_photo_is_answered_by_dm_never_in_public(fake: FakeX, 
     assert bot.run_all() == ["deleted"]
     assert fake.deleted_dms == [first["id"]] and fake.deleted == []
     assert request["id"] in fake.tweets
+    # X deletes a DM on the bot's side only: the confirmation says so instead of "done"
+    [confirmation] = fake.bot_dms(to=carol)
+    assert confirmation["text"].startswith(messages.TAKEDOWN_DONE.format(count=1) + " " + messages.takedown_one_sided(1))
 
 
 def test_protected_requester_with_own_photo_is_answered_by_dm(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:

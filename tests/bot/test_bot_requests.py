@@ -1,0 +1,339 @@
+"""Who gets answered, and how often: the request rules of the mention and takedown handlers.
+
+These run the handlers in this process against the fake Mastodon server and the real Redis (a
+database of their own), with a stand-in anonymiser: what is tested here is who may get a copy,
+what the bot says and how many posts it makes, not the image work the end-to-end tests cover.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+import redis
+
+from bot import messages
+from bot.config import BotConfig
+from bot.handler import Job, MentionHandler
+from bot.listener import Listener, job_for
+from bot.platforms.base import Event, RateLimited
+from bot.platforms.mastodon import MastodonPlatform, html_to_text
+from bot.store import Store
+from bot.takedown import TakedownHandler
+from bot_harness import RedisServer
+from bot_helpers import jpeg
+from fake_mastodon import TOKEN, FakeMastodon
+
+
+class StandIn:
+    """Answers every photo with a small JPEG and one covered head."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def anonymise(self, data: bytes) -> SimpleNamespace:
+        self.calls += 1
+        return SimpleNamespace(data=jpeg(32, exif=False), mime="image/jpeg", report=SimpleNamespace(heads_covered=1))
+
+
+class World:
+    def __init__(self, fake: FakeMastodon, store: Store) -> None:
+        self.fake = fake
+        self.store = store
+        self.anonymiser = StandIn()
+        self.configure()
+
+    def configure(self, **settings: Any) -> None:
+        self.config = BotConfig(mastodon_base_url=self.fake.base_url, mastodon_access_token=TOKEN,
+                                allow_private_addresses=True, **settings)
+
+    def platform(self) -> MastodonPlatform:
+        return MastodonPlatform(self.fake.base_url, TOKEN)
+
+    def job(self, status: dict[str, Any]) -> Job:
+        platform = self.platform()
+        job = job_for(Event("mention", "1", platform.parse_post(status)), platform.me().id)
+        job.platform = "mastodon"
+        return job
+
+    def run(self, status: dict[str, Any]) -> str:
+        job = self.job(status)
+        if job.kind == "takedown":
+            return TakedownHandler(self.platform(), self.store, 20).handle(job)
+        return MentionHandler(self.platform(), self.store, self.anonymiser, self.config).handle(job)
+
+    def said(self) -> list[str]:
+        return [html_to_text(s["content"]) for s in self.fake.bot_posts()]
+
+
+@pytest.fixture
+def world(fake_server: FakeMastodon, redis_server: RedisServer) -> Iterator[World]:
+    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/3", decode_responses=True)
+    client.flushdb()
+    fake_server.reset()
+    yield World(fake_server, Store(client))
+    fake_server.reset()
+    client.flushdb()
+    client.close()
+
+
+def answered_privately(world: World) -> tuple[dict, dict, dict]:
+    """bob's followers-only photo, alice's request (she follows bob) and the bot's DM copy."""
+    fake = world.fake
+    bob, alice = fake.add_account("bob"), fake.add_account("alice")
+    fake.follow(fake.bot, bob)
+    fake.follow(alice, bob)
+    original = fake.post(bob, "our demo", media=[fake.media(jpeg(64))], visibility="private")
+    request = fake.mention(alice, "please cover the faces", in_reply_to=original, visibility="private")
+    assert world.run(request) == "replied"
+    [copy] = fake.bot_posts()
+    assert copy["visibility"] == "direct" and copy["media_attachments"]
+    return original, request, copy
+
+
+# -- takedowns --------------------------------------------------------------------------------
+
+
+def test_thanks_answering_the_copy_does_not_delete_it(world: World) -> None:
+    fake = world.fake
+    _, _, copy = answered_privately(world)
+    alice = copy["mentions"][0]
+    thanks = fake.mention(fake.accounts[alice["id"]], "thank you so much!", in_reply_to=copy, visibility="direct")
+    assert world.job(thanks).kind == "takedown"  # a DM answering the bot: the takedown handler decides
+
+    assert world.run(thanks) == "no_intent"
+    assert fake.deleted == [] and fake.delete_attempts == []
+    assert world.said()[-1] == "@alice " + messages.TAKEDOWN_ASK
+
+
+@pytest.mark.parametrize("text", ["please delete this", "Take it down please", "bitte löschen", "supprimez-la svp"])
+def test_asking_to_delete_in_a_reply_to_the_copy_deletes_it(world: World, text: str) -> None:
+    fake = world.fake
+    _, _, copy = answered_privately(world)
+    alice = fake.accounts[copy["mentions"][0]["id"]]
+    assert world.run(fake.mention(alice, text, in_reply_to=copy, visibility="direct")) == "deleted"
+    assert fake.deleted == [copy["id"]]
+
+
+def test_takedown_answer_never_repeats_what_was_sent(world: World) -> None:
+    """Echoed text would let a sender smuggle a mention in, and the DM would reach a third person."""
+    fake = world.fake
+    carol = fake.add_account("carol")
+    fake.add_account("victim")
+    dm = fake.mention(carol, "delete https://e.example/a,@victim and 123456789", visibility="direct")
+    assert world.run(dm) == "nothing_deleted"
+    [answer] = fake.bot_posts()
+    assert [m["acct"] for m in answer["mentions"]] == ["carol"]
+    assert "victim" not in html_to_text(answer["content"]) and "123456789" not in html_to_text(answer["content"])
+    assert html_to_text(answer["content"]).startswith("@carol " + messages.takedown_unknown(2))
+
+
+def test_a_flood_of_takedown_requests_gets_one_notice(world: World) -> None:
+    fake = world.fake
+    carol = fake.add_account("carol")
+    handler = TakedownHandler(world.platform(), world.store, per_account_per_hour=2)
+    outcomes = [handler.handle(world.job(fake.mention(carol, f"delete {10_000 + n}", visibility="direct"))) for n in range(6)]
+    assert outcomes == ["nothing_deleted"] * 2 + ["rate_limited"] * 4
+    assert world.said()[-1] == "@carol " + messages.TAKEDOWN_LIMIT
+    assert len(fake.bot_posts()) == 3, "two answers and one notice, not six posts"
+
+
+@pytest.mark.parametrize("when", ["before the lookup", "between lookup and delete"])
+def test_takedown_of_a_copy_deleted_meanwhile_says_so(world: World, when: str) -> None:
+    fake = world.fake
+    original, _, copy = answered_privately(world)
+    if when == "before the lookup":
+        fake.deleted.append(copy["id"])  # a moderator removed it
+    else:
+        fake.fail("DELETE", f"/api/v1/statuses/{copy['id']}", 404)
+    carol = fake.add_account("carol")
+    assert world.run(fake.mention(carol, f"delete {original['id']}", visibility="direct")) == "nothing_deleted"
+    assert world.said()[-1] == "@carol " + messages.TAKEDOWN_ALREADY
+
+
+# -- who may get a copy -----------------------------------------------------------------------
+
+
+def test_no_copy_of_a_followers_only_post_for_someone_outside_its_audience(world: World) -> None:
+    """The bot follows locked bob, so it can read his followers-only photo; a remote account
+    that does not follow him replies to it anyway (other servers' replies are not checked)."""
+    fake = world.fake
+    bob = fake.add_account("bob", locked=True)
+    fake.follow(fake.bot, bob)
+    original = fake.post(bob, "for my followers", media=[fake.media(jpeg(64))], visibility="private")
+    stranger = fake.add_account("eve", domain="elsewhere.example")
+    request = fake.mention(stranger, "cover please", in_reply_to=original)
+
+    assert world.run(request) == "not_visible"
+    assert world.anonymiser.calls == 0 and fake.uploads == {} and fake.media_requests() == []
+    [answer] = fake.bot_posts()
+    assert answer["media_attachments"] == [] and answer["visibility"] == "direct"
+    assert html_to_text(answer["content"]) == "@eve " + messages.NOT_YOURS  # Mastodon shows a remote mention short
+
+
+def test_a_direct_post_is_copied_only_for_the_people_it_addresses(world: World) -> None:
+    fake = world.fake
+    carol, dave = fake.add_account("carol"), fake.add_account("dave", domain="elsewhere.example")
+    frank = fake.add_account("frank")
+    photo = fake.mention(carol, "@frank look, please cover", media=[fake.media(jpeg(64))], visibility="direct")
+    assert world.run(photo) == "replied"  # her own photo
+
+    assert world.run(fake.mention(dave, "me too", in_reply_to=photo)) == "not_visible"
+    assert world.run(fake.mention(frank, "me too", in_reply_to=photo, visibility="direct")) == "replied"
+    copies = [p for p in fake.bot_posts() if p["media_attachments"]]
+    assert sorted(p["mentions"][0]["acct"] for p in copies) == ["carol", "frank"]
+
+
+def test_a_local_followers_only_post_is_never_reposted_in_public(world: World) -> None:
+    """glitch-soc and Hometown mark posts that must not leave their server ``local_only``."""
+    fake = world.fake
+    alice = fake.add_account("alice")
+    status = fake.mention(alice, "local only", media=[fake.media(jpeg(64))])
+    status["local_only"] = True
+    assert world.run(status) == "replied"
+    assert fake.bot_posts()[0]["visibility"] == "direct"
+
+
+def test_an_unknown_visibility_counts_as_direct(world: World) -> None:
+    status = {"id": "1", "account": {"id": "2", "acct": "a"}, "visibility": "local", "content": ""}
+    assert MastodonPlatform.parse_post(status).visibility == "direct"
+
+
+def test_the_reply_says_which_attachments_were_not_anonymised(world: World) -> None:
+    fake = world.fake
+    alice = fake.add_account("alice")
+    video = fake.media(b"\x00\x00\x00\x18ftypmp42", content_type="video/mp4", kind="video")
+    assert world.run(fake.mention(alice, "cover", media=[fake.media(jpeg(64)), video])) == "replied"
+    assert "1 video, audio or other attachment (only photos are anonymised)" in world.said()[0]
+
+
+# -- how often the bot speaks ------------------------------------------------------------------
+
+
+def test_replies_in_a_thread_that_once_mentioned_the_bot_are_not_answered(world: World) -> None:
+    fake = world.fake
+    dave, alice, carol = fake.add_account("dave"), fake.add_account("alice"), fake.add_account("carol")
+    photo = fake.post(dave, "the square", media=[fake.media(jpeg(64))])
+    request = fake.mention(alice, "cover please", in_reply_to=photo)
+    assert world.run(request) == "replied"
+    # carol answers alice; her client pre-fills "@alice @ppbot"
+    chat = fake.post(carol, "@alice @ppbot great idea", in_reply_to=request)
+    assert world.run(chat) == "ignored_incidental"
+    # a text-only question at the top of a thread still gets help
+    question = fake.mention(carol, "what do you do?")
+    assert world.run(question) == "no_image"
+    assert len(fake.bot_posts()) == 2
+
+
+def test_two_bots_do_not_answer_each_other(world: World) -> None:
+    fake = world.fake
+    other = fake.add_account("autoresponder")  # a bot that does not say it is one
+    post = fake.mention(other, "hello")
+    outcomes = [world.run(post)]
+    for _ in range(5):
+        last = fake.bot_posts()[-1]
+        post = fake.mention(other, "hello again", in_reply_to=last)
+        outcomes.append(world.run(post))
+    assert outcomes == ["no_image"] + ["ignored_incidental"] * 5
+    assert len(fake.bot_posts()) == 1
+
+
+def test_a_flood_of_requests_gets_one_notice_and_retries_count_once(world: World) -> None:
+    fake = world.fake
+    world.configure(per_account_per_hour=2)
+    alice = fake.add_account("alice")
+    first = fake.mention(alice, "one", media=[fake.media(jpeg(64))])
+    # the first attempt fails at the upload and is retried: it must not use up a second request
+    fake.fail("POST", "/api/v2/media", 500)
+    with pytest.raises(Exception):
+        world.run(first)
+    assert world.run(first) == "replied"
+    outcomes = [world.run(fake.mention(alice, f"more {n}", media=[fake.media(jpeg(64))])) for n in range(4)]
+    assert outcomes == ["replied", "rate_limited", "rate_limited", "rate_limited"]
+    assert world.said()[-1] == "@alice " + messages.RATE_LIMITED
+    assert len(fake.bot_posts()) == 3, "two copies and one notice"
+
+
+# -- posts that vanished ------------------------------------------------------------------------
+
+
+def test_a_request_under_a_deleted_post_is_told_so(world: World) -> None:
+    fake = world.fake
+    dave, alice = fake.add_account("dave"), fake.add_account("alice")
+    photo = fake.post(dave, "the square", media=[fake.media(jpeg(64))])
+    request = fake.mention(alice, "cover please", in_reply_to=photo)
+    fake.deleted.append(photo["id"])
+    assert world.run(request) == "gone"
+    assert world.said() == ["@alice " + messages.GONE]
+    assert world.store.dead_letters() == []
+
+
+def test_a_deleted_request_is_dropped_quietly(world: World) -> None:
+    fake = world.fake
+    alice = fake.add_account("alice")
+    request = fake.mention(alice, "cover please", media=[fake.media(jpeg(64))])
+    job = world.job(request)
+    fake.deleted.append(request["id"])
+    assert MentionHandler(world.platform(), world.store, world.anonymiser, world.config).handle(job) == "request_gone"
+    assert fake.bot_posts() == []
+
+
+# -- the listener and the platform ---------------------------------------------------------------
+
+
+def test_a_mention_whose_enqueue_failed_is_queued_by_the_next_poll(world: World) -> None:
+    fake = world.fake
+    platform = world.platform()
+    queued: list[Job] = []
+    failures = [ConnectionError("broker down")]
+
+    def enqueue(job: Job) -> None:
+        if failures:
+            raise failures.pop()
+        queued.append(job)
+
+    listener = Listener(platform, world.store, enqueue, stream=False)
+    listener.catch_up("mentions")  # first start: sets the cursor
+    request = fake.mention(fake.add_account("alice"), "cover", media=[fake.media(jpeg(64))])
+    with pytest.raises(ConnectionError):
+        listener.catch_up("mentions")
+    assert listener.catch_up("mentions") == 1
+    assert [j.post_id for j in queued] == [request["id"]]
+
+
+def test_strangers_direct_messages_reach_the_bot(world: World) -> None:
+    """Mastodon 4.3+ filters direct messages from accounts the bot does not follow: unlisted
+    and unstreamed. The listener turns the filter off and its polls include what was filtered."""
+    fake = world.fake
+    platform = world.platform()
+    queued: list[Job] = []
+    listener = Listener(platform, world.store, queued.append, stream=False)
+    listener.catch_up("mentions")
+    early = fake.mention(fake.add_account("carol"), "delete 1234567", visibility="direct")
+    assert fake.filtered, "the fake filters it like Mastodon does"
+
+    platform.prepare()
+    assert fake.notification_policy["for_private_mentions"] == "accept"
+    late = fake.mention(fake.add_account("erin"), "delete 7654321", visibility="direct")
+    assert len(fake.filtered) == 1, "not filtered once the policy accepts private mentions"
+    listener.catch_up("mentions")
+    assert [(j.post_id, j.kind) for j in queued] == [(early["id"], "takedown"), (late["id"], "takedown")]
+
+
+def test_a_spent_upload_budget_does_not_block_takedowns(world: World) -> None:
+    """Mastodon's media uploads have their own budget (30 per 30 minutes); its headers on an
+    upload describe that budget."""
+    fake = world.fake
+    platform = world.platform()
+    platform.me()
+    fake.exhaust("POST", "/api/v2/media", reset_in_s=1800)
+    platform.upload_image(jpeg(32, exif=False), "image/jpeg", "first")
+    with pytest.raises(RateLimited) as refused:
+        platform.upload_image(jpeg(32, exif=False), "image/jpeg", "second")
+    assert refused.value.retry_after_s > 1700
+    assert sum(1 for r in fake.log() if r.path == "/api/v2/media") == 1, "refused without asking the server"
+    mine = platform.direct_message(platform.parse_account(fake.add_account("carol")), "still talking")
+    assert platform.delete_post(mine.id) is True
+    assert fake.deleted == [mine.id]
