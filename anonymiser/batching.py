@@ -403,8 +403,12 @@ class DeviceBatch:
         out = [a[k, :, : piece.h // d, : piece.w // d] for a, d in zip(self._arrays, OUTPUT_STRIDES)]
         if self._half and not all(np.isfinite(o).all() for o in out):
             self.engine.overflows += 1
-            return self.engine.run_batch([piece], piece.h, piece.w, precision="fp32").logits(0)
+            return self.engine.run_batch([piece], piece.h, piece.w, precision="fp32", deadline=deadline).logits(0, deadline)
         return out
+
+
+#: graphs one compiled engine may keep (buckets x slot counts, with room to spare)
+_COMPILED_SHAPES = 256
 
 
 def _slot_count(n: int) -> int:
@@ -474,6 +478,12 @@ class LSCCNNEngine:
 
         self._forward: Callable[[torch.Tensor], Any] = model
         if options.compile:
+            # Every (bucket, batch slots) shape is its own graph, and Dynamo stops compiling a
+            # function after 8 of them (counted per code object, across engines), silently
+            # running the rest eager: leave room for every bucket at every slot count.
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), _COMPILED_SHAPES))
             self._forward = torch.compile(model, mode=options.compile_mode, backend=options.compile_backend, dynamic=False)
         self._device_lock = threading.Lock()
         #: pieces that overflowed in half precision and were run again in float32
@@ -552,10 +562,13 @@ class LSCCNNEngine:
             count = _slot_count(count)
         return len(members) >= self.options.max_batch or count * hb * wb > self.options.max_batch_pixels  # type: ignore[operator]
 
-    def run_batch(self, pieces: Sequence[Piece], hb: int, wb: int, precision: str | None = None) -> DeviceBatch:
+    def run_batch(self, pieces: Sequence[Piece], hb: int, wb: int, precision: str | None = None,
+                  deadline: float | None = None) -> DeviceBatch:
         """Device stage: one padded batch through the network (one thread at a time).
 
-        ``precision`` overrides the engine's (the float32 rerun after a half-precision overflow).
+        ``precision`` overrides the engine's (the float32 rerun after a half-precision overflow);
+        ``deadline`` (``time.monotonic()``) bounds the wait for the device, for callers outside
+        the device thread (that rerun runs in a task's thread).
         """
         started = time.perf_counter()
         dtype = self.autocast_dtype if precision is None else PRECISIONS[precision]
@@ -573,9 +586,15 @@ class LSCCNNEngine:
         valid_h = torch.tensor([p.h for p in pieces] + [0] * (slots - n), dtype=torch.int64, pin_memory=self._pinned)
         valid_w = torch.tensor([p.w for p in pieces] + [0] * (slots - n), dtype=torch.int64, pin_memory=self._pinned)
         padded = slots != n or any(p.h != hb or p.w != wb for p in pieces)
-        # On "cuda:N" the thread's current device must be N too: the event below and the
-        # pinned copies follow the current device's stream.
-        with self._device_lock, torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._device_lock.acquire(timeout=wait):
+            raise TimeoutError("the device stayed busy past the deadline")
+        with contextlib.ExitStack() as held:
+            held.callback(self._device_lock.release)
+            if cuda:
+                # On "cuda:N" the thread's current device must be N too: the event below and the
+                # pinned copies follow the current device's stream.
+                held.enter_context(torch.cuda.device(self.device))
             x = host_t.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2).to(torch.float32)
             x = x.contiguous(memory_format=torch.channels_last if self.options.channels_last else torch.contiguous_format)
             if padded:
@@ -600,7 +619,8 @@ class LSCCNNEngine:
                     dst = torch.empty(o.shape, dtype=torch.float32, pin_memory=True)
                     dst.copy_(o, non_blocking=True)
                     host_out.append(dst)
-                event = torch.cuda.Event()
+                # blocking: a synchronize() on it sleeps instead of spinning a CPU core
+                event = torch.cuda.Event(blocking=True)
                 event.record()
                 outputs = host_out
         return DeviceBatch(self, list(pieces), outputs, event, time.perf_counter() - started, dtype is not None)

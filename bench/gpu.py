@@ -2,11 +2,16 @@
 
 Prints, on a CUDA device:
 
-1. photos per second at 1920x1088 for the reference path (``reference_detect``: whole image,
-   IEEE fp32 with TF32 off, batch 1) and for the batched engine at batch sizes 1-32, both measured in this run from
-   RGB arrays to head boxes (decoding included), the ratio between them, and the achieved
-   TFLOP/s against the GPU's bf16 dense peak (FLOPs per photo counted from the spec's layer
-   table: ``anonymiser.batching.lsccnn_flops``);
+1. the network stage at 1920x1088 (resized uint8 photos in, logits on the host out: copies,
+   padding masks and forward pass, nothing the CPU decodes) in photos per second, for the
+   reference path (``reference_logits``: whole image, IEEE fp32 with TF32 off, batch 1) and for
+   the batched engine at batch sizes 1-32, the ratio between them, and the achieved TFLOP/s
+   against the GPU's bf16 dense peak (FLOPs per photo counted from the spec's layer table:
+   ``anonymiser.batching.lsccnn_flops``); then, per precision, the whole path from RGB arrays to
+   head boxes (``engine.detect``, CPU decoding overlapped) and the CPU decoding time per photo,
+   which caps the whole path. Decoding is timed apart because its cost depends on the weights:
+   a generated checkpoint's random logits keep thousands of candidate boxes per photo, far
+   more than the official model's, so with it the whole path measures Python, not the GPU;
 2. agreement with the reference on the dev photos (``ANON_EVAL_DIR``): identical boxes and
    reference heads left uncovered, for each precision;
 3. the ONNX locators (CenterFace, and the head model when its weights are present): photos per
@@ -16,18 +21,22 @@ Prints, on a CUDA device:
    Mastodon and a throw-away Redis: photos per second from enqueue to reply under a burst, then
    the p50 / p95 latency at half that rate.
 
+``--only`` picks sections (e.g. ``--only throughput`` or ``--only e2e --e2e``), so that each fits
+in one call of a machine that limits calls to 10 minutes.
+
 The model is the official checkpoint when it is in the weights folder, else a generated one of
 the same shapes (throughput is the same; agreement is then only indicative, see
 ``tests/test_lsccnn_batching.py``). Without a GPU it runs a tiny CPU smoke configuration so the
 code path stays exercised, and says that the GPU figures are not measured.
 
     python bench/gpu.py [--batches 1,2,4,8,16,32] [--precisions fp16,bf16,tf32] [--compile] [--e2e]
-                        [--onnx-batches 1,4,8,16]
+                        [--onnx-batches 1,4,8,16] [--only throughput,agreement,onnx,e2e]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import statistics
@@ -45,13 +54,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "bot"), str
 
 from anonymiser.batching import EngineOptions, LSCCNNEngine, agreement, lsccnn_flops  # noqa: E402
 from anonymiser.locators import lsccnn_checkpoint as ckpt  # noqa: E402
-from anonymiser.locators.lsccnn import reference_detect  # noqa: E402
+from anonymiser.locators.lsccnn import reference_detect, reference_logits  # noqa: E402
+from anonymiser.locators.lsccnn_decode import decode  # noqa: E402
 from anonymiser.locators.lsccnn_net import LSCCNN  # noqa: E402
 from anonymiser.locators.registry import default_weights_dir  # noqa: E402
 
 #: dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets
+#: (the first name found in the device's name wins: the specific ones come first)
 BF16_PEAK_TFLOPS = {
-    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+    "H200 NVL": 835.5, "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
     "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0,
 }
 
@@ -104,24 +115,71 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool):  # type: ignore[no-untyped-def]
+    """The reference runs as the spec's code does, without cuDNN autotuning, which the engines
+    switch on for the whole process."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def reference_rate(model: LSCCNN, images: list[np.ndarray], device: torch.device) -> float:
+    """Photos/s of the reference path's network stage (fp32, batch 1, logits to the host)."""
     model = model.to(device)
-    reference_detect(model, images[0])  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for rgb in images:
-        reference_detect(model, rgb)
-    sync(device)
+    with cudnn_autotuning(False):
+        reference_logits(model, images[0])  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        for rgb in images:
+            reference_logits(model, rgb)
+        sync(device)
     return len(images) / (time.perf_counter() - start)
 
 
-def engine_rate(engine: LSCCNNEngine, images: list[np.ndarray]) -> float:
-    engine.detect(images[: engine.options.max_batch])  # warm-up: cuDNN autotuning, compilation
+def network_rate(engine: LSCCNNEngine, images: list[np.ndarray]) -> float:
+    """Photos/s of the engine's network stage: batches issued back to back, each batch's logits
+    collected on the host while the next one runs (the photos are resized beforehand)."""
+    prepared = [engine.prepare(rgb) for rgb in images]
+    plan = engine.plan_batches([p for photo in prepared for p in photo.pieces])
+
+    def collect(batch) -> None:  # type: ignore[no-untyped-def]
+        for k in range(len(batch.pieces)):
+            batch.logits(k)
+
+    for members, hb, wb in plan[:2]:  # warm-up: cuDNN autotuning, compilation of each shape
+        collect(engine.run_batch(members, hb, wb))
+    sync(engine.device)
+    start = time.perf_counter()
+    previous = None
+    for members, hb, wb in plan:
+        current = engine.run_batch(members, hb, wb)
+        if previous is not None:
+            collect(previous)
+        previous = current
+    collect(previous)
+    sync(engine.device)
+    return len(images) / (time.perf_counter() - start)
+
+
+def whole_path(engine: LSCCNNEngine, images: list[np.ndarray]) -> tuple[float, float]:
+    """(photos/s from RGB arrays to boxes with ``detect``, CPU decoding seconds per photo)."""
+    engine.detect(images[: engine.options.max_batch])  # warm-up
     sync(engine.device)
     start = time.perf_counter()
     engine.detect(images)
     sync(engine.device)
-    return len(images) / (time.perf_counter() - start)
+    rate = len(images) / (time.perf_counter() - start)
+    prepared = engine.prepare(images[0])
+    logits = [engine.run_batch([piece], piece.h, piece.w).logits(0) for piece in prepared.pieces]
+    for piece, maps in zip(prepared.pieces, logits):
+        prepared.accept(piece, maps)
+    start = time.perf_counter()
+    decode(prepared.logits(), engine.options.nms_threshold)
+    return rate, time.perf_counter() - start
 
 
 def dev_photos(limit: int, crop: tuple[int, int] | None = None) -> list[np.ndarray]:
@@ -138,33 +196,51 @@ def dev_photos(limit: int, crop: tuple[int, int] | None = None) -> list[np.ndarr
     return images
 
 
+def make_engine(args: argparse.Namespace, model: LSCCNN, device: torch.device, precision: str, batch: int) -> LSCCNNEngine:
+    h, w = args.size
+    if args.compile:
+        torch._dynamo.reset()  # each engine compiles its own graphs, none is left over from the last
+    return LSCCNNEngine(clone(model), EngineOptions(
+        device=str(device), precision=precision, max_batch=batch, compile=args.compile,
+        compile_mode=args.compile_mode, max_tile_pixels=max(h * w, 1_000_000),
+        max_batch_pixels=max(batch * h * w, h * w, 1_000_000)))
+
+
 def run_throughput(args: argparse.Namespace, model: LSCCNN, device: torch.device, smoke: bool) -> float | None:
     h, w = args.size
     flops = lsccnn_flops(h, w)
-    peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", args.peak_tflops)
-    n_ref = args.reference_photos
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_tflops(name, args.peak_tflops)
     images = photos(max(args.batches) * args.rounds, h, w)
-    ref = reference_rate(clone(model), images[:n_ref], device)
-    print(f"\nThroughput at {w}x{h} ({flops / 1e12:.2f} TFLOP per photo), from RGB arrays to head boxes")
+    ref = reference_rate(clone(model), images[: args.reference_photos], device)
+    print(f"\nNetwork stage at {w}x{h} ({flops / 1e12:.2f} TFLOP per photo; {name}, bf16 dense peak "
+          f"{peak or 'unknown'} TFLOP/s): resized photos in, logits on the host out"
+          f"{', torch.compile ' + (args.compile_mode or 'default') if args.compile else ''}")
     print(f"reference path (IEEE fp32, TF32 off, batch 1, whole image): {ref:.2f} photos/s")
     print("| precision | batch | photos/s | x reference | TFLOP/s | of bf16 peak | peak GPU memory (GB) |")
     print("|---|---|---|---|---|---|---|")
     best = None
     for precision in args.precisions:
         for batch in args.batches:
-            engine = LSCCNNEngine(clone(model), EngineOptions(
-                device=str(device), precision=precision, max_batch=batch, compile=args.compile,
-                compile_mode=args.compile_mode, max_tile_pixels=max(h * w, 1_000_000),
-                max_batch_pixels=max(batch * h * w, h * w, 1_000_000)))
+            engine = make_engine(args, model, device, precision, batch)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            rate = engine_rate(engine, images[: batch * args.rounds])
+            rate = network_rate(engine, images[: batch * args.rounds])
             tflops = rate * flops / 1e12
             share = f"{tflops / peak:.1%}" if peak else "peak unknown (--peak-tflops)"
             memory = f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f}" if device.type == "cuda" else "n/a"
             print(f"| {precision} | {batch} | {rate:.2f} | {rate / ref:.1f} | {tflops:.1f} | {share} | {memory} |")
             best = max(best or 0.0, rate)
             engine.close()
+    batch = max(args.batches)
+    print(f"\nWhole path (RGB arrays to head boxes, engine.detect, batch {batch}, {args.detect_photos} photos):")
+    print("| precision | photos/s | CPU decoding per photo (s) |")
+    print("|---|---|---|")
+    for precision in args.precisions:
+        engine = make_engine(args, model, device, precision, batch)
+        rate, decoding = whole_path(engine, images[: args.detect_photos])
+        print(f"| {precision} | {rate:.2f} | {decoding:.3f} |")
+        engine.close()
     return best
 
 
@@ -175,7 +251,8 @@ def run_agreement(args: argparse.Namespace, model: LSCCNN, device: torch.device,
         return
     print(f"\nAgreement with the fp32 reference on {len(images)} dev photos ({source})")
     reference_model = clone(model).to(device)
-    references = [reference_detect(reference_model, rgb) for rgb in images]
+    with cudnn_autotuning(False):
+        references = [reference_detect(reference_model, rgb) for rgb in images]
     print("| precision | boxes (reference) | identical | uncovered reference heads |")
     print("|---|---|---|---|")
     for precision in ["fp32", *args.precisions]:
@@ -239,26 +316,34 @@ def run_e2e(args: argparse.Namespace, smoke: bool) -> None:
                             seen[s["id"]] = time.perf_counter()
                     time.sleep(0.005)
 
-            def run(statuses: list[dict], interval_s: float) -> dict[str, float]:
+            def run(statuses: list[dict], interval_s: float, budget_s: float) -> tuple[dict[str, float], float, float]:
+                """(latency of each answered photo, first enqueue, last reply); stops waiting
+                after ``budget_s`` so that a slow run still reports what it measured."""
                 seen.clear()
                 sent: dict[str, float] = {}
                 stop = threading.Event()
                 watcher = threading.Thread(target=watch, args=(statuses, stop), daemon=True)
                 watcher.start()
+                deadline = time.perf_counter() + budget_s
                 for s in statuses:
                     sent[s["id"]] = time.perf_counter()
                     app.send_task("bot.handle", args=[E2E.job(s)], queue=GPU_QUEUE)
                     if interval_s:
                         time.sleep(interval_s)
-                watcher.join(timeout=600)
+                watcher.join(timeout=max(1.0, deadline - time.perf_counter()))
                 stop.set()
-                return {k: seen[k] - sent[k] for k in seen} | {"_start": min(sent.values()), "_end": max(seen.values())}
+                watcher.join()
+                if not seen:
+                    raise SystemExit(f"no reply within {budget_s:.0f} s: end-to-end figures not measured")
+                if len(seen) < len(statuses):
+                    print(f"  ({len(statuses) - len(seen)} of {len(statuses)} photos unanswered after {budget_s:.0f} s)")
+                return {k: seen[k] - sent[k] for k in seen}, min(sent.values()), max(seen.values())
 
-            run([post(k) for k in range(min(4, count))], 0)  # warm-up: models loaded, cuDNN tuned
-            burst = run([post(k) for k in range(count)], 0)
-            rate = count / (burst["_end"] - burst["_start"])
-            half = run([post(k) for k in range(count)], 2.0 / rate)
-            latencies = sorted(v for k, v in half.items() if not k.startswith("_"))
+            run([post(k) for k in range(min(4, count))], 0, args.e2e_budget)  # warm-up: models loaded, cuDNN tuned
+            burst, first, last = run([post(k) for k in range(count)], 0, args.e2e_budget)
+            rate = len(burst) / (last - first)
+            half, _, _ = run([post(k) for k in range(count)], 2.0 / rate, args.e2e_budget)
+            latencies = sorted(half.values())
             p50 = statistics.median(latencies)
             p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
             label = "CPU smoke, not a GPU figure" if smoke else f"{w}x{h} JPEG photos"
@@ -315,9 +400,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--compile-mode", default=None, help="e.g. max-autotune, reduce-overhead (CUDA graphs)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 dense peak, if not in the table")
-    parser.add_argument("--dev-photos", type=int, default=39)
+    parser.add_argument("--dev-photos", type=int, default=None,
+                        help="default: all 39 with the official checkpoint, 8 with a generated one (slow to decode)")
     parser.add_argument("--e2e", action="store_true", help="also run one GPU worker end to end")
-    parser.add_argument("--e2e-photos", type=int, default=400)
+    parser.add_argument("--e2e-photos", type=int, default=60)
+    parser.add_argument("--e2e-budget", type=float, default=150.0, help="seconds each end-to-end run may wait for replies")
+    parser.add_argument("--detect-photos", type=int, default=16, help="photos through the whole path, per precision")
+    parser.add_argument("--only", default="throughput,agreement,onnx,e2e", help="sections to run")
     parser.add_argument("--onnx-batches", default="1,4,8,16", help="tiles per ONNX Runtime call")
     parser.add_argument("--onnx-photos", type=int, default=32)
     parser.add_argument("--cpu-smoke", action="store_true", help="force the CPU smoke configuration")
@@ -333,15 +422,21 @@ def main() -> None:
         print("No CUDA device: GPU figures NOT MEASURED. Running the CPU smoke configuration "
               "(tiny photos, small batches) only to exercise the code path; its numbers are not GPU figures.")
         args.batches, args.precisions, args.size = [1, 2], ["bf16"], (96, 128)
-        args.rounds, args.reference_photos, args.dev_photos, args.e2e_photos = 2, 2, 2, 8
+        args.rounds, args.reference_photos, args.dev_photos, args.e2e_photos, args.detect_photos = 2, 2, 2, 8, 2
     else:
         print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    sections = {name.strip() for name in args.only.split(",")}
     model, source = load_model(default_weights_dir())
+    if args.dev_photos is None:
+        args.dev_photos = 39 if source == "official checkpoint" else 8
     print(f"LSC-CNN weights: {source}")
-    run_throughput(args, model, device, smoke)
-    run_agreement(args, model, device, source, smoke)
-    run_onnx(args, smoke)
-    if args.e2e:
+    if "throughput" in sections:
+        run_throughput(args, model, device, smoke)
+    if "agreement" in sections:
+        run_agreement(args, model, device, source, smoke)
+    if "onnx" in sections:
+        run_onnx(args, smoke)
+    if args.e2e and "e2e" in sections:
         run_e2e(args, smoke)
 
 

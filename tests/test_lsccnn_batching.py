@@ -251,6 +251,43 @@ def test_compiled_engine_with_stable_shapes(model, photos, references) -> None:
     assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
 
 
+def test_compiled_engine_compiles_every_bucket(model) -> None:
+    """Dynamo gives up on a function after 8 graphs by default and runs the rest eager, without
+    a word; a worker sees more bucket shapes than that."""
+    compiled: list[tuple[int, ...]] = []
+
+    def counting(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        compiled.append(tuple(inputs[0].shape))
+        return graph.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(counting, name="ppb_counting")
+    engine = _engine(model, precision="fp32", compile=True, compile_backend="ppb_counting", max_batch=1)
+    widths = [64 * k for k in range(1, 10)]  # 9 buckets, one more than Dynamo's default
+    rng = np.random.default_rng(0)
+    engine.detect([rng.integers(0, 255, (64, w, 3), dtype=np.uint8) for w in widths])
+    assert sorted(shape[-1] for shape in compiled) == widths, compiled
+
+
+def test_fp16_overflow_rerun_waits_no_longer_than_the_deadline() -> None:
+    """The float32 rerun runs in the caller's thread: a busy device must not hold it past the
+    caller's deadline."""
+    torch.manual_seed(3)
+    net = he_init(LSCCNN()).eval()
+    with torch.no_grad():
+        net.conv1_1.weight.mul_(1e4)
+    engine = _engine(net, precision="fp16")
+    piece = engine.prepare(_smooth_image(32, 48, 7)).pieces[0]
+    batch = engine.run_batch([piece], piece.h, piece.w)
+    with engine._device_lock:  # another batch holds the device
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            batch.logits(0, deadline=started + 0.3)
+        assert time.monotonic() - started < 5.0
+    assert engine.overflows == 1
+    assert all(np.isfinite(o).all() for o in batch.logits(0, deadline=time.monotonic() + 60))
+
+
 def test_flops_per_photo_from_the_spec_table() -> None:
     # Spec §1.3: about 359 GMAC at 640x480 and 918 GMAC at 1024x768; issue: ~4.9 TFLOP at 1920x1088.
     assert lsccnn_flops(480, 640) / 2e9 == pytest.approx(359, rel=0.002)

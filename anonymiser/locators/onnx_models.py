@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 #: tiles per ONNX Runtime call on the GPU, where one call per tile would leave it mostly idle
 CUDA_TILE_BATCH = 8
 MAX_TILE_BATCH = 64
+#: Tile shapes vary (small photos, a last partial batch): ONNX Runtime's default exhaustive cuDNN
+#: search would run again for each new shape. And its default arena grows in powers of two,
+#: taking GPU memory the LSC-CNN batch budget counts on.
+CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
 
 
 def providers() -> list[str]:
@@ -95,7 +99,8 @@ def session(model: onnx.ModelProto, options: OnnxOptions | None = None) -> ort.I
     session_options.log_severity_level = 3
     if options.threads:
         session_options.intra_op_num_threads = options.threads
-    created = ort.InferenceSession(model.SerializeToString(), sess_options=session_options, providers=chosen)
+    created = ort.InferenceSession(model.SerializeToString(), sess_options=session_options,
+                                   providers=[(p, CUDA_PROVIDER_OPTIONS) if p == "CUDAExecutionProvider" else p for p in chosen])
     if "CUDAExecutionProvider" in chosen and "CUDAExecutionProvider" not in created.get_providers():
         # ONNX Runtime falls back to the CPU on its own when its CUDA libraries are missing or do
         # not match (e.g. a CUDA 12 torch next to a CUDA 13 onnxruntime-gpu): say so loudly.
