@@ -22,7 +22,7 @@ from .limits import Limits
 from .locators.registry import REGISTRY
 from .pipeline import Anonymiser, Settings
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".heic", ".heif", ".jfif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".heic", ".heif", ".avif", ".jfif"}
 _EXTENSION = {"jpeg": ".jpg", "png": ".png"}
 
 
@@ -77,6 +77,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def _failure(exc: Exception) -> dict[str, str]:
+    """The report entry of a file that failed: the typed error's code and sentence, the OS's
+    reason, or (for an error nobody expected, e.g. running out of memory) its type."""
+    if isinstance(exc, AnonymiserError):
+        return {"error": exc.code, "message": str(exc)}
+    if isinstance(exc, OSError):
+        return {"error": "os_error", "message": exc.strerror or str(exc)}
+    return {"error": "internal_error", "message": f"unexpected {type(exc).__name__} while anonymising this file"}
+
+
 def run(argv: Sequence[str]) -> int:
     """Anonymise files; returns the process exit status (1 if any file failed)."""
     args = _parser().parse_args(argv)
@@ -100,11 +110,10 @@ def run(argv: Sequence[str]) -> int:
         try:
             data = path.read_bytes()
             result = anonymiser.anonymise(data)
-        except (AnonymiserError, OSError) as exc:
+        except Exception as exc:  # one bad file must not end the batch, whatever it raises
             failed += 1
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            tqdm.write(f"FAILED {path}: {reason}", file=sys.stderr)
-            reports[str(path)] = {"error": getattr(exc, "code", "os_error"), "message": reason}
+            reports[str(path)] = _failure(exc)
+            tqdm.write(f"FAILED {path}: {reports[str(path)]['message']}", file=sys.stderr)
             continue
         target = _output_path(args.outdir, path, result.report.output_format, used)
         target.write_bytes(result.data)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
-from .errors import AnimatedImage, CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage
+from .errors import AnimatedImage, CorruptImage, EmptyImage, ImageTooLarge, ImageTooNarrow, UnsupportedImage
 from .limits import Limits
 
 try:  # HEIC/HEIF support is optional at import time but installed by default
@@ -34,6 +34,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 FLATTEN_BACKGROUND = (255, 255, 255)
 
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+#: the only Pillow decoders allowed to open each sniffed format (JPEG files with an MPF block open
+#: as MPO); without this a file Pillow's HEIF plugin accepts first never reaches the AVIF one
+_DECODERS = {"jpeg": ["JPEG", "MPO"], "png": ["PNG"], "gif": ["GIF"], "webp": ["WEBP"], "heif": ["HEIF"], "avif": ["AVIF"]}
+#: progressive JPEG scans in the primary image: encoders write about 10, and each extra scan is
+#: another pass over the whole picture, so thousands of tiny scans make a 3 MB file take minutes
+MAX_JPEG_SCANS = 100
 _VIDEO_BRANDS = {b"isom", b"iso2", b"mp41", b"mp42", b"qt  ", b"M4V ", b"3gp4", b"3gp5", b"avc1", b"dash"}
 
 
@@ -67,8 +73,9 @@ def sniff(data: bytes) -> str:
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         compatible = {head[i : i + 4] for i in range(16, min(len(head), 40), 4)}
-        # AVIF files also list the HEIF brand mif1, so they are recognised first.
-        if brand in (b"avif", b"avis"):
+        # AVIF files also list the HEIF brand mif1, so they are recognised first; some writers
+        # put the generic mif1/msf1 first and say AVIF only among the compatible brands.
+        if brand in (b"avif", b"avis") or (brand in (b"mif1", b"msf1") and compatible & {b"avif", b"avis"}):
             return "avif"
         if brand in _HEIF_BRANDS or (compatible & _HEIF_BRANDS and brand not in _VIDEO_BRANDS):
             return "heif"
@@ -106,10 +113,15 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
     fmt = sniff(data)
     if fmt == "heif" and not HEIF_AVAILABLE:  # pragma: no cover
         raise UnsupportedImage("HEIC/HEIF support is not installed on this server.")
+    if fmt == "jpeg" and (scans := jpeg_scan_count(data)) > MAX_JPEG_SCANS:
+        raise UnsupportedImage(
+            f"The JPEG file is split into {scans:,} progressive scans; at most {MAX_JPEG_SCANS} are "
+            "accepted (cameras and editors write about 10). Please re-save it as a normal JPEG."
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_DECODERS[fmt])
             width, height = image.size
             # Checked on the header, before a single pixel is decompressed.
             if width * height > limits.max_input_pixels:
@@ -119,6 +131,11 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
                 )
             if width <= 0 or height <= 0:
                 raise CorruptImage("The image has no pixels.")
+            if max(width, height) > limits.max_aspect_ratio * min(width, height):
+                raise ImageTooNarrow(
+                    f"The image is {width}x{height}, a strip rather than a photo; "
+                    f"at most {limits.max_aspect_ratio}:1 between its sides is accepted."
+                )
             # HEIF containers often hold extra images (thumbnails, depth, bursts): we use the
             # primary image, which is the photo people see. GIF/WebP/PNG/AVIF animations are refused.
             if fmt in ("gif", "webp", "png", "avif") and getattr(image, "n_frames", 1) > 1:
@@ -131,7 +148,7 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
             image = ImageOps.exif_transpose(image)
             had_alpha = _has_alpha(image)
             rgb = _to_srgb_array(image)
-    except (ImageTooLarge, AnimatedImage, CorruptImage):
+    except (ImageTooLarge, ImageTooNarrow, AnimatedImage, CorruptImage):
         raise
     except Image.DecompressionBombError as exc:  # pragma: no cover - our check comes first
         raise ImageTooLarge(str(exc)) from None
@@ -140,6 +157,32 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
     except (MemoryError, RuntimeError) as exc:
         raise CorruptImage(f"The {fmt.upper()} file cannot be decoded.") from exc
     return DecodedImage(rgb=rgb, format=fmt, had_alpha=had_alpha, orientation=orientation)
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """How many scans (SOS markers) the primary image of a JPEG has, counted without decoding.
+
+    Marker segments before the first scan are skipped by their lengths, so an EXIF thumbnail
+    (an APP1 payload) is not counted; from the first scan to the first end-of-image, where
+    entropy-coded data can hold no unstuffed marker, every SOS is counted. Images appended after
+    the primary one (MPF depth or gain maps) are never decoded and are not counted.
+    """
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return 0  # damaged marker structure: left to the decoder to report
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xDA:
+            end = data.find(b"\xff\xd9", pos)
+            return data.count(b"\xff\xda", pos, len(data) if end < 0 else end)
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return 0
 
 
 def _orientation(image: Image.Image) -> int:

@@ -47,9 +47,24 @@ def _supersample(side: int) -> int:
     return 1
 
 
-@lru_cache(maxsize=256)
+#: renders up to this side are cached (256 of them take at most 50 MB); larger ones are cheap
+#: to draw without supersampling, and caching them kept up to 256 full-photo fists (6 GB)
+_CACHED_SIDE = 256
+
+
 def _render_square(side: int, tone: str, backing: tuple[int, int, int]) -> np.ndarray:
     """The emoji on its backing, ``[side, side, 3]`` uint8, fully opaque."""
+    if side <= _CACHED_SIDE:
+        return _render_small(side, tone, backing)
+    return _draw(side, tone, backing)
+
+
+@lru_cache(maxsize=256)
+def _render_small(side: int, tone: str, backing: tuple[int, int, int]) -> np.ndarray:
+    return _draw(side, tone, backing)
+
+
+def _draw(side: int, tone: str, backing: tuple[int, int, int]) -> np.ndarray:
     skin = SKIN_TONES[tone]
     line = _shade(skin, 0.62)
     ss = _supersample(side)

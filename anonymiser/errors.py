@@ -34,6 +34,12 @@ class ImageTooLarge(AnonymiserError):
     code = "image_too_large"
 
 
+class ImageTooNarrow(AnonymiserError):
+    """A strip rather than a photo: one side over ``max_aspect_ratio`` times the other."""
+
+    code = "image_too_narrow"
+
+
 class AnimatedImage(AnonymiserError):
     """An animated GIF/WebP/PNG/AVIF: we refuse rather than silently answer with one frame."""
 
@@ -50,6 +56,13 @@ class OutputTooLarge(AnonymiserError):
     """The anonymised image cannot be encoded within the configured output byte limit."""
 
     code = "output_too_large"
+
+
+class BadRegions(AnonymiserError):
+    """A person-reviewed region list that cannot be painted within reason (boxes stacked many
+    times over the whole image)."""
+
+    code = "bad_regions"
 
 
 class DeviceFailure(Exception):

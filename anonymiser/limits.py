@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass
 
 
+_FIELDS = ("max_input_bytes", "max_input_pixels", "max_output_bytes", "max_output_pixels", "max_aspect_ratio")
+
+
 @dataclass(frozen=True)
 class Limits:
     """Byte and pixel budgets.
@@ -19,9 +22,12 @@ class Limits:
     max_input_pixels: int = 100_000_000
     max_output_bytes: int = 16 * 1024 * 1024
     max_output_pixels: int = 33_177_600
+    #: longest side over shortest: a 1x100,000 strip is within the pixel budget, yet every
+    #: locator pads or tiles it as if it were a photo
+    max_aspect_ratio: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("max_input_bytes", "max_input_pixels", "max_output_bytes", "max_output_pixels"):
+        for name in _FIELDS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -30,7 +36,7 @@ class Limits:
         """Read ``ANON_MAX_INPUT_BYTES`` etc.; unset variables keep their defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, int] = {}
-        for name in ("max_input_bytes", "max_input_pixels", "max_output_bytes", "max_output_pixels"):
+        for name in _FIELDS:
             raw = env.get("ANON_" + name.upper())
             if raw is None or raw == "":
                 continue

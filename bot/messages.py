@@ -8,6 +8,7 @@ from anonymiser.errors import (
     CorruptImage,
     EmptyImage,
     ImageTooLarge,
+    ImageTooNarrow,
     OutputTooLarge,
     UnsupportedImage,
 )
@@ -101,10 +102,12 @@ def failure_reason(exc: BaseException) -> str:
     """A short, user-facing reason for a failed image (the one mapping of errors to words)."""
     if isinstance(exc, MediaTooLarge) or isinstance(exc, ImageTooLarge):
         return "the image is too large"
+    if isinstance(exc, ImageTooNarrow):
+        return "the image is a long thin strip, not a photo"
     if isinstance(exc, AnimatedImage):
         return "animated images are not supported"
     if isinstance(exc, UnsupportedImage):
-        return "it is not a supported image (JPEG, PNG, WebP, HEIC, GIF)"
+        return "it is not a supported image (JPEG, PNG, WebP, HEIC, AVIF, GIF)"
     if isinstance(exc, (CorruptImage, EmptyImage)):
         return "the image file is damaged or empty"
     if isinstance(exc, OutputTooLarge):

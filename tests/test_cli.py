@@ -176,3 +176,30 @@ def test_demo_writes_the_astronaut(centerface_available: None, tmp_path: Path) -
     assert_clean_output(data)
     with Image.open(target) as image:
         assert image.size == (512, 512)
+
+
+def test_an_unexpected_error_fails_one_file_not_the_batch(
+    centerface_available: None, small_astronaut: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running out of memory on one hostile file (or any error nobody foresaw) is that file's
+    failure: the batch goes on, the report says what happened, the exit status is 1."""
+    from anonymiser import cli
+
+    real = cli.Anonymiser.anonymise
+
+    def anonymise(self: cli.Anonymiser, data: bytes) -> object:
+        if data == b"\x89PNG hostile":
+            raise MemoryError()
+        return real(self, data)
+
+    monkeypatch.setattr(cli.Anonymiser, "anonymise", anonymise)
+    (tmp_path / "a_hostile.png").write_bytes(b"\x89PNG hostile")
+    (tmp_path / "b_photo.png").write_bytes(png_bytes(small_astronaut))
+    report = tmp_path / "r.json"
+    status = cli.run([str(tmp_path), "-o", str(tmp_path / "out"), "--report", str(report), "--locator", "centerface"])
+    assert status == 1
+    entries = json.loads(report.read_text())
+    assert entries[str(tmp_path / "a_hostile.png")] == {
+        "error": "internal_error", "message": "unexpected MemoryError while anonymising this file"}
+    assert (tmp_path / "out" / "b_photo_anonymised.png").is_file()
+    assert entries[str(tmp_path / "b_photo.png")]["heads_covered"] >= 1

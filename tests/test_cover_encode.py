@@ -322,3 +322,15 @@ def test_output_size_respects_the_pixel_budget(width: int, height: int, budget: 
         assert 0 < out_w * out_h <= budget
         assert out_w <= width and out_h <= height
         assert out_w * out_h > 0.9 * budget or min(out_w, out_h) < 10  # not needlessly small
+
+
+def test_large_fists_are_not_kept_after_use() -> None:
+    """Renders of every size were cached (256 of them): full-photo fists kept 6 GB alive."""
+    import tracemalloc
+
+    tracemalloc.start()
+    for side in range(1500, 1510):
+        emoji.render(side, side)
+    kept = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert kept < 5_000_000, f"{kept:,} bytes still held after drawing ten 1500-px fists"

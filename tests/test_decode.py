@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, features
 
 from anonymiser import errors
-from anonymiser.decode import FLATTEN_BACKGROUND, decode, sniff
+from anonymiser.decode import FLATTEN_BACKGROUND, MAX_JPEG_SCANS, decode, jpeg_scan_count, sniff
 from anonymiser.limits import Limits
 
 from imaging import (
@@ -328,6 +328,61 @@ def test_avif_is_recognised_as_avif_and_decoded() -> None:
     assert decoded.format == "avif"
     assert decoded.rgb.shape == PATTERN.shape
     assert np.abs(decoded.rgb.astype(int) - PATTERN.astype(int)).mean() < 20
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow build cannot write AVIF")
+def test_avif_with_the_generic_major_brand_is_decoded() -> None:
+    """Some writers put the generic HEIF brand mif1 first and AVIF only among the compatible
+    brands. Such a file was sniffed as HEIF and refused as damaged by the HEIC decoder."""
+    data = bytearray(save(Image.fromarray(PATTERN), "AVIF"))
+    brands = data[8:12], data[16:20]
+    assert brands == (b"avif", b"avif")  # major, then the first compatible brand
+    data[8:12] = b"mif1"
+    decoded = decode(bytes(data))
+    assert decoded.format == "avif"
+    assert np.abs(decoded.rgb.astype(int) - PATTERN.astype(int)).mean() < 20
+
+
+def _with_repeated_last_scan(jpeg: bytes, copies: int) -> bytes:
+    """``jpeg`` with its last scan (SOS segment and entropy data) repeated ``copies`` times."""
+    last = jpeg.rindex(b"\xff\xda")
+    end = jpeg.rindex(b"\xff\xd9")
+    return jpeg[:end] + jpeg[last:end] * copies + jpeg[end:]
+
+
+def test_progressive_jpeg_scans_are_counted_before_decoding() -> None:
+    """Every extra progressive scan is another pass over the whole picture: 20,000 tiny scans
+    made a 3 MB file take over two minutes. Ordinary progressive files still decode."""
+    progressive = jpeg_bytes(PATTERN, progressive=True)
+    assert jpeg_scan_count(progressive) == progressive.count(b"\xff\xda") >= 5
+    assert jpeg_scan_count(jpeg_bytes(PATTERN)) == 1
+    assert decode(progressive).rgb.shape == PATTERN.shape
+    within = _with_repeated_last_scan(progressive, MAX_JPEG_SCANS - jpeg_scan_count(progressive))
+    assert jpeg_scan_count(within) == MAX_JPEG_SCANS
+    assert decode(within).rgb.shape == PATTERN.shape
+    hostile = _with_repeated_last_scan(progressive, 5000)
+    with pytest.raises(errors.UnsupportedImage, match="5,0.. progressive scans"):
+        decode(hostile)
+
+
+def test_scans_of_an_exif_thumbnail_are_not_counted() -> None:
+    """A JPEG thumbnail inside the EXIF block has scans of its own, which are never decoded."""
+    thumb = _with_repeated_last_scan(jpeg_bytes(PATTERN[:32, :32], progressive=True), 200)
+    payload = b"Exif\x00\x00" + thumb
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    baseline = jpeg_bytes(PATTERN)
+    data = baseline[:2] + app1 + baseline[2:]
+    assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
+    assert jpeg_scan_count(data) == 1
+
+
+@pytest.mark.parametrize("width,height", [(5100, 100), (100, 5100), (60_000, 1)])
+def test_strips_are_refused_before_decoding(width: int, height: int) -> None:
+    """A 1x100,000 strip is within every pixel budget, yet locators pad or tile it like a photo."""
+    data = png_bytes(np.zeros((height, width, 3), np.uint8))
+    with pytest.raises(errors.ImageTooNarrow, match=f"{width}x{height}"):
+        decode(data)
+    assert decode(png_bytes(np.zeros((100, 5000, 3), np.uint8))).rgb.shape == (100, 5000, 3)
 
 
 # --------------------------------------------------------------------------- broken files

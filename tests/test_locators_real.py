@@ -434,13 +434,13 @@ def test_centerface_decode_maps() -> None:
     assert found.scores[0] == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("width,height", [(640, 480), (1280, 960), (300, 100), (100, 300), (2000, 900)])
+@pytest.mark.parametrize("width,height", [(640, 480), (1280, 960), (300, 100), (100, 300), (2000, 900), (20000, 400), (400, 20000)])
 def test_letterbox_is_bgr_and_maps_back(width: int, height: int) -> None:
     """The head model's input is BGR float 3x480x640 (batched by the caller); a marker at (x, y) in the photo lands
     at (x, y) / factor in the network input, and padding is grey 114."""
     rgb = np.zeros((height, width, 3), np.uint8)
     mx, my = width * 3 // 5, height * 2 // 5
-    s = max(4, width // 40, height // 40)
+    s = min(max(4, width // 40, height // 40), min(width, height) // 3)
     rgb[my : my + s, mx : mx + s] = (255, 0, 0)  # pure red
     blob, factor = letterbox(rgb)
     assert blob.shape == (3, 480, 640) and blob.dtype == np.float32
@@ -451,3 +451,18 @@ def test_letterbox_is_bgr_and_maps_back(width: int, height: int) -> None:
         assert np.all(blob[:, -1, :] == 114)
     elif width / height < 640 / 480 - 0.01:  # tall: padding on the right
         assert np.all(blob[:, :, -1] == 114)
+
+
+def test_letterbox_of_a_strip_costs_what_the_strip_costs() -> None:
+    """A 1x200,000 strip (within any pixel budget) was padded to 4:3 at full size before
+    shrinking: a 150,000x200,000 canvas. Shrinking first keeps the peak at the strip's size."""
+    import tracemalloc
+
+    strip = np.full((1, 200_000, 3), 200, np.uint8)
+    tracemalloc.start()
+    blob, factor = letterbox(strip)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50_000_000, f"letterbox of a 600 kB strip allocated {peak:,} bytes"
+    assert factor == pytest.approx(200_000 / 640)
+    assert np.all(blob[:, 0, :] == 200) and np.all(blob[:, 1:, :] == 114)

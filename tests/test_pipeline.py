@@ -15,10 +15,10 @@ from anonymiser import regions as reg
 from anonymiser.cover import CoverStyle, cover, covered_mask
 from anonymiser.decode import FLATTEN_BACKGROUND, decode
 from anonymiser.emoji import DEFAULT_BACKING, render
-from anonymiser.errors import EmptyImage, WeightsError
+from anonymiser.errors import BadRegions, EmptyImage, WeightsError
 from anonymiser.limits import Limits
 from anonymiser.locators.base import Detections, HeadLocator
-from anonymiser.pipeline import Anonymiser, Result, Settings
+from anonymiser.pipeline import MAX_COVER_LAYERS, Anonymiser, Result, Settings, cover_given
 from anonymiser.report import Report
 
 from imaging import (
@@ -300,6 +300,19 @@ def test_extreme_aspect_ratio_keeps_the_pixel_budget() -> None:
     settings = Settings(residual_pass=False, safeguard=False, limits=Limits(max_output_pixels=1000))
     out = Anonymiser(settings, locators=[FixedLocator([])]).anonymise_array(image, new_report(image))
     assert out.shape[0] * out.shape[1] <= 1000
+
+
+def test_reviewed_regions_are_painted_once_each_and_within_reason() -> None:
+    """10,000 whole-image boxes took five minutes to paint. Repeats are painted once; a list
+    that would paint the image more than MAX_COVER_LAYERS times over is refused."""
+    image = png_bytes(np.full((60, 80, 3), 200, np.uint8))
+    result = cover_given(image, [(0, 0, 80, 60)] * 10_000 + [(5, 5, 20, 20), (0, 0, 80, 60)], Settings(style=CoverStyle("solid")))
+    assert [r.box for r in result.report.regions] == [(0, 0, 80, 60), (5, 5, 20, 20)]
+    assert np.all(decode_output(result.data) == CoverStyle().colour)
+    layers = [(0, 0, 80 - i, 60) for i in range(2 * MAX_COVER_LAYERS)]  # ~1.6x the limit
+    with pytest.raises(BadRegions, match="times over"):
+        cover_given(image, layers)
+    assert cover_given(image, layers[:MAX_COVER_LAYERS]).report.heads_covered == MAX_COVER_LAYERS
 
 
 # --------------------------------------------------------------------------- residual pass

@@ -115,23 +115,22 @@ def _free_batch_axis(model: onnx.ModelProto, path: Path) -> None:
 
 
 def letterbox(rgb: np.ndarray) -> tuple[np.ndarray, float]:
-    """Pad to 4:3 with grey at right/bottom, then resize (area) to 640x480.
+    """Resize to fit 640x480 (area when shrinking), keeping the aspect, and pad the right and
+    bottom with grey.
 
     Returns the network input as BGR float32 ``[3, 480, 640]`` and the factor that maps
-    network pixels back to ``rgb`` pixels.
+    network pixels back to ``rgb`` pixels. The photo is resized before it is padded, so the work
+    and memory are those of the photo: padding a 1x100,000 strip to 4:3 first took 37 GB.
     """
     h, w = rgb.shape[:2]
     factor = max(w / NET_W, h / NET_H)
-    canvas_w, canvas_h = max(w, round(NET_W * factor)), max(h, round(NET_H * factor))
-    canvas = np.full((canvas_h, canvas_w, 3), PAD_VALUE, np.uint8)
-    canvas[:h, :w] = rgb
-    if (canvas_w, canvas_h) != (NET_W, NET_H):
-        shrinking = canvas_w > NET_W
-        canvas = cv2.resize(
-            canvas, (NET_W, NET_H), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        )
+    fit_w, fit_h = min(NET_W, max(1, round(w / factor))), min(NET_H, max(1, round(h / factor)))
+    if (fit_w, fit_h) != (w, h):
+        rgb = cv2.resize(rgb, (fit_w, fit_h), interpolation=cv2.INTER_AREA if factor > 1 else cv2.INTER_LINEAR)
+    canvas = np.full((NET_H, NET_W, 3), PAD_VALUE, np.uint8)
+    canvas[:fit_h, :fit_w] = rgb
     bgr = canvas[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
-    return np.ascontiguousarray(bgr), canvas_w / NET_W
+    return np.ascontiguousarray(bgr), factor
 
 
 class HeadsLocator:

@@ -43,9 +43,11 @@ from ..cover import STYLES, CoverStyle
 from ..errors import (
     AnimatedImage,
     AnonymiserError,
+    BadRegions,
     CorruptImage,
     EmptyImage,
     ImageTooLarge,
+    ImageTooNarrow,
     OutputTooLarge,
     UnsupportedImage,
     WeightsError,
@@ -97,8 +99,10 @@ CONTENT_TYPES = {
 STATUS_FOR_ERROR: dict[type[AnonymiserError], int] = {
     UnsupportedImage: 415,
     ImageTooLarge: 413,
+    BadRegions: 400,
     CorruptImage: 422,
     AnimatedImage: 422,
+    ImageTooNarrow: 422,
     EmptyImage: 422,
     OutputTooLarge: 422,
     WeightsError: 500,

@@ -180,6 +180,14 @@ def test_cover_refuses_bad_regions(web: RunningServer, astronaut_png: bytes, reg
     assert response.json()["error"] == "bad_regions" and why in response.json()["message"]
 
 
+def test_cover_refuses_regions_stacked_over_the_image(web: RunningServer, astronaut_png: bytes) -> None:
+    """Boxes that would paint the image dozens of times over are a 400, not minutes of work."""
+    stacked = [[0, 0, 512 - i, 512] for i in range(40)]
+    response = post(web, "/api/cover", astronaut_png, mime="image/png", fields={"regions": json.dumps(stacked)})
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_regions" and "times over" in response.json()["message"]
+
+
 def test_cover_needs_regions(web: RunningServer, astronaut_png: bytes) -> None:
     response = post(web, "/api/cover", astronaut_png, mime="image/png")
     assert response.status_code == 400 and response.json()["error"] == "bad_regions"
