@@ -63,6 +63,9 @@ class BotConfig:
     global_per_hour: int = 600
     takedowns_per_account_per_hour: int = 20
     max_attempts: int = 5
+    #: a job whose runs killed the worker (out of memory, a crash, the hard time limit) this many
+    #: times is dead-lettered instead of being handed to the next worker to kill
+    max_worker_losses: int = 2
     poll_interval_s: float = 30.0
     stream: bool = True
     visibility_timeout_s: int = 900
@@ -128,6 +131,7 @@ class BotConfig:
         number("BOT_RATE_GLOBAL_HOUR", "global_per_hour", int, 1)
         number("BOT_TAKEDOWNS_PER_ACCOUNT_HOUR", "takedowns_per_account_per_hour", int, 1)
         number("BOT_MAX_ATTEMPTS", "max_attempts", int, 1)
+        number("BOT_MAX_WORKER_LOSSES", "max_worker_losses", int, 1)
         number("BOT_POLL_INTERVAL", "poll_interval_s", float, 0.05)
         number("BOT_VISIBILITY_TIMEOUT", "visibility_timeout_s", int, 1)
         number("BOT_TASK_TIME_LIMIT", "task_time_limit_s", int, 1)

@@ -124,6 +124,22 @@ class Store:
         return int(count) <= limit
 
     # failures ------------------------------------------------------------------------------
+    def run_started(self, task_id: str, ttl_s: int) -> int:
+        """Count one more start of task ``task_id``; returns how many starts have not finished.
+
+        A worker killed by the kernel (out of memory), by a hard time limit or by a crash never
+        reaches any handler: the count is the only trace it leaves, and the next start sees it.
+        """
+        key = f"{PREFIX}:running:{task_id}"
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, ttl_s)
+        return int(pipe.execute()[0])
+
+    def run_finished(self, task_id: str) -> None:
+        """The start counted by :meth:`run_started` ended (in any way a handler saw)."""
+        self.r.delete(f"{PREFIX}:running:{task_id}")
+
     def dead_letter(self, job: dict[str, Any], reason: str) -> None:
         entry = {"job": job, "reason": reason[:500], "at": time.time()}
         self.r.rpush(f"{PREFIX}:dead", json.dumps(entry))

@@ -4,7 +4,9 @@ Reliability: tasks are acknowledged late and rejected when the worker process is
 worker killed mid-task loses nothing (Redis redelivers the job after the visibility timeout);
 platform 429s and 5xx are retried with backoff honouring the server's reset time; after
 ``BOT_MAX_ATTEMPTS`` a job goes to the dead-letter list with its reason and the requester gets
-a short apology instead of silence. A GPU that fails on a job that is fine hands the job to
+a short apology instead of silence. A job that kills the worker running it (a photo that
+exhausts memory, a crash) is given up after ``BOT_MAX_WORKER_LOSSES`` runs (:func:`_admit_run`)
+instead of killing every worker in turn. A GPU that fails on a job that is fine hands the job to
 another worker, and repeated failures take the worker out of rotation (:func:`_hand_over`).
 """
 
@@ -256,12 +258,45 @@ def backoff_s(attempt: int, exc: PlatformError) -> float:
     return float(min(300, 2 ** attempt))
 
 
+def _admit_run(task_id: str, job: Job, payload: dict[str, Any], ids: dict[str, Any]) -> bool:
+    """Count this run; False (and the job dead-lettered, the requester told) when earlier runs of
+    the same delivery were lost with their worker ``BOT_MAX_WORKER_LOSSES`` times.
+
+    Redis hands an unacknowledged job to the next worker, which a hostile photo kills the same
+    way: without this count one post could take down the whole fleet, one worker after another.
+    """
+    # Long enough to outlive the visibility timeout a thread-pool worker's loss waits for.
+    starts = store().run_started(task_id, ttl_s=2 * _VISIBILITY_TIMEOUT_S + 86_400)
+    losses = starts - 1
+    if losses < config().max_worker_losses:
+        if losses:
+            log.warning("worker_lost_before", extra=ids | {"losses": losses})
+        return True
+    store().run_finished(task_id)
+    store().dead_letter(payload, f"WorkerLost: the worker running this job was lost {losses} times "
+                                 "(out of memory, killed or crashed)")
+    log.error("dead_letter", extra=ids | {"error": "WorkerLost", "losses": losses})
+    _apologise(job)
+    return False
+
+
 @app.task(bind=True, name="bot.handle", max_retries=None)
 def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def]
     """One job from the listener. Never raises except to schedule a retry."""
     job = Job.from_dict(payload)
     timer = logs.Timer()
     ids = {"platform": job.platform, "post_id": job.post_id, "kind": job.kind, "attempt": self.request.retries + 1}
+    task_id = self.request.id or f"local-{job.platform}-{job.post_id}"
+    if not _admit_run(task_id, job, payload, ids):
+        return "dead_letter"
+    try:
+        return _run(self, job, payload, ids, timer)
+    finally:
+        store().run_finished(task_id)
+
+
+def _run(self: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any], timer: logs.Timer) -> str:
+    """The body of :func:`handle`: run the job and apply the retry and failure rules."""
     try:
         outcome = run_job(job)
     except DeviceFailure as exc:

@@ -379,6 +379,38 @@ def test_clean_shutdown_withdraws_at_once_and_finishes_running_jobs(fleet: Any, 
     assert len(fake.replies_to(status["id"])[0]["media_attachments"]) == 1
 
 
+def test_a_job_that_kills_its_worker_is_given_up_and_the_others_are_answered(
+        fleet: Any, fake: Any, redis_server: Any, client_app: Any, tmp_path: Any) -> None:
+    """A photo that makes the kernel kill the worker (out of memory) never reaches a handler:
+    Redis hands the job to the next worker, which it kills too. After BOT_MAX_WORKER_LOSSES lost
+    runs the job is dead-lettered and its requester told; the worker stays up for other jobs."""
+    from bot import messages
+    from bot.store import Store
+
+    redis_server.clean()
+    fake.reset()
+    queue = "ppb.crash-test"
+    crash_list = tmp_path / "crash-posts"
+    crash_list.write_text("")
+    worker = fleet.launch("victim", queues=queue, pool="prefork", concurrency=1, preload="crash_jobs",
+                          PPB_TEST_CRASH_POSTS=str(crash_list), BOT_MAX_WORKER_LOSSES="2")
+    fleet.ready(worker)
+    hostile, ordinary = mention(fake, "mallory", side=96), mention(fake, "carol", side=96)
+    crash_list.write_text(hostile["id"])
+    client_app.send_task("bot.handle", args=[E2E.job(hostile)], queue=queue)
+    client_app.send_task("bot.handle", args=[E2E.job(ordinary)], queue=queue)
+
+    one_reply_each(fake, [ordinary], timeout=120)
+    [apology] = fake.wait_for(lambda: fake.replies_to(hostile["id"]), 60, what="the apology")
+    assert apology["visibility"] == "direct" and messages.APOLOGY in apology["content"]
+    [dead] = Store.from_url(redis_server.url).dead_letters()
+    assert dead["job"]["post_id"] == hostile["id"] and dead["reason"].startswith("WorkerLost:")
+    assert worker.log().count(f"crash_job_started {hostile['id']}") == 2
+    assert worker.alive()
+    assert not list(redis_server.client.scan_iter("ppb:running:*")), "run counters are cleared"
+    worker.stop()
+
+
 def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
     """A job handed over because this worker's GPU failed is neither a platform error (which
     PPBPlatformErrors watches) nor an answer (no latency is observed for it)."""
