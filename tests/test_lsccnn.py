@@ -23,6 +23,7 @@ from torch import nn
 from anonymiser.errors import WeightsError
 from anonymiser.locators.base import Detections, HeadLocator
 from anonymiser.locators import lsccnn_checkpoint as ckpt
+from anonymiser.locators import lsccnn_decode
 from anonymiser.locators.lsccnn import (
     LSCCNNLocator,
     available,
@@ -39,6 +40,7 @@ from anonymiser.locators.lsccnn_decode import (
     decode,
     decode_probabilities,
     softmax_channels,
+    winning_class,
 )
 from anonymiser.locators.lsccnn_net import LSCCNN, PARAMETER_COUNT, state_dict_manifest
 from lsccnn_generated import he_init
@@ -653,6 +655,57 @@ def test_fast_decoder_equals_naive_decoder(h: int, w: int, seed: int, quantised:
     assert len(naive) > 5
     got = list(zip(fast.y.tolist(), fast.x.tolist(), fast.side.tolist(), fast.score.tolist()))
     assert got == naive
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("thr", [0.0, 0.25, 0.5, 1.0])
+def test_pairwise_nms_equals_the_greedy_loop(seed: int, thr: float) -> None:
+    """The vectorised rounds over candidate pairs keep exactly the boxes the one-box-at-a-time
+    greedy loop keeps, in the same order: crowded grids, every box size, many equal scores."""
+    rng = np.random.default_rng(seed)
+    gh, gw = 60, 90
+    n = [50, 400, 1500, 3000, 200, 2500][seed]
+    cells = rng.choice(gh * gw, n, replace=False)
+    y, x = (cells // gw).astype(np.int64), (cells % gw).astype(np.int64)
+    side = rng.choice(np.array(BOX_SIZE_BINS, np.int64), n)
+    score = rng.random(n).astype(np.float32)
+    if seed % 2:
+        score = np.round(score * 8).astype(np.float32) / 8 + 0.01  # ties
+    order = np.argsort(score)[::-1]
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    half = side / 2.0
+    boxes = (x - half, x + half, y - half, y + half)
+    area = (boxes[1] - boxes[0] + 1.0) * (boxes[3] - boxes[2] + 1.0)
+    loop = lsccnn_decode._nms_loop(order, rank, y, x, side, boxes, area, thr)
+    fast = lsccnn_decode.nms(y, x, side, score, thr)
+    assert fast.tolist() == loop.tolist()
+    assert 0 < len(fast) < n
+
+
+def test_nms_falls_back_to_the_loop_beyond_the_pair_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too many candidate pairs (an untrained network's output) take the loop; same boxes."""
+    probs = [softmax_channels(z) for z in _random_logits(96, 128, 7, True)]
+    expected = decode_probabilities(probs, 0.25)
+    monkeypatch.setattr(lsccnn_decode, "MAX_NMS_PAIRS", 0)
+    calls: list[int] = []
+    loop = lsccnn_decode._nms_loop
+    monkeypatch.setattr(lsccnn_decode, "_nms_loop", lambda *a: calls.append(1) or loop(*a))
+    fallback = decode_probabilities(probs, 0.25)
+    assert calls and np.array_equal(fallback.y, expected.y) and np.array_equal(fallback.x, expected.x)
+    assert np.array_equal(fallback.score, expected.score) and len(expected) > 5
+
+
+def test_winning_class_is_numpy_argmax_and_max_exactly() -> None:
+    """The plane-wise winner equals ``argmax(axis=0)`` (first index on ties) and ``max(axis=0)``
+    bit for bit, on maps where most positions tie between two or more classes."""
+    rng = np.random.default_rng(11)
+    probs = softmax_channels(np.round(rng.normal(0, 1, (4, 37, 53))).astype(np.float32))
+    probs[:, :5] = 0.25  # four-way ties
+    label, conf = winning_class(probs)
+    assert np.array_equal(label, probs.argmax(axis=0)) and np.array_equal(conf, probs.max(axis=0))
+    ties = (probs == probs.max(axis=0)).sum(axis=0) > 1
+    assert ties.mean() > 0.2
 
 
 # --------------------------------------------------------------------------------------------
