@@ -17,6 +17,7 @@ from anonymiser.decode import FLATTEN_BACKGROUND, decode
 from anonymiser.emoji import DEFAULT_BACKING, render
 from anonymiser.errors import BadRegions, EmptyImage, WeightsError
 from anonymiser.limits import Limits
+from anonymiser.locators.nms import iou_matrix
 from anonymiser.locators.base import Detections, HeadLocator
 from anonymiser.pipeline import MAX_COVER_LAYERS, Anonymiser, Result, Settings, cover_given
 from anonymiser.report import Report
@@ -449,6 +450,38 @@ def test_merge_unites_boxes_of_one_head_only() -> None:
     np.testing.assert_array_equal(merged.boxes[order[0]], [10, 8, 52, 50])
     assert merged.sources[order[0]] == frozenset({"centerface", "heads"})
     np.testing.assert_array_equal(merged.boxes[order[1]], [200, 200, 240, 240])
+
+
+def test_merge_of_a_huge_crowd_equals_comparing_every_pair() -> None:
+    """Merging compares each block of boxes only with those whose x ranges overlap it: the same
+    groups as comparing every pair (checked here over several blocks, with chains of boxes that
+    merge across blocks), in the order of each group's first box."""
+    rng = np.random.default_rng(3)
+    n = 2600
+    centres = rng.uniform(0, 3000, (n, 2))
+    sides = rng.uniform(10, 40, (n, 1))
+    boxes = np.concatenate([centres - sides / 2, centres + sides / 2], axis=1).astype(np.float32)
+    shift = rng.normal(0, 3, (len(boxes[::7]), 2))
+    boxes[::7] += np.concatenate([shift, shift], axis=1).astype(np.float32)
+    sources = [frozenset({str(k % 3)}) for k in range(n)]
+    merged = reg.merge(reg.Regions(boxes, sources))
+
+    same = (iou_matrix(boxes, boxes) >= reg.MERGE_IOU) | (reg._containment(boxes, boxes) >= reg.MERGE_CONTAINMENT)
+    np.fill_diagonal(same, True)
+    group = np.arange(n)
+    for _ in range(n):  # label propagation to the lowest index in each connected group
+        lowest = np.where(same, group[None, :], n).min(axis=1)
+        if np.array_equal(lowest, group):
+            break
+        group = np.minimum(group, lowest)[group]
+    firsts = np.unique(group)
+    assert 50 < n - len(firsts) < n // 2, "the crowd should have both merges and lone heads"
+    assert len(merged) == len(firsts)
+    for out, first in enumerate(firsts):
+        members = group == first
+        expected = [boxes[members, 0].min(), boxes[members, 1].min(), boxes[members, 2].max(), boxes[members, 3].max()]
+        np.testing.assert_array_equal(merged.boxes[out], np.asarray(expected, np.float32))
+        assert merged.sources[out] == frozenset().union(*(sources[k] for k in np.nonzero(members)[0]))
 
 
 def test_to_pixels_rounds_outwards_and_clips() -> None:
