@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--gap-factor", type=float, default=Settings().gap_factor)
     parser.add_argument("--only", default=None, help="substring filter on image names")
     parser.add_argument("--json", type=Path, default=None, help="write per-image figures here")
+    parser.add_argument("--grey", action="store_true", help="turn each photo into greyscale first (black-and-white photos)")
     args = parser.parse_args()
     if not DEV.is_dir():
         sys.exit(f"dev set not found at {DEV} (set ANON_EVAL_DIR)")
@@ -94,10 +96,12 @@ def main() -> None:
         if args.only and args.only not in path.name:
             continue
         gt = json.loads(path.with_suffix(".json").read_text())
-        decoded = decode(path.read_bytes())
+        rgb = decode(path.read_bytes()).rgb
+        if args.grey:  # what a black-and-white JPEG decodes to: three equal channels
+            rgb = np.ascontiguousarray(np.repeat(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2))
         report = Report("jpeg", (gt["width"], gt["height"]), 0, 1, False)
         cpu, wall = time.process_time(), time.perf_counter()
-        anonymiser.anonymise_array(decoded.rgb, report)
+        anonymiser.anonymise_array(rgb, report)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         row = score_image(gt, report) | {
             "image": path.name,
@@ -110,7 +114,7 @@ def main() -> None:
         print(f"{path.name:32s} {row['band']:6s} {row['covered']:5d}/{row['heads']:<5d} fp {row['fp']:4d} "
               f"(+{row['fp_safeguard']} safeguard) lost {row['lost']:.2f} cpu {cpu:6.1f}s", file=sys.stderr)
 
-    print(f"\nlocators: {', '.join(anonymiser.locators[i].name for i in range(len(anonymiser.locators)))}; "
+    print(f"\n{'greyscale photos; ' if args.grey else ''}locators: {', '.join(anonymiser.locators[i].name for i in range(len(anonymiser.locators)))}; "
           f"safeguard: {settings.safeguard} (gap {settings.gap_factor}); residual: {settings.residual_pass}")
     print("| band | images | heads | recall | FP/image (heads) | FP/image (safeguard) | area covered | CPU s/MP | wall s/MP |")
     print("|---|---|---|---|---|---|---|---|---|")

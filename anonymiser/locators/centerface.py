@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..errors import WeightsError
-from .base import Detections
+from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, drop_initializer_inputs, session
 from .tiling import Job, Tile, clip_and_suppress, run_batched, tiles
 
@@ -84,6 +84,10 @@ def decode_maps(
     return Detections(boxes, heatmap[ys, xs])
 
 
+#: score threshold in black-and-white photos, where faces score lower (see ``heads.GREY_THRESHOLD``)
+GREY_THRESHOLD = 0.15
+
+
 class CenterFaceLocator:
     """Face boxes from CenterFace at several scales, merged by NMS."""
 
@@ -97,22 +101,24 @@ class CenterFaceLocator:
         nms_iou: float = 0.3,
         path: Path | None = None,
         onnx_options: OnnxOptions | None = None,
+        grey_threshold: float = GREY_THRESHOLD,
     ) -> None:
         self.scales = scales
         self.threshold = threshold
+        self.grey_threshold = grey_threshold
         self.nms_iou = nms_iou
         options = onnx_options or OnnxOptions.from_env()
         self._session = session(_load_model(path or model_path()), options)
         self._input = self._session.get_inputs()[0].name
         self.tile_batch = options.batch_for(self._session)
 
-    def _job(self, tile: Tile) -> Job:
+    def _job(self, tile: Tile, threshold: float) -> Job:
         # Each tile is padded on its own to a multiple of 32, exactly as it would be alone, so
         # tiles batch together only when their padded shapes are equal.
         h, w = tile.image.shape[:2]
         blob = np.zeros((3, -(-h // 32) * 32, -(-w // 32) * 32), np.float32)
         blob[:, :h, :w] = tile.image.transpose(2, 0, 1)
-        return blob, lambda maps: tile.to_source(decode_maps(maps[0][0], maps[1], maps[2], self.threshold))
+        return blob, lambda maps: tile.to_source(decode_maps(maps[0][0], maps[1], maps[2], threshold))
 
     def _infer(self, batch: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         heatmap, scale, offset, _landmarks = self._session.run(None, {self._input: batch})
@@ -121,5 +127,6 @@ class CenterFaceLocator:
     def locate(self, rgb: np.ndarray) -> Detections:
         """Face boxes in pixels of ``rgb``, the union of all scales after NMS."""
         h, w = rgb.shape[:2]
-        jobs = (self._job(t) for f in self.scales for t in tiles(rgb, f, TILE, TILE, OVERLAP))
+        threshold = self.grey_threshold if is_greyscale(rgb) else self.threshold
+        jobs = (self._job(t, threshold) for f in self.scales for t in tiles(rgb, f, TILE, TILE, OVERLAP))
         return clip_and_suppress(run_batched(jobs, self._infer, self.tile_batch), w, h, self.nms_iou)
