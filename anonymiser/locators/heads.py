@@ -35,7 +35,7 @@ PAD_VALUE = 114
 #: overlap between tiles in network pixels: a head up to this size is whole in some tile
 OVERLAP = 160
 #: score threshold in black-and-white photos, where the model scores heads lower: on the dev
-#: photos turned grey, recall went from 0.953 (at 0.25, with CenterFace at 0.2) to 0.978 (both
+#: photos turned grey, recall went from 0.953 (at 0.25, with CenterFace at 0.2) to 0.977 (both
 #: at 0.15), colour's own level, with colour's false-positive rate
 GREY_THRESHOLD = 0.15
 #: the graph stores its NMS box limit as an initializer; 20 is far too few for a crowd
