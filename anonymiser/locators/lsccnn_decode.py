@@ -184,10 +184,11 @@ def nms(y: np.ndarray, x: np.ndarray, side: np.ndarray, score: np.ndarray, thres
     area = (boxes[1] - boxes[0] + 1.0) * (boxes[3] - boxes[2] + 1.0)
     # Boxes overlap under the +1 convention iff centres are < (b_i + b_j)/2 + 1 apart.
     reach = float(side.max()) + 1.0
-    if n * min(n, (2 * reach + 1) ** 2) // 2 > MAX_NMS_PAIRS and n > MAX_NMS_PAIRS // 80:
-        return _nms_loop(order, rank, y, x, side, boxes, area, threshold)  # not worth counting
-    tree = cKDTree(np.stack([y, x], axis=1).astype(np.float64))
-    if (tree.count_neighbors(tree, reach, p=np.inf) - n) // 2 > MAX_NMS_PAIRS:
+    # Pairs are counted only when this bound cannot vouch for them, and never for a field of
+    # candidates so large that counting alone would cost what the loop does.
+    bound = n * min(n, (2 * reach + 1) ** 2) // 2
+    tree = None if bound > MAX_NMS_PAIRS and n > MAX_NMS_PAIRS // 80 else cKDTree(np.stack([y, x], axis=1).astype(np.float64))
+    if tree is None or (bound > MAX_NMS_PAIRS and (tree.count_neighbors(tree, reach, p=np.inf) - n) // 2 > MAX_NMS_PAIRS):
         return _nms_loop(order, rank, y, x, side, boxes, area, threshold)
     pairs = tree.query_pairs(reach, p=np.inf, output_type="ndarray")
     return _nms_pairs(order, rank, pairs, boxes, area, threshold)
