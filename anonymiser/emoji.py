@@ -47,8 +47,8 @@ def _supersample(side: int) -> int:
     return 1
 
 
-#: renders up to this side are cached (256 of them take at most 50 MB); larger ones are cheap
-#: to draw without supersampling, and caching them kept up to 256 full-photo fists (6 GB)
+#: renders up to this side are cached (256 of them take at most 50 MB); larger ones are drawn
+#: with little or no supersampling each time, as caching them kept up to 256 full-photo fists (6 GB)
 _CACHED_SIDE = 256
 
 
@@ -56,11 +56,6 @@ def _render_square(side: int, tone: str, backing: tuple[int, int, int]) -> np.nd
     """The emoji on its backing, ``[side, side, 3]`` uint8, fully opaque."""
     if side <= _CACHED_SIDE:
         return _render_small(side, tone, backing)
-    return _draw(side, tone, backing)
-
-
-@lru_cache(maxsize=256)
-def _render_small(side: int, tone: str, backing: tuple[int, int, int]) -> np.ndarray:
     return _draw(side, tone, backing)
 
 
@@ -85,6 +80,9 @@ def _draw(side: int, tone: str, backing: tuple[int, int, int]) -> np.ndarray:
     if ss > 1:
         canvas = canvas.resize((side, side), Image.Resampling.LANCZOS)
     return np.asarray(canvas, dtype=np.uint8)
+
+
+_render_small = lru_cache(maxsize=256)(_draw)
 
 
 def render(width: int, height: int, tone: str = DEFAULT_TONE, backing: tuple[int, int, int] = DEFAULT_BACKING) -> np.ndarray:
