@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 from scipy.sparse.csgraph import connected_components
 
 from .locators.base import BoxKind, Detections
-from .locators.nms import iou_matrix
+from .locators.nms import iou_matrix, pairs_where
 
 #: (width factor, height factor, upward shift as a fraction of the box height)
 PADDING: dict[str, tuple[float, float, float]] = {
@@ -36,7 +36,6 @@ PADDING: dict[str, tuple[float, float, float]] = {
 }
 MERGE_IOU = 0.45
 MERGE_CONTAINMENT = 0.8
-_BLOCK = 1024
 
 
 @dataclass
@@ -91,18 +90,9 @@ def merge(regions: Regions) -> Regions:
     if n < 2:
         return regions
     boxes = regions.boxes
-    by_left = np.argsort(boxes[:, 0], kind="stable")
-    rows_all, cols_all = [], []
-    for start in range(0, n, _BLOCK):
-        block = by_left[start : start + _BLOCK]
-        span_x1, span_x2 = boxes[block, 0].min(), boxes[block, 2].max()
-        near = np.nonzero((boxes[:, 0] <= span_x2) & (boxes[:, 2] >= span_x1))[0]
-        a, b = boxes[block], boxes[near]
-        same = (iou_matrix(a, b) >= MERGE_IOU) | (_containment(a, b) >= MERGE_CONTAINMENT)
-        r, c = np.nonzero(same)
-        rows_all.append(block[r])
-        cols_all.append(near[c])
-    rows, cols = np.concatenate(rows_all), np.concatenate(cols_all)
+    rows, cols = pairs_where(
+        boxes, lambda a, b: (iou_matrix(a, b) >= MERGE_IOU) | (_containment(a, b) >= MERGE_CONTAINMENT)
+    )
     graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
     # Labels are numbered by each component's lowest index: regions keep their first member's order.
     count, labels = connected_components(graph, directed=False)

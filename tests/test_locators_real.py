@@ -21,7 +21,7 @@ from anonymiser.locators.heads import HeadsLocator, letterbox
 from anonymiser.locators.nms import iou_matrix, nms
 from anonymiser.locators.registry import REGISTRY, available_names
 from anonymiser.locators.onnx_models import OnnxOptions
-from anonymiser.locators.tiling import Tile, clip_and_suppress, run_batched, run_tiled, tile_origins, tile_windows, tiles
+from anonymiser.locators.tiling import Tile, clip_and_suppress, planar_float32, run_batched, run_tiled, tile_origins, tile_windows, tiles
 from anonymiser.pipeline import Anonymiser, Settings
 
 from imaging import ASTRONAUT_FACE, HEADS_FILE, load_eval, points_in_boxes
@@ -433,6 +433,27 @@ def test_clip_and_suppress_removes_tile_duplicates() -> None:
     np.testing.assert_allclose(kept.boxes[2], [60, 20, 90, 50])
 
 
+def _greedy_loop(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """Greedy NMS as it was written before: keep boxes whose IoU is "<= threshold"."""
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        keep.append(int(order[0]))
+        rest = order[1:]
+        order = rest[iou_matrix(boxes[order[:1]], boxes[rest])[0] <= threshold]
+    return keep
+
+
+def test_nms_box_with_nan_coordinates_suppresses_nothing() -> None:
+    """A network's output can overflow (CenterFace's sizes are exponentials; inf - inf is NaN):
+    such a box must not take every later box with it, as it did when NMS kept "IoU <= threshold"
+    (never true for NaN)."""
+    boxes = np.array([[np.nan, 0, np.nan, 10], [10, 10, 20, 20], [100, 100, 120, 120]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    assert _greedy_loop(boxes, scores, 0.3) == [0]
+    assert nms(boxes, scores, 0.3).tolist() == [0, 1, 2]
+
+
 def test_nms_and_iou() -> None:
     """IoU of identical boxes is 1 and of disjoint ones 0; NMS keeps the best of a cluster."""
     a = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
@@ -488,6 +509,23 @@ def test_letterbox_is_bgr_and_maps_back(width: int, height: int) -> None:
         assert np.all(blob[:, -1, :] == 114)
     elif width / height < 640 / 480 - 0.01:  # tall: padding on the right
         assert np.all(blob[:, :, -1] == 114)
+
+
+@pytest.mark.parametrize("bgr", [False, True], ids=["rgb", "bgr"])
+@pytest.mark.parametrize("h,w,height,width", [(480, 640, 480, 640), (37, 91, 64, 96), (1, 5, 32, 32), (300, 1, 320, 32)])
+def test_planar_float32_is_the_transposed_photo_on_a_filled_canvas(bgr: bool, h: int, w: int, height: int, width: int) -> None:
+    """The plane-by-plane copy gives exactly what the one-line transpose gave (the old code)."""
+    rgb = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    canvas = np.full((height, width, 3), 114, np.uint8)
+    canvas[:h, :w] = rgb
+    expected = (canvas[:, :, ::-1] if bgr else canvas).transpose(2, 0, 1).astype(np.float32)
+    blob = planar_float32(rgb, height, width, fill=114, bgr=bgr)
+    assert blob.dtype == np.float32 and blob.flags.c_contiguous
+    np.testing.assert_array_equal(blob, expected)
+    # Views (a crop with strides of the whole photo) are read correctly too.
+    wide = np.zeros((h, w + 7, 3), np.uint8)
+    wide[:, 3 : 3 + w] = rgb
+    np.testing.assert_array_equal(planar_float32(wide[:, 3 : 3 + w], height, width, fill=114, bgr=bgr), expected)
 
 
 def test_letterbox_of_a_strip_costs_what_the_strip_costs() -> None:

@@ -18,7 +18,7 @@ import onnx
 from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, drop_initializer_inputs, session
-from .tiling import Job, Tile, clip_and_suppress, run_batched, tiles
+from .tiling import Job, Tile, clip_and_suppress, planar_float32, run_batched, tiles
 
 #: CenterFace's output stride
 STRIDE = 4
@@ -116,8 +116,7 @@ class CenterFaceLocator:
         # Each tile is padded on its own to a multiple of 32, exactly as it would be alone, so
         # tiles batch together only when their padded shapes are equal.
         h, w = tile.image.shape[:2]
-        blob = np.zeros((3, -(-h // 32) * 32, -(-w // 32) * 32), np.float32)
-        blob[:, :h, :w] = tile.image.transpose(2, 0, 1)
+        blob = planar_float32(tile.image, -(-h // 32) * 32, -(-w // 32) * 32)
         return blob, lambda maps: tile.to_source(decode_maps(maps[0][0], maps[1], maps[2], threshold))
 
     def _infer(self, batch: np.ndarray) -> list[tuple[np.ndarray, ...]]:

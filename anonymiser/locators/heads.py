@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, session
-from .tiling import Job, Tile, clip_and_suppress, run_batched, tiles
+from .tiling import Job, Tile, clip_and_suppress, planar_float32, run_batched, tiles
 
 FILE_NAME = "yolov9_n_wholebody25_post_0100_1x3x480x640.onnx"
 SHA256 = "f0592465de0c42a3a2ca6a423c6ae042e889c36bb1b4df28e18c5d4a5a9943af"
@@ -131,10 +131,7 @@ def letterbox(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     fit_w, fit_h = min(NET_W, max(1, round(w / factor))), min(NET_H, max(1, round(h / factor)))
     if (fit_w, fit_h) != (w, h):
         rgb = cv2.resize(rgb, (fit_w, fit_h), interpolation=cv2.INTER_AREA if factor > 1 else cv2.INTER_LINEAR)
-    canvas = np.full((NET_H, NET_W, 3), PAD_VALUE, np.uint8)
-    canvas[:fit_h, :fit_w] = rgb
-    bgr = canvas[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
-    return np.ascontiguousarray(bgr), factor
+    return planar_float32(rgb, NET_H, NET_W, fill=PAD_VALUE, bgr=True), factor
 
 
 class HeadsLocator:

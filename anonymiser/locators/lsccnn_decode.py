@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
+from .nms import greedy_rounds
+
 NUM_SCALES = 4
 BOXES_PER_SCALE = 3
 BACKGROUND = 3  # channel index of the "no head" class
@@ -203,23 +205,7 @@ def _nms_pairs(
     earlier = rank[first] < rank[second]
     hi, lo = np.where(earlier, first, second), np.where(earlier, second, first)
     hit = _suppresses(hi, lo, *boxes, area, threshold)
-    hi, lo = hi[hit], lo[hit]
-    n = len(rank)
-    state = np.zeros(n, np.int8)  # 0 undecided, 1 kept, 2 suppressed
-    while True:
-        undecided = state == 0
-        if not undecided.any():
-            break
-        # a kept earlier neighbour suppresses; an undecided one means "not yet"
-        killed = np.zeros(n, bool)
-        killed[lo[state[hi] == 1]] = True
-        state[killed & undecided] = 2
-        waiting = np.zeros(n, bool)
-        waiting[lo[state[hi] == 0]] = True
-        state[(state == 0) & ~waiting] = 1
-        live = state[lo] == 0
-        hi, lo = hi[live], lo[live]
-    return order[state[order] == 1].astype(np.int64)
+    return greedy_rounds(order, hi[hit], lo[hit])
 
 
 def _nms_loop(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 
@@ -18,10 +20,69 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-9)
 
 
+#: boxes per block when looking for overlapping pairs: a block is compared with every box whose
+#: x range meets the block's. Small blocks span little of the image, so few boxes meet them
+#: (merging 30,000 boxes: 0.95 s with 1,024 per block, 0.20 s with 64; NMS of 3,000 clustered
+#: boxes 60 ms against 6 ms), and memory stays bounded by the block, not the square of the count
+PAIR_BLOCK = 64
+
+
+def pairs_where(boxes: np.ndarray, test: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` of ``boxes`` whose x ranges meet (touching counts) and for which
+    ``test(boxes[I], boxes[J])``, a matrix over blocks ``I`` and their neighbours ``J``, holds.
+
+    Each pair may come in both orders, and ``(i, i)`` too if the test allows it. Only boxes whose
+    x ranges meet are compared: comparing every box with every other grows with the square of
+    the count (24 s for 30,000 boxes).
+    """
+    n = len(boxes)
+    by_left = np.argsort(boxes[:, 0], kind="stable")
+    rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, n, PAIR_BLOCK):
+        block = by_left[start : start + PAIR_BLOCK]
+        span_x1, span_x2 = boxes[block, 0].min(), boxes[block, 2].max()
+        near = np.nonzero((boxes[:, 0] <= span_x2) & (boxes[:, 2] >= span_x1))[0]
+        r, c = np.nonzero(test(boxes[block], boxes[near]))
+        rows.append(block[r])
+        cols.append(near[c])
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def greedy_rounds(order: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Greedy NMS decided from its suppression pairs; returns the kept indices in ``order``.
+
+    Box ``lo[k]`` goes if box ``hi[k]``, earlier in ``order``, is kept. Each round decides every
+    box whose earlier neighbours are all decided, so the rounds follow chains of suppression,
+    not the number of boxes: a loop of one Python step per kept box held the GIL for tens of
+    milliseconds per crowd photo.
+    """
+    n = len(order)
+    state = np.zeros(n, np.int8)  # 0 undecided, 1 kept, 2 suppressed
+    while True:
+        undecided = state == 0
+        if not undecided.any():
+            break
+        # a kept earlier neighbour suppresses; an undecided one means "not yet"
+        killed = np.zeros(n, bool)
+        killed[lo[state[hi] == 1]] = True
+        state[killed & undecided] = 2
+        waiting = np.zeros(n, bool)
+        waiting[lo[state[hi] == 0]] = True
+        state[(state == 0) & ~waiting] = 1
+        live = state[lo] == 0
+        hi, lo = hi[live], lo[live]
+    return order[state[order] == 1].astype(np.int64)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy non-maximum suppression; returns kept indices, best score first.
 
-    Vectorised per kept box so that thousands of boxes in a dense crowd stay cheap.
+    Vectorised per kept box: a face detector's raw boxes come in dense clusters (dozens of
+    neighbouring cells per face), which one kept box removes at once, while comparing pairs would
+    grow with each cluster's square (tried: 10x slower on a crowd photo's CenterFace boxes). A box
+    with NaN coordinates suppresses nothing and is suppressed by nothing ("IoU above the
+    threshold" is false for NaN): "IoU <= threshold" would have let one such box remove every box
+    after it.
     """
     order = np.argsort(-scores, kind="stable")
     boxes = boxes.astype(np.float32, copy=False)
@@ -33,5 +94,5 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
             break
         rest = order[1:]
         ious = iou_matrix(boxes[i : i + 1], boxes[rest])[0]
-        order = rest[ious <= iou_threshold]
+        order = rest[~(ious > iou_threshold)]
     return np.asarray(keep, dtype=np.int64)

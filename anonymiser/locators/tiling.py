@@ -88,6 +88,23 @@ def run_tiled(
     return Detections.concat([t.to_source(detect(t.image)) for t in tiles(rgb, factor, tile_w, tile_h, overlap)])
 
 
+def planar_float32(rgb: np.ndarray, height: int, width: int, fill: float = 0.0, bgr: bool = False) -> np.ndarray:
+    """``rgb`` (``h x w x 3`` uint8, ``h <= height``, ``w <= width``) as a network input
+    ``[3, height, width]`` float32: the photo's channels (reversed when ``bgr``) at the top left,
+    ``fill`` elsewhere.
+
+    Copied plane by plane: converting the transposed view in one ``astype`` walks memory 3
+    bytes apart and took 4.6 ms per 640x480 tile against 0.14 ms, and a 1920x1088 photo feeds
+    the two models about 60 tiles (twice over, with the residual pass).
+    """
+    h, w = rgb.shape[:2]
+    blob = np.full((3, height, width), fill, np.float32) if (h, w) != (height, width) else np.empty((3, h, w), np.float32)
+    planes = cv2.split(np.ascontiguousarray(rgb))
+    for c, plane in enumerate(planes[::-1] if bgr else planes):
+        np.copyto(blob[c, :h, :w], plane, casting="unsafe")
+    return blob
+
+
 #: a network input ``[C, H, W]`` and what turns its raw output into boxes in photo pixels
 Job = tuple[np.ndarray, Callable[[Any], Detections]]
 
@@ -107,7 +124,8 @@ def run_batched(jobs: Iterable[Job], infer: Callable[[np.ndarray], Sequence[Any]
 
     def flush(shape: tuple[int, ...]) -> None:
         group = pending.pop(shape)
-        outputs = infer(np.stack([blob for blob, _ in group]))
+        # A lone input needs no copy into a batch (one tile at a time is the CPU default).
+        outputs = infer(group[0][0][None] if len(group) == 1 else np.stack([blob for blob, _ in group]))
         parts.extend(finish(out) for (_, finish), out in zip(group, outputs, strict=True))
 
     for blob, finish in jobs:
