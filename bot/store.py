@@ -87,14 +87,17 @@ class Store:
         return set(self.r.smembers(f"{PREFIX}:replies:{platform}:{original_id}"))
 
     def forget_reply(self, platform: str, original_id: str, reply_id: str) -> None:
-        """After a takedown: the reply is gone, and the requester may ask for a new copy."""
+        """After a takedown: the reply is gone, and the requester may ask for a new copy.
+
+        The reply still leads to its original (until that record expires): a takedown retried
+        after a platform error part-way, or asked twice, names a reply already deleted, and must
+        still find the original's other copies or say they are already gone, not "unknown".
+        """
         done_key = self.r.get(f"{PREFIX}:done_key_of:{platform}:{reply_id}")
         pipe = self.r.pipeline()
         if done_key:
             pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
         pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
-        pipe.delete(f"{PREFIX}:original_of:{platform}:{reply_id}")
-        pipe.sadd(f"{PREFIX}:deleted:{platform}", reply_id)
         pipe.execute()
 
     def done(self, key: str) -> str | None:

@@ -18,7 +18,7 @@ from bot import messages
 from bot.config import BotConfig
 from bot.handler import Job, MentionHandler
 from bot.listener import Listener, job_for
-from bot.platforms.base import Event, RateLimited
+from bot.platforms.base import Event, RateLimited, ServerError
 from bot.platforms.mastodon import MastodonPlatform, html_to_text
 from bot.store import Store
 from bot.takedown import TakedownHandler
@@ -115,6 +115,43 @@ def test_asking_to_delete_in_a_reply_to_the_copy_deletes_it(world: World, text: 
     alice = fake.accounts[copy["mentions"][0]["id"]]
     assert world.run(fake.mention(alice, text, in_reply_to=copy, visibility="direct")) == "deleted"
     assert fake.deleted == [copy["id"]]
+
+
+def _two_copies(world: World) -> tuple[dict[str, Any], Any, dict[str, Any], dict[str, Any]]:
+    """bob's photo post, copied for alice and then for carol."""
+    fake = world.fake
+    bob, alice, carol = fake.add_account("bob"), fake.add_account("alice"), fake.add_account("carol")
+    original = fake.post(bob, "the square", media=[fake.media(jpeg(64))])
+    assert world.run(fake.mention(alice, "cover please", in_reply_to=original)) == "replied"
+    assert world.run(fake.mention(carol, "me too", in_reply_to=original)) == "replied"
+    copy_a, copy_c = fake.bot_posts()
+    return original, alice, copy_a, copy_c
+
+
+def test_takedown_retried_after_a_platform_error_deletes_the_other_copies(world: World) -> None:
+    """The first run deletes alice's copy, then the server fails on carol's copy (a 503, or
+    Mastodon's 30 deletions per 30 minutes): the retry must still find the original through the
+    deleted copy, delete carol's copy and say so. It used to find nothing, leave carol's copy up
+    and tell alice that nothing was deleted."""
+    fake = world.fake
+    _, alice, copy_a, copy_c = _two_copies(world)
+    dm = fake.mention(alice, "please delete this", in_reply_to=copy_a, visibility="direct")
+    fake.fail("GET", f"/api/v1/statuses/{copy_c['id']}", 503)
+    with pytest.raises(ServerError):
+        world.run(dm)  # Celery retries the task
+    assert fake.deleted == [copy_a["id"]]
+    assert world.run(dm) == "deleted"
+    assert sorted(fake.deleted) == sorted([copy_a["id"], copy_c["id"]])
+    assert world.said()[-1] == "@alice " + messages.TAKEDOWN_DONE.format(count=1)
+
+
+def test_second_takedown_of_a_deleted_copy_says_it_is_already_gone(world: World) -> None:
+    fake = world.fake
+    _, _, copy_a, _ = _two_copies(world)
+    dave = fake.add_account("dave")
+    assert world.run(fake.mention(dave, f"delete {copy_a['id']}", visibility="direct")) == "deleted"
+    assert world.run(fake.mention(dave, f"delete {copy_a['id']}", visibility="direct")) == "nothing_deleted"
+    assert world.said()[-1] == "@dave " + messages.TAKEDOWN_ALREADY
 
 
 def test_takedown_answer_never_repeats_what_was_sent(world: World) -> None:
