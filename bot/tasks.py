@@ -29,6 +29,7 @@ from celery import Celery, signals
 from . import metrics, routing
 from anonymiser.errors import DeviceFailure, WeightsError
 from anonymiser.limits import Limits
+from anonymiser.process import forbid_core_dumps
 from anonymiser.locators.registry import default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
@@ -70,6 +71,7 @@ app.conf.update(
 @signals.worker_init.connect
 def _validate_at_start(sender: Any = None, **_: Any) -> None:
     """Fail at start-up, with every problem listed, rather than on the first job."""
+    forbid_core_dumps()  # before any photo is in memory; prefork children inherit it
     logs.setup()
     try:
         settings = BotConfig.from_env()
@@ -118,6 +120,7 @@ def _warm_up() -> None:
 
 @signals.worker_process_init.connect
 def _child_logging(**_: Any) -> None:
+    forbid_core_dumps()  # inherited already; a child started some other way gets it too
     logs.setup()
 
 

@@ -55,6 +55,7 @@ from ..errors import (
 from ..limits import Limits
 from ..locators.registry import REGISTRY
 from ..pipeline import Anonymiser, Result, Settings, cover_given
+from ..process import forbid_core_dumps
 from . import multipart, openapi
 
 LOG = logging.getLogger("anonymiser.web")
@@ -734,6 +735,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """``anonymise serve ...``: load the models once, then serve until interrupted."""
     args = _parser().parse_args(argv)
+    forbid_core_dumps()  # the page holds people's originals in memory
     if args.max_concurrent < 1 or args.queue < 0:
         print("anonymise serve: --max-concurrent must be >= 1 and --queue >= 0", file=sys.stderr)
         return 2

@@ -144,6 +144,30 @@ def test_no_original_is_kept_anywhere(e2e: E2E, listener_log: Path, workdir: Pat
         assert not any(name in blob for blob in redis_text), f"a media URL is in Redis: {url}"
 
 
+def _core_limit(pid: int) -> str:
+    line = next(l for l in Path(f"/proc/{pid}/limits").read_text().splitlines() if l.startswith("Max core file size"))
+    return " ".join(line.split()[4:6])
+
+
+def test_worker_processes_write_no_core_dumps(e2e: E2E) -> None:
+    """A crash in a native library must not write the worker's memory, originals included, to
+    disk: the worker (and its pool's children, if any) runs with a core limit of 0, although it
+    was started with no limit (as Docker and many systemd services start it). The dumpable flag
+    that also stops pipe handlers is checked in ``tests/test_process.py``."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    try:
+        e2e.workers.stop()
+        e2e.workers.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, before)
+    main = e2e.workers.process.pid
+    children = [int(p) for p in Path(f"/proc/{main}/task/{main}/children").read_text().split()]
+    assert {pid: _core_limit(pid) for pid in [main, *children]} == {pid: "0 0" for pid in [main, *children]}
+
+
 def test_scanner_finds_what_it_looks_for() -> None:
     """The scan above would notice a leak: raw windows, base64 and magic numbers."""
     original = jpeg(256)
