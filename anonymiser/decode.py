@@ -36,7 +36,7 @@ FLATTEN_BACKGROUND = (255, 255, 255)
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 #: the only Pillow decoders allowed to open each sniffed format (JPEG files with an MPF block open
 #: as MPO); without this a file Pillow's HEIF plugin accepts first never reaches the AVIF one
-_DECODERS = {"jpeg": ["JPEG", "MPO"], "png": ["PNG"], "gif": ["GIF"], "webp": ["WEBP"], "heif": ["HEIF"], "avif": ["AVIF"]}
+_DECODERS = {"jpeg": ["JPEG"], "png": ["PNG"], "gif": ["GIF"], "webp": ["WEBP"], "heif": ["HEIF"], "avif": ["AVIF"]}
 #: progressive JPEG scans in the primary image: encoders write about 10, and each extra scan is
 #: another pass over the whole picture, so thousands of tiny scans make a 3 MB file take minutes
 MAX_JPEG_SCANS = 100
@@ -145,7 +145,7 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
                 )
             image.load()
             orientation = _orientation(image)
-            image = ImageOps.exif_transpose(image)
+            image = _upright(image)
             had_alpha = _has_alpha(image)
             rgb = _to_srgb_array(image)
     except (ImageTooLarge, ImageTooNarrow, AnimatedImage, CorruptImage):
@@ -162,27 +162,46 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
 def jpeg_scan_count(data: bytes) -> int:
     """How many scans (SOS markers) the primary image of a JPEG has, counted without decoding.
 
-    Marker segments before the first scan are skipped by their lengths, so an EXIF thumbnail
-    (an APP1 payload) is not counted; from the first scan to the first end-of-image, where
-    entropy-coded data can hold no unstuffed marker, every SOS is counted. Images appended after
-    the primary one (MPF depth or gain maps) are never decoded and are not counted.
+    Walks the marker structure as libjpeg reads it: segments are skipped by their lengths (so
+    an EXIF thumbnail or a COM payload is never mistaken for markers), bytes that are not a
+    marker between segments are skipped as libjpeg skips them, entropy-coded data runs to the
+    next marker that is not stuffing or a restart, and the walk ends at the first EOI (images
+    appended after it, such as MPF depth maps, are never decoded).
     """
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return 0  # damaged marker structure: left to the decoder to report
+    n, pos, scans = len(data), 2, 0
+    while pos + 1 < n:
+        if data[pos] != 0xFF:  # junk between segments: libjpeg warns and skips it
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
-        if marker == 0xDA:
-            end = data.find(b"\xff\xd9", pos)
-            return data.count(b"\xff\xda", pos, len(data) if end < 0 else end)
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+        if marker == 0xD9:
+            break
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # markers without a length
             pos += 2
             continue
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return 0
+        if pos + 4 > n:
+            break
+        pos += 2 + max(2, int.from_bytes(data[pos + 2 : pos + 4], "big"))
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while True:  # entropy-coded data up to the next real marker
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= n:
+                return scans
+            follower = data[pos + 1]
+            if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                pos += 2
+            elif follower == 0xFF:
+                pos += 1
+            else:
+                break
+    return scans
 
 
 def _orientation(image: Image.Image) -> int:
@@ -193,6 +212,30 @@ def _orientation(image: Image.Image) -> int:
         return int(image.getexif().get(0x0112, 1) or 1)
     except Exception:  # a broken EXIF block must not make the image unreadable
         return 1
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (pillow-heif has already rotated HEIF and reset the tag).
+
+    Unlike ImageOps.exif_transpose this never rewrites the EXIF block (which raises on
+    malformed tags); the metadata is dropped anyway."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        return image
+    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(method) if method is not None else image
 
 
 def _has_alpha(image: Image.Image) -> bool:

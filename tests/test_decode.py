@@ -376,6 +376,53 @@ def test_scans_of_an_exif_thumbnail_are_not_counted() -> None:
     assert jpeg_scan_count(data) == 1
 
 
+def _disguised(jpeg: bytes, trick: str) -> bytes:
+    """``jpeg`` changed in a way libjpeg accepts, but that fooled the old scan counter."""
+    if trick == "com with an eoi inside":  # after the first scan: the counter stopped at "FF D9"
+        second = jpeg.index(b"\xff\xda", jpeg.index(b"\xff\xda") + 2)
+        payload = b"x\xff\xd9y"
+        return jpeg[:second] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[second:]
+    app0 = 4 + int.from_bytes(jpeg[4:6], "big")  # junk byte after APP0: the counter gave up (0)
+    return jpeg[:app0] + b"\x00" + jpeg[app0:]
+
+
+@pytest.mark.parametrize("trick", ["com with an eoi inside", "junk between segments"])
+def test_scan_count_is_not_fooled_by_what_libjpeg_skips(trick: str) -> None:
+    """Both files decode in libjpeg with every scan; they took 27-38 s for 3 MP past the limit."""
+    progressive = jpeg_bytes(PATTERN, progressive=True)
+    ordinary = _disguised(progressive, trick)
+    assert jpeg_scan_count(ordinary) == progressive.count(b"\xff\xda")
+    assert decode(ordinary).rgb.shape == PATTERN.shape
+    hostile = _disguised(_with_repeated_last_scan(progressive, 5000), trick)
+    with pytest.raises(errors.UnsupportedImage, match="progressive scans"):
+        decode(hostile)
+
+
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff", b"\xff\xd8\xff\x01\x02\x03", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00"],
+                         ids=["magic only", "bogus marker", "cut in the header"])
+def test_jpeg_with_a_broken_header_is_corrupt(data: bytes) -> None:
+    """Pillow's MPO plugin has no opener of its own: offered after JPEG failed, it raised KeyError."""
+    with pytest.raises(errors.CorruptImage):
+        decode(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_orientation_is_applied_despite_a_malformed_exif_tag(fmt: str) -> None:
+    """A tag of the wrong type (here a text where a number belongs) is harmless to viewers, but
+    Pillow's exif_transpose rewrites the block after rotating and raised struct.error."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "CAMERA"
+    raw = exif.tobytes()
+    assert raw.count(b"\x01\x0f\x00\x02") == 1  # Make, ASCII (big endian)
+    bad = raw.replace(b"\x01\x0f\x00\x02", b"\x01\x09\x00\x02")  # CellLength is a SHORT
+    buffer = io.BytesIO()
+    Image.fromarray(PATTERN).save(buffer, fmt, exif=bad)
+    decoded = decode(buffer.getvalue())
+    assert decoded.orientation == 6
+    assert decoded.rgb.shape == (PATTERN.shape[1], PATTERN.shape[0], 3)
+
+
 @pytest.mark.parametrize("width,height", [(5100, 100), (100, 5100), (60_000, 1)])
 def test_strips_are_refused_before_decoding(width: int, height: int) -> None:
     """A 1x100,000 strip is within every pixel budget, yet locators pad or tile it like a photo."""
