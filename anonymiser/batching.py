@@ -411,6 +411,19 @@ class DeviceBatch:
 _COMPILED_SHAPES = 256
 
 
+#: how GPU memory exhaustion shows when it is not a ``torch.OutOfMemoryError``: cuDNN finding no
+#: algorithm whose workspace fits, or its allocation failing; ``torch.compile`` wraps an
+#: out-of-memory during compilation in a plain RuntimeError subclass
+_OOM_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "unable to find an engine to execute")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` means the device ran out of memory (so smaller batches would fit)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
+
+
 def _slot_count(n: int) -> int:
     """Batch sizes used when shapes must repeat: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, ...
     (powers of two and 1.5 times them: at most a third of a batch is padding)."""
@@ -640,7 +653,7 @@ class LSCCNNEngine:
             error = _without_traceback(exc)
             if len(pieces) == 1:
                 return [(list(pieces), error)]
-        oom = isinstance(error, torch.OutOfMemoryError)
+        oom = is_out_of_memory(error)
         if oom:
             slots = _slot_count(len(pieces)) if self.options.shape_stable else len(pieces)
             size = slots * hb * wb

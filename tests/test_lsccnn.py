@@ -229,6 +229,20 @@ def test_means_are_subtracted_from_rgb_channels_in_spec_order(model: LSCCNN) -> 
     assert torch.equal(x, torch.zeros(1, 3, 16, 16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_means_as_scalars_give_the_means_tensors_bits(model: LSCCNN, dtype: torch.dtype, channels_last: bool) -> None:
+    """The means are subtracted as scalars (no tensor built on the GPU per pass, which is a
+    blocking copy): bit for bit what subtracting a float32 means tensor gave, input untouched."""
+    x = (torch.rand(2, 3, 16, 32) * 255).round().to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    expected = (x.to(torch.float32) - torch.tensor([104.008, 116.669, 122.675]).view(1, 3, 1, 1)).to(dtype)
+    assert torch.equal(model.subtract_means(x), expected)
+    assert torch.equal(x, before)
+
+
 def test_batch_and_channels_last_match_single_contiguous(model: LSCCNN) -> None:
     torch.manual_seed(1)
     x = torch.rand(2, 3, 32, 48) * 255

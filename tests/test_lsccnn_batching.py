@@ -36,6 +36,7 @@ from anonymiser.batching import (
     LSCCNNEngine,
     MicroBatcher,
     agreement,
+    is_out_of_memory,
     lsccnn_flops,
 )
 from anonymiser.errors import DeviceFailure
@@ -448,9 +449,24 @@ def test_a_failing_batch_fails_only_the_photo_that_fails_alone(model, photos, re
     assert sum(ran) == 3, ran  # every healthy photo ran exactly once, the poisoned one never
 
 
-def test_out_of_memory_splits_the_batch_and_shrinks_the_next_ones(model, photos, references) -> None:
+OOM_ERRORS = {
+    "OutOfMemoryError": lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    "cudnn workspace": lambda: RuntimeError("GET was unable to find an engine to execute this computation"),
+    "cudnn alloc": lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+}
+
+
+def test_only_memory_errors_count_as_out_of_memory() -> None:
+    assert all(is_out_of_memory(make()) for make in OOM_ERRORS.values())
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+@pytest.mark.parametrize("oom", list(OOM_ERRORS), ids=list(OOM_ERRORS))
+def test_out_of_memory_splits_the_batch_and_shrinks_the_next_ones(model, photos, references, oom) -> None:
     """A batch that does not fit the GPU is run one photo at a time, and later batches are
-    planned half as large, so the worker keeps answering instead of failing a batch of jobs."""
+    planned half as large, so the worker keeps answering instead of failing a batch of jobs.
+    cuDNN reports some exhaustion as plain RuntimeErrors; they must shrink the batches too."""
     side = 48
     crops = [np.ascontiguousarray(p[:side, :side]) for p in photos if min(p.shape[:2]) >= side][:4]
     assert len(crops) == 4
@@ -464,7 +480,7 @@ def test_out_of_memory_splits_the_batch_and_shrinks_the_next_ones(model, photos,
     def run_batch(pieces, hb, wb, precision=None):
         if len(pieces) * hb * wb > fits:
             failures.append(len(pieces))
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise OOM_ERRORS[oom]()
         batches.append(len(pieces))
         return real(pieces, hb, wb, precision)
 

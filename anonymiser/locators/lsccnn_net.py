@@ -150,8 +150,13 @@ class LSCCNN(nn.Module):
         integers exactly, and rounding once after the subtraction keeps the 0.008 fractions as far
         as the half format allows instead of first rounding the means themselves.
         """
-        means = torch.tensor(CHANNEL_MEANS, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return (x.to(torch.float32) - means).to(x.dtype)
+        # Scalars, not a means tensor: building that tensor on a GPU is a blocking host-to-device
+        # copy, which would stall every batch until the previous one had finished. The scalars
+        # are rounded to float32 exactly as the tensor's elements were.
+        out = x.to(torch.float32, copy=True)
+        for channel, mean in enumerate(CHANNEL_MEANS):
+            out[:, channel].sub_(mean)
+        return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits ``(O0, O1, O2, O3)`` at 1/16, 1/8, 1/4, 1/2 resolution (spec §1.3)."""
