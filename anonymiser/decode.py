@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageCms, ImageFile, ImageOps
+from PIL import Image, ImageCms, ImageFile
 
 from .errors import AnimatedImage, CorruptImage, EmptyImage, ImageTooLarge, ImageTooNarrow, UnsupportedImage
 from .limits import Limits
