@@ -17,7 +17,7 @@ import re
 import time
 from datetime import datetime
 from html.parser import HTMLParser
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import requests
@@ -43,6 +43,12 @@ PAGE = 40
 _MEDIA_UPLOAD = re.compile(r"^/api/v[12]/media$")
 _STATUS_DELETE = re.compile(r"^/api/v1/statuses/[^/]+$")
 _STATUS_PATH = re.compile(r"^/(?:@[^/]+|users/[^/]+/statuses|web/statuses|web/@[^/]+|notice)/(\d+)/?$")
+#: a stock server's limit on a status: its text and its content warning together
+MAX_CHARS = 500
+#: how much of a long content warning a reply keeps at least, so a reader still sees what it warns of
+CW_FLOOR = 60
+_COUNTED_URL = re.compile(r"https?://[^\s<>\"']+")
+_REMOTE_MENTION = re.compile(r"(?<![\w/@])(@\w+)@[\w.\-]+\w")
 
 
 class _Text(HTMLParser):
@@ -63,6 +69,35 @@ def html_to_text(html: str) -> str:
     parser = _Text()
     parser.feed(html or "")
     return "".join(parser.parts).strip()
+
+
+def countable_length(text: str) -> int:
+    """Characters of ``text`` as a Mastodon server counts them against its limit: every URL
+    as 23, a remote mention as its local part. Code points, never fewer than the server's
+    grapheme clusters, so a text that fits here fits there."""
+    return len(_REMOTE_MENTION.sub(r"\1", _COUNTED_URL.sub("x" * 23, text)))
+
+
+def _shorten(text: str, room: int, length: Callable[[str], int]) -> str:
+    """``text`` cut at the end, with an ellipsis, to count at most ``room`` by ``length``."""
+    if length(text) <= room:
+        return text
+    cut = min(len(text), max(room - 1, 0))
+    while cut > 0 and length(text[:cut].rstrip() + "…") > room:
+        cut -= 1
+    return text[:cut].rstrip() + "…" if cut else ""
+
+
+def fit_status(text: str, spoiler_text: str, limit: int = MAX_CHARS) -> tuple[str, str]:
+    """A status's text and content warning cut to fit ``limit`` together, as the server counts
+    them: the CW as it is, plus the text by ``countable_length`` (a copied long CW would
+    otherwise make the reply a 422). The CW gives way first, down to ``CW_FLOOR`` characters,
+    because the text carries the caveat and how to take the copy down; then the text's end,
+    where the list of failures is."""
+    if countable_length(text) + len(spoiler_text) <= limit:
+        return text, spoiler_text
+    spoiler_text = _shorten(spoiler_text, max(limit - countable_length(text), min(CW_FLOOR, limit // 2)), len)
+    return _shorten(text, limit - len(spoiler_text), countable_length), spoiler_text
 
 
 def _sort_key(item_id: str) -> tuple[int, str]:
@@ -318,16 +353,17 @@ class MastodonPlatform:
         return media_id
 
     def reply(self, draft: ReplyDraft) -> Post:
+        text, spoiler_text = fit_status(draft.text, draft.spoiler_text)
         body: dict[str, Any] = {
-            "status": draft.text,
+            "status": text,
             "in_reply_to_id": draft.in_reply_to.id,
             "visibility": draft.visibility,
             "sensitive": draft.sensitive or bool(draft.spoiler_text),
         }
         if draft.media_ids:
             body["media_ids"] = draft.media_ids
-        if draft.spoiler_text:
-            body["spoiler_text"] = draft.spoiler_text
+        if spoiler_text:
+            body["spoiler_text"] = spoiler_text
         headers = {"Idempotency-Key": draft.idempotency_key} if draft.idempotency_key else {}
         return self.parse_post(self._json("POST", "/api/v1/statuses", json=body, headers=headers))
 

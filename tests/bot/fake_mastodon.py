@@ -806,7 +806,8 @@ class _Handler(BaseHTTPRequestHandler):
         media_ids = [str(m) for m in params.get("media_ids") or []]
         if not text.strip() and not media_ids:
             return 422, {"error": "Validation failed: Text can't be blank"}
-        if fake.count_chars(text) > MAX_CHARS:
+        # The server counts the content warning and the text together against its limit.
+        if fake.count_chars(text) + len(str(params.get("spoiler_text") or "")) > MAX_CHARS:
             return 422, {"error": f"Validation failed: Text character limit of {MAX_CHARS} exceeded"}
         if len(media_ids) > 4:
             return 422, {"error": "Validation failed: Cannot attach more than 4 files"}

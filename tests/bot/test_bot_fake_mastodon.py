@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from bot.platforms.mastodon import MastodonPlatform
+from bot.platforms.mastodon import MastodonPlatform, countable_length, fit_status
 from fake_mastodon import TOKEN, FakeMastodon
 
 
@@ -64,11 +64,35 @@ def test_statuses_form_post_idempotency_and_validation(fake: FakeMastodon) -> No
     too_long = requests.post(fake.base_url + "/api/v1/statuses", json={"status": "x" * 501},
                              headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
     assert too_long.status_code == 422
+    # the content warning counts against the same limit as the text
+    cw_too_long = requests.post(fake.base_url + "/api/v1/statuses", json={"status": "x" * 400, "spoiler_text": "c" * 101},
+                                headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+    assert cw_too_long.status_code == 422
     missing = requests.post(fake.base_url + "/api/v1/statuses", json={"status": "hi", "in_reply_to_id": "1"},
                             headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
     assert missing.status_code == 404
     # the URL in a post counts as 23 characters, a remote mention as its local part
     assert FakeMastodon.count_chars("@bob@remote.example https://example.com/" + "x" * 100) == len("@bob ") + 23
+
+
+def test_fit_status_counts_like_the_server_and_shortens_the_warning_first() -> None:
+    text = "@bob@remote.example Here is https://example.com/" + "x" * 100 + " and the caveat. Not processed: a; b; c"
+    assert countable_length(text) == FakeMastodon.count_chars(text)
+    assert fit_status(text, "short cw") == (text, "short cw")
+    # a long warning gives way first, down to its floor; the text stays whole while it can
+    fitted_text, cw = fit_status(text, "w" * 600)
+    assert fitted_text == text and cw == "w" * (500 - countable_length(text) - 1) + "…"
+    # a long text beside a long warning: the warning keeps 60 characters, the text loses its end
+    long_text = "@bob Here is the copy. Not processed: " + "; ".join(f"image {i} was broken" for i in range(40))
+    fitted_text, cw = fit_status(long_text, "w" * 600)
+    assert cw == "w" * 59 + "…"
+    assert fitted_text.endswith("…") and long_text.startswith(fitted_text[:-1].rstrip())
+    assert countable_length(fitted_text) + len(cw) == 500
+    # whatever the inputs, the result fits
+    for size in (0, 1, 59, 60, 61, 440, 499, 500, 700):
+        for text_size in (0, 10, 300, 480, 600):
+            fitted_text, cw = fit_status("t" * text_size, "c" * size)
+            assert countable_length(fitted_text) + len(cw) <= 500
 
 
 def test_deleting_only_own_statuses(fake: FakeMastodon) -> None:

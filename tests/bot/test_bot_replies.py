@@ -172,6 +172,26 @@ def test_unlisted_original_gets_unlisted_reply_and_content_warning_is_kept(e2e: 
     assert reply["spoiler_text"] == "police violence"
 
 
+def test_long_content_warning_and_failures_still_fit_one_status(e2e: E2E) -> None:
+    # Mastodon counts the CW with the text: a copied 440-character CW beside a reply listing a
+    # failure used to exceed 500 and be refused (422) on every retry.
+    fake = e2e.fake
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    warning = "Content warning: " + "police, tear gas, injuries, " * 15
+    assert len(warning) > 400
+    post = fake.post(alice, "Tonight", media=[fake.media(jpeg()), fake.media(b"not an image at all")],
+                     sensitive=True, spoiler_text=warning)
+    e2e.listen()
+    request = fake.mention(bob, "please", in_reply_to=post)
+
+    reply = e2e.reply_to(request)
+    e2e.settle()
+    assert len(reply["media_attachments"]) == 1 and reply["sensitive"] is True
+    assert reply["spoiler_text"].endswith("…") and warning.startswith(reply["spoiler_text"][:-1])
+    assert fake.count_chars(text_of(reply)) + len(reply["spoiler_text"]) <= 500
+    assert "To have my copy deleted, send me a direct message with its link." in text_of(reply)
+
+
 def test_nobot_in_author_profile_gets_explanation_and_no_image(e2e: E2E) -> None:
     fake = e2e.fake
     alice = fake.add_account("alice", note="Photographer. Please no bots #NoBot")
