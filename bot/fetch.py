@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from functools import lru_cache
 from urllib.parse import urljoin, urlparse
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -113,12 +115,23 @@ def check_url(url: str, allow_private: bool) -> None:
 
 
 def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = False, session: requests.Session | None = None) -> bytes:
-    """The body at ``url``, in memory, at most ``max_bytes``."""
+    """The body at ``url``, in memory, at most ``max_bytes``, within ``timeout_s`` for the whole
+    download, redirects included. A per-read timeout alone would let a server that sends a byte
+    a second hold a worker for as long as it likes; the deadline is checked after every socket
+    read, so a download ends at most one read timeout after it."""
     http = checked_session(allow_private, session)
+    deadline = time.monotonic() + timeout_s
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError(f"the media download took longer than {timeout_s:g} s")
+        return remaining
+
     for _ in range(MAX_REDIRECTS + 1):
         check_url(url, allow_private)
         try:
-            response = http.get(url, stream=True, timeout=timeout_s, allow_redirects=False)
+            response = http.get(url, stream=True, timeout=left(), allow_redirects=False)
         except requests.RequestException as exc:
             raise FetchError(f"the media could not be downloaded ({type(exc).__name__})") from None
         with response:
@@ -133,12 +146,15 @@ def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = Fals
             chunks: list[bytes] = []
             total = 0
             try:
-                for chunk in response.iter_content(64 * 1024):
+                # read1 returns what one socket read brings, so a trickle cannot keep a read
+                # (and the deadline check after it) waiting for a full chunk.
+                while chunk := response.raw.read1(64 * 1024, decode_content=True):
                     total += len(chunk)
                     if total > max_bytes:
                         raise MediaTooLarge(f"the image is larger than {max_bytes // (1024 * 1024)} MiB")
                     chunks.append(chunk)
-            except requests.RequestException as exc:
+                    left()
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise FetchError(f"the media download failed ({type(exc).__name__})") from None
             return b"".join(chunks)
     raise FetchError("the media URL redirects too many times")

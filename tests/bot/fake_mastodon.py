@@ -93,12 +93,14 @@ class Injection:
 @dataclass
 class MediaFile:
     """A file served under ``/media/``. ``declared_length`` sends a larger Content-Length (and
-    that many bytes), ``endless`` streams chunks forever, ``redirect_to`` answers 302."""
+    that many bytes), ``endless`` streams chunks forever, ``trickle_s`` sends ``data`` one byte
+    per that many seconds (a slow or hostile server), ``redirect_to`` answers 302."""
 
     data: bytes = b""
     content_type: str = "image/jpeg"
     declared_length: int | None = None
     endless: bool = False
+    trickle_s: float | None = None
     redirect_to: str | None = None
     hold: bool = True  # obey the global media gate
 
@@ -955,6 +957,16 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = (media.data or b"\x00") * (65536 // max(1, len(media.data or b"\x00")))
                 while not fake._stopping.is_set():
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            elif media.trickle_s is not None:
+                self.send_response(200)
+                self.send_header("Content-Type", media.content_type)
+                self.send_header("Content-Length", str(len(media.data)))
+                self.end_headers()
+                for byte in media.data:
+                    if fake._stopping.wait(media.trickle_s):
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
             elif media.declared_length is not None:
                 self.send_response(200)
                 self.send_header("Content-Type", media.content_type)

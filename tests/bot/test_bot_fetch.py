@@ -253,6 +253,19 @@ def test_size_cap_enforced_while_streaming_without_content_length(server: FakeMa
     assert time.monotonic() - started < 10, "abandoned as soon as the cap is passed"
 
 
+def test_a_trickling_server_cannot_hold_the_download_past_its_deadline(server: FakeMastodon) -> None:
+    # One byte every 0.1 s never trips the 1-second read timeout; only an overall deadline
+    # stops it (the old per-read timeout let it run the 100 s the body takes).
+    url = server.add_file(b"\xff" * 1000, trickle_s=0.1)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="took longer than 1 s") as caught:
+        fetch(url, 1024 * 1024, 1.0, allow_private=True)
+    assert time.monotonic() - started < 3
+    assert "media/files" not in str(caught.value)
+    # a slow but complete download within the deadline is fine
+    assert fetch(server.add_file(b"\xff\xd8\xff", trickle_s=0.05), 1024, 5.0, allow_private=True) == b"\xff\xd8\xff"
+
+
 def test_body_of_exactly_the_cap_is_accepted(server: FakeMastodon) -> None:
     body = bytes(range(256)) * 1024
     assert fetch(server.add_file(body), len(body), 5.0, allow_private=True) == body
