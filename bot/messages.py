@@ -90,9 +90,14 @@ TAKEDOWN_ASK = (
 # and deliver this direct message to a third person.
 TAKEDOWN_UNKNOWN = "I could not find a reply of mine for {count} of the links or ids you sent; nothing was deleted for {them}."
 TAKEDOWN_DONE = "Done: I deleted {count} of my replies for that post."
+TAKEDOWN_DONE_UNCOUNTED = "Done: I deleted my replies for that post."
 TAKEDOWN_ONE_SIDED = (
     "{count} of them {were} direct message{s}, which the platform lets me delete only on my side: "
     "please delete {them} in your inbox too."
+)
+TAKEDOWN_ONE_SIDED_OTHERS = (
+    "A copy I sent by direct message stays in its recipient's inbox: the platform lets me delete "
+    "direct messages only on my side."
 )
 TAKEDOWN_ALREADY = "My copy of that post was already deleted."
 TAKEDOWN_LIMIT = "You have sent many deletion requests in the last hour; please try again later."

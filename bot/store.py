@@ -80,6 +80,11 @@ class Store:
             return original
         return post_id if self.r.exists(f"{PREFIX}:replies:{platform}:{post_id}") else None
 
+    def requester_of(self, platform: str, reply_id: str) -> str | None:
+        """The account whose request the reply answered, while its record lasts."""
+        done_key = self.r.get(f"{PREFIX}:done_key_of:{platform}:{reply_id}")
+        return done_key.rsplit(":", 1)[1] if done_key else None
+
     def original_for_url(self, platform: str, url: str) -> str | None:
         return self.r.get(f"{PREFIX}:url:{platform}:{url}")
 

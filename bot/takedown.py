@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 from . import messages
 from .handler import Job
-from .platforms.base import NotFound, Platform, Post
+from .platforms.base import Account, NotFound, Platform, Post
 from .store import Store
 
 log = logging.getLogger("bot.takedown")
@@ -36,6 +37,18 @@ def references(text: str) -> list[str]:
     without_urls = _URL.sub(" ", text)
     found += _ID.findall(without_urls)
     return list(dict.fromkeys(found))
+
+
+@dataclass
+class Deleted:
+    """What one takedown removed."""
+
+    #: copies deleted, everywhere or on the bot's side only
+    deleted: int = 0
+    #: of those, copies the platform deleted only on the bot's side (X DMs)
+    one_sided: int = 0
+    #: of those, copies for an audience the sender is not in (followers-only, someone else's DM)
+    unseen: int = 0
 
 
 class TakedownHandler:
@@ -87,12 +100,16 @@ class TakedownHandler:
                 originals[original] = ref
             else:
                 unknown += 1
-        deleted, one_sided = 0, 0
+        deleted, one_sided, unseen = 0, 0, 0
         for original in originals:
-            everywhere, here_only = self._delete_replies(original, me.id)
-            deleted, one_sided = deleted + everywhere + here_only, one_sided + here_only
+            counts = self._delete_replies(original, me.id, requester)
+            deleted, one_sided, unseen = deleted + counts.deleted, one_sided + counts.one_sided, unseen + counts.unseen
         if originals and deleted == 0:
             text = messages.TAKEDOWN_ALREADY
+        elif unseen:
+            # Some copies were for an audience the sender is not in: their number (how many
+            # people asked about a followers-only post) is not the sender's to learn.
+            text = messages.TAKEDOWN_DONE_UNCOUNTED + (" " + messages.TAKEDOWN_ONE_SIDED_OTHERS if one_sided else "")
         elif originals:
             text = messages.TAKEDOWN_DONE.format(count=deleted)
             if one_sided:
@@ -104,10 +121,10 @@ class TakedownHandler:
         log.info("takedown", extra={"dm_id": dm.id, "originals": len(originals), "deleted": deleted, "unknown": unknown})
         return self._confirm(dm, text, done_key, "deleted" if deleted else "nothing_deleted")
 
-    def _delete_replies(self, original: str, my_id: str) -> tuple[int, int]:
-        """Delete the bot's replies for ``original``: (deleted for everyone, deleted on the bot's side only)."""
+    def _delete_replies(self, original: str, my_id: str, sender: Account) -> Deleted:
+        """Delete the bot's replies for ``original``, counting those the sender may not see."""
         name = self.platform.name
-        everywhere, here_only = 0, 0
+        counts = Deleted()
         for reply_id in sorted(self.store.replies_of(name, original)):
             try:
                 post = self.platform.get_post(reply_id)
@@ -117,16 +134,22 @@ class TakedownHandler:
             if post.account.id != my_id:
                 log.warning("not_ours", extra={"post_id": reply_id})
                 continue
+            seen = (
+                post.visibility in ("public", "unlisted")
+                or post.addresses(sender)
+                or self.store.requester_of(name, reply_id) == sender.id
+            )
             try:
                 removed = self.platform.delete_post(reply_id)
             except NotFound:
                 removed = None  # deleted meanwhile (by hand, by a moderator): gone all the same
             self.store.forget_reply(name, original, reply_id)
-            if removed is True:
-                everywhere += 1
-            elif removed is False:
-                here_only += 1
-        return everywhere, here_only
+            if removed is None:
+                continue
+            counts.deleted += 1
+            counts.unseen += not seen
+            counts.one_sided += removed is False
+        return counts
 
     def _confirm(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
         sent = self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=f"ppb-{done_key}")

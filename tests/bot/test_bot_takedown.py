@@ -75,6 +75,44 @@ def test_takedown_deletes_every_copy_of_the_original(e2e: E2E) -> None:
     assert text_of(confirmation) == "@carol " + messages.TAKEDOWN_DONE.format(count=2)
 
 
+def test_takedown_never_tells_how_many_copies_went_to_an_audience_the_sender_is_not_in(e2e: E2E) -> None:
+    # bob's followers-only photo; alice (a follower) and bob got their copies by DM. eve, a
+    # remote stranger, sends its id: both copies go (anyone may ask), but how many people asked
+    # about a post eve cannot see is not hers to learn.
+    fake = e2e.fake
+    e2e.listen()
+    bob, alice = fake.add_account("bob"), fake.add_account("alice")
+    fake.follow(fake.bot, bob)
+    fake.follow(alice, bob)
+    original = fake.post(bob, "for my followers", media=[fake.media(jpeg(128))], visibility="private")
+    alices = e2e.reply_to(fake.mention(alice, "cover", in_reply_to=original, visibility="private"))
+    bobs = e2e.reply_to(fake.mention(bob, "me too", in_reply_to=original, visibility="private"))
+    assert alices["visibility"] == bobs["visibility"] == "direct"  # a followers-only original is answered by DM
+    eve = fake.add_account("eve", domain="elsewhere.example")
+    assert not fake.visible_to(eve, original)
+
+    confirmation = confirmation_to(e2e, fake.mention(eve, f"delete {original['id']}", visibility="direct"))
+    e2e.settle()
+    assert sorted(fake.deleted) == sorted([alices["id"], bobs["id"]])
+    assert text_of(confirmation) == "@eve " + messages.TAKEDOWN_DONE_UNCOUNTED
+    assert not any(ch.isdigit() for ch in messages.TAKEDOWN_DONE_UNCOUNTED)
+
+
+def test_takedown_counts_the_followers_only_copy_made_for_the_sender(e2e: E2E) -> None:
+    fake = e2e.fake
+    e2e.listen()
+    bob, alice = fake.add_account("bob"), fake.add_account("alice")
+    fake.follow(fake.bot, bob)
+    fake.follow(alice, bob)
+    original = fake.post(bob, "for my followers", media=[fake.media(jpeg(128))], visibility="private")
+    alices = e2e.reply_to(fake.mention(alice, "cover", in_reply_to=original, visibility="private"))
+
+    confirmation = confirmation_to(e2e, fake.mention(alice, f"delete {alices['url']}", visibility="direct"))
+    e2e.settle()
+    assert fake.deleted == [alices["id"]]
+    assert text_of(confirmation) == "@alice " + messages.TAKEDOWN_DONE.format(count=1)
+
+
 def test_takedown_of_a_post_the_bot_never_answered_deletes_nothing(e2e: E2E) -> None:
     fake = e2e.fake
     e2e.listen()

@@ -361,8 +361,24 @@ def test_protected_authors_photo_is_answered_by_dm_never_in_public(fake: FakeX, 
     assert bot.run_all() == ["deleted"]
     assert fake.deleted_dms == [first["id"]] and fake.deleted == []
     assert request["id"] in fake.tweets
-    # X deletes a DM on the bot's side only: the confirmation says so instead of "done"
+    # X deletes a DM on the bot's side only: the confirmation says so, without telling carol
+    # how many copies went to other people's inboxes
     [confirmation] = fake.bot_dms(to=carol)
+    assert confirmation["text"].startswith(messages.TAKEDOWN_DONE_UNCOUNTED + " " + messages.TAKEDOWN_ONE_SIDED_OTHERS)
+
+
+def test_takedown_of_ones_own_dm_copy_asks_to_delete_it_in_the_inbox_too(fake: FakeX, bot: Pipeline) -> None:
+    dave = fake.add_user("dave", protected=True)
+    bob = fake.add_user("bob")
+    original = fake.tweet(dave, "Only for my followers", media=[fake.photo(jpeg(256))])
+    fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    [copy] = fake.bot_dms(to=bob)
+
+    fake.dm(bob, f"please delete https://t.co/q2", links={"https://t.co/q2": f"https://x.com/dave/status/{original['id']}"})
+    assert bot.run_all() == ["deleted"]
+    assert fake.deleted_dms == [copy["id"]]
+    confirmation = fake.bot_dms(to=bob)[-1]
     assert confirmation["text"].startswith(messages.TAKEDOWN_DONE.format(count=1) + " " + messages.takedown_one_sided(1))
 
 
