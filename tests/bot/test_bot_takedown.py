@@ -75,16 +75,22 @@ def test_takedown_deletes_every_copy_of_the_original(e2e: E2E) -> None:
     assert text_of(confirmation) == "@carol " + messages.TAKEDOWN_DONE.format(count=2)
 
 
-def test_takedown_never_tells_how_many_copies_went_to_an_audience_the_sender_is_not_in(e2e: E2E) -> None:
-    # bob's followers-only photo; alice (a follower) and bob got their copies by DM. eve, a
-    # remote stranger, sends its id: both copies go (anyone may ask), but how many people asked
-    # about a post eve cannot see is not hers to learn.
+def followers_only_photo(e2e: E2E) -> tuple[dict, dict, dict]:
+    """bob's followers-only photo post; the bot and alice follow bob."""
     fake = e2e.fake
     e2e.listen()
     bob, alice = fake.add_account("bob"), fake.add_account("alice")
     fake.follow(fake.bot, bob)
     fake.follow(alice, bob)
-    original = fake.post(bob, "for my followers", media=[fake.media(jpeg(128))], visibility="private")
+    return bob, alice, fake.post(bob, "for my followers", media=[fake.media(jpeg(128))], visibility="private")
+
+
+def test_takedown_never_tells_how_many_copies_went_to_an_audience_the_sender_is_not_in(e2e: E2E) -> None:
+    # bob's followers-only photo; alice (a follower) and bob got their copies by DM. eve, a
+    # remote stranger, sends its id: both copies go (anyone may ask), but how many people asked
+    # about a post eve cannot see is not hers to learn.
+    fake = e2e.fake
+    bob, alice, original = followers_only_photo(e2e)
     alices = e2e.reply_to(fake.mention(alice, "cover", in_reply_to=original, visibility="private"))
     bobs = e2e.reply_to(fake.mention(bob, "me too", in_reply_to=original, visibility="private"))
     assert alices["visibility"] == bobs["visibility"] == "direct"  # a followers-only original is answered by DM
@@ -100,11 +106,7 @@ def test_takedown_never_tells_how_many_copies_went_to_an_audience_the_sender_is_
 
 def test_takedown_counts_the_followers_only_copy_made_for_the_sender(e2e: E2E) -> None:
     fake = e2e.fake
-    e2e.listen()
-    bob, alice = fake.add_account("bob"), fake.add_account("alice")
-    fake.follow(fake.bot, bob)
-    fake.follow(alice, bob)
-    original = fake.post(bob, "for my followers", media=[fake.media(jpeg(128))], visibility="private")
+    bob, alice, original = followers_only_photo(e2e)
     alices = e2e.reply_to(fake.mention(alice, "cover", in_reply_to=original, visibility="private"))
 
     confirmation = confirmation_to(e2e, fake.mention(alice, f"delete {alices['url']}", visibility="direct"))
