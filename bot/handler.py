@@ -198,6 +198,11 @@ class MentionHandler:
         if target is None:
             if job.kind == "hashtag":
                 return "no_image"
+            if found.parent is not None and not may_see(request, found.parent):
+                # Same answer as for a post with photos: whether a post outside the requester's
+                # audience has photos is not theirs to learn.
+                self._answer(job, request, messages.NOT_YOURS, reply_visibility(found.parent, request), key)
+                return "not_visible"
             text = messages.GONE if found.gone else messages.NO_IMAGE
             self._answer(job, request, text, reply_visibility(request, request), key)
             return "gone" if found.gone else "no_image"

@@ -210,6 +210,25 @@ def test_no_copy_of_a_followers_only_post_for_someone_outside_its_audience(world
     assert html_to_text(answer["content"]) == "@eve " + messages.NOT_YOURS  # Mastodon shows a remote mention short
 
 
+def test_a_stranger_cannot_tell_whether_a_followers_only_post_has_photos(world: World) -> None:
+    """The answer to a reply under a post outside the requester's audience is the same whether
+    the post has photos or not: "no photo here" would tell her what she may not see."""
+    fake = world.fake
+    bob = fake.add_account("bob", locked=True)
+    fake.follow(fake.bot, bob)
+    with_photo = fake.post(bob, "followers only", media=[fake.media(jpeg(64))], visibility="private")
+    text_only = fake.post(bob, "followers only, no photo", visibility="private")
+    eve = fake.add_account("eve", domain="elsewhere.example")
+
+    outcomes = [world.run(fake.mention(eve, "cover?", in_reply_to=post)) for post in (with_photo, text_only)]
+    assert outcomes == ["not_visible", "not_visible"]
+    first, second = fake.bot_posts()
+    assert html_to_text(first["content"]) == html_to_text(second["content"]) == "@eve " + messages.NOT_YOURS
+    assert first["visibility"] == second["visibility"] == "direct"
+    # bob himself still hears that his text-only post has no photo
+    assert world.run(fake.mention(bob, "cover?", in_reply_to=text_only, visibility="private")) == "no_image"
+
+
 def test_a_direct_post_is_copied_only_for_the_people_it_addresses(world: World) -> None:
     fake = world.fake
     carol, dave = fake.add_account("carol"), fake.add_account("dave", domain="elsewhere.example")
