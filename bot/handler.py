@@ -126,6 +126,10 @@ def incidental(request: Post, parent: Post | None, me: Account) -> bool:
     return parent is not None and (parent.account.id == me.id or parent.addresses(me))
 
 
+class _RequestGone(Exception):
+    """The request was deleted while the bot worked on it: there is nobody left to answer."""
+
+
 class MentionHandler:
     """Runs one mention/hashtag job end to end."""
 
@@ -141,7 +145,7 @@ class MentionHandler:
 
     def _answer(self, job: Job, request: Post, text: str, visibility: Visibility, key: str) -> str:
         """A text-only answer in the thread, recorded so it is never sent twice."""
-        posted = self.platform.reply(
+        posted = self._reply(
             ReplyDraft(
                 in_reply_to=request,
                 text=f"@{request.account.acct} {text}",
@@ -171,8 +175,26 @@ class MentionHandler:
         self.store.forget(admitted)
         return False
 
+    def _reply(self, draft: ReplyDraft) -> Post:
+        """Post ``draft``; ``_RequestGone`` if the request it answers was deleted meanwhile
+        (a "delete & re-draft" while its photos were being anonymised), which no retry mends."""
+        try:
+            return self.platform.reply(draft)
+        except NotFound:
+            try:
+                self.platform.get_post(draft.in_reply_to.id)
+            except NotFound:
+                raise _RequestGone() from None
+            raise
+
     def handle(self, job: Job) -> str:
         """Process ``job``; returns a short outcome word for logs and tests."""
+        try:
+            return self._handle(job)
+        except _RequestGone:
+            return "request_gone"
+
+    def _handle(self, job: Job) -> str:
         me = self.platform.me()
         try:
             request = self.platform.get_post(job.post_id)
@@ -228,7 +250,7 @@ class MentionHandler:
         media_ids = [
             self.platform.upload_image(r.data, r.mime, messages.alt_text(r.report.heads_covered)) for r in results
         ]
-        posted = self.platform.reply(
+        posted = self._reply(
             ReplyDraft(
                 in_reply_to=request,
                 text=f"@{requester.acct} " + messages.reply_text(heads, len(results), failures),

@@ -18,7 +18,7 @@ from bot import messages
 from bot.config import BotConfig
 from bot.handler import Job, MentionHandler
 from bot.listener import Listener, job_for
-from bot.platforms.base import Event, RateLimited, ServerError
+from bot.platforms.base import Event, NotFound, RateLimited, ServerError
 from bot.platforms.mastodon import MastodonPlatform, html_to_text
 from bot.store import Store
 from bot.takedown import TakedownHandler
@@ -188,6 +188,34 @@ def test_takedown_of_a_copy_deleted_meanwhile_says_so(world: World, when: str) -
     carol = fake.add_account("carol")
     assert world.run(fake.mention(carol, f"delete {original['id']}", visibility="direct")) == "nothing_deleted"
     assert world.said()[-1] == "@carol " + messages.TAKEDOWN_ALREADY
+
+
+def test_a_request_deleted_while_its_photo_is_anonymised_ends_quietly(world: World) -> None:
+    # "Delete & re-draft" while the worker is busy: the reply's 404 used to be a non-retryable
+    # platform error, so the job was dead-lettered and an apology went to a deleted post.
+    fake = world.fake
+    bob, alice = fake.add_account("bob"), fake.add_account("alice")
+    original = fake.post(bob, "the square", media=[fake.media(jpeg(64))])
+    request = fake.mention(alice, "cover please", in_reply_to=original)
+    stand_in = world.anonymiser.anonymise
+
+    def deleted_meanwhile(data: bytes) -> SimpleNamespace:
+        fake.deleted.append(request["id"])
+        return stand_in(data)
+
+    world.anonymiser.anonymise = deleted_meanwhile  # type: ignore[method-assign]
+    assert world.run(request) == "request_gone"
+    assert fake.bot_posts() == []
+    assert world.store.reply_for("mastodon", original["id"], alice["id"]) is None
+
+
+def test_a_reply_refused_as_not_found_for_another_reason_is_still_an_error(world: World) -> None:
+    fake = world.fake
+    alice = fake.add_account("alice")
+    request = fake.mention(alice, "cover please", media=[fake.media(jpeg(64))])
+    fake.fail("POST", "/api/v1/statuses", 404)
+    with pytest.raises(NotFound):
+        world.run(request)
 
 
 # -- who may get a copy -----------------------------------------------------------------------
