@@ -342,7 +342,9 @@ class XPlatform:
         if "resource-not-found" in kinds or "Not Found" in kinds:
             raise NotFound(f"{route}: not found", 404)
         if "not-authorized" in kinds or "Authorization Error" in kinds:
-            raise PlatformError(f"{route}: not authorized (a protected account's post?)", 403)
+            # A protected account's post the bot does not follow: hidden from the bot, which is
+            # what NotFound means to the handlers (retrying cannot change it).
+            raise NotFound(f"{route}: not authorized (a protected account's post)", 403)
         raise PlatformError(f"{route}: no data in the answer")
 
     # -- parsing ----------------------------------------------------------------------------

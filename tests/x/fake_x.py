@@ -79,6 +79,8 @@ class FakeX:
         self.stream_lines: list[str] = []  # ids of tweets the next stream connection delivers
         #: the newest N of the bot's tweets are not yet listed on its timeline (eventual consistency)
         self.timeline_lag = 0
+        #: protected users the bot does not follow: their tweets answer "Authorization Error"
+        self.hidden_from_bot: set[str] = set()
         self.bot = self.add_user("protestbot", name="Protest privacy bot")
         for method in ("GET", "POST", "DELETE"):
             mock.add_callback(method, API, callback=self._dispatch)
@@ -89,9 +91,13 @@ class FakeX:
     def new_id(self) -> str:
         return str(next(self._ids))
 
-    def add_user(self, username: str, name: str = "", description: str = "", protected: bool = False) -> dict[str, Any]:
+    def add_user(self, username: str, name: str = "", description: str = "", protected: bool = False,
+                 bot_follows: bool = True) -> dict[str, Any]:
+        """A user; a protected one's tweets are readable by the bot only if ``bot_follows``."""
         user = {"id": self.new_id(), "username": username, "name": name or username.title(),
                 "description": description, "protected": protected}
+        if not bot_follows:
+            self.hidden_from_bot.add(user["id"])
         self.users[user["id"]] = user
         return user
 
@@ -287,6 +293,11 @@ class FakeX:
                 "value": tweet_id, "detail": f"Could not find tweet with id: [{tweet_id}].", "title": "Not Found Error",
                 "resource_type": "tweet", "parameter": "id", "resource_id": tweet_id,
                 "type": "https://api.twitter.com/2/problems/resource-not-found"}]})
+        if self.users[tweet["author_id"]]["protected"] and tweet["author_id"] in self.hidden_from_bot:
+            return self._answer(200, {"errors": [{
+                "value": tweet_id, "detail": f"Sorry, you are not authorized to see the Tweet with id: [{tweet_id}].",
+                "title": "Authorization Error", "resource_type": "tweet", "parameter": "id", "resource_id": tweet_id,
+                "type": "https://api.twitter.com/2/problems/not-authorized-for-resource"}]})
         body: dict[str, Any] = {"data": self._visible(tweet)}
         includes = self._includes([tweet], query)
         if includes:

@@ -382,6 +382,19 @@ def test_takedown_of_ones_own_dm_copy_asks_to_delete_it_in_the_inbox_too(fake: F
     assert confirmation["text"].startswith(messages.TAKEDOWN_DONE.format(count=1) + " " + messages.takedown_one_sided(1))
 
 
+def test_a_protected_tweet_the_bot_does_not_follow_gets_a_clear_answer(fake: FakeX, bot: Pipeline) -> None:
+    # X answers the lookup with an Authorization Error: hidden from the bot, like a deleted
+    # tweet, not a failure to dead-letter with a generic apology.
+    dave = fake.add_user("dave", protected=True, bot_follows=False)
+    bob = fake.add_user("bob")
+    original = fake.tweet(dave, "for my followers", media=[fake.photo(jpeg(64))])
+    fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    assert bot.run_all() == ["gone"]
+    [answer] = fake.bot_tweets()
+    assert messages.GONE in answer["text"]
+    assert fake.photo_requests == []
+
+
 def test_protected_requester_with_own_photo_is_answered_by_dm(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     carol = fake.add_user("carol", protected=True)
     request = fake.tweet(carol, "@protestbot my photo", media=[fake.photo(jpeg(256))])
