@@ -677,7 +677,7 @@ class XPlatform:
             text = draft.text
             if text.startswith(f"@{to.acct} "):
                 text = text[len(to.acct) + 2:]
-            return self._send_dms(to, _with_cw(text, draft.spoiler_text), items, draft.idempotency_key)
+            return self._send_dms(to, _with_cw(text, draft.spoiler_text), items, draft.idempotency_key, draft.sensitive)
         return self._tweet_reply(draft, items)
 
     def _own_reply(self, in_reply_to_id: str, code: str) -> Post | None:
@@ -744,8 +744,9 @@ class XPlatform:
         me = self.me().id
         return [e for e in body.get("data") or [] if str(e.get("sender_id")) == me]
 
-    def _send_dms(self, to: Account, text: str, items: list[_Pending | str], key: str) -> Post:
-        """One DM per image (X allows one attachment per message), the text with the first."""
+    def _send_dms(self, to: Account, text: str, items: list[_Pending | str], key: str, sensitive: bool = False) -> Post:
+        """One DM per image (X allows one attachment per message), the text with the first;
+        a sensitive original's images keep their warning in a DM as in a tweet."""
         parts: list[tuple[str, _Pending | str | None]] = [(text, items[0] if items else None)]
         parts += [(f"Image {n} of {len(items)}.", item) for n, item in enumerate(items[1:], start=2)]
         codes = [marker(f"{key}#{n}") if key else "" for n in range(len(parts))]
@@ -759,7 +760,7 @@ class XPlatform:
                 continue
             media_id = None
             if item is not None:
-                media_id = item if isinstance(item, str) else self._upload(item, "dm_image")
+                media_id = item if isinstance(item, str) else self._upload(item, "dm_image", sensitive)
             message = part[: DM_LIMIT - 20] + _marker_line(code)
             body = self._call(
                 "POST /2/dm_conversations/with/:id/messages", self.client.create_direct_message,

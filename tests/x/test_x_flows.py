@@ -417,3 +417,14 @@ def test_sensitive_original_keeps_a_sensitive_media_warning(fake: FakeX, bot: Pi
     [upload] = fake.media_of(reply)
     assert upload["metadata"]["sensitive_media_warning"] == {"other": True}
     assert upload["metadata"]["alt_text"]["text"] == upload["alt_text"]
+
+
+def test_sensitive_protected_original_answered_by_dm_keeps_the_warning(fake: FakeX, bot: Pipeline) -> None:
+    dave = fake.add_user("dave", protected=True)
+    original = fake.tweet(dave, "injured people", media=[fake.photo(jpeg(128)), fake.photo(jpeg(96))], sensitive=True)
+    fake.tweet(fake.add_user("bob"), "@protestbot cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    dms = fake.bot_dms()
+    uploads = [u for dm in dms for u in fake.media_of(dm)]
+    assert len(uploads) == 2 and all(u["category"] == "dm_image" for u in uploads)
+    assert all(u["metadata"]["sensitive_media_warning"] == {"other": True} for u in uploads)
