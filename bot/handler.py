@@ -71,11 +71,14 @@ def may_see(request: Post, target: Post) -> bool:
     The bot reads posts with its own rights, which may be wider than the requester's (the bot
     follows a locked author; another server relays a reply to a post its author never showed the
     replier). For a followers-only or direct post the bot cannot list who follows whom, so it
-    trusts the author, the accounts the post mentions, and a reply from an account of its own
-    server, which that server accepts only to a post the account may see.
+    trusts the author, the accounts the post mentions where that puts them in its audience
+    (Mastodon, not X), and a reply from an account of its own server, which that server accepts
+    only to a post the account may see.
     """
     requester = request.account
-    if target.visibility in ("public", "unlisted") or requester.id == target.account.id or target.addresses(requester):
+    if target.visibility in ("public", "unlisted") or requester.id == target.account.id:
+        return True
+    if target.mentions_see and target.addresses(requester):
         return True
     return requester.local and request.in_reply_to_id == target.id
 

@@ -49,6 +49,9 @@ class Post:
     #: the accounts the post mentions (who, besides its author, may see a followers-only or direct
     #: post): account ids, or lower-case usernames where a platform gives only those (X)
     addressed: tuple[str, ...] = ()
+    #: whether the accounts it mentions are in its audience: on Mastodon a followers-only post
+    #: is delivered to them; on X a protected tweet reaches approved followers only, mentioned or not
+    mentions_see: bool = True
     #: a post its server keeps from federating (glitch-soc, Hometown): never repost it in public
     local_only: bool = False
 

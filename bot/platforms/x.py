@@ -394,6 +394,7 @@ class XPlatform:
             tags=tuple(tags),
             # X's mention entities name users by username only.
             addressed=tuple(str(m.get("username", "")).lower() for m in (entities.get("mentions") or []) if m.get("username")),
+            mentions_see=False,
         )
 
     @classmethod

@@ -367,10 +367,15 @@ def test_protected_authors_photo_is_answered_by_dm_never_in_public(fake: FakeX, 
     assert confirmation["text"].startswith(messages.TAKEDOWN_DONE_UNCOUNTED + " " + messages.TAKEDOWN_ONE_SIDED_OTHERS)
 
 
+def protected_photo(fake: FakeX, text: str, bot_follows: bool = True) -> dict:
+    """A photo tweet by dave, whose account is protected."""
+    dave = fake.add_user("dave", protected=True, bot_follows=bot_follows)
+    return fake.tweet(dave, text, media=[fake.photo(jpeg(64))])
+
+
 def test_takedown_of_ones_own_dm_copy_asks_to_delete_it_in_the_inbox_too(fake: FakeX, bot: Pipeline) -> None:
-    dave = fake.add_user("dave", protected=True)
+    original = protected_photo(fake, "Only for my followers")
     bob = fake.add_user("bob")
-    original = fake.tweet(dave, "Only for my followers", media=[fake.photo(jpeg(256))])
     fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
     assert bot.run_all() == ["replied"]
     [copy] = fake.bot_dms(to=bob)
@@ -385,14 +390,25 @@ def test_takedown_of_ones_own_dm_copy_asks_to_delete_it_in_the_inbox_too(fake: F
 def test_a_protected_tweet_the_bot_does_not_follow_gets_a_clear_answer(fake: FakeX, bot: Pipeline) -> None:
     # X answers the lookup with an Authorization Error: hidden from the bot, like a deleted
     # tweet, not a failure to dead-letter with a generic apology.
-    dave = fake.add_user("dave", protected=True, bot_follows=False)
+    original = protected_photo(fake, "for my followers", bot_follows=False)
     bob = fake.add_user("bob")
-    original = fake.tweet(dave, "for my followers", media=[fake.photo(jpeg(64))])
     fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
     assert bot.run_all() == ["gone"]
     [answer] = fake.bot_tweets()
     assert messages.GONE in answer["text"]
     assert fake.photo_requests == []
+
+
+def test_being_mentioned_in_a_protected_tweet_does_not_earn_a_copy(fake: FakeX, bot: Pipeline) -> None:
+    # On X a protected tweet reaches approved followers only: a mention does not show it to
+    # alice, so quoting it (which anyone can do with its link) gets her no copy.
+    alice = fake.add_user("alice")
+    original = protected_photo(fake, "@alice look at this")
+    fake.tweet(alice, "@protestbot cover this", quote=original)
+    assert bot.run_all() == ["not_visible"]
+    assert fake.photo_requests == [] and fake.uploads == {}
+    [answer] = fake.bot_dms(to=alice)  # an answer about a protected tweet never goes public
+    assert messages.NOT_YOURS in answer["text"] and fake.bot_tweets() == []
 
 
 def test_protected_requester_with_own_photo_is_answered_by_dm(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
