@@ -83,6 +83,11 @@ TAKEDOWN_HELP = (
     "To delete a copy I posted, send me a direct message with the link (or id) of my reply or "
     "of the original post."
 )
+DM_PHOTO = (
+    "I cannot anonymise photos sent to me by direct message here. Post the photo (for your "
+    "followers only, if you like) and mention me, or mention me in a reply to a post with photos. "
+    + TAKEDOWN_HELP
+)
 TAKEDOWN_ASK = (
     "If you want me to delete my copy, answer with the word \"delete\" (or send me its link)."
 )

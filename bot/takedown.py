@@ -90,6 +90,9 @@ class TakedownHandler:
             if not _DELETE_INTENT.search(dm.text):
                 return self._confirm(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
             refs = [dm.in_reply_to_id]
+        if not refs and dm.media:
+            # A photo sent by DM (X, where DM photos cannot be fetched): say how to ask instead.
+            return self._confirm(dm, messages.DM_PHOTO, done_key, "dm_photo")
         if not refs:
             return self._confirm(dm, messages.TAKEDOWN_HELP, done_key, "no_reference")
         originals: dict[str, str] = {}

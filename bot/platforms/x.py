@@ -76,7 +76,7 @@ TWEET_FIELDS = [
 EXPANSIONS = ["author_id", "attachments.media_keys"]
 MEDIA_FIELDS = ["media_key", "type", "url", "alt_text"]
 USER_FIELDS = ["description", "name", "protected", "username"]
-DM_FIELDS = ["id", "event_type", "text", "sender_id", "dm_conversation_id", "created_at", "entities"]
+DM_FIELDS = ["id", "event_type", "text", "sender_id", "dm_conversation_id", "created_at", "entities", "attachments"]
 
 _HOSTS = {"x.com", "www.x.com", "mobile.x.com", "twitter.com", "www.twitter.com", "mobile.twitter.com"}
 _STATUS_PATH = re.compile(r"^/(?:[A-Za-z0-9_]{1,15}|i/web|i)/status(?:es)?/(\d{1,20})(?:/.*)?$")
@@ -152,7 +152,9 @@ def _expand(text: str, entities: dict[str, Any] | None) -> str:
         short = url.get("url")
         if not short:
             continue
-        if url.get("media_key") or str(url.get("display_url", "")).startswith(("pic.x.com", "pic.twitter.com")):
+        expanded = urlparse(str(url.get("expanded_url") or ""))
+        dm_media = (expanded.hostname or "").lower() in _HOSTS and expanded.path.startswith("/messages/media/")
+        if url.get("media_key") or dm_media or str(url.get("display_url", "")).startswith(("pic.x.com", "pic.twitter.com")):
             text = text.replace(short, "")
         elif url.get("expanded_url"):
             text = text.replace(short, url["expanded_url"])
@@ -401,11 +403,15 @@ class XPlatform:
     def parse_dm(cls, event: dict[str, Any], includes: _Includes) -> Post:
         sender = str(event.get("sender_id", ""))
         user = includes.users.get(sender) or {"id": sender, "username": sender}
+        # A DM's photos download only with OAuth-signed requests, which the media fetcher never
+        # makes: they are kept as "unknown" media so the bot can say so instead of fetching them.
+        keys = (event.get("attachments") or {}).get("media_keys") or []
         return Post(
             id=f"dm:{event['id']}",
             account=cls.parse_account(user),
             text=_expand(event.get("text", ""), event.get("entities")),
             visibility="direct",
+            media=tuple(Media(id=str(key), type="unknown", url="") for key in keys),
         )
 
     @staticmethod

@@ -155,14 +155,18 @@ class FakeX:
             entities.setdefault("hashtags", []).append({"start": match.start(), "end": match.end(), "tag": match.group(1)})
         return entities
 
-    def dm(self, sender: dict[str, Any], text: str, links: dict[str, str] | None = None, to: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A direct message; ``links`` maps t.co links in ``text`` to what they expand to."""
+    def dm(self, sender: dict[str, Any], text: str, links: dict[str, str] | None = None, to: dict[str, Any] | None = None,
+           media: list[str] = ()) -> dict[str, Any]:
+        """A direct message; ``links`` maps t.co links in ``text`` to what they expand to;
+        ``media`` are media keys of photos attached to it."""
         to = to or self.bot
         event = {
             "id": self.new_id(), "event_type": "MessageCreate", "text": text, "sender_id": sender["id"],
             "dm_conversation_id": self.conversation(sender["id"], to["id"]),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
         }
+        if media:
+            event["attachments"] = {"media_keys": list(media)}
         if links:
             event["entities"] = {"urls": [
                 {"start": text.index(short), "end": text.index(short) + len(short), "url": short,

@@ -411,6 +411,18 @@ def test_being_mentioned_in_a_protected_tweet_does_not_earn_a_copy(fake: FakeX, 
     assert messages.NOT_YOURS in answer["text"] and fake.bot_tweets() == []
 
 
+def test_a_photo_sent_by_dm_gets_told_how_to_ask(fake: FakeX, bot: Pipeline) -> None:
+    # The photo's link in the text is not a post of the bot's: the answer is how to ask for a
+    # copy, not "I found no reply of mine for that link".
+    carol = fake.add_user("carol")
+    fake.dm(carol, "can you cover the faces in this photo? https://t.co/x1", media=[fake.photo(jpeg(64))],
+            links={"https://t.co/x1": "https://x.com/messages/media/1234567890"})
+    assert bot.run_all() == ["dm_photo"]
+    [answer] = fake.bot_dms(to=carol)
+    assert answer["text"].startswith(messages.DM_PHOTO)
+    assert fake.photo_requests == [] and fake.deleted == [] and fake.deleted_dms == []
+
+
 def test_protected_requester_with_own_photo_is_answered_by_dm(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     carol = fake.add_user("carol", protected=True)
     request = fake.tweet(carol, "@protestbot my photo", media=[fake.photo(jpeg(256))])
