@@ -17,6 +17,7 @@ from typing import Callable
 
 from .handler import Job
 from .platforms.base import Event, Platform, PlatformError, RateLimited
+from .takedown import asks_deletion
 from .store import Store
 
 log = logging.getLogger("bot.listener")
@@ -28,13 +29,16 @@ def job_for(event: Event, my_id: str = "") -> Job:
     """The job an event asks for.
 
     A direct message without images that replies to nothing, or replies to one of the bot's
-    own posts ("please delete this"), is a takedown request.
+    own posts, is a takedown request (the takedown flow tells "please delete this" from
+    "thanks!"); so is a public answer to the bot's post that asks for deletion.
     """
     post = event.post
+    answers_me = bool(my_id) and post.in_reply_to_account_id == my_id
     if event.kind == "hashtag":
         kind = "hashtag"
-    elif post.visibility == "direct" and not post.images and (
-        post.in_reply_to_id is None or (my_id and post.in_reply_to_account_id == my_id)
+    elif not post.images and (
+        (post.visibility == "direct" and (post.in_reply_to_id is None or answers_me))
+        or (answers_me and asks_deletion(post.text))
     ):
         kind = "takedown"
     else:

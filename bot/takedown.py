@@ -21,12 +21,21 @@ log = logging.getLogger("bot.takedown")
 _URL = re.compile(r"https?://[^\s<>\"']+")
 _ID = re.compile(r"(?<![\w@/])(\d{5,30})(?![\w/])")
 #: words that ask for deletion, at a word's start, in the languages protests are most often
-#: photographed in; a bare "thanks!" answering the bot's copy must not delete it
+#: photographed in; a bare "thanks!" answering the bot's copy must not delete it, nor must an
+#: English word that merely begins like one ("quite", "borrow", "exclusive", "cancellation")
 _DELETE_INTENT = re.compile(
-    r"\b(?:delet|remov|take ?(?:it |this )?down|takedown|unpublish|erase|withdraw"
-    r"|l[öo]sch|entfern|supprim|retir|effac|borr|elimin|quit|rimuov|cancell|verwijder|apag|exclu|usu[ńn])",
+    r"\b(?:delet|remov|take ?(?:it |this |that )?down|takedown|unpublish|erase|withdraw"
+    r"|l[öo]sch|entfern|supprim|retir|effac|b[oó]rr[ae]|elimin|qu[ií]ta|rimuov|cancella(?!tion)"
+    r"|verwijder|apag|exclu[aií]|usu[ńn])",
     re.IGNORECASE,
 )
+
+
+def asks_deletion(text: str) -> bool:
+    """Whether a message answering the bot's copy asks for it to be deleted."""
+    return bool(_DELETE_INTENT.search(text))
+
+
 #: references looked up per message: each remote link costs the bot a search request
 MAX_REFERENCES = 10
 
@@ -87,7 +96,7 @@ class TakedownHandler:
         refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)][:MAX_REFERENCES]
         if not refs and dm.in_reply_to_id:
             # A direct answer to the bot's copy: "please delete this" is a takedown, "thanks!" is not.
-            if not _DELETE_INTENT.search(dm.text):
+            if not asks_deletion(dm.text):
                 return self._confirm(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
             refs = [dm.in_reply_to_id]
         if not refs and dm.media:

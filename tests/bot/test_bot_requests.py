@@ -21,7 +21,7 @@ from bot.listener import Listener, job_for
 from bot.platforms.base import Event, NotFound, RateLimited, ServerError
 from bot.platforms.mastodon import MastodonPlatform, html_to_text
 from bot.store import Store
-from bot.takedown import TakedownHandler
+from bot.takedown import TakedownHandler, asks_deletion
 from bot_harness import RedisServer
 from bot_helpers import jpeg
 from fake_mastodon import TOKEN, FakeMastodon
@@ -115,6 +115,37 @@ def test_asking_to_delete_in_a_reply_to_the_copy_deletes_it(world: World, text: 
     alice = fake.accounts[copy["mentions"][0]["id"]]
     assert world.run(fake.mention(alice, text, in_reply_to=copy, visibility="direct")) == "deleted"
     assert fake.deleted == [copy["id"]]
+
+
+def test_a_public_answer_to_the_copy_asking_for_deletion_deletes_it(world: World) -> None:
+    # Many people answer the copy in public instead of by DM; "delete this" must work there too,
+    # confirmed by DM; a public "quite good, thanks" is not a takedown.
+    fake = world.fake
+    bob, alice = fake.add_account("bob"), fake.add_account("alice")
+    original = fake.post(bob, "the square", media=[fake.media(jpeg(64))])
+    assert world.run(fake.mention(alice, "cover please", in_reply_to=original)) == "replied"
+    [copy] = fake.bot_posts()
+    assert copy["visibility"] == "public"
+
+    praise = fake.mention(bob, "quite good, thanks", in_reply_to=copy)
+    assert world.job(praise).kind == "mention" and world.run(praise) == "ignored_own_copy"
+    assert fake.deleted == []
+    request = fake.mention(bob, "@alice please take this down, I am in it", in_reply_to=copy)
+    assert world.job(request).kind == "takedown"
+    assert world.run(request) == "deleted"
+    assert fake.deleted == [copy["id"]]
+    confirmation = fake.bot_posts()[-1]
+    assert confirmation["visibility"] == "direct" and [m["acct"] for m in confirmation["mentions"]] == ["bob"]
+
+
+@pytest.mark.parametrize("text,asks", [
+    ("please delete this", True), ("Take that down", True), ("bitte löschen", True), ("bórralo por favor", True),
+    ("quítala", True), ("cancellala", True), ("verwijder dit", True), ("exclua", True), ("usuń to", True),
+    ("quite good, thanks", False), ("can I borrow this?", False), ("exclusive photo!", False),
+    ("the march was cancelled", False), ("cancellation", False), ("thank you so much!", False),
+])
+def test_deletion_intent_words(text: str, asks: bool) -> None:
+    assert asks_deletion(text) is asks
 
 
 def _two_copies(world: World) -> tuple[dict[str, Any], Any, dict[str, Any], dict[str, Any]]:
