@@ -118,6 +118,8 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
             f"The JPEG file is split into {scans:,} progressive scans; at most {MAX_JPEG_SCANS} are "
             "accepted (cameras and editors write about 10). Please re-save it as a normal JPEG."
         )
+    if fmt == "png":
+        data = without_png_text(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -157,6 +159,38 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
     except (MemoryError, RuntimeError) as exc:
         raise CorruptImage(f"The {fmt.upper()} file cannot be decoded.") from exc
     return DecodedImage(rgb=rgb, format=fmt, had_alpha=had_alpha, orientation=orientation)
+
+
+_PNG_TEXT = {b"tEXt", b"zTXt", b"iTXt"}
+
+
+def without_png_text(data: bytes) -> bytes:
+    """``data`` without its PNG text chunks, which the output drops anyway.
+
+    Pillow decompresses every zTXt/iTXt chunk while opening the file and refuses one over 1 MiB
+    (editors embed XMP packets that large), which made a sound photo "damaged"; its XMP would
+    also turn the photo by an orientation that viewers ignore. Walks the chunk headers only;
+    returns ``data`` itself when there is nothing to drop or the layout is not understood
+    (Pillow then says what is wrong)."""
+    keep: list[memoryview] = []
+    view = memoryview(data)
+    start = pos = 8
+    dropped = False
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = bytes(data[pos + 4:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return data
+        if kind in _PNG_TEXT:
+            keep.append(view[start:pos])
+            start, dropped = end, True
+        pos = end
+        if kind == b"IEND":
+            break
+    if not dropped:
+        return data
+    return b"".join([view[:8], *keep, view[start:]])
 
 
 def jpeg_scan_count(data: bytes) -> int:
@@ -204,14 +238,29 @@ def jpeg_scan_count(data: bytes) -> int:
     return scans
 
 
+def _exif_orientation(image: Image.Image) -> int:
+    """The orientation tag of the image's EXIF block, 1 if none or broken.
+
+    Only EXIF: Pillow's ``getexif()`` falls back to an XMP ``tiff:Orientation``, which browsers
+    and the platforms ignore, so a photo carrying one would come back turned from how everyone
+    saw it. A broken EXIF block must not make the image unreadable."""
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        value = int(exif.get(0x0112, 1) or 1)
+    except Exception:
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
 def _orientation(image: Image.Image) -> int:
     # pillow-heif rotates HEIC pixels itself and resets the tag, keeping the original here.
     if "original_orientation" in image.info:
         return int(image.info["original_orientation"] or 1)
-    try:
-        return int(image.getexif().get(0x0112, 1) or 1)
-    except Exception:  # a broken EXIF block must not make the image unreadable
-        return 1
+    return _exif_orientation(image)
 
 
 _TRANSPOSE = {
@@ -230,11 +279,7 @@ def _upright(image: Image.Image) -> Image.Image:
 
     Unlike ImageOps.exif_transpose this never rewrites the EXIF block (which raises on
     malformed tags); the metadata is dropped anyway."""
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:
-        return image
-    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    method = _TRANSPOSE.get(_exif_orientation(image))
     return image.transpose(method) if method is not None else image
 
 

@@ -10,10 +10,10 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-from PIL import Image, features
+from PIL import Image, PngImagePlugin, features
 
 from anonymiser import errors
-from anonymiser.decode import FLATTEN_BACKGROUND, MAX_JPEG_SCANS, decode, jpeg_scan_count, sniff
+from anonymiser.decode import FLATTEN_BACKGROUND, MAX_JPEG_SCANS, decode, jpeg_scan_count, sniff, without_png_text
 from anonymiser.limits import Limits
 
 from imaging import (
@@ -195,6 +195,48 @@ def test_exif_orientation_is_applied(fmt: str, orientation: int) -> None:
     red = (decoded.rgb[..., 0] > 180) & (decoded.rgb[..., 1] < 80)
     expected_red = (expected[..., 0] > 180) & (expected[..., 1] < 80)
     assert (red == expected_red).mean() > 0.97
+
+
+XMP_TURNED = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_xmp_orientation_is_ignored_as_viewers_ignore_it(fmt: str) -> None:
+    """Browsers and the platforms turn a photo by its EXIF tag only; Pillow's getexif() also
+    reads XMP's tiff:Orientation, which would turn the copy away from what everyone saw."""
+    if fmt == "JPEG":
+        data = save(Image.fromarray(PATTERN), "JPEG", quality=95, xmp=XMP_TURNED)
+        assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == 6, "the file does carry the XMP tag"
+    else:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", XMP_TURNED.decode())
+        data = save(Image.fromarray(PATTERN), "PNG", pnginfo=info)
+    decoded = decode(data)
+    assert decoded.orientation == 1 and decoded.rgb.shape == PATTERN.shape
+    assert mean_error(decoded.rgb, PATTERN) < 5
+
+
+def test_png_with_a_large_compressed_text_chunk_decodes() -> None:
+    """Editors embed XMP packets over 1 MiB; Pillow refuses a zTXt/iTXt that large when opening
+    the file, so a sound photo was reported as damaged. Text chunks are dropped unread."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("XML:com.adobe.xmp", "x" * (3 * 1024 * 1024), zip=True)
+    info.add_text("Comment", "small")
+    data = save(Image.fromarray(PATTERN), "PNG", pnginfo=info)
+    with pytest.raises(ValueError):
+        Image.open(io.BytesIO(data)).load()
+    decoded = decode(data)
+    np.testing.assert_array_equal(decoded.rgb, PATTERN)
+    stripped = without_png_text(data)
+    assert b"zTXt" not in stripped and b"tEXt" not in stripped and len(stripped) < len(data)
+    assert Image.open(io.BytesIO(stripped)).info == {}
+    plain = save(Image.fromarray(PATTERN), "PNG")
+    assert without_png_text(plain) is plain, "nothing to drop: no copy"
+    truncated = data[:100]  # a chunk runs past the end: left for Pillow to refuse
+    assert without_png_text(truncated) is truncated
 
 
 def test_orientation_with_palette_transparency() -> None:
