@@ -231,6 +231,19 @@ def test_a_cuda_provider_that_does_not_start_is_reported(
     assert [r.getMessage() for r in caplog.records] == ["onnx_cuda_unavailable"]
 
 
+def test_gpu_sessions_do_not_leave_cpu_threads_spinning() -> None:
+    """A GPU worker's cores belong to its decoding and encoding threads: the CPU pool of a CUDA
+    session sleeps between runs; a CPU session keeps ONNX Runtime's spinning (it is the work)."""
+    from anonymiser.locators.onnx_models import session_options
+
+    gpu = session_options(OnnxOptions(threads=3), cuda=True)
+    assert gpu.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert gpu.intra_op_num_threads == 3
+    cpu = session_options(OnnxOptions(), cuda=False)
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        cpu.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_onnx_options_from_env() -> None:
     """``ANON_ONNX_THREADS`` and ``ANON_ONNX_TILE_BATCH`` are read and checked; CPU sessions
     default to one tile per call."""

@@ -89,17 +89,26 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> None:
     model.graph.input.extend(kept)
 
 
+def session_options(options: OnnxOptions, cuda: bool) -> ort.SessionOptions:
+    """Settings of a session. On a GPU the CPU thread pool only runs the odd node the CUDA
+    provider lacks; left spinning between runs (ONNX Runtime's default), its threads would
+    burn the cores a GPU worker's decoding and encoding threads need."""
+    settings = ort.SessionOptions()
+    settings.log_severity_level = 3
+    if options.threads:
+        settings.intra_op_num_threads = options.threads
+    if cuda:
+        settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return settings
+
+
 def session(model: onnx.ModelProto, options: OnnxOptions | None = None) -> ort.InferenceSession:
     """An inference session for an in-memory model (weights never leave the process)."""
     options = options or OnnxOptions.from_env()
     chosen = providers()
     if "CUDAExecutionProvider" in chosen:
         _share_cuda_libraries()
-    session_options = ort.SessionOptions()
-    session_options.log_severity_level = 3
-    if options.threads:
-        session_options.intra_op_num_threads = options.threads
-    created = ort.InferenceSession(model.SerializeToString(), sess_options=session_options,
+    created = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(options, "CUDAExecutionProvider" in chosen),
                                    providers=[(p, CUDA_PROVIDER_OPTIONS) if p == "CUDAExecutionProvider" else p for p in chosen])
     if "CUDAExecutionProvider" in chosen and "CUDAExecutionProvider" not in created.get_providers():
         # ONNX Runtime falls back to the CPU on its own when its CUDA libraries are missing or do
