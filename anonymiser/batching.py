@@ -440,6 +440,12 @@ def _slot_count(n: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+#: good batches in a row before a limit shrunk by out-of-memory doubles again; doubled by each
+#: shrinking, up to the maximum (a few hours of batches on a busy GPU)
+REGROW_AFTER_BATCHES = 100
+MAX_REGROW_AFTER_BATCHES = 100 * 2**6
+
+
 class LSCCNNEngine:
     """Batched LSC-CNN on one device; :meth:`detect` is the whole pipeline for a list of photos."""
 
@@ -468,6 +474,12 @@ class LSCCNNEngine:
         )
         options.validate()
         self.options = options
+        # Out-of-memory shrinks the batch limit; it grows back towards the configured one after
+        # a streak of good batches (the memory another process held may be free again), and each
+        # shrinking doubles the streak needed, so a GPU that really is too small settles.
+        self._batch_pixels_cap: int = max_batch_pixels
+        self._regrow_after = REGROW_AFTER_BATCHES
+        self._good_batches = 0
         self.autocast_dtype = PRECISIONS[precision]
         self.precision = precision
         if cuda and options.cudnn_benchmark:
@@ -644,15 +656,19 @@ class LSCCNNEngine:
         Pieces of a batch belong to unrelated jobs: when a batch fails, each piece is run again on
         its own, so only a piece that also fails alone carries the error (a job is never lost to
         its batch-mates). A GPU out-of-memory error also halves ``max_batch_pixels`` (from the
-        failed batch's padded size) for the engine's remaining life, so the next batches fit.
+        failed batch's padded size), so the next batches fit; a streak of good batches doubles it
+        back (:meth:`_note_good_batch`).
         Errors come without their tracebacks (:func:`_without_traceback`).
         """
         try:
-            return [(list(pieces), self.run_batch(pieces, hb, wb))]
+            batch = self.run_batch(pieces, hb, wb)
         except Exception as exc:
             error = _without_traceback(exc)
             if len(pieces) == 1:
                 return [(list(pieces), error)]
+        else:
+            self._note_good_batch()
+            return [(list(pieces), batch)]
         oom = is_out_of_memory(error)
         if oom:
             slots = _slot_count(len(pieces)) if self.options.shape_stable else len(pieces)
@@ -663,6 +679,8 @@ class LSCCNNEngine:
             # this size keeps the limit meaningful after repeated failures.
             if size <= self.options.max_batch_pixels:  # type: ignore[operator]
                 self.options = replace(self.options, max_batch_pixels=max(hb * wb, size // 2))
+                self._good_batches = 0
+                self._regrow_after = min(2 * self._regrow_after, MAX_REGROW_AFTER_BATCHES)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         log.warning("lsccnn_batch_failed", extra={
@@ -678,6 +696,20 @@ class LSCCNNEngine:
             except Exception as exc:
                 outcomes.append(([piece], _without_traceback(exc)))
         return outcomes
+
+    def _note_good_batch(self) -> None:
+        """Count a batch that ran; after enough in a row, double a shrunk batch limit (never
+        past the configured one)."""
+        current = self.options.max_batch_pixels
+        assert current is not None
+        if current >= self._batch_pixels_cap:
+            return
+        self._good_batches += 1
+        if self._good_batches < self._regrow_after:
+            return
+        self._good_batches = 0
+        self.options = replace(self.options, max_batch_pixels=min(self._batch_pixels_cap, 2 * current))
+        log.info("lsccnn_batch_limit_raised", extra={"max_batch_megapixels": round(self.options.max_batch_pixels / 1e6, 2)})  # type: ignore[operator]
 
     def finish(self, prepared: Prepared) -> Detections:
         """CPU stage 2: decode a photo whose pieces all have logits (any thread)."""

@@ -564,6 +564,47 @@ def test_one_out_of_memory_round_halves_the_limit_once(model) -> None:
     assert sizes.count(4) == 2
 
 
+def test_a_limit_shrunk_by_out_of_memory_grows_back_after_good_batches(model, monkeypatch) -> None:
+    """Out-of-memory can be passing (another process held the GPU's memory): after a streak of
+    good batches the limit doubles back, never past the configured one, and each shrinking
+    doubles the streak needed, so a GPU that really is too small settles."""
+    from anonymiser import batching
+
+    monkeypatch.setattr(batching, "REGROW_AFTER_BATCHES", 2)
+    side = 144  # four of them make the smallest batch limit a 128 px tile margin allows
+    engine = _engine(model, precision="fp32", max_batch=4, bucket_multiple=16, shape_stable=False,
+                     max_tile_pixels=4 * side * side, max_batch_pixels=4 * side * side)
+    src = max(_sources(), key=lambda a: min(a.shape[:2]))
+    pieces = [p for x in (0, side, 2 * side, 3 * side) for p in engine.prepare(np.ascontiguousarray(src[:side, x : x + side])).pieces]
+    assert len(pieces) == 4
+    free = {"pixels": 2 * side * side}  # what the "GPU" holds now
+
+    def run_batch(batch, hb, wb, precision=None):
+        if len(batch) * hb * wb > free["pixels"]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return "ran"
+
+    engine.run_batch = run_batch  # type: ignore[method-assign]
+    limit = lambda: engine.options.max_batch_pixels  # noqa: E731
+    engine.run_isolating(pieces, side, side)
+    assert limit() == 2 * side * side
+    free["pixels"] = 4 * side * side  # the other process let go
+    for _ in range(3):
+        engine.run_isolating(pieces[:2], side, side)
+    assert limit() == 2 * side * side, "the streak needed doubled to 4"
+    engine.run_isolating(pieces[:2], side, side)
+    assert limit() == 4 * side * side, "doubled back to the configured limit"
+    for _ in range(10):
+        engine.run_isolating(pieces, side, side)
+    assert limit() == 4 * side * side, "never past the configured limit"
+    free["pixels"] = 2 * side * side  # and it comes back: halved again, and 8 good batches needed
+    engine.run_isolating(pieces, side, side)
+    assert limit() == 2 * side * side
+    for _ in range(7):
+        engine.run_isolating(pieces[:2], side, side)
+    assert limit() == 2 * side * side
+
+
 def test_a_stalled_device_fails_its_callers_within_the_timeout(model, photos) -> None:
     """A hung GPU must not hold a worker's task threads for ever (Celery's thread pool enforces
     no time limit): each caller gets a DeviceFailure once ``timeout_s`` has passed."""
