@@ -595,6 +595,16 @@ class LSCCNNEngine:
         ``deadline`` (``time.monotonic()``) bounds the wait for the device, for callers outside
         the device thread (that rerun runs in a task's thread).
         """
+        if self.device.type != "cuda":
+            return self._run_batch(pieces, hb, wb, precision, deadline)
+        # On "cuda:N" the calling thread's current device must be N from the start: the pinned
+        # host buffers would otherwise open a context on GPU 0 (another worker's memory), and
+        # the event and the copies follow the current device's stream.
+        with torch.cuda.device(self.device):
+            return self._run_batch(pieces, hb, wb, precision, deadline)
+
+    def _run_batch(self, pieces: Sequence[Piece], hb: int, wb: int, precision: str | None,
+                   deadline: float | None) -> DeviceBatch:
         started = time.perf_counter()
         dtype = self.autocast_dtype if precision is None else PRECISIONS[precision]
         tf32 = (precision or self.precision) == "tf32"
@@ -616,10 +626,6 @@ class LSCCNNEngine:
             raise TimeoutError("the device stayed busy past the deadline")
         with contextlib.ExitStack() as held:
             held.callback(self._device_lock.release)
-            if cuda:
-                # On "cuda:N" the thread's current device must be N too: the event below and the
-                # pinned copies follow the current device's stream.
-                held.enter_context(torch.cuda.device(self.device))
             x = host_t.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2).to(torch.float32)
             x = x.contiguous(memory_format=torch.channels_last if self.options.channels_last else torch.contiguous_format)
             if padded:
