@@ -103,15 +103,16 @@ class Anonymiser:
         padded, _ = reg.to_pixels(reg.pad_boxes(fresh, self._residual.kind), 1.0, w, h)
         return padded
 
-    def anonymise_array(self, rgb: np.ndarray, report: Report) -> np.ndarray:
-        """Cover every head of an upright RGB array; fills ``report`` and returns the output array."""
+    def anonymise_array(self, rgb: np.ndarray, report: Report, max_output_pixels: int | None = None) -> np.ndarray:
+        """Cover every head of an upright RGB array; fills ``report`` and returns the output array
+        (scaled down to the pixel budget, or to ``max_output_pixels`` if that is smaller)."""
         timings = report.timings_s
         h, w = rgb.shape[:2]
         merged, report.detections = self.locate(rgb, timings)
         report.locators = [l.name for l in self.locators]
 
         start = time.perf_counter()
-        out_w, out_h = encoding.output_size(w, h, self.settings.limits.max_output_pixels)
+        out_w, out_h = encoding.output_size(w, h, _within(self.settings.limits.max_output_pixels, max_output_pixels))
         if (out_w, out_h) != (w, h):
             rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_AREA)
         boxes, keep = reg.to_pixels(merged.boxes, (out_w / w, out_h / h), out_w, out_h)
@@ -140,8 +141,11 @@ class Anonymiser:
         report.output_size = (out_w, out_h)
         return covered
 
-    def anonymise(self, data: bytes) -> Result:
-        """Bytes of any supported image in; clean, covered image bytes and a report out."""
+    def anonymise(self, data: bytes, max_output_bytes: int | None = None, max_output_pixels: int | None = None) -> Result:
+        """Bytes of any supported image in; clean, covered image bytes and a report out.
+
+        ``max_output_bytes`` / ``max_output_pixels`` tighten the output budgets for this image
+        (a server that accepts less than the configured limits); they never loosen them."""
         started = time.perf_counter()
         decoded = decoding.decode(data, self.settings.limits)
         h, w = decoded.rgb.shape[:2]
@@ -153,16 +157,21 @@ class Anonymiser:
             had_alpha=decoded.had_alpha,
         )
         report.timings_s["decode"] = time.perf_counter() - started
-        covered = self.anonymise_array(decoded.rgb, report)
+        covered = self.anonymise_array(decoded.rgb, report, max_output_pixels)
         start = time.perf_counter()
         encoded = encoding.encode(
-            covered, encoding.output_format(decoded.format), self.settings.limits.max_output_bytes
+            covered, encoding.output_format(decoded.format), _within(self.settings.limits.max_output_bytes, max_output_bytes)
         )
         report.timings_s["encode"] = time.perf_counter() - start
         report.output_format = encoded.format
         report.output_bytes = len(encoded.data)
         report.timings_s["total"] = time.perf_counter() - started
         return Result(encoded.data, encoded.mime, report)
+
+
+def _within(configured: int, requested: int | None) -> int:
+    """A budget tightened by a caller's, never loosened."""
+    return configured if requested is None else max(1, min(configured, requested))
 
 
 #: how many times over the whole image a reviewed region list may paint: reviewed lists barely

@@ -274,6 +274,7 @@ class MentionHandler:
         results: list[Result] = []
         failures: list[str] = []
         images = target.images[: self.config.max_images]
+        caps = self.platform.media_limits()
         for index, media in enumerate(images, start=1):
             timer = Timer()
             try:
@@ -284,7 +285,7 @@ class MentionHandler:
                     allow_private=self.config.allow_private_addresses,
                 )
                 try:
-                    results.append(self.anonymiser.anonymise(data))
+                    results.append(self.anonymiser.anonymise(data, max_output_bytes=caps.max_bytes, max_output_pixels=caps.max_pixels))
                 finally:
                     del data  # the original lives only as long as this call
             except (FetchError, AnonymiserError) as exc:

@@ -98,10 +98,10 @@ def instrument(anonymiser: Any) -> Any:
     """Count and time every ``anonymiser.anonymise`` call (the object is returned, patched)."""
     original = anonymiser.anonymise
 
-    def anonymise(data: bytes) -> Any:
+    def anonymise(data: bytes, **budgets: Any) -> Any:
         start = time.perf_counter()
         try:
-            result = original(data)
+            result = original(data, **budgets)
         except Exception:
             PHOTOS.labels("failed").inc()
             raise

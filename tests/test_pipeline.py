@@ -29,6 +29,7 @@ from imaging import (
     decode_output,
     grey_jpeg_bytes,
     heic_bytes,
+    jpeg_bytes,
     jpeg_with_metadata,
     png_bytes,
     png_with_metadata,
@@ -187,6 +188,24 @@ def test_output_is_input_plus_covers(format_case: tuple[str, bytes, Result], cf_
         np.testing.assert_array_equal(out, expected)
     else:
         assert np.abs(out.astype(int) - expected.astype(int)).mean() < 3
+
+
+def test_a_caller_can_tighten_the_output_budgets_but_never_loosen_them(cf_anonymiser: Anonymiser) -> None:
+    """The bot passes the budgets a server publishes (smaller than mastodon.social's, or X's
+    5 MB): the copy fits them; budgets larger than the configured ones change nothing."""
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)  # incompressible: many bytes
+    data = jpeg_bytes(noisy, quality=95)
+    tight = cf_anonymiser.anonymise(data, max_output_bytes=400_000, max_output_pixels=500_000)
+    assert len(tight.data) <= 400_000 and tight.report.output_bytes == len(tight.data)
+    w, h = Image.open(io.BytesIO(tight.data)).size
+    assert w * h <= 500_000 and tight.report.output_size == (w, h)
+    small = Anonymiser(Settings(residual_pass=False, safeguard=False, limits=Limits(max_output_pixels=300_000, max_output_bytes=200_000)),
+                       locators=[FixedLocator([(100, 100, 200, 150)])])
+    loose = small.anonymise(data, max_output_bytes=10**9, max_output_pixels=10**9)
+    w, h = Image.open(io.BytesIO(loose.data)).size
+    assert w * h <= 300_000 and len(loose.data) <= 200_000
+    assert cf_anonymiser.anonymise(data).report.output_size == (1600, 1200), "unchanged without budgets"
 
 
 def test_transparent_face_pixels_never_reach_the_output(cf_anonymiser: Anonymiser, astronaut: np.ndarray) -> None:

@@ -104,6 +104,14 @@ class StreamUnavailable(PlatformError):
     """Streaming is refused or unsupported here; the listener falls back to polling."""
 
 
+@dataclass(frozen=True)
+class MediaLimits:
+    """What a platform accepts as one uploaded image; ``None``: no limit it publishes."""
+
+    max_bytes: int | None = None
+    max_pixels: int | None = None
+
+
 @dataclass
 class ReplyDraft:
     """A reply the bot wants to post."""
@@ -143,6 +151,11 @@ class Platform(Protocol):
         """Live events of ``"mentions"`` or ``"tag:<name>"``, and ``None`` for heartbeats (if the
         platform has them); raises ``StreamUnavailable`` or ``PlatformError`` when streaming is
         refused, fails or drops."""
+        ...
+
+    def media_limits(self) -> MediaLimits:
+        """The largest image an upload may be (each Mastodon server publishes its own): the
+        copy is made to fit it instead of being refused after all the work."""
         ...
 
     def upload_image(self, data: bytes, mime: str, description: str) -> str: ...

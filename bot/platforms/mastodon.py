@@ -26,6 +26,7 @@ from .base import (
     Account,
     Event,
     Media,
+    MediaLimits,
     NotFound,
     PlatformError,
     Post,
@@ -43,8 +44,12 @@ PAGE = 40
 _MEDIA_UPLOAD = re.compile(r"^/api/v[12]/media$")
 _STATUS_DELETE = re.compile(r"^/api/v1/statuses/[^/]+$")
 _STATUS_PATH = re.compile(r"^/(?:@[^/]+|users/[^/]+/statuses|web/statuses|web/@[^/]+|notice)/(\d+)/?$")
-#: a stock server's limit on a status: its text and its content warning together
+#: a stock server's limit on a status: its text and its content warning together (a server
+#: publishes its own in its instance API)
 MAX_CHARS = 500
+#: how long the server's published limits are trusted, and how soon a failed read is retried
+INSTANCE_TTL_S = 3600.0
+INSTANCE_RETRY_S = 60.0
 #: how much of a long content warning a reply keeps at least, so a reader still sees what it warns of
 CW_FLOOR = 60
 _COUNTED_URL = re.compile(r"https?://[^\s<>\"']+")
@@ -127,6 +132,8 @@ class MastodonPlatform:
         self.session.headers.update({"Authorization": f"Bearer {token}", "User-Agent": "protest-privacy-bot"})
         self._blocked_until: dict[str, float] = {}
         self._me: Account | None = None
+        self._configuration: dict[str, Any] = {}
+        self._configuration_until = 0.0
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -352,8 +359,37 @@ class MastodonPlatform:
             media = response.json()
         return media_id
 
+    def _server_configuration(self) -> dict[str, Any]:
+        """The ``configuration`` of the server's instance API (v2, else v1 before Mastodon 4.0),
+        cached; ``{}`` when the server publishes none or cannot be asked now (stock limits)."""
+        now = time.monotonic()
+        if now < self._configuration_until:
+            return self._configuration
+        found: Any = None
+        for path in ("/api/v2/instance", "/api/v1/instance"):
+            try:
+                found = self._json("GET", path).get("configuration")
+                break
+            except NotFound:
+                continue
+            except PlatformError as exc:
+                log.warning("instance_unreadable", extra={"status": exc.status, "error": type(exc).__name__})
+                self._configuration_until = now + INSTANCE_RETRY_S
+                return self._configuration
+        self._configuration = found if isinstance(found, dict) else {}
+        self._configuration_until = now + INSTANCE_TTL_S
+        return self._configuration
+
+    def _limit(self, section: str, key: str) -> int | None:
+        value = (self._server_configuration().get(section) or {}).get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(self._limit("media_attachments", "image_size_limit"),
+                           self._limit("media_attachments", "image_matrix_limit"))
+
     def reply(self, draft: ReplyDraft) -> Post:
-        text, spoiler_text = fit_status(draft.text, draft.spoiler_text)
+        text, spoiler_text = fit_status(draft.text, draft.spoiler_text, self._limit("statuses", "max_characters") or MAX_CHARS)
         body: dict[str, Any] = {
             "status": text,
             "in_reply_to_id": draft.in_reply_to.id,

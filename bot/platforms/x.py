@@ -48,6 +48,7 @@ from .base import (
     Account,
     Event,
     Media,
+    MediaLimits,
     NotFound,
     PlatformError,
     Post,
@@ -67,6 +68,8 @@ OWN_TWEET_PAGES = 10  # idempotency look-up: at most 1,000 of the bot's tweets
 TWEET_LIMIT = 280
 DM_LIMIT = 10_000
 ALT_TEXT_LIMIT = 1000
+#: X refuses a photo over 5 MB (tweets and DMs alike)
+IMAGE_BYTES = 5 * 1024 * 1024
 PENDING_TTL_S = 900
 
 TWEET_FIELDS = [
@@ -676,6 +679,9 @@ class XPlatform:
     def _take_pending(self, media_ids: list[str]) -> list[_Pending | str]:
         with self._lock:
             return [self._pending.pop(m) if m in self._pending else m for m in media_ids]
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(max_bytes=IMAGE_BYTES)
 
     def reply(self, draft: ReplyDraft) -> Post:
         items = self._take_pending(draft.media_ids)  # the bytes go out of memory with this call

@@ -20,6 +20,7 @@ lines and ``:thump`` heartbeats on the streaming endpoints).
 
 from __future__ import annotations
 
+import copy
 import html
 import io
 import itertools
@@ -181,6 +182,21 @@ class FakeMastodon:
             self.notification_policy = {"for_not_following": "accept", "for_not_followers": "accept",
                                         "for_new_accounts": "accept", "for_private_mentions": "filter",
                                         "for_limited_accounts": "filter"}
+            #: ``configuration`` of ``GET /api/v2/instance``, as mastodon.social publishes it; tests
+            #: change it to play a server with other limits (which uploads and statuses obey)
+            self.configuration: dict[str, Any] = {
+                "urls": {"streaming": self.base_url.replace("http", "ws", 1)},
+                "accounts": {"max_featured_tags": 10, "max_pinned_statuses": 5},
+                "statuses": {"max_characters": MAX_CHARS, "max_media_attachments": 4, "characters_reserved_per_url": URL_CHARS},
+                "media_attachments": {
+                    "supported_mime_types": ["image/jpeg", "image/png", "image/gif", "image/heic", "image/heif",
+                                             "image/webp", "image/avif", "video/mp4"],
+                    "description_limit": 1500, "image_size_limit": 16 * 1024 * 1024, "image_matrix_limit": 33_177_600,
+                    "video_size_limit": 103_809_024, "video_frame_rate_limit": 120, "video_matrix_limit": 8_294_400,
+                },
+                "polls": {"max_options": 4, "max_characters_per_option": 50, "min_expiration": 300, "max_expiration": 2_629_746},
+                "translation": {"enabled": False},
+            }
             # switches
             self.stream_refuse: int | None = None  # 404 or 501: streaming endpoints refused
             self.stream_drop_after: int | None = None  # close each stream after N events
@@ -713,6 +729,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ("POST", r"/api/v2/media", self._upload),
                 ("GET", r"/api/v1/media/(\d+)", self._get_media),
                 ("GET", r"/api/v2/search", self._search),
+                ("GET", r"/api/v2/instance", self._instance),
                 ("PATCH", r"/api/v2/notifications/policy", self._update_policy),
             ]
             for method, pattern, route in routes:
@@ -748,6 +765,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     # -- REST endpoints (called with the fake's lock held) ----------------------------------------
+
+    def _instance(self, query: Any) -> tuple[int, Any]:
+        fake = self.fake
+        return 200, {"domain": urlparse(fake.base_url).netloc, "title": "Fake Mastodon", "version": "4.3.0",
+                     "source_url": "https://github.com/mastodon/mastodon", "description": "",
+                     "usage": {"users": {"active_month": len(fake.accounts)}},
+                     "configuration": copy.deepcopy(fake.configuration),
+                     "registrations": {"enabled": False, "approval_required": False, "message": None},
+                     "contact": {"email": "", "account": None}, "rules": []}
 
     def _update_policy(self, query: Any) -> tuple[int, Any]:
         params = self._params()
@@ -809,8 +835,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not text.strip() and not media_ids:
             return 422, {"error": "Validation failed: Text can't be blank"}
         # The server counts the content warning and the text together against its limit.
-        if fake.count_chars(text) + len(str(params.get("spoiler_text") or "")) > MAX_CHARS:
-            return 422, {"error": f"Validation failed: Text character limit of {MAX_CHARS} exceeded"}
+        max_chars = fake.configuration["statuses"]["max_characters"]
+        if fake.count_chars(text) + len(str(params.get("spoiler_text") or "")) > max_chars:
+            return 422, {"error": f"Validation failed: Text character limit of {max_chars} exceeded"}
         if len(media_ids) > 4:
             return 422, {"error": "Validation failed: Cannot attach more than 4 files"}
         media = []
@@ -886,12 +913,18 @@ class _Handler(BaseHTTPRequestHandler):
         if "file" not in fields:
             return 422, {"error": "Validation failed: File can't be blank"}
         filename, mime, data = fields["file"]
+        limits = fake.configuration["media_attachments"]
+        if len(data) > limits["image_size_limit"]:
+            return 422, {"error": f"Validation failed: File file size must be less than {limits['image_size_limit'] // 2**20} MB"}
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.verify()
                 detected = Image.MIME.get(image.format or "", "")
+                width, height = image.size
         except Exception:
             return 422, {"error": "Validation failed: File content type is invalid"}
+        if width * height > limits["image_matrix_limit"]:
+            return 422, {"error": f"{width}x{height} images are not supported"}
         media_id = fake._next_status_id()
         ext = "png" if detected == "image/png" else "jpeg"
         url = fake.add_file(data, detected, ext)

@@ -10,6 +10,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from bot.platforms.base import MediaLimits
 from bot.platforms.mastodon import MastodonPlatform, countable_length, fit_status
 from fake_mastodon import TOKEN, FakeMastodon
 
@@ -93,6 +94,23 @@ def test_fit_status_counts_like_the_server_and_shortens_the_warning_first() -> N
         for text_size in (0, 10, 300, 480, 600):
             fitted_text, cw = fit_status("t" * text_size, "c" * size)
             assert countable_length(fitted_text) + len(cw) <= 500
+
+
+def test_server_limits_are_read_from_the_instance_api_and_cached(fake: FakeMastodon) -> None:
+    platform = MastodonPlatform(fake.base_url, TOKEN)
+    assert platform.media_limits() == MediaLimits(16 * 1024 * 1024, 33_177_600)  # mastodon.social's
+    fake.configuration["media_attachments"]["image_size_limit"] = 8 * 1024 * 1024
+    assert platform.media_limits().max_bytes == 16 * 1024 * 1024, "trusted for an hour"
+    assert len([r for r in fake.requests if r.path == "/api/v2/instance"]) == 1
+    # Mastodon before 4.0 has only v1; a server whose instance API fails gets the stock limits
+    # (the bot never stops answering for want of them) and is asked again a minute later
+    older = MastodonPlatform(fake.base_url, TOKEN)
+    fake.fail("GET", "/api/v2/instance", 404)
+    fake.fail("GET", "/api/v1/instance", 503)
+    assert older.media_limits() == MediaLimits(None, None)
+    fake.configuration["media_attachments"]["image_matrix_limit"] = "lots"  # nonsense is ignored
+    fresh = MastodonPlatform(fake.base_url, TOKEN)
+    assert fresh.media_limits() == MediaLimits(8 * 1024 * 1024, None)
 
 
 def test_deleting_only_own_statuses(fake: FakeMastodon) -> None:

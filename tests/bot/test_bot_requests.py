@@ -32,9 +32,11 @@ class StandIn:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.budgets: list[dict[str, int | None]] = []
 
-    def anonymise(self, data: bytes) -> SimpleNamespace:
+    def anonymise(self, data: bytes, **budgets: int | None) -> SimpleNamespace:
         self.calls += 1
+        self.budgets.append(budgets)
         return SimpleNamespace(data=jpeg(32, exif=False), mime="image/jpeg", report=SimpleNamespace(heads_covered=1))
 
 
@@ -230,9 +232,9 @@ def test_a_request_deleted_while_its_photo_is_anonymised_ends_quietly(world: Wor
     request = fake.mention(alice, "cover please", in_reply_to=original)
     stand_in = world.anonymiser.anonymise
 
-    def deleted_meanwhile(data: bytes) -> SimpleNamespace:
+    def deleted_meanwhile(data: bytes, **budgets: int | None) -> SimpleNamespace:
         fake.deleted.append(request["id"])
-        return stand_in(data)
+        return stand_in(data, **budgets)
 
     world.anonymiser.anonymise = deleted_meanwhile  # type: ignore[method-assign]
     assert world.run(request) == "request_gone"
@@ -247,6 +249,31 @@ def test_a_reply_refused_as_not_found_for_another_reason_is_still_an_error(world
     fake.fail("POST", "/api/v1/statuses", 404)
     with pytest.raises(NotFound):
         world.run(request)
+
+
+def test_the_copy_is_made_to_fit_what_the_server_publishes_it_accepts(world: World) -> None:
+    """A server with smaller limits than mastodon.social's (its instance API says so) would
+    refuse an upload made to the stock limits after all the work; its text limit is the reply's."""
+    fake = world.fake
+    fake.configuration["media_attachments"].update(image_size_limit=2 * 1024 * 1024, image_matrix_limit=4_000_000)
+    fake.configuration["statuses"]["max_characters"] = 300
+    bob, alice = fake.add_account("bob"), fake.add_account("alice")
+    photos = [fake.post(bob, f"the square {n}", media=[fake.media(jpeg(64))], spoiler_text="police " * 30)
+              for n in range(2)]
+    for photo in photos:
+        assert world.run(fake.mention(alice, "cover please", in_reply_to=photo)) == "replied"
+    assert world.anonymiser.budgets == [{"max_output_bytes": 2 * 1024 * 1024, "max_output_pixels": 4_000_000}] * 2
+    for copy in fake.bot_posts():
+        assert fake.count_chars(html_to_text(copy["content"])) + len(copy["spoiler_text"]) <= 300
+
+
+def test_a_server_without_an_instance_api_gets_the_stock_limits(world: World) -> None:
+    fake = world.fake
+    fake.fail("GET", "/api/v2/instance", 404)
+    fake.fail("GET", "/api/v1/instance", 404)
+    alice = fake.add_account("alice")
+    assert world.run(fake.mention(alice, "cover please", media=[fake.media(jpeg(64))])) == "replied"
+    assert world.anonymiser.budgets == [{"max_output_bytes": None, "max_output_pixels": None}]
 
 
 # -- who may get a copy -----------------------------------------------------------------------

@@ -528,6 +528,8 @@ class FakeX:
             fields[name] = part.get_payload(decode=True)
         if "media" not in fields or fields.get("media_category", b"").decode() not in ("tweet_image", "dm_image"):
             return self._answer(400, problem(400, "Invalid Request", "media and media_category are required"))
+        if len(fields["media"]) > 5 * 1024 * 1024:  # X's limit on a photo, in tweets and DMs
+            return self._answer(400, problem(400, "Invalid Request", "File size exceeds 5242880 bytes."))
         media_id = self.new_id()
         mime = fields.get("media_type", b"image/jpeg").decode()
         self.uploads[media_id] = {"data": fields["media"], "category": fields["media_category"].decode(), "mime": mime}

@@ -3,13 +3,16 @@ listener (cursors in a real Redis) and handlers, with a CenterFace-only anonymis
 
 from __future__ import annotations
 
+import io
 import re
 import threading
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
+from PIL import Image
 
 from bot import messages
 from bot.handler import Job
@@ -435,6 +438,22 @@ def test_protected_requester_with_own_photo_is_answered_by_dm(fake: FakeX, bot: 
     [dm] = fake.bot_dms(to=carol)
     assert dm["text"].startswith("Here is an anonymised copy") and fake.media_of(dm)[0]["category"] == "dm_image"
     assert fake.replies_to(request["id"]) == []
+
+
+def test_a_large_photo_is_answered_within_xs_5_mb(fake: FakeX, bot: Pipeline) -> None:
+    # Made to the stock 16 MiB budget, a detailed photo's copy was refused by X's upload (5 MB).
+    noisy = np.random.default_rng(1).integers(0, 256, (2400, 3200, 3), dtype=np.uint8)  # copy: 6 MB at stock quality
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, "JPEG", quality=95)
+    assert len(buffer.getvalue()) > 5 * 1024 * 1024
+    bot.config = make_config(max_media_bytes=40 * 1024 * 1024, media_timeout_s=20.0)
+    alice = fake.add_user("alice")
+    request = fake.tweet(alice, "@protestbot the whole square", media=[fake.photo(buffer.getvalue())])
+    assert bot.run_all() == ["replied"]
+    [reply] = fake.replies_to(request["id"])
+    [upload] = fake.media_of(reply)
+    assert len(upload["data"]) <= 5 * 1024 * 1024
+    assert Image.open(io.BytesIO(upload["data"])).size == (3200, 2400)
 
 
 def test_sensitive_original_keeps_a_sensitive_media_warning(fake: FakeX, bot: Pipeline) -> None:
