@@ -217,8 +217,10 @@ def run_throughput(args: argparse.Namespace, model: LSCCNN, device: torch.device
           f"{peak or 'unknown'} TFLOP/s): resized photos in, logits on the host out"
           f"{', torch.compile ' + (args.compile_mode or 'default') if args.compile else ''}")
     print(f"reference path (IEEE fp32, TF32 off, batch 1, whole image): {ref:.2f} photos/s")
-    print("| precision | batch | photos/s | x reference | TFLOP/s | of bf16 peak | peak GPU memory (GB) |")
-    print("|---|---|---|---|---|---|---|")
+    # fp32 reruns: photos whose half-precision logits overflowed and were run again in float32
+    # (each costs a second forward pass, so a high count explains a low rate)
+    print("| precision | batch | photos/s | x reference | TFLOP/s | of bf16 peak | peak GPU memory (GB) | fp32 reruns |")
+    print("|---|---|---|---|---|---|---|---|")
     best = None
     for precision in args.precisions:
         for batch in args.batches:
@@ -229,7 +231,7 @@ def run_throughput(args: argparse.Namespace, model: LSCCNN, device: torch.device
             tflops = rate * flops / 1e12
             share = f"{tflops / peak:.1%}" if peak else "peak unknown (--peak-tflops)"
             memory = f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f}" if device.type == "cuda" else "n/a"
-            print(f"| {precision} | {batch} | {rate:.2f} | {rate / ref:.1f} | {tflops:.1f} | {share} | {memory} |")
+            print(f"| {precision} | {batch} | {rate:.2f} | {rate / ref:.1f} | {tflops:.1f} | {share} | {memory} | {engine.overflows} |")
             best = max(best or 0.0, rate)
             engine.close()
     batch = max(args.batches)
