@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import time
+import threading
+from socket import SHUT_RDWR
 from functools import lru_cache
 from urllib.parse import urljoin, urlparse
 
@@ -57,6 +58,35 @@ def _check_address(host: str, allow_private: bool) -> str:
     return str(infos[0][4][0])
 
 
+class _Watch:
+    """The sockets of one download, shut down together when its deadline passes."""
+
+    def __init__(self) -> None:
+        self.expired = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+        if self.expired.is_set():
+            self.cut()  # opened after the deadline (a redirect's connection)
+
+    def cut(self) -> None:
+        self.expired.set()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+
+#: the current thread's download, whose connections its deadline cuts
+_watched = threading.local()
+
+
 class _CheckedConnection:
     """Mixed into urllib3's connections: the socket goes to an address checked in this very call."""
 
@@ -67,9 +97,13 @@ class _CheckedConnection:
         name = self._dns_host
         self._dns_host = _check_address(name, self.allow_private)
         try:
-            return super()._new_conn()  # type: ignore[misc]
+            sock = super()._new_conn()  # type: ignore[misc]
         finally:
             self._dns_host = name  # TLS (SNI, certificate) and the Host header keep the name
+        watch = getattr(_watched, "watch", None)
+        if watch is not None:
+            watch.add(sock)
+        return sock
 
 
 @lru_cache(maxsize=2)
@@ -116,22 +150,41 @@ def check_url(url: str, allow_private: bool) -> None:
 
 def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = False, session: requests.Session | None = None) -> bytes:
     """The body at ``url``, in memory, at most ``max_bytes``, within ``timeout_s`` for the whole
-    download, redirects included. A per-read timeout alone would let a server that sends a byte
-    a second hold a worker for as long as it likes; the deadline is checked after every socket
-    read, so a download ends at most one read timeout after it."""
-    http = checked_session(allow_private, session)
-    deadline = time.monotonic() + timeout_s
+    download, redirects included.
 
-    def left() -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise FetchError(f"the media download took longer than {timeout_s:g} s")
-        return remaining
+    A per-read timeout alone would let a server that sends a byte a second hold a worker for as
+    long as it likes, and a read can be kept waiting by bytes that never complete anything (a
+    header line, a chunk-size line, a gzip header's file name): at the deadline a watchdog shuts
+    the download's sockets down, which ends any read at once."""
+    watch = _Watch()
+    watchdog = threading.Timer(timeout_s, watch.cut)
+    watchdog.daemon = True
+    _watched.watch = watch
+    watchdog.start()
+    try:
+        return _download(url, max_bytes, timeout_s, allow_private, checked_session(allow_private, session), watch.expired)
+    except MediaTooLarge:
+        raise
+    except FetchError:
+        if watch.expired.is_set():
+            raise FetchError(f"the media download took longer than {timeout_s:g} s") from None
+        raise
+    finally:
+        watchdog.cancel()
+        _watched.watch = None
 
+
+def _download(url: str, max_bytes: int, timeout_s: float, allow_private: bool, http: requests.Session,
+              expired: threading.Event) -> bytes:
+    """:func:`fetch`'s requests, redirect by redirect, until ``expired``."""
     for _ in range(MAX_REDIRECTS + 1):
         check_url(url, allow_private)
+        if expired.is_set():
+            raise FetchError("deadline")
         try:
-            response = http.get(url, stream=True, timeout=left(), allow_redirects=False)
+            # Images need no compression, and a decoder is one more place for bytes to pile up.
+            response = http.get(url, stream=True, timeout=timeout_s, allow_redirects=False,
+                                headers={"Accept-Encoding": "identity"})
         except requests.RequestException as exc:
             raise FetchError(f"the media could not be downloaded ({type(exc).__name__})") from None
         with response:
@@ -146,15 +199,18 @@ def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = Fals
             chunks: list[bytes] = []
             total = 0
             try:
-                # read1 returns what one socket read brings, so a trickle cannot keep a read
-                # (and the deadline check after it) waiting for a full chunk.
+                # read1 returns what one socket read brings, so a trickle is checked against the
+                # deadline between reads too, not only by the watchdog.
                 while chunk := response.raw.read1(64 * 1024, decode_content=True):
                     total += len(chunk)
                     if total > max_bytes:
                         raise MediaTooLarge(f"the image is larger than {max_bytes // (1024 * 1024)} MiB")
                     chunks.append(chunk)
-                    left()
+                    if expired.is_set():
+                        raise FetchError("deadline")
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise FetchError(f"the media download failed ({type(exc).__name__})") from None
+            if expired.is_set():
+                raise FetchError("deadline")  # the cut socket reads as a (truncated) end of file
             return b"".join(chunks)
     raise FetchError("the media URL redirects too many times")
