@@ -91,6 +91,8 @@ class Lookup:
     target: Post | None
     #: the post the request replies to, if the bot could read it
     parent: Post | None = None
+    #: the post the request quotes, if the bot could read it
+    quoted: Post | None = None
     #: a post the request points at is deleted or hidden from the bot
     gone: bool = False
 
@@ -110,6 +112,8 @@ def choose_target(platform: Platform, request: Post) -> Lookup:
             continue
         if parent_id == request.in_reply_to_id:
             found.parent = post
+        else:
+            found.quoted = post
         if post.images:
             found.target = post
             return found
@@ -223,10 +227,11 @@ class MentionHandler:
         if target is None:
             if job.kind == "hashtag":
                 return "no_image"
-            if found.parent is not None and not may_see(request, found.parent):
+            hidden = [p for p in (found.parent, found.quoted) if p is not None and not may_see(request, p)]
+            if hidden:
                 # Same answer as for a post with photos: whether a post outside the requester's
                 # audience has photos is not theirs to learn.
-                self._answer(job, request, messages.NOT_YOURS, reply_visibility(found.parent, request), key)
+                self._answer(job, request, messages.NOT_YOURS, reply_visibility(hidden[0], request), key)
                 return "not_visible"
             text = messages.GONE if found.gone else messages.NO_IMAGE
             self._answer(job, request, text, reply_visibility(request, request), key)

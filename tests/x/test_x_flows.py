@@ -426,6 +426,19 @@ def test_a_photo_sent_by_dm_gets_told_how_to_ask(fake: FakeX, bot: Pipeline) -> 
     assert fake.photo_requests == [] and fake.deleted == [] and fake.deleted_dms == []
 
 
+def test_quoting_cannot_tell_a_stranger_whether_a_protected_tweet_has_photos(fake: FakeX, bot: Pipeline) -> None:
+    dave = fake.add_user("dave", protected=True)
+    with_photo = fake.tweet(dave, "for my followers", media=[fake.photo(jpeg(64))])
+    text_only = fake.tweet(dave, "for my followers, no photo")
+    eve = fake.add_user("eve")
+    for quoted in (with_photo, text_only):
+        fake.tweet(eve, "@protestbot cover this", quote=quoted)
+    assert bot.run_all() == ["not_visible", "not_visible"]
+    answers = fake.bot_dms(to=eve)
+    assert len(answers) == 2 and all(a["text"].startswith(messages.NOT_YOURS) for a in answers)
+    assert fake.bot_tweets() == []
+
+
 def test_protected_requester_with_own_photo_is_answered_by_dm(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     carol = fake.add_user("carol", protected=True)
     request = fake.tweet(carol, "@protestbot my photo", media=[fake.photo(jpeg(256))])
