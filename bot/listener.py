@@ -17,7 +17,7 @@ from typing import Callable
 
 from .handler import Job
 from .platforms.base import Event, Platform, PlatformError, RateLimited
-from .takedown import asks_deletion
+from .takedown import commands_deletion
 from .store import Store
 
 log = logging.getLogger("bot.listener")
@@ -30,7 +30,7 @@ def job_for(event: Event, my_id: str = "") -> Job:
 
     A direct message without images that replies to nothing, or replies to one of the bot's
     own posts, is a takedown request (the takedown flow tells "please delete this" from
-    "thanks!"); so is a public answer to the bot's post that asks for deletion.
+    "thanks!"); so is a public answer to the bot's post that is a command to delete.
     """
     post = event.post
     answers_me = bool(my_id) and post.in_reply_to_account_id == my_id
@@ -38,7 +38,7 @@ def job_for(event: Event, my_id: str = "") -> Job:
         kind = "hashtag"
     elif not post.images and (
         (post.visibility == "direct" and (post.in_reply_to_id is None or answers_me))
-        or (answers_me and asks_deletion(post.text))
+        or (answers_me and commands_deletion(post.text))
     ):
         kind = "takedown"
     else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import messages
 from .handler import Job
-from .platforms.base import Account, NotFound, Platform, Post
+from .platforms.base import Account, NotFound, Platform, PlatformError, Post
 from .store import Store
 
 log = logging.getLogger("bot.takedown")
@@ -22,18 +22,39 @@ _URL = re.compile(r"https?://[^\s<>\"']+")
 _ID = re.compile(r"(?<![\w@/])(\d{5,30})(?![\w/])")
 #: words that ask for deletion, at a word's start, in the languages protests are most often
 #: photographed in; a bare "thanks!" answering the bot's copy must not delete it, nor must an
-#: English word that merely begins like one ("quite", "borrow", "exclusive", "cancellation")
+#: English word that merely begins like one ("quite", "borrow", "exclusive", "cancellation",
+#: "retired")
 _DELETE_INTENT = re.compile(
     r"\b(?:delet|remov|take ?(?:it |this |that )?down|takedown|unpublish|erase|withdraw"
-    r"|l[öo]sch|entfern|supprim|retir|effac|b[oó]rr[ae]|elimin|qu[ií]ta|rimuov|cancella(?!tion)"
-    r"|verwijder|apag|exclu[aií]|usu[ńn])",
+    r"|l[öo]sch|entfern|supprim|ret[ií]r(?:a|er|ez|e-)|effac|b[oó]rr[ae]|elimin|qu[ií]ta|rimuov"
+    r"|cancella(?!tion)|verwijder|apag|exclu[aií]|usu[ńn])",
     re.IGNORECASE,
 )
+#: what may come before the command in a public answer: "please", in those languages
+_PLEASE = re.compile(
+    r"^(?:(?:please|pls|plz|kindly|bitte|por favor|per favore|s'il (?:te|vous) pla[iî]t|svp|alsjeblieft"
+    r"|prosz[eę]|por gentileza)\b[\s,.!:;-]*)*",
+    re.IGNORECASE,
+)
+_HANDLE = re.compile(r"(?<![\w/])@[\w.\-]+(?:@[\w.\-]+)?")
+
+
+def _words(text: str) -> str:
+    """The message without its @handles (replies pre-fill them: "@retired_nurse" is a name, not
+    a request) and links."""
+    return " ".join(_HANDLE.sub(" ", _URL.sub(" ", text)).split())
 
 
 def asks_deletion(text: str) -> bool:
-    """Whether a message answering the bot's copy asks for it to be deleted."""
-    return bool(_DELETE_INTENT.search(text))
+    """Whether a direct answer to the bot's copy asks for it to be deleted."""
+    return bool(_DELETE_INTENT.search(_words(text)))
+
+
+def commands_deletion(text: str) -> bool:
+    """Whether a public answer to the bot's copy is a command to delete it: a deletion word
+    first, after at most a "please". Public answers are mostly thanks and talk ("I'll delete
+    my original now", "please don't delete this"), which must not take the copy down."""
+    return bool(_DELETE_INTENT.match(_PLEASE.sub("", _words(text))))
 
 
 #: references looked up per message: each remote link costs the bot a search request
@@ -164,6 +185,14 @@ class TakedownHandler:
         return counts
 
     def _confirm(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
-        sent = self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=f"ppb-{done_key}")
-        self.store.mark_done(done_key, sent.id)
+        try:
+            sent_id = self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=f"ppb-{done_key}").id
+        except PlatformError as exc:
+            if exc.retryable or exc.status != 403:
+                raise
+            # The account takes no direct messages from the bot (X): what was asked is done,
+            # and a retry would only be refused again.
+            log.warning("confirmation_refused", extra={"dm_id": dm.id, "outcome": outcome})
+            sent_id = "confirmation-refused"
+        self.store.mark_done(done_key, sent_id)
         return outcome

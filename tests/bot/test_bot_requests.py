@@ -21,7 +21,7 @@ from bot.listener import Listener, job_for
 from bot.platforms.base import Event, NotFound, RateLimited, ServerError
 from bot.platforms.mastodon import MastodonPlatform, html_to_text
 from bot.store import Store
-from bot.takedown import TakedownHandler, asks_deletion
+from bot.takedown import TakedownHandler, asks_deletion, commands_deletion
 from bot_harness import RedisServer
 from bot_helpers import jpeg
 from fake_mastodon import TOKEN, FakeMastodon
@@ -143,11 +143,26 @@ def test_a_public_answer_to_the_copy_asking_for_deletion_deletes_it(world: World
 @pytest.mark.parametrize("text,asks", [
     ("please delete this", True), ("Take that down", True), ("bitte löschen", True), ("bórralo por favor", True),
     ("quítala", True), ("cancellala", True), ("verwijder dit", True), ("exclua", True), ("usuń to", True),
+    ("retirez-la", True), ("I am in it, please remove it", True),
     ("quite good, thanks", False), ("can I borrow this?", False), ("exclusive photo!", False),
     ("the march was cancelled", False), ("cancellation", False), ("thank you so much!", False),
+    ("Retired teachers marched too", False), ("Happy retirement", False),
+    ("@retired_nurse @bob nice one", False), ("see https://example.com/delete-me", False),
 ])
 def test_deletion_intent_words(text: str, asks: bool) -> None:
     assert asks_deletion(text) is asks
+
+
+@pytest.mark.parametrize("text,commands", [
+    ("@ppbot delete this", True), ("@ppbot @alice please take it down", True), ("Bitte löschen!", True),
+    ("please, remove this copy", True), ("@ppbot supprime-la", True),
+    ("Thanks! I'll delete my original now", False), ("Great, removing the original", False),
+    ("Please don't delete this", False), ("@ppbot great work, will delete mine", False),
+])
+def test_a_public_answer_must_be_a_command_to_delete(text: str, commands: bool) -> None:
+    """Public answers to the copy are mostly thanks and talk: only a deletion word first (after
+    at most a "please") takes the copy down."""
+    assert commands_deletion(text) is commands
 
 
 def _two_copies(world: World) -> tuple[dict[str, Any], Any, dict[str, Any], dict[str, Any]]:

@@ -22,7 +22,7 @@ from bot.platforms.x import XPlatform
 from bot.store import Store
 from bot_helpers import assert_anonymised, astronaut, face_box, jpeg, truncated_jpeg
 
-from fake_x import BEARER, KEYS, FakeX
+from fake_x import BEARER, KEYS, FakeX, problem
 from x_driver import Pipeline, make_config
 
 
@@ -437,6 +437,41 @@ def test_quoting_cannot_tell_a_stranger_whether_a_protected_tweet_has_photos(fak
     answers = fake.bot_dms(to=eve)
     assert len(answers) == 2 and all(a["text"].startswith(messages.NOT_YOURS) for a in answers)
     assert fake.bot_tweets() == []
+
+
+def test_public_answers_to_the_copy_delete_it_only_when_told_to(fake: FakeX, bot: Pipeline) -> None:
+    dave, bob = fake.add_user("dave"), fake.add_user("bob")
+    original = fake.tweet(dave, "Crowd at the square", media=[fake.photo(jpeg(128))])
+    request = fake.tweet(bob, "@protestbot cover the faces please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    [copy] = fake.replies_to(request["id"])
+    for talk in ("Thanks! I'll delete my original now", "Please don't delete this", "Retired teachers marched too"):
+        fake.tweet(bob, "@protestbot " + talk, in_reply_to=copy)
+    assert bot.run_all() == ["ignored_own_copy"] * 3 and fake.deleted == []
+    # a command deletes it; bob takes no DMs from the bot, so the confirmation is refused, and
+    # that must not fail the job (the copy is gone, which is what he asked)
+    fake.fail("POST /2/dm_conversations/with/:id/messages", 403,
+              problem(403, "Forbidden", "You cannot send messages to this user."))
+    fake.tweet(bob, "@protestbot delete this", in_reply_to=copy)
+    assert bot.run_all() == ["deleted"]
+    assert fake.deleted == [copy["id"]]
+
+
+def test_a_request_deleted_while_its_photo_is_anonymised_ends_quietly(fake: FakeX, bot: Pipeline,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # X refuses a reply to a deleted tweet with 403, not 404: still nobody left to answer.
+    dave, bob = fake.add_user("dave"), fake.add_user("bob")
+    original = fake.tweet(dave, "Crowd", media=[fake.photo(jpeg(64))])
+    request = fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    real = bot.anonymiser.anonymise
+
+    def deleted_meanwhile(data: bytes, **budgets: Any) -> Any:
+        fake.tweets.pop(request["id"], None)
+        return real(data, **budgets)
+
+    monkeypatch.setattr(bot.anonymiser, "anonymise", deleted_meanwhile)
+    assert bot.run_all() == ["request_gone"]
+    assert fake.bot_tweets() == [] and fake.bot_dms() == []
 
 
 def test_protected_requester_with_own_photo_is_answered_by_dm(fake: FakeX, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
