@@ -440,11 +440,8 @@ def test_quoting_cannot_tell_a_stranger_whether_a_protected_tweet_has_photos(fak
 
 
 def test_public_answers_to_the_copy_delete_it_only_when_told_to(fake: FakeX, bot: Pipeline) -> None:
-    dave, bob = fake.add_user("dave"), fake.add_user("bob")
-    original = fake.tweet(dave, "Crowd at the square", media=[fake.photo(jpeg(128))])
-    request = fake.tweet(bob, "@protestbot cover the faces please", in_reply_to=original)
-    assert bot.run_all() == ["replied"]
-    [copy] = fake.replies_to(request["id"])
+    _, _, request, copy = answered(fake, bot, side=128)
+    bob = fake.users[request["author_id"]]
     for talk in ("Thanks! I'll delete my original now", "Please don't delete this", "Retired teachers marched too"):
         fake.tweet(bob, "@protestbot " + talk, in_reply_to=copy)
     assert bot.run_all() == ["ignored_own_copy"] * 3 and fake.deleted == []
