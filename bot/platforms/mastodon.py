@@ -52,6 +52,7 @@ INSTANCE_TTL_S = 3600.0
 INSTANCE_RETRY_S = 60.0
 #: how much of a long content warning a reply keeps at least, so a reader still sees what it warns of
 CW_FLOOR = 60
+_LEADING_MENTION = re.compile(r"@[\w.\-]+(?:@[\w.\-]+)?\s+")
 _COUNTED_URL = re.compile(r"https?://[^\s<>\"']+")
 _REMOTE_MENTION = re.compile(r"(?<![\w/@])(@\w+)@[\w.\-]+\w")
 
@@ -102,7 +103,11 @@ def fit_status(text: str, spoiler_text: str, limit: int = MAX_CHARS) -> tuple[st
     if countable_length(text) + len(spoiler_text) <= limit:
         return text, spoiler_text
     spoiler_text = _shorten(spoiler_text, max(limit - countable_length(text), min(CW_FLOOR, limit // 2)), len)
-    return _shorten(text, limit - len(spoiler_text), countable_length), spoiler_text
+    # The leading mention says who the reply goes to: cut into it, "@bob@remote.example" could
+    # become another account, which would receive the copy.
+    mention = _LEADING_MENTION.match(text)
+    head = mention.group(0) if mention else ""
+    return head + _shorten(text[len(head):], limit - len(spoiler_text) - countable_length(head), countable_length), spoiler_text
 
 
 def _sort_key(item_id: str) -> tuple[int, str]:
@@ -368,14 +373,15 @@ class MastodonPlatform:
         found: Any = None
         for path in ("/api/v2/instance", "/api/v1/instance"):
             try:
-                found = self._json("GET", path).get("configuration")
-                break
+                body = self._json("GET", path)
             except NotFound:
                 continue
-            except PlatformError as exc:
-                log.warning("instance_unreadable", extra={"status": exc.status, "error": type(exc).__name__})
+            except (PlatformError, ValueError) as exc:  # ValueError: a 200 that is not JSON (a proxy's page)
+                log.warning("instance_unreadable", extra={"status": getattr(exc, "status", None), "error": type(exc).__name__})
                 self._configuration_until = now + INSTANCE_RETRY_S
                 return self._configuration
+            found = body.get("configuration") if isinstance(body, dict) else None
+            break
         self._configuration = found if isinstance(found, dict) else {}
         self._configuration_until = now + INSTANCE_TTL_S
         return self._configuration

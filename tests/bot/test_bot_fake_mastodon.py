@@ -9,6 +9,7 @@ from typing import Iterator
 
 import pytest
 import requests
+import responses
 
 from bot.platforms.base import MediaLimits
 from bot.platforms.mastodon import MastodonPlatform, countable_length, fit_status
@@ -111,6 +112,24 @@ def test_server_limits_are_read_from_the_instance_api_and_cached(fake: FakeMasto
     fake.configuration["media_attachments"]["image_matrix_limit"] = "lots"  # nonsense is ignored
     fresh = MastodonPlatform(fake.base_url, TOKEN)
     assert fresh.media_limits() == MediaLimits(8 * 1024 * 1024, None)
+
+
+@pytest.mark.parametrize("body,content_type", [
+    ("<html><body>Welcome</body></html>", "text/html"),  # a proxy's or a front end's page
+    ("[]", "application/json"), ("null", "application/json"),
+])
+def test_an_instance_api_answer_that_is_not_an_object_means_stock_limits(body: str, content_type: str) -> None:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        for version in ("v2", "v1"):
+            mock.add(responses.GET, f"https://social.example/api/{version}/instance", body=body, content_type=content_type)
+        platform = MastodonPlatform("https://social.example", TOKEN)
+        assert platform.media_limits() == MediaLimits()
+
+
+def test_the_leading_mention_is_never_cut() -> None:
+    """Cut into, "@bob@remote.example" could name another account, which would get the copy."""
+    text, cw = fit_status("@bob@remote.example Here is a copy of the photo", "w" * 100, 30)
+    assert text.startswith("@bob@remote.example ") and countable_length(text) + len(cw) <= 30
 
 
 def test_deleting_only_own_statuses(fake: FakeMastodon) -> None:
