@@ -480,6 +480,7 @@ class LSCCNNEngine:
         self._batch_pixels_cap: int = max_batch_pixels
         self._regrow_after = REGROW_AFTER_BATCHES
         self._good_batches = 0
+        self._halved = False
         self.autocast_dtype = PRECISIONS[precision]
         self.precision = precision
         if cuda and options.cudnn_benchmark:
@@ -686,7 +687,9 @@ class LSCCNNEngine:
             if size <= self.options.max_batch_pixels:  # type: ignore[operator]
                 self.options = replace(self.options, max_batch_pixels=max(hb * wb, size // 2))
                 self._good_batches = 0
-                self._regrow_after = min(2 * self._regrow_after, MAX_REGROW_AFTER_BATCHES)
+                if self._halved:  # the first halving needs the base streak; each later one twice the last
+                    self._regrow_after = min(2 * self._regrow_after, MAX_REGROW_AFTER_BATCHES)
+                self._halved = True
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         log.warning("lsccnn_batch_failed", extra={
