@@ -62,6 +62,10 @@ app.conf.update(
     # BOT_TASK_TIME_LIMIT below BOT_VISIBILITY_TIMEOUT); the soft limit leaves time to apologise.
     task_soft_time_limit=_TIME_LIMIT_S,
     task_time_limit=_TIME_LIMIT_S + 30,
+    # A run the hard limit kills goes back to the queue like one whose worker died, so the next
+    # run counts it as a worker loss (BOT_MAX_WORKER_LOSSES) and the requester is told in the end;
+    # acknowledged (Celery's default), the job vanished without a dead letter or a word.
+    task_acks_on_timeout=False,
     worker_hijack_root_logger=False,
     # Prefork children keep the real stderr, so their JSON job lines reach the worker log.
     worker_redirect_stdouts=False,
@@ -293,9 +297,14 @@ def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def
     if not _admit_run(task_id, job, payload, ids):
         return "dead_letter"
     try:
-        return _run(self, job, payload, ids, timer)
-    finally:
+        outcome = _run(self, job, payload, ids, timer)
+    except Exception:  # a retry being scheduled: this run ended as meant
         store().run_finished(task_id)
+        raise
+    # Not on SystemExit: that is the process being ended from outside mid-run (the hard time
+    # limit sends SIGTERM before SIGKILL), a lost run the next start must count.
+    store().run_finished(task_id)
+    return outcome
 
 
 def _run(self: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any], timer: logs.Timer) -> str:

@@ -411,6 +411,37 @@ def test_a_job_that_kills_its_worker_is_given_up_and_the_others_are_answered(
     worker.stop()
 
 
+def test_a_job_killed_by_the_hard_time_limit_is_counted_as_a_loss_not_dropped(
+        fleet: Any, fake: Any, redis_server: Any, client_app: Any, tmp_path: Any) -> None:
+    """A run stuck where the soft time limit cannot reach it (a long native call) is killed by
+    the hard limit (soft + 30 s). Celery acknowledged such a run by default: the job vanished,
+    with no dead letter and no word to the requester. It must come back like a run whose worker
+    died, be counted as a loss and, past BOT_MAX_WORKER_LOSSES, be given up with an apology."""
+    from bot import messages
+    from bot.store import Store
+
+    redis_server.clean()
+    fake.reset()
+    queue = "ppb.stuck-test"
+    stuck_list = tmp_path / "stuck-posts"
+    stuck_list.write_text("")
+    worker = fleet.launch("stuck", queues=queue, pool="prefork", concurrency=1, preload="stuck_jobs",
+                          PPB_TEST_STUCK_POSTS=str(stuck_list), BOT_TASK_TIME_LIMIT="1", BOT_MAX_WORKER_LOSSES="1")
+    fleet.ready(worker)
+    stuck = mention(fake, "mallory", side=96)
+    stuck_list.write_text(stuck["id"])
+    client_app.send_task("bot.handle", args=[E2E.job(stuck)], queue=queue)
+
+    [apology] = fake.wait_for(lambda: fake.replies_to(stuck["id"]), 120, what="the apology")
+    assert apology["visibility"] == "direct" and messages.APOLOGY in apology["content"]
+    assert "Hard time limit" in worker.log()
+    [dead] = Store.from_url(redis_server.url).dead_letters()
+    assert dead["job"]["post_id"] == stuck["id"] and dead["reason"].startswith("WorkerLost:")
+    assert worker.log().count(f"stuck_job_started {stuck['id']}") == 1, "given up without a second run"
+    assert worker.alive()
+    worker.stop()
+
+
 def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
     """A job handed over because this worker's GPU failed is neither a platform error (which
     PPBPlatformErrors watches) nor an answer (no latency is observed for it)."""
