@@ -379,6 +379,20 @@ def test_clean_shutdown_withdraws_at_once_and_finishes_running_jobs(fleet: Any, 
     assert len(fake.replies_to(status["id"])[0]["media_attachments"]) == 1
 
 
+def faulty_worker(fleet: Any, fake: Any, redis_server: Any, tmp_path: Any, preload: str, queue: str,
+                  **env: str) -> tuple[Any, Any]:
+    """A clean world and one prefork worker on ``queue`` with a fault-injection ``preload``
+    (``crash_jobs``, ``stuck_jobs``); returns it and the file listing the posts it trips on."""
+    redis_server.clean()
+    fake.reset()
+    posts = tmp_path / f"{preload}-posts"
+    posts.write_text("")
+    variable = {"crash_jobs": "PPB_TEST_CRASH_POSTS", "stuck_jobs": "PPB_TEST_STUCK_POSTS"}[preload]
+    worker = fleet.launch(preload, queues=queue, pool="prefork", concurrency=1, preload=preload, **{variable: str(posts)}, **env)
+    fleet.ready(worker)
+    return worker, posts
+
+
 def test_a_job_that_kills_its_worker_is_given_up_and_the_others_are_answered(
         fleet: Any, fake: Any, redis_server: Any, client_app: Any, tmp_path: Any) -> None:
     """A photo that makes the kernel kill the worker (out of memory) never reaches a handler:
@@ -387,14 +401,8 @@ def test_a_job_that_kills_its_worker_is_given_up_and_the_others_are_answered(
     from bot import messages
     from bot.store import Store
 
-    redis_server.clean()
-    fake.reset()
     queue = "ppb.crash-test"
-    crash_list = tmp_path / "crash-posts"
-    crash_list.write_text("")
-    worker = fleet.launch("victim", queues=queue, pool="prefork", concurrency=1, preload="crash_jobs",
-                          PPB_TEST_CRASH_POSTS=str(crash_list), BOT_MAX_WORKER_LOSSES="2")
-    fleet.ready(worker)
+    worker, crash_list = faulty_worker(fleet, fake, redis_server, tmp_path, "crash_jobs", queue, BOT_MAX_WORKER_LOSSES="2")
     hostile, ordinary = mention(fake, "mallory", side=96), mention(fake, "carol", side=96)
     crash_list.write_text(hostile["id"])
     client_app.send_task("bot.handle", args=[E2E.job(hostile)], queue=queue)
@@ -420,14 +428,9 @@ def test_a_job_killed_by_the_hard_time_limit_is_counted_as_a_loss_not_dropped(
     from bot import messages
     from bot.store import Store
 
-    redis_server.clean()
-    fake.reset()
     queue = "ppb.stuck-test"
-    stuck_list = tmp_path / "stuck-posts"
-    stuck_list.write_text("")
-    worker = fleet.launch("stuck", queues=queue, pool="prefork", concurrency=1, preload="stuck_jobs",
-                          PPB_TEST_STUCK_POSTS=str(stuck_list), BOT_TASK_TIME_LIMIT="1", BOT_MAX_WORKER_LOSSES="1")
-    fleet.ready(worker)
+    worker, stuck_list = faulty_worker(fleet, fake, redis_server, tmp_path, "stuck_jobs", queue,
+                                       BOT_TASK_TIME_LIMIT="1", BOT_MAX_WORKER_LOSSES="1")
     stuck = mention(fake, "mallory", side=96)
     stuck_list.write_text(stuck["id"])
     client_app.send_task("bot.handle", args=[E2E.job(stuck)], queue=queue)
