@@ -22,6 +22,8 @@ def listen() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    for risk in config.risks():
+        logging.getLogger("bot").warning("config_risk", extra={"risk": risk})
     from .listener import Listener
     from .platforms.registry import make
     from .routing import FleetSettings, Router, release_parked, restore_expired

@@ -29,6 +29,9 @@ def _bool(raw: str) -> bool:
 
 #: X (API v2): the app-only bearer token (filtered stream) and the OAuth 1.0a user context of
 #: the bot account (mentions, posting, media, direct messages), all from the developer portal
+#: seconds between Celery's soft time limit (the handler apologises) and its hard one (the run is killed)
+HARD_LIMIT_GRACE_S = 30
+
 X_VARIABLES = (
     ("X_BEARER_TOKEN", "x_bearer_token"),
     ("X_API_KEY", "x_api_key"),
@@ -150,6 +153,20 @@ class BotConfig:
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
         return cls(**values)  # type: ignore[arg-type]
+
+
+    def risks(self) -> list[str]:
+        """Settings that work but can misbehave, for the start-up log (tests shorten the
+        visibility timeout on purpose, so these are warnings, not errors)."""
+        found = []
+        if self.task_time_limit_s + HARD_LIMIT_GRACE_S >= self.visibility_timeout_s:
+            # Redis would hand a job still running to a second worker: two runs, two replies.
+            found.append(
+                f"BOT_TASK_TIME_LIMIT ({self.task_time_limit_s}) plus the {HARD_LIMIT_GRACE_S} s before the hard "
+                f"limit is not below BOT_VISIBILITY_TIMEOUT ({self.visibility_timeout_s}): a job still running on a "
+                "prefork worker would be handed to a second worker"
+            )
+        return found
 
 
 def _locators(env: Mapping[str, str], problems: list[str]) -> tuple[str, ...]:

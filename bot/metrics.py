@@ -102,6 +102,8 @@ def instrument(anonymiser: Any) -> Any:
         start = time.perf_counter()
         try:
             result = original(data, **budgets)
+        except DeviceFailure:
+            raise  # the GPU failed, not the photo: the worker it is handed to counts it
         except Exception:
             PHOTOS.labels("failed").inc()
             raise

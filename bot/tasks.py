@@ -34,7 +34,7 @@ from anonymiser.locators.registry import default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
-from .config import BotConfig, ConfigError, int_or_default
+from .config import HARD_LIMIT_GRACE_S, BotConfig, ConfigError, int_or_default
 from .handler import Job, MentionHandler
 from .platforms.base import PlatformError, RateLimited
 from .platforms.registry import make
@@ -61,7 +61,7 @@ app.conf.update(
     # A task should end before Redis hands its job to a second worker (keep
     # BOT_TASK_TIME_LIMIT below BOT_VISIBILITY_TIMEOUT); the soft limit leaves time to apologise.
     task_soft_time_limit=_TIME_LIMIT_S,
-    task_time_limit=_TIME_LIMIT_S + 30,
+    task_time_limit=_TIME_LIMIT_S + HARD_LIMIT_GRACE_S,
     # A run the hard limit kills goes back to the queue like one whose worker died, so the next
     # run counts it as a worker loss (BOT_MAX_WORKER_LOSSES) and the requester is told in the end;
     # acknowledged (Celery's default), the job vanished without a dead letter or a word.
@@ -84,6 +84,8 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
         # anyway and fail every job); SystemExit is not swallowed and stops the worker.
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+    for risk in settings.risks():
+        log.warning("config_risk", extra={"risk": risk})
     try:  # checks files without loading anything, so prefork workers are covered too
         resolve_names(settings.locators, settings.weights_dir or default_weights_dir())
     except (WeightsError, ValueError) as exc:

@@ -76,6 +76,16 @@ def test_valid_configuration_is_parsed() -> None:
     assert BotConfig.from_env({"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}).allow_private_addresses is False
 
 
+def test_a_time_limit_that_outlasts_the_visibility_timeout_is_flagged() -> None:
+    """Redis hands a job still running past the visibility timeout to a second worker (two runs,
+    two replies on X, which has no idempotency key): start-up logs say so."""
+    base = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}
+    assert BotConfig.from_env(base).risks() == []  # 600 + 30 < 900
+    [risk] = BotConfig.from_env(base | {"BOT_TASK_TIME_LIMIT": "880"}).risks()
+    assert "BOT_TASK_TIME_LIMIT (880)" in risk and "BOT_VISIBILITY_TIMEOUT (900)" in risk
+    assert BotConfig.from_env(base | {"BOT_TASK_TIME_LIMIT": "880", "BOT_VISIBILITY_TIMEOUT": "1200"}).risks() == []
+
+
 def test_worker_locators_are_chosen_by_name() -> None:
     """``ANON_LOCATORS`` picks the worker's locators (e.g. CPU workers without LSC-CNN when the
     weights folder is shared with GPU workers); unknown names are refused at start."""

@@ -445,6 +445,33 @@ def test_a_job_killed_by_the_hard_time_limit_is_counted_as_a_loss_not_dropped(
     worker.stop()
 
 
+def test_a_gpu_failure_is_not_counted_as_a_refused_photo() -> None:
+    """A DeviceFailure is the GPU's fault and the photo is handed to another worker, which counts
+    it; as a refused photo it would fire PPBManyRefusedPhotos, which blames the files."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from anonymiser.errors import DeviceFailure, UnsupportedImage
+    from bot import metrics
+
+    def failed() -> float:
+        return REGISTRY.get_sample_value("ppb_photos_total", {"result": "failed"}) or 0.0
+
+    def raising(error: Exception) -> Any:
+        def anonymise(data: bytes, **budgets: Any) -> Any:
+            raise error
+        return metrics.instrument(SimpleNamespace(anonymise=anonymise))
+
+    before = failed()
+    with pytest.raises(DeviceFailure):
+        raising(DeviceFailure("LSC-CNN on cuda:0 failed")).anonymise(b"x")
+    assert failed() == before
+    with pytest.raises(UnsupportedImage):
+        raising(UnsupportedImage("not an image")).anonymise(b"x")
+    assert failed() == before + 1
+
+
 def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
     """A job handed over because this worker's GPU failed is neither a platform error (which
     PPBPlatformErrors watches) nor an answer (no latency is observed for it)."""
