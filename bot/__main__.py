@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 from . import logs
 from .config import BotConfig, ConfigError
@@ -72,6 +73,62 @@ def listen() -> int:
     return 0
 
 
+class WorkerSupervisor(threading.Thread):
+    """Keeps the worker of ``run`` running, as a process supervisor would on a fleet.
+
+    A GPU worker exits on purpose (status 69) after repeated GPU failures, for a supervisor to
+    restart it; without one, the listener would go on queueing jobs nobody takes. Restarts back
+    off from 1 s to 5 minutes; a worker that refuses to start (status 2: bad configuration or
+    missing weights) will not start on retrying, so ``on_fatal`` ends the whole bot instead."""
+
+    def __init__(self, command: list[str], on_fatal: Callable[[], None], first_delay_s: float = 1.0,
+                 max_delay_s: float = 300.0) -> None:
+        super().__init__(name="worker-supervisor", daemon=True)
+        self.command = command
+        self.on_fatal = on_fatal
+        self.first_delay_s = first_delay_s
+        self.max_delay_s = max_delay_s
+        self.stopping = threading.Event()
+        self.starts = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        log = logging.getLogger("bot")
+        delay = self.first_delay_s
+        while not self.stopping.is_set():
+            with self._lock:
+                if self.stopping.is_set():
+                    return
+                self._process = subprocess.Popen(self.command)
+                self.starts += 1
+            started = time.monotonic()
+            status = self._process.wait()
+            if self.stopping.is_set():
+                return
+            if status == 2:
+                log.error("worker_refused_to_start", extra={"status": status})
+                self.on_fatal()
+                return
+            if time.monotonic() - started > 10 * self.max_delay_s:
+                delay = self.first_delay_s  # it ran a long while: a new failure, not a loop
+            log.warning("worker_exited", extra={"status": status, "restart_in_s": delay})
+            if self.stopping.wait(delay):
+                return
+            delay = min(2 * delay, self.max_delay_s)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping.set()
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def run_all() -> int:
     """One worker process beside the listener: the single-machine way to run the bot."""
     try:
@@ -82,12 +139,12 @@ def run_all() -> int:
     command = [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--loglevel", "INFO"]
     if os.environ.get("BOT_WORKER_ROLE", "").strip().lower() == "gpu":
         command += ["--pool", "threads", "--concurrency", "32"]  # one model, one GPU, many tasks
-    worker = subprocess.Popen(command)
+    supervisor = WorkerSupervisor(command, on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    supervisor.start()
     try:
         return listen()
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        supervisor.stop()
 
 
 def main(argv: list[str]) -> int:
@@ -99,4 +156,5 @@ def main(argv: list[str]) -> int:
     return 2
 
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

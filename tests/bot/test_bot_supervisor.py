@@ -1,0 +1,54 @@
+"""``python -m bot run``: the worker beside the listener is restarted when it exits, as a
+process supervisor would restart it on a fleet, and a worker that cannot start ends the bot."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bot.__main__ import WorkerSupervisor
+
+
+def _counting(tmp_path: Path, status: int) -> list[str]:
+    """A stand-in worker that notes each start in a file and exits with ``status``."""
+    starts = tmp_path / "starts"
+    return [sys.executable, "-c", f"open({str(starts)!r}, 'a').write('x'); raise SystemExit({status})"]
+
+
+def test_a_worker_that_exits_is_started_again_with_growing_pauses(tmp_path: Path) -> None:
+    # A GPU worker exits with 69 after repeated GPU failures, for its supervisor to restart it.
+    fatal = threading.Event()
+    supervisor = WorkerSupervisor(_counting(tmp_path, 69), on_fatal=fatal.set, first_delay_s=0.05, max_delay_s=0.2)
+    supervisor.start()
+    starts = tmp_path / "starts"
+    deadline = time.monotonic() + 30
+    while (not starts.exists() or starts.read_text().count("x") < 4) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    supervisor.stop()
+    supervisor.join(timeout=10)
+    assert starts.read_text().count("x") >= 4 and supervisor.starts >= 4
+    assert not fatal.is_set() and not supervisor.is_alive()
+
+
+def test_a_worker_that_refuses_to_start_ends_the_bot(tmp_path: Path) -> None:
+    # Status 2: bad configuration or missing weights, which no restart mends.
+    fatal = threading.Event()
+    supervisor = WorkerSupervisor(_counting(tmp_path, 2), on_fatal=fatal.set, first_delay_s=0.05)
+    supervisor.start()
+    assert fatal.wait(30)
+    supervisor.join(timeout=10)
+    assert supervisor.starts == 1
+
+
+def test_stopping_ends_a_running_worker(tmp_path: Path) -> None:
+    supervisor = WorkerSupervisor([sys.executable, "-c", "import time; time.sleep(60)"], on_fatal=lambda: None)
+    supervisor.start()
+    deadline = time.monotonic() + 10
+    while supervisor.starts < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    supervisor.stop()
+    supervisor.join(timeout=10)
+    assert not supervisor.is_alive() and time.monotonic() - started < 10 and supervisor.starts == 1
