@@ -72,6 +72,11 @@ app.conf.update(
 )
 
 
+#: whether this worker runs several jobs side by side in one process (a thread pool), so that a
+#: job killing the process takes the others with it (set at start)
+_side_by_side = False
+
+
 @signals.worker_init.connect
 def _validate_at_start(sender: Any = None, **_: Any) -> None:
     """Fail at start-up, with every problem listed, rather than on the first job."""
@@ -93,6 +98,8 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
         raise SystemExit(2) from None
     pool = getattr(sender, "pool_cls", "")
     pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
+    global _side_by_side
+    _side_by_side = not any(n in pool_name.lower() for n in ("prefork", "solo")) and (getattr(sender, "concurrency", 1) or 1) > 1
     if routing.settings_or_exit().role == "gpu":
         if "prefork" in pool_name.lower():
             # Each prefork child would load its own model and batch only its own photo, and a
@@ -267,9 +274,9 @@ def backoff_s(attempt: int, exc: PlatformError) -> float:
     return float(min(300, 2 ** attempt))
 
 
-def _admit_run(task_id: str, job: Job, payload: dict[str, Any], ids: dict[str, Any]) -> bool:
-    """Count this run; False (and the job dead-lettered, the requester told) when earlier runs of
-    the same delivery were lost with their worker ``BOT_MAX_WORKER_LOSSES`` times.
+def _admit_run(task_id: str, job: Job, payload: dict[str, Any], ids: dict[str, Any]) -> int | None:
+    """Count this run and return how many earlier runs of the same delivery were lost with their
+    worker; ``None`` (and the job dead-lettered, the requester told) at ``BOT_MAX_WORKER_LOSSES``.
 
     Redis hands an unacknowledged job to the next worker, which a hostile photo kills the same
     way: without this count one post could take down the whole fleet, one worker after another.
@@ -280,13 +287,32 @@ def _admit_run(task_id: str, job: Job, payload: dict[str, Any], ids: dict[str, A
     if losses < config().max_worker_losses:
         if losses:
             log.warning("worker_lost_before", extra=ids | {"losses": losses})
-        return True
+        return losses
     store().run_finished(task_id)
     store().dead_letter(payload, f"WorkerLost: the worker running this job was lost {losses} times "
                                  "(out of memory, killed or crashed)")
     log.error("dead_letter", extra=ids | {"error": "WorkerLost", "losses": losses})
     _apologise(job)
-    return False
+    return None
+
+
+def _isolate(task: Any, task_id: str, job: Job, ids: dict[str, Any]) -> None:
+    """Send a job whose last run was lost beside others to a CPU worker, if one is alive.
+
+    A worker that runs jobs side by side in one process (a GPU worker's thread pool) dies with all
+    of them when one photo kills it, and each would be charged the loss: restored together and
+    taken together again, innocent jobs would be dead-lettered with the hostile one. A prefork CPU
+    worker runs each job in its own child, so there only the hostile job's runs are lost, and
+    counted. Returns (the job runs here, counted as before) when no CPU worker would take it."""
+    try:
+        queue = _queue_elsewhere(job.kind)
+    except redis.RedisError:
+        return
+    if queue != routing.CPU_QUEUE or queue == (task.request.delivery_info or {}).get("routing_key"):
+        return
+    store().run_finished(task_id)  # counted afresh there, one job per process
+    log.warning("isolated_after_loss", extra=ids | {"requeued_to": queue})
+    raise task.retry(queue=queue, countdown=0)
 
 
 @app.task(bind=True, name="bot.handle", max_retries=None)
@@ -296,8 +322,11 @@ def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def
     timer = logs.Timer()
     ids = {"platform": job.platform, "post_id": job.post_id, "kind": job.kind, "attempt": self.request.retries + 1}
     task_id = self.request.id or f"local-{job.platform}-{job.post_id}"
-    if not _admit_run(task_id, job, payload, ids):
+    losses = _admit_run(task_id, job, payload, ids)
+    if losses is None:
         return "dead_letter"
+    if losses and _side_by_side:
+        _isolate(self, task_id, job, ids)
     try:
         outcome = _run(self, job, payload, ids, timer)
     except Exception:  # a retry being scheduled: this run ended as meant

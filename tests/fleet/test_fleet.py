@@ -419,6 +419,51 @@ def test_a_job_that_kills_its_worker_is_given_up_and_the_others_are_answered(
     worker.stop()
 
 
+def test_bystanders_of_a_job_that_kills_a_thread_pool_worker_are_answered(
+        fleet: Any, fake: Any, redis_server: Any, client_app: Any, tmp_path: Any) -> None:
+    """A GPU worker runs its jobs side by side in one process: a photo that kills it takes the
+    others down too, and each would be charged the loss, so innocent jobs restored and taken
+    together again were dead-lettered with the hostile one. A job whose run was lost goes to a
+    CPU worker instead, which runs each job in its own process: there only the hostile job's
+    runs are lost, and it alone is given up."""
+    from bot import messages
+    from bot.store import Store
+
+    redis_server.clean()
+    fake.reset()
+    crash_list = tmp_path / "crash-posts"
+    hostile, innocent = mention(fake, "mallory", side=96), mention(fake, "carol", side=96)
+    crash_list.write_text(hostile["id"])
+    faults = dict(preload="crash_jobs", PPB_TEST_CRASH_POSTS=str(crash_list), PPB_TEST_CRASH_AFTER_S="2",
+                  BOT_MAX_WORKER_LOSSES="2")
+    cpu = fleet.launch("isolating", queues=CPU_QUEUE, pool="prefork", concurrency=1, BOT_WORKER_ROLE="cpu", **faults)
+    gpu = fleet.launch("shared", queues=GPU_QUEUE, pool="threads", concurrency=2, BOT_WORKER_ROLE="gpu", **faults)
+    fleet.ready(cpu, gpu)
+    fake.hold_media()  # the innocent job is mid-download when the hostile one kills the process
+    for status in (hostile, innocent):
+        client_app.send_task("bot.handle", args=[E2E.job(status)], queue=GPU_QUEUE)
+    wait_until(lambda: not gpu.alive(), 60, "the hostile photo to kill the GPU worker")
+    fake.release_media()
+    assert handled_by(gpu, innocent)
+    time.sleep(6)  # past the tests' 5 s visibility timeout; a listener's drain would restore them
+    restore_expired(client_app)
+    again = fleet.launch("shared-again", queues=GPU_QUEUE, pool="threads", concurrency=2, BOT_WORKER_ROLE="gpu", **faults)
+    fleet.ready(again)
+
+    [reply] = fake.wait_for(lambda: fake.replies_to(innocent["id"]), 120, what="the innocent job's reply")
+    assert reply["media_attachments"], "its anonymised copy, not an apology"
+    # The hostile job kills the CPU worker's child until it is given up, unless a CPU worker of
+    # another test (without the fault) took it first.
+    [answer] = fake.wait_for(lambda: fake.replies_to(hostile["id"]), 120, what="the hostile job's answer")
+    dead = {d["job"]["post_id"]: d["reason"] for d in Store.from_url(redis_server.url).dead_letters()}
+    assert innocent["id"] not in dead
+    if messages.APOLOGY in answer["content"]:
+        assert dead[hostile["id"]].startswith("WorkerLost")
+    assert again.log().count("isolated_after_loss") == 2 and cpu.alive()
+    for worker in (cpu, again):
+        worker.stop()
+
+
 def test_a_job_killed_by_the_hard_time_limit_is_counted_as_a_loss_not_dropped(
         fleet: Any, fake: Any, redis_server: Any, client_app: Any, tmp_path: Any) -> None:
     """A run stuck where the soft time limit cannot reach it (a long native call) is killed by
