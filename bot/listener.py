@@ -10,6 +10,7 @@ and by the poll is enqueued once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -71,26 +72,35 @@ class Listener:
         self.stop = threading.Event()
         self.enqueued = 0
 
-    def handle(self, channel: str, event: Event) -> None:
-        """Enqueue the event's job once, then move the channel's cursor past it."""
+    def handle(self, channel: str, event: Event) -> bool:
+        """Enqueue the event's job once, then move the channel's cursor past it. False (the
+        cursor left before it) while another claim on the event is pending: if that one fails,
+        a later poll must still find the event."""
         me = self.platform.me()
         post = event.post
         if post.account.id != me.id and not post.account.bot:
             job = job_for(event, me.id)
             job.platform = self.platform.name
-            if self.store.first_sighting(job.platform, job.post_id, job.requester_id):
+            sighting = self.store.first_sighting(job.platform, job.post_id, job.requester_id)
+            if sighting == "claimed":
+                return False
+            if sighting == "new":
                 try:
                     self.enqueue(job)
                 except BaseException:
                     # The cursor stays put and the next poll sees the event again: it must not
-                    # find it marked as already queued.
-                    self.store.unsee(job.platform, job.post_id, job.requester_id)
+                    # find it marked as already queued. (If Redis itself is gone, the claim
+                    # expires instead.)
+                    with contextlib.suppress(Exception):
+                        self.store.unsee(job.platform, job.post_id, job.requester_id)
                     raise
+                self.store.queued(job.platform, job.post_id, job.requester_id)
                 self.enqueued += 1
                 log.info("enqueued", extra={"channel": channel, "post_id": job.post_id, "kind": job.kind})
         # The cursor moves only after the job is safely in the queue: at-least-once, and the
         # first-sighting key turns that into exactly once.
         self.store.set_cursor(self.platform.name, channel, event.id)
+        return True
 
     def catch_up(self, channel: str) -> int:
         """Poll everything newer than the channel's cursor; returns how many events were seen."""
@@ -110,7 +120,8 @@ class Listener:
             log.info("cursor_initialised", extra={"channel": channel, "cursor": start})
             return 0
         for event in events:
-            self.handle(channel, event)
+            if not self.handle(channel, event):
+                break  # the next poll starts from here again
         return len(events)
 
     def _sleep(self, seconds: float) -> None:

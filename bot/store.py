@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -16,6 +16,9 @@ PREFIX = "ppb"
 #: sorted set of parked retries, scored by when they are due
 PARKED = f"{PREFIX}:parked"
 SEEN_TTL_S = 14 * 24 * 3600
+#: how long a sighting stays claimed before its enqueue is confirmed (an enqueue takes a moment)
+CLAIM_TTL_S = 120
+Sighting = Literal["new", "claimed", "queued"]
 DONE_TTL_S = 365 * 24 * 3600
 
 
@@ -40,9 +43,22 @@ class Store:
         if current is None or (len(value), value) > (len(current), current):
             self.r.set(key, value)
 
-    def first_sighting(self, platform: str, post_id: str, requester_id: str) -> bool:
-        """True exactly once per (post, requester): the stream and the poll may both see it."""
-        return bool(self.r.set(self._seen(platform, post_id, requester_id), "1", nx=True, ex=SEEN_TTL_S))
+    def first_sighting(self, platform: str, post_id: str, requester_id: str) -> Sighting:
+        """``"new"`` exactly once per (post, requester) (the stream and the poll may both see
+        it), claimed for :data:`CLAIM_TTL_S` until :meth:`queued` confirms it; ``"queued"`` once
+        confirmed; ``"claimed"`` while another claim is pending or a failed one has not expired.
+
+        A claim that neither confirms nor is undone (Redis went away between the claim and the
+        enqueue) expires, so the event is queued on a later poll instead of being skipped for
+        the two weeks a confirmed sighting is kept."""
+        key = self._seen(platform, post_id, requester_id)
+        if self.r.set(key, "claimed", nx=True, ex=CLAIM_TTL_S):
+            return "new"
+        return "claimed" if self.r.get(key) == "claimed" else "queued"
+
+    def queued(self, platform: str, post_id: str, requester_id: str) -> None:
+        """Confirm a :meth:`first_sighting` claim: the job is in the queue."""
+        self.r.set(self._seen(platform, post_id, requester_id), "queued", ex=SEEN_TTL_S)
 
     def unsee(self, platform: str, post_id: str, requester_id: str) -> None:
         """Undo :meth:`first_sighting` when the job could not be queued, so the next poll retries it."""

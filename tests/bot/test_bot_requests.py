@@ -460,6 +460,43 @@ def test_a_mention_whose_enqueue_failed_is_queued_by_the_next_poll(world: World)
     assert [j.post_id for j in queued] == [request["id"]]
 
 
+def test_a_mention_is_not_lost_when_redis_fails_between_claim_and_enqueue(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis goes away after the sighting is claimed: the enqueue fails and so does undoing the
+    claim. The claim used to be a two-week "seen" mark, so the next poll skipped the mention and
+    moved the cursor past it; a claim now expires, and until then the cursor stays before it."""
+    from bot import store as store_module
+
+    fake = world.fake
+    queued: list[Job] = []
+    failing = {"enqueue": True}
+
+    def enqueue(job: Job) -> None:
+        if failing["enqueue"]:
+            raise redis.ConnectionError("Redis went away")
+        queued.append(job)
+
+    def unsee(*_: Any) -> None:
+        raise redis.ConnectionError("Redis went away")
+
+    listener = Listener(world.platform(), world.store, enqueue, stream=False)
+    listener.catch_up("mentions")
+    request = fake.mention(fake.add_account("alice"), "cover", media=[fake.media(jpeg(64))])
+    monkeypatch.setattr(world.store, "unsee", unsee)
+    with pytest.raises(redis.ConnectionError):
+        listener.catch_up("mentions")
+    failing["enqueue"] = False  # Redis is back; the claim has not expired yet
+    later = fake.mention(fake.add_account("bob"), "cover", media=[fake.media(jpeg(64))])
+    listener.catch_up("mentions")
+    assert queued == [], "neither queued nor skipped past while the failed claim stands"
+    key = f"{store_module.PREFIX}:seen:mastodon:{request['id']}:{request['account']['id']}"
+    assert 0 < world.store.r.ttl(key) <= store_module.CLAIM_TTL_S
+    world.store.r.delete(key)  # what its expiry does
+    listener.catch_up("mentions")
+    assert [j.post_id for j in queued] == [request["id"], later["id"]]
+    listener.catch_up("mentions")
+    assert len(queued) == 2, "each queued once"
+
+
 def test_strangers_direct_messages_reach_the_bot(world: World) -> None:
     """Mastodon 4.3+ filters direct messages from accounts the bot does not follow: unlisted
     and unstreamed. The listener turns the filter off and its polls include what was filtered."""
