@@ -325,17 +325,18 @@ def release_parked(store: Any, publish: Callable[[dict[str, Any], int], None], n
     a message the worker holds unacknowledged until it is due, and Redis hands a message held
     past the visibility timeout to another worker, so the job would run twice or more. The
     listeners' drain releases parked jobs. A job whose publishing fails is parked again for the
-    next drain.
+    next drain; one taken by a listener that died before publishing it, a few minutes later.
     """
     taken = store.take_due(time.time() if now is None else now)
     released = 0
     try:
         for entry in taken:
             publish(entry["job"], int(entry["retries"]))
+            store.released(entry)
             released += 1
     finally:
-        for entry in taken[released:]:  # taken out of Redis, not yet queued: never drop them
-            store.park(entry["job"], int(entry["retries"]), time.time())
+        for entry in taken[released:]:  # taken, not yet queued: never drop them
+            store.unrelease(entry, time.time())
     if released:
         log.info("parked_released", extra={"jobs": released})
     return released

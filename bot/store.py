@@ -15,6 +15,17 @@ import redis
 PREFIX = "ppb"
 #: sorted set of parked retries, scored by when they are due
 PARKED = f"{PREFIX}:parked"
+#: parked entries taken for publishing, by when they were taken
+RELEASING = f"{PREFIX}:releasing"
+#: a taken entry not published by then belonged to a listener that died: it is parked again
+RELEASE_GRACE_S = 300
+_MOVE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 SEEN_TTL_S = 14 * 24 * 3600
 #: how long a sighting stays claimed before its enqueue is confirmed (an enqueue takes a moment)
 CLAIM_TTL_S = 120
@@ -178,13 +189,26 @@ class Store:
         self.r.zadd(PARKED, {json.dumps(entry): due})
 
     def take_due(self, now: float, limit: int = 100) -> list[dict[str, Any]]:
-        """Remove and return the parked entries due by ``now``, oldest first. Each goes to exactly
-        one caller: the one whose ZREM removed it (several listeners may look at once)."""
-        taken = []
-        for member in self.r.zrangebyscore(PARKED, "-inf", now, start=0, num=limit):
-            if self.r.zrem(PARKED, member):
-                taken.append(json.loads(member))
-        return taken
+        """Take the parked entries due by ``now``, oldest first, for publishing. Each goes to
+        exactly one caller (several listeners may look at once), and is held in a releasing set
+        until :meth:`released` or :meth:`unrelease`: a listener killed between taking and
+        publishing leaves it there, and a drain :data:`RELEASE_GRACE_S` later parks it again."""
+        for member in self.r.zrangebyscore(RELEASING, "-inf", now - RELEASE_GRACE_S):
+            self._move(member, RELEASING, PARKED, now)
+        return [json.loads(m) for m in self.r.zrangebyscore(PARKED, "-inf", now, start=0, num=limit)
+                if self._move(m, PARKED, RELEASING, now)]
+
+    def released(self, entry: dict[str, Any]) -> None:
+        """A taken entry is in the queue now."""
+        self.r.zrem(RELEASING, json.dumps(entry))
+
+    def unrelease(self, entry: dict[str, Any], due: float) -> None:
+        """A taken entry could not be published: park it again until ``due``."""
+        self._move(json.dumps(entry), RELEASING, PARKED, due)
+
+    def _move(self, member: str, source: str, target: str, score: float) -> bool:
+        """Move ``member`` between sorted sets atomically; False if another caller moved it first."""
+        return bool(self.r.eval(_MOVE, 2, source, target, member, score))
 
     def parked(self) -> list[tuple[dict[str, Any], float]]:
         """Every parked entry with its due time (operators, tests)."""

@@ -613,3 +613,25 @@ def test_parked_jobs_survive_a_failed_release(redis_server: Any) -> None:
     assert sorted(entry["job"]["post_id"] for entry, _ in store.parked()) == ["1", "2"]
     assert release_parked(store, lambda job, retries: published.append(job["post_id"])) == 2
     assert sorted(published) == ["0", "1", "2"] and store.parked() == []
+
+
+def test_parked_jobs_taken_by_a_listener_that_died_are_parked_again(redis_server: Any) -> None:
+    """A listener killed between taking due jobs and publishing them (a restart, an OOM kill)
+    must not lose them: taken entries wait in a releasing set, and a later drain parks them
+    again once the grace period has passed."""
+    from bot.store import RELEASE_GRACE_S, Store
+
+    redis_server.clean()
+    store = Store.from_url(redis_server.url)
+    now = time.time()
+    for k in range(2):
+        store.park({"post_id": str(k), "kind": "mention"}, 1, now - 10)
+    taken = store.take_due(now)  # ... and the listener dies here
+    assert len(taken) == 2 and store.parked() == []
+    published: list[str] = []
+    assert release_parked(store, lambda job, retries: published.append(job["post_id"]), now=now + 1) == 0
+    assert release_parked(store, lambda job, retries: published.append(job["post_id"]),
+                          now=now + RELEASE_GRACE_S + 1) == 2
+    assert sorted(published) == ["0", "1"]
+    assert release_parked(store, lambda job, retries: published.append(job["post_id"]),
+                          now=now + 3 * RELEASE_GRACE_S) == 0, "each published once"
