@@ -30,6 +30,7 @@ dead letters are fleet-wide, so every worker reports the same value: aggregate w
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -195,7 +196,16 @@ def _serve(sender: Any, **_: Any) -> None:
         registry = REGISTRY
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
     registry.register(FleetCollector(redis.Redis.from_url(sender.app.conf.broker_url), hostname, settings.role))
-    _server, _thread = start_http_server(settings.metrics_port, registry=registry)
+    try:
+        _server, _thread = start_http_server(settings.metrics_port, registry=registry)
+    except OSError as exc:
+        # Celery swallows errors of signal handlers: without this line a second worker on a
+        # machine whose shared .env names one port would export nothing, silently.
+        logging.getLogger("bot.metrics").error(
+            "metrics_port_unavailable", extra={"port": settings.metrics_port, "error": exc.strerror or str(exc)}
+        )
+        return
+    logging.getLogger("bot.metrics").info("metrics_serving", extra={"port": settings.metrics_port})
 
 
 @signals.worker_process_shutdown.connect

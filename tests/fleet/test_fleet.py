@@ -517,6 +517,30 @@ def test_a_gpu_failure_is_not_counted_as_a_refused_photo() -> None:
     assert failed() == before + 1
 
 
+def test_a_metrics_port_in_use_is_logged_not_swallowed(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Two workers on one machine with one shared .env name the same port; the second cannot
+    serve it, and Celery swallows errors of signal handlers: the log must say so."""
+    import socket
+    from types import SimpleNamespace
+
+    from bot import metrics
+
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen(1)
+    try:
+        monkeypatch.setenv("BOT_METRICS_PORT", str(taken.getsockname()[1]))
+        monkeypatch.setattr(metrics, "_server", None)
+        sender = SimpleNamespace(hostname="second@host", app=SimpleNamespace(conf=SimpleNamespace(broker_url="redis://127.0.0.1:1/0")))
+        with caplog.at_level("INFO", logger="bot.metrics"):
+            metrics._serve(sender)
+        assert [r.getMessage() for r in caplog.records if r.name == "bot.metrics"] == ["metrics_port_unavailable"]
+        assert metrics._server is None
+    finally:
+        taken.close()
+
+
 def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
     """A job handed over because this worker's GPU failed is neither a platform error (which
     PPBPlatformErrors watches) nor an answer (no latency is observed for it)."""
