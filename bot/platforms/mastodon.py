@@ -387,7 +387,8 @@ class MastodonPlatform:
         return self._configuration
 
     def _limit(self, section: str, key: str) -> int | None:
-        value = (self._server_configuration().get(section) or {}).get(key)
+        part = self._server_configuration().get(section)
+        value = part.get(key) if isinstance(part, dict) else None
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     def media_limits(self) -> MediaLimits:

@@ -112,6 +112,8 @@ def test_server_limits_are_read_from_the_instance_api_and_cached(fake: FakeMasto
     fake.configuration["media_attachments"]["image_matrix_limit"] = "lots"  # nonsense is ignored
     fresh = MastodonPlatform(fake.base_url, TOKEN)
     assert fresh.media_limits() == MediaLimits(8 * 1024 * 1024, None)
+    fake.configuration["media_attachments"] = ["not", "an", "object"]
+    assert MastodonPlatform(fake.base_url, TOKEN).media_limits() == MediaLimits(None, None)
 
 
 @pytest.mark.parametrize("body,content_type", [
