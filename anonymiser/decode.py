@@ -146,8 +146,10 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
                     "Please send a still photo."
                 )
             image.load()
-            orientation = _orientation(image)
-            image = _upright(image)
+            turn = _exif_orientation(image)
+            # pillow-heif rotates HEIC pixels itself and resets the tag, keeping the original here.
+            orientation = int(image.info.get("original_orientation") or turn)
+            image = _upright(image, turn)
             had_alpha = _has_alpha(image)
             rgb = _to_srgb_array(image)
     except (ImageTooLarge, ImageTooNarrow, AnimatedImage, CorruptImage):
@@ -256,13 +258,6 @@ def _exif_orientation(image: Image.Image) -> int:
     return value if value in _TRANSPOSE else 1
 
 
-def _orientation(image: Image.Image) -> int:
-    # pillow-heif rotates HEIC pixels itself and resets the tag, keeping the original here.
-    if "original_orientation" in image.info:
-        return int(image.info["original_orientation"] or 1)
-    return _exif_orientation(image)
-
-
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -274,12 +269,12 @@ _TRANSPOSE = {
 }
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation (pillow-heif has already rotated HEIF and reset the tag).
+def _upright(image: Image.Image, orientation: int) -> Image.Image:
+    """Apply an EXIF ``orientation`` (pillow-heif has already rotated HEIF and reset the tag).
 
     Unlike ImageOps.exif_transpose this never rewrites the EXIF block (which raises on
     malformed tags); the metadata is dropped anyway."""
-    method = _TRANSPOSE.get(_exif_orientation(image))
+    method = _TRANSPOSE.get(orientation)
     return image.transpose(method) if method is not None else image
 
 

@@ -19,7 +19,7 @@ from . import messages
 from .config import BotConfig
 from .fetch import FetchError, fetch
 from .logs import Timer
-from .platforms.base import Account, NotFound, Platform, PlatformError, Post, ReplyDraft, Visibility, narrowest
+from .platforms.base import Account, NotFound, Platform, Post, ReplyDraft, Visibility, narrowest
 from .store import Store
 
 log = logging.getLogger("bot.handler")
@@ -187,10 +187,7 @@ class MentionHandler:
         (a "delete & re-draft" while its photos were being anonymised), which no retry mends."""
         try:
             return self.platform.reply(draft)
-        except PlatformError as exc:
-            # Mastodon answers 404; X answers 403 ("deleted or not visible to you").
-            if not isinstance(exc, NotFound) and (exc.retryable or exc.status != 403):
-                raise
+        except NotFound:
             try:
                 self.platform.get_post(draft.in_reply_to.id)
             except NotFound:

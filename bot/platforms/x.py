@@ -731,6 +731,9 @@ class XPlatform:
                 media_ids=media_ids or None, user_auth=True,
             )
         except PlatformError as exc:
+            if exc.status == 403 and "deleted or not visible" in str(exc):
+                # X's answer to a reply whose tweet is gone (or hidden): what NotFound means here.
+                raise NotFound(f"POST /2/tweets: the tweet {target} is deleted or not visible", 403) from None
             if exc.status == 403 and "duplicate" in str(exc).lower() and code:
                 # X refuses the same text twice: an earlier attempt did post, though the timeline
                 # did not show it yet. Look again; if still hidden, retry the job later.
