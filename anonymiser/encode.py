@@ -38,8 +38,10 @@ def _save(image: Image.Image, fmt: str, quality: int) -> bytes:
     if fmt == "png":
         image.save(buffer, format="PNG", optimize=False, compress_level=6)
     else:
-        # No exif=, icc_profile= or comment= arguments: the file carries pixels only.
-        image.save(buffer, format="JPEG", quality=quality, optimize=True, progressive=True, subsampling="4:2:0")
+        # No exif=, icc_profile= or comment= arguments: the file carries pixels only. Baseline,
+        # not progressive: at 1920x1088 a progressive file took 34 ms to write against 14 ms
+        # (the largest CPU cost of a GPU worker's photo) for a file only 4 % smaller.
+        image.save(buffer, format="JPEG", quality=quality, optimize=True, subsampling="4:2:0")
     return buffer.getvalue()
 
 

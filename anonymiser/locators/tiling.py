@@ -37,6 +37,49 @@ def tile_windows(width: int, height: int, tile_w: int, tile_h: int, overlap: int
     ]
 
 
+def _align_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def balanced_tile(width: int, height: int, overlap: int, max_pixels: int, align: int = 32) -> tuple[int, int]:
+    """The tile size ``(tile_w, tile_h)`` whose tiles (as ``tile_windows`` lays them out, with
+    ``overlap``) cover a ``width x height`` image with the least network input, each tile at
+    most ``max_pixels`` once padded to multiples of ``align``; then the fewest tiles.
+
+    Fixed square tiles waste work on ordinary photos: 1024x1024 tiles with 192 px of overlap
+    cover 1920x1088 with six tiles, 6.3 MP of network input for a 2.1 MP photo (the last row
+    and column sit flush with the edge, overlapping the others by 960 and 576 px); three
+    768x1088 tiles cover it with 2.5 MP under the same bound. Sides of split axes are multiples
+    of ``align``, so every tile pads to the same shape and a photo's tiles batch together.
+    """
+    if max_pixels < 1 or overlap < 0 or align < 1:
+        raise ValueError("max_pixels and align must be positive and overlap not negative")
+
+    def side(length: int, count: int) -> int:
+        return length if count == 1 else min(length, _align_up(-(-(length + (count - 1) * overlap) // count), align))
+
+    best: tuple[int, int, int, int] | None = None  # (padded area, tiles, tile_w, tile_h)
+    for nx in range(1, max(1, -(-width // align)) + 1):
+        tile_w = side(width, nx)
+        if nx > 1 and tile_w <= overlap:
+            break
+        # The tallest aligned tile that fits the bound at this width, and how many rows it takes.
+        tallest = max_pixels // _align_up(tile_w, align) // align * align
+        if height <= tallest:
+            ny = 1
+        elif tallest <= overlap:
+            continue
+        else:
+            ny = -(-(height - overlap) // (tallest - overlap))
+        tile_h = side(height, ny)
+        candidate = (nx * ny * _align_up(tile_w, align) * _align_up(tile_h, align), nx * ny, tile_w, tile_h)
+        if best is None or candidate[:2] < best[:2]:
+            best = candidate
+    if best is None:
+        raise ValueError(f"no tiling of {width}x{height} fits {max_pixels} pixels with overlap {overlap}")
+    return best[2], best[3]
+
+
 @dataclass(frozen=True)
 class Tile:
     """One window of a photo, resized to the detector's scale, and how to map boxes back."""
