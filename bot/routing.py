@@ -13,7 +13,8 @@
   over to the CPU queue, if a CPU worker is alive); else the CPU queue. Takedowns need no model
   and go to the CPU queue whenever a CPU worker is alive.
 * **Draining** (the listener, every ``BOT_DRAIN_INTERVAL`` seconds): jobs left in a queue that no
-  live worker consumes (a GPU outage) are moved, oldest first and atomically (``LMOVE``), to the
+  live worker consumes (a GPU outage, or Celery's default queue that an older listener published
+  to while every worker was started with ``-Q``) are moved, oldest first and atomically (``LMOVE``), to the
   queue routing would pick now. A job a dead worker had already taken comes back to its original
   queue when Redis's visibility timeout expires (Kombu restores it) and is drained from there.
 
@@ -292,7 +293,7 @@ class Router:
         if self.restore is not None:
             self.restore()
         moved: dict[str, int] = {}
-        for source in (GPU_QUEUE, CPU_QUEUE):
+        for source in (GPU_QUEUE, CPU_QUEUE, LEGACY_QUEUE):
             if self.consumers(source, workers):
                 continue
             target = self.choose("mention", workers)

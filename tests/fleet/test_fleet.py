@@ -100,6 +100,23 @@ def test_router_follows_heartbeats_and_queue_depths(redis_server: Any) -> None:
     redis_server.clean()
 
 
+def test_jobs_in_the_legacy_queue_are_drained_when_nobody_consumes_it(redis_server: Any) -> None:
+    """Jobs an older listener left in Celery's default queue reach a fleet whose workers all
+    run with -Q (here GPU only), oldest first; while a worker consumes that queue they stay."""
+    client = redis_server.client
+    redis_server.clean()
+    router = Router(client, FleetSettings(), cache_s=0)
+    beat(redis_server, "g1", "gpu", [GPU_QUEUE])
+    client.lpush(LEGACY_QUEUE, "a", "b")
+    assert router.drain() == {LEGACY_QUEUE: 2}
+    assert client.lrange(GPU_QUEUE, 0, -1) == [b"b", b"a"] and client.llen(LEGACY_QUEUE) == 0  # "a" popped first
+
+    beat(redis_server, "old", "cpu", [LEGACY_QUEUE])
+    client.lpush(LEGACY_QUEUE, "c")
+    assert router.drain() == {} and client.lrange(LEGACY_QUEUE, 0, -1) == [b"c"]
+    redis_server.clean()
+
+
 def test_fleet_settings_are_validated() -> None:
     assert FleetSettings.from_env({}) == FleetSettings()
     settings = FleetSettings.from_env({"BOT_WORKER_ROLE": "GPU", "BOT_METRICS_PORT": "9808", "BOT_HEARTBEAT_INTERVAL": "2",
