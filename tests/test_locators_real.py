@@ -385,7 +385,8 @@ def _padded_area(windows: list[tuple[int, int, int, int]], align: int = 32) -> i
 def test_balanced_tiles_cover_within_the_bound_with_less_work(width: int, height: int) -> None:
     """Balanced tiles cover every pixel with the overlap, each padded tile stays within the
     pixel bound, all of an image's tiles pad to one shape (so they batch), and the network
-    input is never more than fixed 1024x1024 tiles gave, and much less on ordinary photos."""
+    input is never more than fixed 1024x1024 tiles at the same overlap give, and much less on
+    ordinary photos."""
     bound, overlap = centerface_module.MAX_TILE_PIXELS, centerface_module.OVERLAP
     tile_w, tile_h = balanced_tile(width, height, overlap, bound)
     windows = tile_windows(width, height, tile_w, tile_h, overlap)
@@ -403,6 +404,33 @@ def test_balanced_tiles_cover_within_the_bound_with_less_work(width: int, height
     if (width, height) == (1920, 1088):
         assert (tile_w, tile_h, len(windows)) == (832, 1088, 3)  # six 1024x1024 tiles before
         assert _padded_area(windows) < 0.5 * fixed
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 4 / 3, 2.0, 2.5, 3.0])
+@pytest.mark.parametrize("width,height", [(1, 1), (5, 1), (397, 912), (511, 3000), (1023, 1000), (1920, 1088), (300, 15000)])
+def test_centerface_tiles_keep_the_plan_at_any_scale(width: int, height: int, factor: float) -> None:
+    """The tiles CenterFace really gets (cut from the source, then resized) cover the photo,
+    overlap by at least OVERLAP network pixels, pad to one shape within the pixel bound at any
+    scale (rounding the tile to source pixels once made a 2.5x tile pad past the bound), and a
+    photo that fits one tile is not cut in two."""
+    rgb = np.zeros((height, width, 3), np.uint8)
+    cut = list(CenterFaceLocator._tiles(rgb, factor))
+    covered = np.zeros((height, width), bool)
+    padded = set()
+    for tile in cut:
+        th, tw = tile.image.shape[:2]
+        x1, y1 = tile.x0 + round(tw / tile.sx), tile.y0 + round(th / tile.sy)
+        covered[tile.y0 : y1, tile.x0 : x1] = True
+        padded.add((-(-th // 32) * 32, -(-tw // 32) * 32))
+    assert covered.all()
+    assert len(padded) == 1 and all(h * w <= centerface_module.MAX_TILE_PIXELS for h, w in padded)
+    for axis in (0, 1):
+        starts = sorted({(t.x0, t.y0)[axis] for t in cut})
+        side = cut[0].image.shape[1 - axis] / (cut[0].sx, cut[0].sy)[axis]
+        assert all((a + side - b) * factor >= centerface_module.OVERLAP - 1e-6 for a, b in zip(starts, starts[1:]))
+    net_w, net_h = max(1, round(width * factor)), max(1, round(height * factor))
+    if -(-net_w // 32) * 32 * -(-net_h // 32) * 32 <= centerface_module.MAX_TILE_PIXELS:
+        assert len(cut) == 1
 
 
 def test_balanced_tile_refuses_a_bound_no_tile_fits() -> None:
