@@ -14,7 +14,8 @@
   and go to the CPU queue whenever a CPU worker is alive.
 * **Draining** (the listener, every ``BOT_DRAIN_INTERVAL`` seconds): jobs left in a queue that no
   live worker consumes (a GPU outage, or Celery's default queue that an older listener published
-  to while every worker was started with ``-Q``) are moved, oldest first and atomically (``LMOVE``), to the
+  to while every worker was started with ``-Q``; from that queue, shared by every Celery app on
+  the broker, only this bot's tasks) are moved, oldest first and atomically (``LMOVE``), to the
   queue routing would pick now. A job a dead worker had already taken comes back to its original
   queue when Redis's visibility timeout expires (Kombu restores it) and is drained from there.
 
@@ -53,6 +54,29 @@ HEARTBEAT_PREFIX = "ppb:worker:"
 #: Kombu's Redis transport keeps messages with a priority in ``<queue>\x06\x16<priority>`` lists
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
+#: Celery's default queue may hold other apps' tasks when the broker is shared; moved into this
+#: bot's queues they would be discarded as unregistered. This moves only the messages whose
+#: Celery header names a task starting with ARGV[1], newest first to the consumers' end (as
+#: the LMOVE loop), and leaves the others in their order; one script, so no consumer sees a gap.
+_MOVE_OWN_TASKS = """
+local kept, moved = {}, 0
+while true do
+  local message = redis.call('LPOP', KEYS[1])
+  if not message then break end
+  local ok, decoded = pcall(cjson.decode, message)
+  local task = ok and type(decoded) == 'table' and type(decoded['headers']) == 'table' and decoded['headers']['task']
+  if type(task) == 'string' and string.sub(task, 1, string.len(ARGV[1])) == ARGV[1] then
+    redis.call('RPUSH', KEYS[2], message)
+    moved = moved + 1
+  else
+    table.insert(kept, message)
+  end
+end
+for _, message in ipairs(kept) do redis.call('RPUSH', KEYS[1], message) end
+return moved
+"""
+#: the prefix of this bot's task names (``bot.handle``)
+TASK_PREFIX = "bot."
 
 
 @dataclass(frozen=True)
@@ -301,6 +325,9 @@ class Router:
                 continue
             count = 0
             for key in _queue_keys(source):
+                if source == LEGACY_QUEUE:
+                    count += int(self.client.eval(_MOVE_OWN_TASKS, 2, key, target, TASK_PREFIX))
+                    continue
                 # LEFT (newest) -> RIGHT (where consumers pop): the oldest job still comes out first.
                 while self.client.lmove(key, target, "LEFT", "RIGHT") is not None:
                     count += 1

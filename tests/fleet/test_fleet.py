@@ -100,20 +100,31 @@ def test_router_follows_heartbeats_and_queue_depths(redis_server: Any) -> None:
     redis_server.clean()
 
 
-def test_jobs_in_the_legacy_queue_are_drained_when_nobody_consumes_it(redis_server: Any) -> None:
+def test_jobs_in_the_legacy_queue_are_drained_when_nobody_consumes_it(redis_server: Any, client_app: Any) -> None:
     """Jobs an older listener left in Celery's default queue reach a fleet whose workers all
-    run with -Q (here GPU only), oldest first; while a worker consumes that queue they stay."""
+    run with -Q (here GPU only), oldest first; another Celery app's tasks in that shared queue
+    (and anything that is not a Celery message) stay where they are, in their order; while a
+    worker consumes the queue, nothing moves."""
     client = redis_server.client
     redis_server.clean()
     router = Router(client, FleetSettings(), cache_s=0)
     beat(redis_server, "g1", "gpu", [GPU_QUEUE])
-    client.lpush(LEGACY_QUEUE, "a", "b")
+    client_app.send_task("bot.handle", args=[{"n": 1}], queue=LEGACY_QUEUE)
+    client_app.send_task("billing.invoice", args=[1], queue=LEGACY_QUEUE)
+    client_app.send_task("bot.handle", args=[{"n": 2}], queue=LEGACY_QUEUE)
+    client.lpush(LEGACY_QUEUE, b"not json")
+    client_app.send_task("billing.invoice", args=[2], queue=LEGACY_QUEUE)
     assert router.drain() == {LEGACY_QUEUE: 2}
-    assert client.lrange(GPU_QUEUE, 0, -1) == [b"b", b"a"] and client.llen(LEGACY_QUEUE) == 0  # "a" popped first
+    moved = [json.loads(m) for m in client.lrange(GPU_QUEUE, 0, -1)]
+    assert [m["headers"]["task"] for m in moved] == ["bot.handle", "bot.handle"]
+    assert [m["headers"]["argsrepr"] for m in moved] == ["[{'n': 2}]", "[{'n': 1}]"]  # n=1 popped first
+    left = client.lrange(LEGACY_QUEUE, 0, -1)
+    assert left[1] == b"not json"
+    assert [json.loads(m)["headers"]["argsrepr"] for m in (left[0], left[2])] == ["[2]", "[1]"]
 
     beat(redis_server, "old", "cpu", [LEGACY_QUEUE])
-    client.lpush(LEGACY_QUEUE, "c")
-    assert router.drain() == {} and client.lrange(LEGACY_QUEUE, 0, -1) == [b"c"]
+    client_app.send_task("bot.handle", args=[{"n": 3}], queue=LEGACY_QUEUE)
+    assert router.drain() == {} and client.llen(LEGACY_QUEUE) == 4
     redis_server.clean()
 
 
