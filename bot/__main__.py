@@ -12,14 +12,14 @@ import time
 from typing import Callable
 
 from . import logs
-from .config import BotConfig, ConfigError
+from .config import ConfigError, check_startup
 
 
 def listen() -> int:
     """Run the listener until SIGINT/SIGTERM."""
     logs.setup()
     try:
-        config = BotConfig.from_env()
+        config = check_startup(worker=False)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -31,11 +31,7 @@ def listen() -> int:
     from .store import Store
     from .tasks import app
 
-    try:
-        fleet = FleetSettings.from_env()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    fleet = FleetSettings.from_env()  # validated above
 
     # One listener process per platform; without BOT_PLATFORM, Mastodon if configured, else X.
     name = os.environ.get("BOT_PLATFORM", "").strip().lower() or ("mastodon" if "mastodon" in config.platforms else config.platforms[0])
@@ -132,7 +128,7 @@ class WorkerSupervisor(threading.Thread):
 def run_all() -> int:
     """One worker process beside the listener: the single-machine way to run the bot."""
     try:
-        BotConfig.from_env()
+        check_startup(worker=True)  # the worker checks again, but fails before anything starts here
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -10,12 +10,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 
 class ConfigError(Exception):
-    """The environment does not describe a runnable bot."""
+    """The environment does not describe a runnable bot; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("Invalid configuration:\n  - " + "\n  - ".join(self.problems))
 
 
 def _bool(raw: str) -> bool:
@@ -151,7 +155,7 @@ class BotConfig:
         if locators:
             values["locators"] = locators
         if problems:
-            raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(problems)
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -244,3 +248,41 @@ def configured(environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     mastodon = bool(env.get("MASTODON_BASE_URL") and env.get("MASTODON_ACCESS_TOKEN"))
     return mastodon or all(env.get(name) for name, _ in X_VARIABLES)
+
+
+def check_startup(worker: bool, environ: Mapping[str, str] | None = None) -> BotConfig:
+    """Every setting a bot process reads, validated together at start-up: the bot's own, the
+    fleet's and, for a worker, the anonymiser's (``ANON_MAX_*``, ``ANON_ONNX_*``, and on a GPU
+    worker ``ANON_LSCCNN_*``), which it would otherwise first read on a job and fail it with.
+    ``ConfigError`` lists every problem at once, not the first group's."""
+    from anonymiser.limits import Limits
+    from anonymiser.locators.onnx_models import OnnxOptions
+
+    from .routing import FleetSettings  # it reads its numbers through this module
+
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    config = fleet = None
+    try:
+        config = BotConfig.from_env(env)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        fleet = FleetSettings.from_env(env)
+    except ConfigError as exc:
+        problems += exc.problems
+    if worker:
+        readers: list[Callable[[Mapping[str, str]], object]] = [Limits.from_env, OnnxOptions.from_env]  # type: ignore[list-item]
+        role = fleet.role if fleet is not None else env.get("BOT_WORKER_ROLE", "").strip().lower()
+        if role == "gpu":
+            from anonymiser.batching import EngineOptions  # loads torch: GPU workers only
+
+            readers.append(EngineOptions.from_env)
+        for read in readers:
+            try:
+                read(env)
+            except ValueError as exc:
+                problems.append(str(exc))
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config

@@ -122,7 +122,7 @@ class FleetSettings:
         number("BOT_METRICS_PORT", "metrics_port", int, 1, 65535)
         number("BOT_DEVICE_FAILURE_LIMIT", "device_failure_limit", int, 1, 1000)
         if problems:
-            raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(problems)
         return cls(**values)
 
 

@@ -34,7 +34,7 @@ from anonymiser.locators.registry import default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
-from .config import HARD_LIMIT_GRACE_S, BotConfig, ConfigError, int_or_default
+from .config import HARD_LIMIT_GRACE_S, BotConfig, ConfigError, check_startup, int_or_default
 from .handler import Job, MentionHandler
 from .platforms.base import PlatformError, RateLimited
 from .platforms.registry import make
@@ -83,7 +83,7 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
     forbid_core_dumps()  # before any photo is in memory; prefork children inherit it
     logs.setup()
     try:
-        settings = BotConfig.from_env()
+        settings = check_startup(worker=True)
     except ConfigError as exc:
         # Celery logs and swallows exceptions raised by signal handlers (the worker would start
         # anyway and fail every job); SystemExit is not swallowed and stops the worker.

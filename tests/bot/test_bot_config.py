@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import BotConfig, ConfigError
+from bot.config import BotConfig, ConfigError, check_startup
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,10 +102,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def test_listener_refuses_to_start_and_lists_the_problems() -> None:
-    done = subprocess.run([sys.executable, "-m", "bot", "listen"], cwd=REPO, env=clean_env(BOT_MAX_ATTEMPTS="x"),
+    done = subprocess.run([sys.executable, "-m", "bot", "listen"], cwd=REPO,
+                          env=clean_env(BOT_MAX_ATTEMPTS="x", BOT_HEARTBEAT_INTERVAL="0"),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "MASTODON_BASE_URL is not set" in done.stderr and "BOT_MAX_ATTEMPTS must be an integer" in done.stderr
+    assert "BOT_HEARTBEAT_INTERVAL" in done.stderr  # the fleet's settings in the same list
     assert "Traceback" not in done.stderr
 
 
@@ -115,14 +117,36 @@ def test_worker_refuses_to_start_and_lists_the_problems() -> None:
         done = subprocess.run(
             [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--pool", "solo", "-n", "badconfig@%h",
              "--without-mingle", "--without-gossip"],
-            cwd=REPO, env=clean_env(REDIS_URL="redis://127.0.0.1:9/0", MASTODON_BASE_URL="https://m.example", BOT_STREAM="maybe"),
+            cwd=REPO, env=clean_env(REDIS_URL="redis://127.0.0.1:9/0", MASTODON_BASE_URL="https://m.example", BOT_STREAM="maybe",
+                                    BOT_GPU_QUEUE_LIMIT="x", ANON_MAX_INPUT_BYTES="abc", ANON_ONNX_THREADS="-3"),
             capture_output=True, text=True, timeout=30,
         )
     except subprocess.TimeoutExpired:
         pytest.fail("the worker started despite an invalid configuration (and kept retrying Redis)")
     assert done.returncode != 0
     assert "MASTODON_ACCESS_TOKEN is not set" in done.stderr and "BOT_STREAM" in done.stderr
+    # The fleet's and the anonymiser's settings too, in the same list: the anonymiser's were
+    # once read only by the first job, so a worker announced itself ready and failed every job.
+    for name in ("BOT_GPU_QUEUE_LIMIT", "ANON_MAX_INPUT_BYTES must be an integer", "ANON_ONNX_THREADS must be at least 0"):
+        assert name in done.stderr
     assert "Cannot connect to redis" not in done.stderr
+
+
+def test_startup_check_lists_every_setting_a_process_reads() -> None:
+    """One list for the bot's, the fleet's and (workers only; GPU workers also LSC-CNN's) the
+    anonymiser's settings; a GPU role is recognised even when another fleet setting is bad."""
+    env = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t", "BOT_WORKER_ROLE": "gpu",
+           "BOT_HEARTBEAT_INTERVAL": "0", "ANON_MAX_OUTPUT_BYTES": "big", "ANON_LSCCNN_PRECISION": "fp8"}
+    with pytest.raises(ConfigError) as worker:
+        check_startup(worker=True, environ=env)
+    names = ("BOT_HEARTBEAT_INTERVAL", "ANON_MAX_OUTPUT_BYTES", "ANON_LSCCNN_PRECISION")
+    assert len(worker.value.problems) == 3
+    assert all(name in problem for name, problem in zip(names, worker.value.problems))
+    with pytest.raises(ConfigError) as listener:
+        check_startup(worker=False, environ=env)
+    assert listener.value.problems == worker.value.problems[:1]
+    good = {k: v for k, v in env.items() if k in ("MASTODON_BASE_URL", "MASTODON_ACCESS_TOKEN")}
+    assert check_startup(worker=True, environ=good) == BotConfig.from_env(good)
 
 
 @pytest.mark.parametrize("name", ["BOT_POLL_INTERVAL", "BOT_MEDIA_TIMEOUT"])
