@@ -143,12 +143,35 @@ def run_all() -> int:
         supervisor.stop()
 
 
+USAGE = """usage: python -m bot listen | run | check
+
+  listen   the listener: reads mentions and direct messages, queues jobs, drains queues
+  run      the listener and one worker process (restarted when it exits): one machine
+  check    validate the configuration (environment and .env as loaded by the caller) and exit
+           0 when a worker and a listener would start, 2 with every problem listed
+
+Workers: celery -A bot.tasks worker (see the README, "N workers on M machines, one Redis")."""
+
+
+def check() -> int:
+    """Validate every setting a worker and a listener read; print the problems or ``ok``."""
+    try:
+        check_startup(worker=True)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print("configuration ok")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["listen"]:
-        return listen()
-    if argv[:1] == ["run"]:
-        return run_all()
-    print("usage: python -m bot listen | run", file=sys.stderr)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        return 0
+    commands: dict[str, Callable[[], int]] = {"listen": listen, "run": run_all, "check": check}
+    if len(argv) == 1 and argv[0] in commands:
+        return commands[argv[0]]()
+    print(USAGE, file=sys.stderr)
     return 2
 
 

@@ -250,6 +250,14 @@ def configured(environ: Mapping[str, str] | None = None) -> bool:
     return mastodon or all(env.get(name) for name, _ in X_VARIABLES)
 
 
+def credentials_given(environ: Mapping[str, str] | None = None) -> bool:
+    """True when any platform credential is set, complete or not: the main job then runs the
+    bot, whose start-up check names what is missing, instead of quietly running the demo."""
+    env = os.environ if environ is None else environ
+    names = ["MASTODON_BASE_URL", "MASTODON_ACCESS_TOKEN"] + [name for name, _ in X_VARIABLES]
+    return any(env.get(name, "").strip() for name in names)
+
+
 def check_startup(worker: bool, environ: Mapping[str, str] | None = None) -> BotConfig:
     """Every setting a bot process reads, validated together at start-up: the bot's own, the
     fleet's and, for a worker, the anonymiser's (``ANON_MAX_*``, ``ANON_ONNX_*``, and on a GPU

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import BotConfig, ConfigError, check_startup
+from bot.config import BotConfig, ConfigError, check_startup, credentials_given
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,6 +147,38 @@ def test_startup_check_lists_every_setting_a_process_reads() -> None:
     assert listener.value.problems == worker.value.problems[:1]
     good = {k: v for k, v in env.items() if k in ("MASTODON_BASE_URL", "MASTODON_ACCESS_TOKEN")}
     assert check_startup(worker=True, environ=good) == BotConfig.from_env(good)
+
+
+def test_bot_check_and_help() -> None:
+    """``python -m bot check`` validates without starting anything; ``--help`` anywhere prints
+    the commands (it once started the listener when given after ``listen``)."""
+    def bot(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bot", *args], cwd=REPO, env=clean_env(**env),
+                              capture_output=True, text=True, timeout=60)
+
+    good = bot("check", MASTODON_BASE_URL="https://m.example", MASTODON_ACCESS_TOKEN="t")
+    assert good.returncode == 0 and "configuration ok" in good.stdout
+    bad = bot("check", MASTODON_BASE_URL="https://m.example", ANON_MAX_INPUT_BYTES="abc")
+    assert bad.returncode == 2 and "MASTODON_ACCESS_TOKEN is not set" in bad.stderr and "ANON_MAX_INPUT_BYTES" in bad.stderr
+    for args in (("--help",), ("listen", "--help")):
+        helped = bot(*args)
+        assert helped.returncode == 0 and "listen | run | check" in helped.stdout
+    assert bot("bogus").returncode == 2
+
+
+def test_main_job_runs_the_demo_only_without_any_credential(tmp_path: Path) -> None:
+    """``scripts/run`` with some credentials (a URL without its token, as a half-filled
+    .env.example leaves it) refuses with the missing ones named, instead of quietly running
+    the offline demo as if nothing had been configured."""
+    assert not credentials_given({}) and not credentials_given({"MASTODON_BASE_URL": " "})
+    assert credentials_given({"MASTODON_BASE_URL": "https://m.example"}) and credentials_given({"X_API_KEY": "k"})
+    if (REPO / ".env").exists():
+        pytest.skip("scripts/run would load this checkout's .env")
+    done = subprocess.run([str(REPO / "scripts" / "run"), str(tmp_path / "out")], cwd=REPO,
+                          env=clean_env(MASTODON_BASE_URL="https://m.example"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "MASTODON_ACCESS_TOKEN is not set" in done.stderr and "offline demo" not in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["BOT_POLL_INTERVAL", "BOT_MEDIA_TIMEOUT"])
