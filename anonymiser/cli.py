@@ -90,17 +90,17 @@ def _failure(exc: Exception) -> dict[str, str]:
 def run(argv: Sequence[str]) -> int:
     """Anonymise files; returns the process exit status (1 if any file failed)."""
     args = _parser().parse_args(argv)
-    settings = settings_from_args(args)
     try:
-        anonymiser = Anonymiser(settings, weights_dir=args.weights)
-    except AnonymiserError as exc:
+        anonymiser = Anonymiser(settings_from_args(args), weights_dir=args.weights)
+    except (AnonymiserError, ValueError) as exc:  # ValueError: a bad ANON_* variable
         print(f"anonymise: {exc}", file=sys.stderr)
         return 2
     paths = expand_inputs(args.inputs)
     if not paths:
         print("anonymise: no image files found in the given inputs", file=sys.stderr)
         return 1
-    args.outdir.mkdir(parents=True, exist_ok=True)
+    if not _make_outdir(args.outdir):
+        return 2
     reports: dict[str, dict] = {}
     used: set[Path] = set()
     failed = 0
@@ -126,18 +126,39 @@ def run(argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
-def demo(outdir: Path = Path("anonymised")) -> int:
+def _make_outdir(outdir: Path) -> bool:
+    """Create the output folder; False (and a one-line reason) when it cannot be used."""
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        print(f"anonymise: the output folder {outdir} exists and is not a folder", file=sys.stderr)
+        return False
+    except OSError as exc:
+        print(f"anonymise: cannot create the output folder {outdir}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def demo(argv: Sequence[str] = ()) -> int:
     """Anonymise scikit-image's public-domain astronaut photo (NASA) and say where it went."""
     import io
 
     from PIL import Image
     from skimage import data as skdata
 
+    parser = argparse.ArgumentParser(prog="anonymise demo", description=demo.__doc__)
+    parser.add_argument("outdir", nargs="?", type=Path, default=Path("anonymised"), help="output folder (default: ./anonymised)")
+    outdir = parser.parse_args(list(argv)).outdir
     buffer = io.BytesIO()
     Image.fromarray(skdata.astronaut()).save(buffer, format="PNG")
-    anonymiser = Anonymiser(Settings())
+    try:
+        anonymiser = Anonymiser(Settings(limits=Limits.from_env()))
+    except (AnonymiserError, ValueError) as exc:
+        print(f"anonymise: {exc}", file=sys.stderr)
+        return 2
     result = anonymiser.anonymise(buffer.getvalue())
-    outdir.mkdir(parents=True, exist_ok=True)
+    if not _make_outdir(outdir):
+        return 2
     target = outdir / ("astronaut_anonymised" + _EXTENSION[result.report.output_format])
     target.write_bytes(result.data)
     locators = ", ".join(result.report.locators)
@@ -150,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anonymise`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
-        return demo(Path(argv[1]) if len(argv) > 1 else Path("anonymised"))
+        return demo(argv[1:])
     if argv and argv[0] == "check-weights":
         from .weights_check import main as check
 

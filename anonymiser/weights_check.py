@@ -31,7 +31,7 @@ def main(argv: Sequence[str] = ()) -> int:
     weights = args.weights or default_weights_dir()
     image = _sample_image()
     broken = 0
-    print(f"weights folder: {weights}")
+    print(f"weights folder: {weights}" + ("" if weights.is_dir() else " (does not exist: only models shipped in packages can load)"))
     for name, entry in REGISTRY.items():
         if not entry.available(weights):
             print(f"  {name:11s} not installed ({entry.description})")

@@ -178,6 +178,25 @@ def test_demo_writes_the_astronaut(centerface_available: None, tmp_path: Path) -
         assert image.size == (512, 512)
 
 
+def test_bad_settings_and_outputs_are_one_line_errors(centerface_available: None, tmp_path: Path) -> None:
+    """A bad ANON_* variable, an output path that is a file and 'demo --help' give a one-line
+    reason (or the help) and exit status 2 or 0, never a traceback or a folder named --help."""
+    photo = tmp_path / "p.png"
+    photo.write_bytes(png_bytes(np.full((32, 32, 3), 200, np.uint8)))
+    for env in ({"ANON_MAX_INPUT_BYTES": "abc"}, {"ANON_ONNX_THREADS": "-3"}):
+        for args in ((photo, "-o", tmp_path / "out"), ("demo", tmp_path / "demo")):
+            proc = run_cli(*args, env=env)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            assert next(iter(env)) in proc.stderr
+    occupied = tmp_path / "a-file"
+    occupied.write_text("x")
+    proc = run_cli(photo, "-o", occupied)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a folder" in proc.stderr
+    proc = run_cli("demo", "--help", env={"ANON_WEIGHTS_DIR": str(tmp_path / "none")})
+    assert proc.returncode == 0 and "usage: anonymise demo" in proc.stdout
+    assert not (REPO / "--help").exists() and not (tmp_path / "--help").exists()
+
+
 def test_an_unexpected_error_fails_one_file_not_the_batch(
     centerface_available: None, small_astronaut: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
