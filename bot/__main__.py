@@ -128,7 +128,10 @@ class WorkerSupervisor(threading.Thread):
 def run_all() -> int:
     """One worker process beside the listener: the single-machine way to run the bot."""
     try:
-        check_startup(worker=True)  # the worker checks again, but fails before anything starts here
+        # The listener's settings; the worker process checks its own (ANON_*) when it starts, and
+        # a worker that refuses to start ends the bot (scripts/run checks both beforehand with
+        # `python -m bot check`, in a process of its own: on a GPU machine that check loads torch).
+        check_startup(worker=False)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

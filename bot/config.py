@@ -242,14 +242,6 @@ def int_or_default(name: str, default: int, environ: Mapping[str, str] | None = 
         return default
 
 
-def configured(environ: Mapping[str, str] | None = None) -> bool:
-    """True when the credentials of at least one platform are present (the main job then runs
-    the bot)."""
-    env = os.environ if environ is None else environ
-    mastodon = bool(env.get("MASTODON_BASE_URL") and env.get("MASTODON_ACCESS_TOKEN"))
-    return mastodon or all(env.get(name) for name, _ in X_VARIABLES)
-
-
 def credentials_given(environ: Mapping[str, str] | None = None) -> bool:
     """True when any platform credential is set, complete or not: the main job then runs the
     bot, whose start-up check names what is missing, instead of quietly running the demo."""
