@@ -12,16 +12,23 @@ import time
 from typing import Callable
 
 from . import logs
-from .config import ConfigError, check_startup
+from .config import BotConfig, ConfigError, check_startup
 
 
-def listen() -> int:
-    """Run the listener until SIGINT/SIGTERM."""
-    logs.setup()
+def _checked(worker: bool) -> BotConfig | None:
+    """The start-up check; None (and every problem on stderr) when it fails."""
     try:
-        config = check_startup(worker=False)
+        return check_startup(worker=worker)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def listen(config: BotConfig | None = None) -> int:
+    """Run the listener until SIGINT/SIGTERM (``config``: already checked by the caller)."""
+    logs.setup()
+    config = config or _checked(worker=False)
+    if config is None:
         return 2
     for risk in config.risks():
         logging.getLogger("bot").warning("config_risk", extra={"risk": risk})
@@ -127,13 +134,11 @@ class WorkerSupervisor(threading.Thread):
 
 def run_all() -> int:
     """One worker process beside the listener: the single-machine way to run the bot."""
-    try:
-        # The listener's settings; the worker process checks its own (ANON_*) when it starts, and
-        # a worker that refuses to start ends the bot (scripts/run checks both beforehand with
-        # `python -m bot check`, in a process of its own: on a GPU machine that check loads torch).
-        check_startup(worker=False)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    # The listener's settings; the worker process checks its own (ANON_*) when it starts, and a
+    # worker that refuses to start ends the bot (scripts/run checks both beforehand with
+    # `python -m bot check`, in a process of its own: on a GPU machine that check loads torch).
+    config = _checked(worker=False)
+    if config is None:
         return 2
     command = [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--loglevel", "INFO"]
     if os.environ.get("BOT_WORKER_ROLE", "").strip().lower() == "gpu":
@@ -141,7 +146,7 @@ def run_all() -> int:
     supervisor = WorkerSupervisor(command, on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM))
     supervisor.start()
     try:
-        return listen()
+        return listen(config)
     finally:
         supervisor.stop()
 
@@ -158,10 +163,7 @@ Workers: celery -A bot.tasks worker (see the README, "N workers on M machines, o
 
 def check() -> int:
     """Validate every setting a worker and a listener read; print the problems or ``ok``."""
-    try:
-        check_startup(worker=True)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    if _checked(worker=True) is None:
         return 2
     print("configuration ok")
     return 0
