@@ -134,8 +134,10 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
             if width <= 0 or height <= 0:
                 raise CorruptImage("The image has no pixels.")
             if max(width, height) > limits.max_aspect_ratio * min(width, height):
+                # Named as viewers show it: a phone strip stored sideways is shown upright.
+                shown = (height, width) if _exif_orientation(image) in _SIDEWAYS else (width, height)
                 raise ImageTooNarrow(
-                    f"The image is {width}x{height}, a strip rather than a photo; "
+                    f"The image is {shown[0]}x{shown[1]}, a strip rather than a photo; "
                     f"at most {limits.max_aspect_ratio}:1 between its sides is accepted."
                 )
             # HEIF containers often hold extra images (thumbnails, depth, bursts): we use the
@@ -257,6 +259,9 @@ def _exif_orientation(image: Image.Image) -> int:
         return 1
     return value if value in _TRANSPOSE else 1
 
+
+# Orientations whose upright image swaps width and height.
+_SIDEWAYS = frozenset({5, 6, 7, 8})
 
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,

@@ -474,6 +474,14 @@ def test_strips_are_refused_before_decoding(width: int, height: int) -> None:
     assert decode(png_bytes(np.zeros((100, 5000, 3), np.uint8))).rgb.shape == (100, 5000, 3)
 
 
+@pytest.mark.parametrize("orientation,shown", [(1, "5100x100"), (6, "100x5100"), (8, "100x5100")])
+def test_a_refused_strip_is_named_as_viewers_see_it(orientation: int, shown: str) -> None:
+    """A phone's panorama stored sideways: the refusal names the size its sender saw."""
+    data = jpeg_with_metadata(np.zeros((100, 5100, 3), np.uint8), orientation=orientation)
+    with pytest.raises(errors.ImageTooNarrow, match=f"The image is {shown},"):
+        decode(data)
+
+
 # --------------------------------------------------------------------------- broken files
 
 
