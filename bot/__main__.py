@@ -163,8 +163,11 @@ Workers: celery -A bot.tasks worker (see the README, "N workers on M machines, o
 
 def check() -> int:
     """Validate every setting a worker and a listener read; print the problems or ``ok``."""
-    if _checked(worker=True) is None:
+    config = _checked(worker=True)
+    if config is None:
         return 2
+    for risk in config.risks():
+        print(f"warning: {risk}", file=sys.stderr)
     print("configuration ok")
     return 0
 

@@ -170,6 +170,11 @@ class BotConfig:
                 f"limit is not below BOT_VISIBILITY_TIMEOUT ({self.visibility_timeout_s}): a job still running on a "
                 "prefork worker would be handed to a second worker"
             )
+        if self.hashtags and "x" in self.platforms:
+            found.append(
+                "BOT_HASHTAGS is not watched on X (its rules and, since 23 Feb 2026, its API refuse replies to "
+                "authors who did not mention the bot): the X listener answers mentions only"
+            )
         return found
 
 

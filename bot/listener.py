@@ -62,6 +62,9 @@ class Listener:
         self.platform = platform
         self.store = store
         self.enqueue = enqueue
+        if hashtags and not platform.watches_hashtags:
+            log.warning("hashtags_not_watched", extra={"platform": platform.name, "tags": len(hashtags)})
+            hashtags = ()
         self.channels = ["mentions"] + [f"tag:{t}" for t in hashtags]
         if hasattr(platform, "dms_since"):
             self.channels.append("dms")  # platforms whose direct messages are not mentions (X)

@@ -129,6 +129,8 @@ class Platform(Protocol):
     """What the listener, the tasks and the takedown flow need from a social network."""
 
     name: str
+    #: whether the bot may answer posts of a watched hashtag, whose authors never asked it
+    watches_hashtags: bool
 
     def me(self) -> Account: ...
 
@@ -144,7 +146,8 @@ class Platform(Protocol):
         ...
 
     def hashtag_since(self, tag: str, since_id: str | None) -> list[Event]:
-        """Public posts with ``tag`` newer than ``since_id``, oldest first."""
+        """Public posts with ``tag`` newer than ``since_id``, oldest first (only where
+        ``watches_hashtags``)."""
         ...
 
     def stream(self, channel: str) -> Iterator[Event | None]:

@@ -128,6 +128,7 @@ class MastodonPlatform:
     """A Mastodon account the bot acts as."""
 
     name = "mastodon"
+    watches_hashtags = True
 
     def __init__(self, base_url: str, token: str, timeout_s: float = 20.0, session: requests.Session | None = None) -> None:
         self.base_url = base_url.rstrip("/")

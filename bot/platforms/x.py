@@ -22,6 +22,8 @@ What maps how (see README, "X"):
 - **Rate limits** are per endpoint on X: ``x-rate-limit-remaining``/``x-rate-limit-reset``
   (epoch seconds, plus the 24-hour posting limits) are tracked per route; a route whose budget
   is spent is refused locally until its reset, and a 429 becomes ``RateLimited`` with that wait.
+- **No hashtags**: the bot answers mentions only (``watches_hashtags``); X's rules and, since
+  23 Feb 2026, its API refuse automated replies to authors who did not mention the bot.
 - **Streaming** uses the filtered stream (``GET /2/tweets/search/stream``, app-only bearer
   token) with one rule per channel; lower access tiers get 403 there, which raises
   ``StreamUnavailable`` so that the listener polls.
@@ -213,6 +215,10 @@ class XPlatform:
     """An X account the bot acts as (OAuth 1.0a user context; app-only bearer for the stream)."""
 
     name = "x"
+    #: X's developer rules forbid automated replies to people who did not ask ("auto-replies to
+    #: anyone mentioning a keyword"), and since 23 Feb 2026 its API refuses a reply unless the
+    #: author mentioned or quoted the replying account: on X the bot answers mentions only.
+    watches_hashtags = False
 
     def __init__(
         self,
@@ -484,24 +490,6 @@ class XPlatform:
         )
         return [Event("mention", str(t["id"]), self.parse_tweet(t, includes)) for t in tweets if not self._retweet(t)]
 
-    def _tag_query(self, tag: str) -> str:
-        return f"#{tag} has:images -is:retweet -from:{self.me().acct}"
-
-    def hashtag_since(self, tag: str, since_id: str | None) -> list[Event]:
-        route = "GET /2/tweets/search/recent"
-        params = dict(expansions=EXPANSIONS, tweet_fields=TWEET_FIELDS, media_fields=MEDIA_FIELDS,
-                      user_fields=USER_FIELDS, user_auth=True)
-        try:
-            tweets, includes = self._pages(route, self.client.search_recent_tweets, since_id, self._tag_query(tag), **params)
-        except PlatformError as exc:
-            if exc.status != 400 or not _since(since_id):
-                raise
-            # Recent search only reaches back 7 days; a cursor older than that is refused.
-            # Start again from the newest posts (what was missed is older than a week).
-            log.warning("hashtag_cursor_too_old", extra={"tag": tag, "cursor": since_id})
-            tweets, includes = self._pages(route, self.client.search_recent_tweets, None, self._tag_query(tag), **params)
-        return [Event("hashtag", str(t["id"]), self.parse_tweet(t, includes), tag=tag) for t in tweets]
-
     def dms_since(self, since_id: str | None) -> list[Event]:
         """Direct messages to (and from) the bot newer than ``since_id``, oldest first.
 
@@ -549,8 +537,6 @@ class XPlatform:
         me = self.me().acct
         if channel == "mentions":
             return f"@{me} -from:{me} -is:retweet"
-        if channel.startswith("tag:"):
-            return self._tag_query(channel[4:])
         raise ValueError(f"unknown channel {channel!r}")
 
     def _ensure_rule(self, channel: str) -> None:
@@ -615,10 +601,7 @@ class XPlatform:
                     yield None  # another channel's tweet on the same app's stream
                     continue
                 post = self.parse_tweet(payload["data"], _Includes().add(payload.get("includes")))
-                if channel == "mentions":
-                    yield Event("mention", post.id, post)
-                else:
-                    yield Event("hashtag", post.id, post, tag=channel[4:])
+                yield Event("mention", post.id, post)
         except (requests.RequestException, ValueError) as exc:
             raise StreamUnavailable(f"stream dropped: {type(exc).__name__}") from None
         finally:

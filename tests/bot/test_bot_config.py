@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import BotConfig, ConfigError, check_startup, credentials_given
+from bot.config import X_VARIABLES, BotConfig, ConfigError, check_startup, credentials_given
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -160,6 +160,9 @@ def test_bot_check_and_help() -> None:
     assert good.returncode == 0 and "configuration ok" in good.stdout
     bad = bot("check", MASTODON_BASE_URL="https://m.example", ANON_MAX_INPUT_BYTES="abc")
     assert bad.returncode == 2 and "MASTODON_ACCESS_TOKEN is not set" in bad.stderr and "ANON_MAX_INPUT_BYTES" in bad.stderr
+    x_keys = {name: "k" for name, _ in X_VARIABLES}
+    tagged = bot("check", MASTODON_BASE_URL="https://m.example", MASTODON_ACCESS_TOKEN="t", BOT_HASHTAGS="protest", **x_keys)
+    assert tagged.returncode == 0 and "warning: BOT_HASHTAGS is not watched on X" in tagged.stderr
     for args in (("--help",), ("listen", "--help")):
         helped = bot(*args)
         assert helped.returncode == 0 and "listen | run | check" in helped.stdout

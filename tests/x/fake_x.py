@@ -469,6 +469,10 @@ class FakeX:
         parent = self.tweets.get((payload.get("reply") or {}).get("in_reply_to_tweet_id", ""))
         if payload.get("reply") and parent is None:
             return self._answer(403, problem(403, "Forbidden", "You attempted to reply to a Tweet that is deleted or not visible to you."))
+        if parent is not None and not self._invited(parent):
+            # Since 23 Feb 2026 (@XDevelopers) self-serve tiers may reply only where the author
+            # mentioned or quoted the replying account. The exact wording is not documented.
+            return self._answer(403, problem(403, "Forbidden", "Reply to this conversation is not allowed: the author did not mention or quote you."))
         tweet = self.tweet(self.bot, text, in_reply_to=parent)
         tweet["text"] = text  # no t.co for uploaded media in this fake: the text stays as sent
         if media_ids:
@@ -477,6 +481,15 @@ class FakeX:
                 url = f"https://pbs.twimg.com/media/B{media_id[-8:]}x.jpg"
                 self.media[f"3_{media_id}"] = {"media_key": f"3_{media_id}", "type": "photo", "url": url}
         return self._answer(201, {"data": {"id": tweet["id"], "text": text, "edit_history_tweet_ids": [tweet["id"]]}})
+
+    def _invited(self, parent: dict[str, Any]) -> bool:
+        """Whether ``parent``'s author mentioned the bot in it or quoted one of the bot's tweets."""
+        if parent["author_id"] == self.bot["id"]:
+            return True  # a thread of its own
+        if any(m["id"] == self.bot["id"] for m in parent.get("entities", {}).get("mentions", [])):
+            return True
+        quoted = [r["id"] for r in parent.get("referenced_tweets", []) if r["type"] == "quoted"]
+        return any(self.tweets.get(q, {}).get("author_id") == self.bot["id"] for q in quoted)
 
     def _delete_tweet(self, request: Any, query: dict[str, str], tweet_id: str) -> tuple[int, dict[str, str], str]:
         tweet = self.tweets.get(tweet_id)

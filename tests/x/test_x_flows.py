@@ -17,7 +17,7 @@ from PIL import Image
 from bot import messages
 from bot.handler import Job
 from bot.listener import Listener
-from bot.platforms.base import RateLimited, ServerError, StreamUnavailable
+from bot.platforms.base import PlatformError, RateLimited, ReplyDraft, ServerError, StreamUnavailable
 from bot.platforms.x import XPlatform
 from bot.store import Store
 from bot_helpers import assert_anonymised, astronaut, face_box, jpeg, truncated_jpeg
@@ -84,20 +84,27 @@ def test_mention_with_photo_gets_reply_with_covered_image_and_alt_text(fake: Fak
     assert bot.store.reply_for("x", request["id"], alice["id"]) == reply["id"]
 
 
-def test_hashtag_post_gets_reply_and_tweets_without_photos_are_not_picked_up(fake: FakeX, bot: Pipeline) -> None:
+def test_hashtags_are_not_watched_on_x_and_x_refuses_uninvited_replies(
+    fake: FakeX, bot: Pipeline, x: XPlatform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """X forbids automated replies to people who did not ask, and its API refuses them since
+    23 Feb 2026: with ``BOT_HASHTAGS`` set, the X listener still answers mentions only."""
+    assert bot.listener.channels == ["mentions", "dms"]
     carol = fake.add_user("carol")
     post = fake.tweet(carol, "March for the climate #Protest", media=[fake.photo(jpeg(256))])
-    fake.tweet(carol, "no photo here #protest")
-
-    jobs = bot.poll()
-    assert [(j.kind, j.post_id) for j in jobs] == [("hashtag", post["id"])]
-    assert bot.run(jobs[0]) == "replied"
-    [reply] = fake.bot_tweets()
-    assert fake.replies_to(post["id"]) == [reply]
-    assert reply["text"].startswith("@carol Here is an anonymised copy")
-    assert fake.media_of(reply)[0]["category"] == "tweet_image"
-    assert any(m == "GET" and p == "/2/tweets/search/recent" for m, p in fake.log)
-
+    assert bot.poll() == []
+    assert not any(p == "/2/tweets/search/recent" for _, p in fake.log), "no hashtag search at all"
+    with caplog.at_level("WARNING", logger="bot.listener"):
+        Listener(x, bot.store, lambda job: None, hashtags=("protest",))
+    assert [r.msg for r in caplog.records] == ["hashtags_not_watched"]
+    # The fake is faithful to that refusal: a reply to a tweet that did not mention the bot.
+    with pytest.raises(PlatformError) as refused:
+        x.reply(ReplyDraft(in_reply_to=x.get_post(post["id"]), text="@carol hello", visibility="public"))
+    assert refused.value.status == 403 and fake.bot_tweets() == []
+    # A mention is still answered: its author mentioned the bot.
+    request = fake.tweet(carol, "@protestbot cover the faces please", in_reply_to=post)
+    assert bot.run_all() == ["replied"]
+    assert len(fake.replies_to(request["id"])) == 1
 
 def test_mention_replying_to_a_photo_tweet_anonymises_the_parent(fake: FakeX, bot: Pipeline) -> None:
     _, original, request, reply = answered(fake, bot, side=512)
