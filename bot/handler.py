@@ -252,7 +252,8 @@ class MentionHandler:
 
         results, failures = self._anonymise_all(target)
         if not results:
-            self._answer(job, request, messages.failed_all(failures), visibility, key)
+            if job.kind != "hashtag":  # the author of a hashtag post never asked the bot
+                self._answer(job, request, messages.failed_all(failures), visibility, key)
             return "failed"
         heads = sum(r.report.heads_covered for r in results)
         media_ids = [

@@ -209,7 +209,10 @@ def run_job(job: Job) -> str:
 
 
 def _apologise(job: Job) -> None:
-    """Best effort: tell the requester we gave up, so they are not left in silence."""
+    """Best effort: tell the requester we gave up, so they are not left in silence. Nobody
+    asked for a hashtag job: its author gets no message from the bot about it."""
+    if job.kind == "hashtag":
+        return
     try:
         client = platform(job.platform)
         request = client.get_post(job.post_id)

@@ -8,7 +8,7 @@ import re
 from bot import messages
 from bot.platforms.mastodon import html_to_text
 from bot_helpers import assert_anonymised, astronaut, face_box, jpeg, png, truncated_jpeg
-from bot_harness import MAX_MEDIA_BYTES, E2E
+from bot_harness import JOB_TIMEOUT_S, MAX_ATTEMPTS, MAX_MEDIA_BYTES, E2E
 
 
 def text_of(status: dict) -> str:
@@ -64,6 +64,21 @@ def test_hashtag_post_gets_reply(e2e: E2E) -> None:
     assert reply["visibility"] == "public"
     assert_anonymised(fake.upload_of(reply["media_attachments"][0]), astronaut(512), face_box(512))
     assert fake.upload_of(reply_both["media_attachments"][0])[:8] == b"\x89PNG\r\n\x1a\n", "a PNG stays a PNG"
+
+
+def test_hashtag_authors_hear_nothing_when_their_post_fails(e2e: E2E) -> None:
+    """The author of a hashtag post never asked the bot: neither "could not anonymise" nor an
+    apology after the job is given up may reach them (a mention gets both)."""
+    fake = e2e.fake
+    carol = fake.add_account("carol")
+    e2e.listen(hashtags=("protest",))
+    outage = fake.fail("POST", r"/api/v2/media", 503, times=1000)
+    fake.post(carol, "March #protest", media=[fake.media(truncated_jpeg())])
+    fake.post(carol, "Square #protest", media=[fake.media(jpeg(256))])
+    fake.wait_for(lambda: len(e2e.store.dead_letters()) == 1, JOB_TIMEOUT_S, what="the second post's dead letter")
+    e2e.settle()
+    assert len(outage.hits) == MAX_ATTEMPTS, "the second post was tried, then given up"
+    assert fake.bot_posts() == [], "no failure note, no apology"
 
 
 def test_mention_in_reply_to_a_photo_post_anonymises_the_parent(e2e: E2E) -> None:
