@@ -217,7 +217,8 @@ class MastodonPlatform:
             id=str(data["id"]),
             account=cls.parse_account(data["account"]),
             text=html_to_text(data.get("content", "")),
-            visibility=known_visibility(data.get("visibility", "public")),
+            # Missing counts as the narrowest, like an unknown word: it must never widen an audience.
+            visibility=known_visibility(data.get("visibility")),
             sensitive=bool(data.get("sensitive")),
             spoiler_text=data.get("spoiler_text", "") or "",
             in_reply_to_id=str(data["in_reply_to_id"]) if data.get("in_reply_to_id") else None,

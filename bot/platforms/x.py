@@ -373,7 +373,8 @@ class XPlatform:
     @classmethod
     def parse_tweet(cls, tweet: dict[str, Any], includes: _Includes) -> Post:
         author_id = str(tweet.get("author_id", ""))
-        user = includes.users.get(author_id) or {"id": author_id, "username": author_id}
+        # An author the response did not include may be protected: assume so, never the reverse.
+        user = includes.users.get(author_id) or {"id": author_id, "username": author_id, "protected": True}
         account = cls.parse_account(user)
         note = tweet.get("note_tweet") or {}
         text = _expand(note.get("text") or tweet.get("text", ""), note.get("entities") if note.get("text") else tweet.get("entities"))

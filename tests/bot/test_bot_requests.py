@@ -356,6 +356,8 @@ def test_a_local_followers_only_post_is_never_reposted_in_public(world: World) -
 def test_an_unknown_visibility_counts_as_direct(world: World) -> None:
     status = {"id": "1", "account": {"id": "2", "acct": "a"}, "visibility": "local", "content": ""}
     assert MastodonPlatform.parse_post(status).visibility == "direct"
+    del status["visibility"]  # a server or relay that leaves it out
+    assert MastodonPlatform.parse_post(status).visibility == "direct"
 
 
 def test_the_reply_says_which_attachments_were_not_anonymised(world: World) -> None:

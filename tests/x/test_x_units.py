@@ -12,7 +12,7 @@ import pytest
 from bot import messages
 from bot.config import BotConfig, ConfigError
 from bot.platforms.registry import make
-from bot.platforms.x import TWEET_LIMIT, XPlatform, fit, marker, weighted_length
+from bot.platforms.x import TWEET_LIMIT, XPlatform, _Includes, fit, marker, weighted_length
 
 REPO = Path(__file__).resolve().parents[2]
 X_ENV = {"X_BEARER_TOKEN": "b", "X_API_KEY": "k", "X_API_SECRET": "s", "X_ACCESS_TOKEN": "t", "X_ACCESS_TOKEN_SECRET": "ts"}
@@ -100,3 +100,13 @@ def test_replies_fit_in_a_tweet_and_keep_their_marker() -> None:
     cut = fit("word " * 100, code, TWEET_LIMIT)
     assert weighted_length(cut) <= TWEET_LIMIT and "…\n\nref" in cut
     assert weighted_length("日本語") == 6 and weighted_length("see https://example.org/a/very/long/path/indeed") == 27
+
+
+def test_a_tweet_whose_author_is_missing_counts_as_protected() -> None:
+    """``includes.users`` may leave an author out (suspended meanwhile, a partial answer): the
+    tweet is then treated as a protected account's, answered by DM, never copied in public."""
+    tweet = {"id": "5", "text": "crowd", "author_id": "7"}
+    post = XPlatform.parse_tweet(tweet, _Includes())
+    assert post.account.locked and post.visibility == "private"
+    shown = _Includes().add({"users": [{"id": "7", "username": "dave", "protected": False}]})
+    assert XPlatform.parse_tweet(tweet, shown).visibility == "public"
