@@ -45,6 +45,10 @@ X_VARIABLES = (
 )
 
 
+#: images one post may carry on X and on a stock Mastodon server
+MAX_IMAGES_PER_POST = 4
+
+
 @dataclass(frozen=True)
 class BotConfig:
     """Validated settings of the listener and the workers."""
@@ -126,14 +130,15 @@ class BotConfig:
                 tags.append(tag.lower())
         values["hashtags"] = tuple(dict.fromkeys(tags))
 
-        def number(name: str, key: str, kind: type, minimum: float) -> None:
-            value = read_number(env, name, kind, problems, low=minimum)
+        def number(name: str, key: str, kind: type, minimum: float, maximum: float = math.inf) -> None:
+            value = read_number(env, name, kind, problems, low=minimum, high=maximum)
             if value is not None:
                 values[key] = value
 
         number("BOT_MAX_MEDIA_BYTES", "max_media_bytes", int, 1)
         number("BOT_MEDIA_TIMEOUT", "media_timeout_s", float, 0.1)
-        number("BOT_MAX_IMAGES", "max_images", int, 1)
+        # Every copy is one post: X and stock Mastodon servers take at most 4 images in one.
+        number("BOT_MAX_IMAGES", "max_images", int, 1, MAX_IMAGES_PER_POST)
         number("BOT_RATE_PER_ACCOUNT_HOUR", "per_account_per_hour", int, 1)
         number("BOT_RATE_GLOBAL_HOUR", "global_per_hour", int, 1)
         number("BOT_TAKEDOWNS_PER_ACCOUNT_HOUR", "takedowns_per_account_per_hour", int, 1)

@@ -54,6 +54,11 @@ def test_every_invalid_variable_is_listed_in_one_error() -> None:
     ]
     assert "'not-a-tag'" in found[3]
     assert "got 'forty megabytes'" in found[4]
+    base = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}
+    assert BotConfig.from_env(base | {"BOT_MAX_IMAGES": "4"}).max_images == 4
+    # A fifth image would make every larger post's copy a refused post, then a dead letter.
+    with pytest.raises(ConfigError, match="BOT_MAX_IMAGES"):
+        BotConfig.from_env(base | {"BOT_MAX_IMAGES": "5"})
 
 
 def test_valid_configuration_is_parsed() -> None:
