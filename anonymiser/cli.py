@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 def _output_path(outdir: Path, source: Path, fmt: str, used: set[Path]) -> Path:
     candidate = outdir / (source.stem + "_anonymised" + _EXTENSION[fmt])
     counter = 2
-    while candidate in used:
+    # Never over a file already there: with ``-o`` naming the input folder, an earlier run's
+    # output (or a photo that happens to carry the name) would be lost.
+    while candidate in used or candidate.exists():
         candidate = outdir / f"{source.stem}_anonymised_{counter}{_EXTENSION[fmt]}"
         counter += 1
     used.add(candidate)

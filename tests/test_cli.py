@@ -222,3 +222,17 @@ def test_an_unexpected_error_fails_one_file_not_the_batch(
         "error": "internal_error", "message": "unexpected MemoryError while anonymising this file"}
     assert (tmp_path / "out" / "b_photo_anonymised.png").is_file()
     assert entries[str(tmp_path / "b_photo.png")]["heads_covered"] >= 1
+
+
+def test_existing_files_in_the_output_folder_are_never_overwritten(
+    centerface_available: None, small_astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """``-o`` naming the input folder (or a folder holding an earlier run's outputs): a file
+    already carrying the output's name is the user's, and stays as it was."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_with_metadata(small_astronaut))
+    theirs = tmp_path / "a_anonymised.jpg"
+    theirs.write_bytes(b"someone's own file")
+    proc = run_cli(tmp_path / "a.jpg", "-o", tmp_path, "--locator", "centerface")
+    assert proc.returncode == 0, proc.stderr
+    assert theirs.read_bytes() == b"someone's own file"
+    assert_clean_output((tmp_path / "a_anonymised_2.jpg").read_bytes())

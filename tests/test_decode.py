@@ -342,6 +342,9 @@ UNSUPPORTED = {
     "pdf": (b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nendobj\n%%EOF\n", "PDF"),
     "mp4": (_ftyp(b"isom", [b"isom", b"iso2", b"avc1", b"mp41"]), "video"),
     "mov": (_ftyp(b"qt  ", [b"qt  "]), "video"),
+    # not videos, and not said to be: a Canon raw and a boxed JPEG XL
+    "cr3": (_ftyp(b"crx ", [b"crx ", b"isom"]), "ISO media file of type 'crx'"),
+    "jxl": (_ftyp(b"jxl ", [b"jxl "]), "ISO media file of type 'jxl'"),
     "webm": (b"\x1aE\xdf\xa3\x9fB\x86\x81\x01B\xf7\x81\x01B\xf2\x81\x04B\xf3\x81\x08B\x82\x84webm" + bytes(64), "WebM"),
     "html": (b"<!DOCTYPE html>\n<html><head><title>x</title></head><body>hi</body></html>", "HTML"),
     "zip": (b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(100), "ZIP"),
@@ -521,13 +524,24 @@ def test_damaged_png_crc_is_corrupt() -> None:
         decode(bytes(data))
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "AVIF"])
 def test_animations_are_refused(fmt: str) -> None:
     """Animated GIF, animated WebP and APNG raise AnimatedImage rather than covering one frame."""
     with pytest.raises(errors.AnimatedImage) as caught:
         decode(animated_bytes(fmt))
     assert "animated" in str(caught.value).lower()
     assert caught.value.code == "animated_image"
+
+
+def test_heif_image_sequences_are_refused() -> None:
+    """A HEIF sequence (brand msf1): pillow-heif reads its still and never its frames, so the
+    copy would silently leave the animation out."""
+    data = bytearray(heic_bytes(PATTERN))
+    assert data[8:12] == b"heic"
+    data[8:12] = b"msf1"
+    with pytest.raises(errors.AnimatedImage):
+        decode(bytes(data))
+    assert decode(heic_bytes(PATTERN)).format == "heif"
 
 
 # --------------------------------------------------------------------------- budgets
