@@ -19,7 +19,7 @@ from . import messages
 from .config import BotConfig
 from .fetch import FetchError, fetch
 from .logs import Timer
-from .platforms.base import Account, NotFound, Platform, Post, ReplyDraft, Visibility, narrowest
+from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post, ReplyDraft, Visibility, narrowest
 from .store import Store
 
 log = logging.getLogger("bot.handler")
@@ -200,6 +200,11 @@ class MentionHandler:
             return self._handle(job)
         except _RequestGone:
             return "request_gone"
+        except MessagesRefused:
+            # A protected requester (X) whose messages are closed to the bot: an answer that
+            # may only be private cannot be sent at all, and no retry or apology reaches them.
+            log.warning("dm_refused", extra={"platform": job.platform, "post_id": job.post_id})
+            return "dm_refused"
 
     def _handle(self, job: Job) -> str:
         me = self.platform.me()

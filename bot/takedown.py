@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import messages
 from .handler import Job
-from .platforms.base import Account, NotFound, Platform, PlatformError, Post
+from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post
 from .store import Store
 
 log = logging.getLogger("bot.takedown")
@@ -187,11 +187,8 @@ class TakedownHandler:
     def _confirm(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
         try:
             sent_id = self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=f"ppb-{done_key}").id
-        except PlatformError as exc:
-            if exc.retryable or exc.status != 403:
-                raise
-            # The account takes no direct messages from the bot (X): what was asked is done,
-            # and a retry would only be refused again.
+        except MessagesRefused:
+            # What was asked is done, and a retry would only be refused again.
             log.warning("confirmation_refused", extra={"dm_id": dm.id, "outcome": outcome})
             sent_id = "confirmation-refused"
         self.store.mark_done(done_key, sent_id)

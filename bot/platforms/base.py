@@ -100,6 +100,11 @@ class NotFound(PlatformError):
     pass
 
 
+class MessagesRefused(PlatformError):
+    """The account takes no direct messages from the bot (X): asking again will not help, and
+    nothing may be sent more publicly instead."""
+
+
 class StreamUnavailable(PlatformError):
     """Streaming is refused or unsupported here; the listener falls back to polling."""
 

@@ -51,6 +51,7 @@ from .base import (
     Event,
     Media,
     MediaLimits,
+    MessagesRefused,
     NotFound,
     PlatformError,
     Post,
@@ -762,10 +763,15 @@ class XPlatform:
             if item is not None:
                 media_id = item if isinstance(item, str) else self._upload(item, "dm_image", sensitive)
             message = part[: DM_LIMIT - 20] + _marker_line(code)
-            body = self._call(
-                "POST /2/dm_conversations/with/:id/messages", self.client.create_direct_message,
-                participant_id=to.id, text=message, media_id=media_id, user_auth=True,
-            )
+            try:
+                body = self._call(
+                    "POST /2/dm_conversations/with/:id/messages", self.client.create_direct_message,
+                    participant_id=to.id, text=message, media_id=media_id, user_auth=True,
+                )
+            except PlatformError as exc:
+                if exc.retryable or exc.status != 403:
+                    raise
+                raise MessagesRefused(f"@{to.acct} takes no direct messages from the bot", 403) from None
             ids.append(str(self._data("POST /2/dm_conversations/with/:id/messages", body)["dm_event_id"]))
         return Post(id=f"dm:{ids[0]}", account=self.me(), text=text, visibility="direct")
 

@@ -377,6 +377,19 @@ def test_protected_authors_photo_is_answered_by_dm_never_in_public(fake: FakeX, 
     assert confirmation["text"].startswith(messages.TAKEDOWN_DONE_UNCOUNTED + " " + messages.TAKEDOWN_ONE_SIDED_OTHERS)
 
 
+def test_a_private_answer_to_someone_who_takes_no_dms_ends_quietly(fake: FakeX, bot: Pipeline) -> None:
+    """The copy of a protected account's photo may only go by DM; when the requester takes no
+    DMs from the bot, the job ends there: not a public tweet instead, not a dead letter with
+    retries and an apology that X would refuse the same way."""
+    original = protected_photo(fake, "Only for my followers")
+    bob = fake.add_user("bob")
+    fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    fake.fail("POST /2/dm_conversations/with/:id/messages", 403,
+              problem(403, "Forbidden", "You cannot send messages to this user."))
+    assert bot.run_all() == ["dm_refused"]
+    assert fake.bot_tweets() == [] and fake.bot_dms(to=bob) == []
+
+
 def protected_photo(fake: FakeX, text: str, bot_follows: bool = True) -> dict:
     """A photo tweet by dave, whose account is protected."""
     dave = fake.add_user("dave", protected=True, bot_follows=bot_follows)
