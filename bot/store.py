@@ -119,7 +119,7 @@ class Store:
         return set(self.r.smembers(f"{PREFIX}:replies:{platform}:{original_id}"))
 
     def forget_reply(self, platform: str, original_id: str, reply_id: str) -> None:
-        """After a takedown: the reply is gone, and the requester may ask for a new copy.
+        """After a takedown: the reply is gone (no new copy is made: see :meth:`mark_taken_down`).
 
         The reply still leads to its original (until that record expires): a takedown retried
         after a platform error part-way, or asked twice, names a reply already deleted, and must
@@ -131,6 +131,15 @@ class Store:
             pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
         pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
         pipe.execute()
+
+    def mark_taken_down(self, platform: str, original_id: str) -> None:
+        """The bot's copies of ``original_id`` were taken down at someone's request: no new copy
+        for as long as reply records are kept. Keyed by the post id only, never its URL."""
+        self.r.set(f"{PREFIX}:taken_down:{platform}:{original_id}", "1", ex=DONE_TTL_S)
+
+    def taken_down(self, platform: str, original_id: str) -> bool:
+        """Whether a takedown removed the bot's copies of ``original_id`` (see :meth:`mark_taken_down`)."""
+        return bool(self.r.exists(f"{PREFIX}:taken_down:{platform}:{original_id}"))
 
     def done(self, key: str) -> str | None:
         """What was recorded when the job ``key`` finished (e.g. the id of the bot's answer)."""

@@ -135,6 +135,8 @@ class TakedownHandler:
                 unknown += 1
         deleted, one_sided, unseen = 0, 0, 0
         for original in originals:
+            # Marked before deleting: from now on no request gets a new copy, even if a deletion fails.
+            self.store.mark_taken_down(self.platform.name, original)
             counts = self._delete_replies(original, me.id, requester)
             deleted, one_sided, unseen = deleted + counts.deleted, one_sided + counts.one_sided, unseen + counts.unseen
         if originals and deleted == 0:

@@ -238,6 +238,68 @@ def test_takedown_of_a_copy_deleted_meanwhile_says_so(world: World, when: str) -
     assert world.said()[-1] == "@carol " + messages.TAKEDOWN_ALREADY
 
 
+def test_after_a_takedown_nobody_gets_a_new_copy(world: World) -> None:
+    """A person in the photo has the copies deleted; the next request for that photo, by anyone
+    (the first requester too), is answered with a short note, not with a new copy."""
+    fake = world.fake
+    original, alice, copy_a, copy_c = _two_copies(world)
+    pictured = fake.add_account("pictured")
+    assert world.run(fake.mention(pictured, f"I am in it, delete {copy_a['url']}", visibility="direct")) == "deleted"
+    assert sorted(fake.deleted) == sorted([copy_a["id"], copy_c["id"]])
+    posts_before = len(fake.bot_posts())
+
+    erin = fake.add_account("erin")
+    request = fake.mention(erin, "cover please", in_reply_to=original)
+    assert world.run(request) == "taken_down"
+    again = fake.mention(alice, "can I have it again?", in_reply_to=original)
+    assert world.run(again) == "taken_down"
+    assert world.anonymiser.calls == 2, "only the two copies made before the takedown"
+    [note_e] = fake.replies_to(request["id"])
+    [note_a] = fake.replies_to(again["id"])
+    assert html_to_text(note_e["content"]) == "@erin " + messages.TAKEN_DOWN
+    assert html_to_text(note_a["content"]) == "@alice " + messages.TAKEN_DOWN
+    assert note_e["visibility"] == "public" and not note_e["media_attachments"]
+    assert len(fake.bot_posts()) == posts_before + 2
+    # kept, like the reply records, for a year, under the post id
+    ttl = world.store.r.ttl(f"ppb:taken_down:mastodon:{original['id']}")
+    assert 364 * 24 * 3600 < ttl <= 365 * 24 * 3600
+
+
+def test_the_note_after_a_takedown_follows_the_audience_rules(world: World) -> None:
+    """A followers-only original: its audience is told by direct message, a stranger outside it
+    gets the answer every stranger gets and does not learn that a copy existed."""
+    fake = world.fake
+    original, request, copy = answered_privately(world)
+    alice = fake.accounts[copy["mentions"][0]["id"]]
+    assert world.run(fake.mention(alice, "please delete this", in_reply_to=copy, visibility="direct")) == "deleted"
+
+    again = fake.mention(alice, "once more please", in_reply_to=original, visibility="private")
+    assert world.run(again) == "taken_down"
+    [note] = fake.replies_to(again["id"])
+    assert note["visibility"] == "direct" and html_to_text(note["content"]) == "@alice " + messages.TAKEN_DOWN
+    eve = fake.add_account("eve", domain="elsewhere.example")
+    assert world.run(fake.mention(eve, "cover", in_reply_to=original)) == "not_visible"
+    assert world.said()[-1] == "@eve " + messages.NOT_YOURS
+
+
+def test_a_hashtag_post_taken_down_is_not_copied_again_and_nothing_is_said(world: World) -> None:
+    fake = world.fake
+    bob = fake.add_account("bob")
+    post = fake.post(bob, "at the square #protest", media=[fake.media(jpeg(64))])
+    job = Job(platform="mastodon", post_id=post["id"], requester_id=bob["id"], kind="hashtag")
+    handler = MentionHandler(world.platform(), world.store, world.anonymiser, world.config)
+    assert handler.handle(job) == "replied"
+    [copy] = fake.bot_posts()
+    carol = fake.add_account("carol")
+    assert world.run(fake.mention(carol, f"delete {copy['url']}", visibility="direct")) == "deleted"
+    posts_before = len(fake.bot_posts())
+
+    # the same post seen again (a second listener, the first sighting expired)
+    assert handler.handle(job) == "taken_down"
+    assert len(fake.bot_posts()) == posts_before, "silent: the author of a hashtag post asked nothing"
+    assert world.anonymiser.calls == 1
+
+
 def test_a_request_deleted_while_its_photo_is_anonymised_ends_quietly(world: World) -> None:
     # "Delete & re-draft" while the worker is busy: the reply's 404 used to be a non-retryable
     # platform error, so the job was dead-lettered and an apology went to a deleted post.
