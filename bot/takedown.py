@@ -109,22 +109,27 @@ class TakedownHandler:
         done_key = f"takedown:{job.platform}:{dm.id}"
         if self.store.done(done_key):
             return "already_done"
+        refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)][:MAX_REFERENCES]
+        talk = not refs and bool(dm.in_reply_to_id) and not asks_deletion(dm.text)
+        if talk and not self._answers_copy(dm):
+            # An answer to the bot's confirmation or help ("thanks", an auto-responder's "I am
+            # away"): answering it would start a conversation that never ends.
+            return "ignored_reply"
         if not self.store.within_limit(f"takedown:{job.platform}:{requester.id}", self.per_account_per_hour):
             # One notice per hour: a flood of requests must not become a flood of answers.
             if self.store.once(f"notice:takedown:{job.platform}:{requester.id}", 3600):
                 return self._confirm(dm, messages.TAKEDOWN_LIMIT, done_key, "rate_limited")
             return "rate_limited"
-        refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)][:MAX_REFERENCES]
+        if talk:
+            # A direct answer to the bot's copy that does not ask for deletion ("thanks!").
+            return self._help(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
         if not refs and dm.in_reply_to_id:
-            # A direct answer to the bot's copy: "please delete this" is a takedown, "thanks!" is not.
-            if not asks_deletion(dm.text):
-                return self._confirm(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
-            refs = [dm.in_reply_to_id]
+            refs = [dm.in_reply_to_id]  # "please delete this", answering the copy
         if not refs and dm.media:
             # A photo sent by DM (X, where DM photos cannot be fetched): say how to ask instead.
-            return self._confirm(dm, messages.DM_PHOTO, done_key, "dm_photo")
+            return self._help(dm, messages.DM_PHOTO, done_key, "dm_photo")
         if not refs:
-            return self._confirm(dm, messages.TAKEDOWN_HELP, done_key, "no_reference")
+            return self._help(dm, messages.TAKEDOWN_HELP, done_key, "no_reference")
         originals: dict[str, str] = {}
         unknown = 0
         for ref in refs:
@@ -185,6 +190,23 @@ class TakedownHandler:
             counts.unseen += not seen
             counts.one_sided += removed is False
         return counts
+
+    def _answers_copy(self, dm: Post) -> bool:
+        """Whether ``dm`` replies to one of the bot's copies, not to its confirmation or help."""
+        replied_to = dm.in_reply_to_id
+        return bool(replied_to) and self.store.original_for(self.platform.name, replied_to or "") is not None
+
+    def _help(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
+        """How to ask, at most once per account and hour: an auto-responder, or someone chatting
+        with the bot, must not get the same explanation for every message."""
+        once = f"help:takedown:{self.platform.name}:{dm.account.id}"
+        if not self.store.once(once, 3600):
+            return "helped_recently"
+        try:
+            return self._confirm(dm, text, done_key, outcome)
+        except Exception:
+            self.store.forget(once)  # not sent: the retry must still send it
+            raise
 
     def _confirm(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
         try:

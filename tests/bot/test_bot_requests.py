@@ -110,6 +110,47 @@ def test_thanks_answering_the_copy_does_not_delete_it(world: World) -> None:
     assert world.said()[-1] == "@alice " + messages.TAKEDOWN_ASK
 
 
+def test_the_bot_explains_how_to_ask_once_an_hour(world: World) -> None:
+    fake = world.fake
+    _, _, copy = answered_privately(world)
+    alice = fake.accounts[copy["mentions"][0]["id"]]
+    outcomes = [world.run(fake.mention(alice, text, in_reply_to=copy, visibility="direct")) for text in ("thanks!", "great")]
+    outcomes.append(world.run(fake.mention(alice, "how does this work?", visibility="direct")))
+    assert outcomes == ["no_intent", "helped_recently", "helped_recently"]
+    assert world.said()[1:] == ["@alice " + messages.TAKEDOWN_ASK]
+    # a request is still a request
+    assert world.run(fake.mention(alice, "please delete this", in_reply_to=copy, visibility="direct")) == "deleted"
+
+
+def test_an_auto_responder_gets_one_answer_not_one_per_message(world: World) -> None:
+    """An auto-responder (not marked as a bot) answers every direct message; the bot used to
+    answer every such answer with how to ask, and the two wrote to each other until the hourly
+    takedown limit, every hour."""
+    fake = world.fake
+    away = fake.add_account("away")
+    message = fake.mention(away, "hello", visibility="direct")
+    outcomes = []
+    for _ in range(5):
+        outcomes.append(world.run(message))
+        message = fake.mention(away, "I am away until Monday.", in_reply_to=fake.bot_posts()[-1], visibility="direct")
+    assert outcomes == ["no_reference"] + ["ignored_reply"] * 4
+    assert world.said() == ["@away " + messages.TAKEDOWN_HELP]
+
+
+def test_thanks_for_a_confirmation_is_not_answered(world: World) -> None:
+    """Only an answer to one of the bot's copies may be a takedown; an answer to its confirmation
+    or help is talk."""
+    fake = world.fake
+    _, _, copy = answered_privately(world)
+    alice = fake.accounts[copy["mentions"][0]["id"]]
+    assert world.run(fake.mention(alice, "please delete this", in_reply_to=copy, visibility="direct")) == "deleted"
+    confirmation = fake.bot_posts()[-1]
+    thanks = fake.mention(alice, "thank you!", in_reply_to=confirmation, visibility="direct")
+    assert world.job(thanks).kind == "takedown"
+    assert world.run(thanks) == "ignored_reply"
+    assert len(fake.bot_posts()) == 2, "the copy and the confirmation"
+
+
 @pytest.mark.parametrize("text", ["please delete this", "Take it down please", "bitte löschen", "supprimez-la svp"])
 def test_asking_to_delete_in_a_reply_to_the_copy_deletes_it(world: World, text: str) -> None:
     fake = world.fake
