@@ -176,17 +176,11 @@ class MentionHandler:
             self._answer(job, request, text, visibility, key)
 
     def _admitted(self, job: Job, key: str) -> bool:
-        """Count the request against the per-account and global hourly limits, once per job:
-        a retried or redelivered job was counted by its first attempt."""
-        admitted = f"admitted:{key}"
-        if not self.store.once(admitted, 24 * 3600):
-            return True
-        if self.store.within_limit(f"acct:{job.platform}:{job.requester_id}", self.config.per_account_per_hour) and (
-            self.store.within_limit(f"global:{job.platform}", self.config.global_per_hour)
-        ):
-            return True
-        self.store.forget(admitted)
-        return False
+        """Count the request against the per-account and global hourly limits, once per job."""
+        return self.store.admitted(key, {
+            f"acct:{job.platform}:{job.requester_id}": self.config.per_account_per_hour,
+            f"global:{job.platform}": self.config.global_per_hour,
+        })
 
     def _reply(self, draft: ReplyDraft) -> Post:
         """Post ``draft``; ``_RequestGone`` if the request it answers was deleted meanwhile

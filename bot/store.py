@@ -156,7 +156,33 @@ class Store:
         """Release a key claimed with :meth:`once`."""
         self.r.delete(f"{PREFIX}:once:{key}")
 
+    def add_to_tally(self, key: str, **counts: int) -> None:
+        """Add ``counts`` to what the attempts of job ``key`` did so far (kept for a day): a
+        job retried part-way reports the work of its earlier attempts too."""
+        tally = f"{PREFIX}:tally:{key}"
+        pipe = self.r.pipeline()
+        for name, count in counts.items():
+            pipe.hincrby(tally, name, count)
+        pipe.expire(tally, 24 * 3600)
+        pipe.execute()
+
+    def tally(self, key: str) -> dict[str, int]:
+        """The counts :meth:`add_to_tally` added for job ``key``, over all its attempts."""
+        return {name: int(count) for name, count in self.r.hgetall(f"{PREFIX}:tally:{key}").items()}
+
     # limits --------------------------------------------------------------------------------
+    def admitted(self, key: str, limits: dict[str, int]) -> bool:
+        """Count the job ``key`` against each hourly limit (bucket: uses per hour) once: a
+        retried or redelivered job was counted by its first attempt. False once a limit is
+        passed; the claim is then released, so the job is counted again if it comes back."""
+        claim = f"admitted:{key}"
+        if not self.once(claim, 24 * 3600):
+            return True
+        if all(self.within_limit(bucket, limit) for bucket, limit in limits.items()):
+            return True
+        self.forget(claim)
+        return False
+
     def within_limit(self, bucket: str, limit: int, window_s: int = 3600) -> bool:
         """Count one use of ``bucket`` in the current window; False once ``limit`` is passed."""
         window = int(time.time() // window_s)

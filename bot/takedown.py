@@ -71,7 +71,7 @@ def references(text: str) -> list[str]:
 
 @dataclass
 class Deleted:
-    """What one takedown removed."""
+    """What one takedown removed, over all its attempts."""
 
     #: copies deleted, everywhere or on the bot's side only
     deleted: int = 0
@@ -115,7 +115,7 @@ class TakedownHandler:
             # An answer to the bot's confirmation or help ("thanks", an auto-responder's "I am
             # away"): answering it would start a conversation that never ends.
             return "ignored_reply"
-        if not self.store.within_limit(f"takedown:{job.platform}:{requester.id}", self.per_account_per_hour):
+        if not self.store.admitted(done_key, {f"takedown:{job.platform}:{requester.id}": self.per_account_per_hour}):
             # One notice per hour: a flood of requests must not become a flood of answers.
             if self.store.once(f"notice:takedown:{job.platform}:{requester.id}", 3600):
                 return self._confirm(dm, messages.TAKEDOWN_LIMIT, done_key, "rate_limited")
@@ -138,12 +138,13 @@ class TakedownHandler:
                 originals[original] = ref
             else:
                 unknown += 1
-        deleted, one_sided, unseen = 0, 0, 0
         for original in originals:
             # Marked before deleting: from now on no request gets a new copy, even if a deletion fails.
             self.store.mark_taken_down(self.platform.name, original)
-            counts = self._delete_replies(original, me.id, requester)
-            deleted, one_sided, unseen = deleted + counts.deleted, one_sided + counts.one_sided, unseen + counts.unseen
+            self._delete_replies(original, me.id, requester, done_key)
+        # What every attempt deleted: one that failed part-way (a 429, a 5xx) deleted some already.
+        counts = Deleted(**self.store.tally(done_key))
+        deleted, one_sided, unseen = counts.deleted, counts.one_sided, counts.unseen
         if originals and deleted == 0:
             text = messages.TAKEDOWN_ALREADY
         elif unseen:
@@ -161,10 +162,10 @@ class TakedownHandler:
         log.info("takedown", extra={"dm_id": dm.id, "originals": len(originals), "deleted": deleted, "unknown": unknown})
         return self._confirm(dm, text, done_key, "deleted" if deleted else "nothing_deleted")
 
-    def _delete_replies(self, original: str, my_id: str, sender: Account) -> Deleted:
-        """Delete the bot's replies for ``original``, counting those the sender may not see."""
+    def _delete_replies(self, original: str, my_id: str, sender: Account, tally_key: str) -> None:
+        """Delete the bot's replies for ``original``, counting them (and those the sender may not
+        see) in the tally of ``tally_key`` as each goes."""
         name = self.platform.name
-        counts = Deleted()
         for reply_id in sorted(self.store.replies_of(name, original)):
             try:
                 post = self.platform.get_post(reply_id)
@@ -183,13 +184,10 @@ class TakedownHandler:
                 removed = self.platform.delete_post(reply_id)
             except NotFound:
                 removed = None  # deleted meanwhile (by hand, by a moderator): gone all the same
+            if removed is not None:
+                # Counted before it is forgotten: a retry no longer finds it to count.
+                self.store.add_to_tally(tally_key, deleted=1, unseen=int(not seen), one_sided=int(removed is False))
             self.store.forget_reply(name, original, reply_id)
-            if removed is None:
-                continue
-            counts.deleted += 1
-            counts.unseen += not seen
-            counts.one_sided += removed is False
-        return counts
 
     def _answers_copy(self, dm: Post) -> bool:
         """Whether ``dm`` replies to one of the bot's copies, not to its confirmation or help."""

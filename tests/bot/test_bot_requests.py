@@ -220,8 +220,8 @@ def _two_copies(world: World) -> tuple[dict[str, Any], Any, dict[str, Any], dict
 def test_takedown_retried_after_a_platform_error_deletes_the_other_copies(world: World) -> None:
     """The first run deletes alice's copy, then the server fails on carol's copy (a 503, or
     Mastodon's 30 deletions per 30 minutes): the retry must still find the original through the
-    deleted copy, delete carol's copy and say so. It used to find nothing, leave carol's copy up
-    and tell alice that nothing was deleted."""
+    deleted copy, delete carol's copy and confirm both. It used to find nothing, leave carol's
+    copy up and tell alice that nothing was deleted; then it confirmed carol's copy only."""
     fake = world.fake
     _, alice, copy_a, copy_c = _two_copies(world)
     dm = fake.mention(alice, "please delete this", in_reply_to=copy_a, visibility="direct")
@@ -231,7 +231,29 @@ def test_takedown_retried_after_a_platform_error_deletes_the_other_copies(world:
     assert fake.deleted == [copy_a["id"]]
     assert world.run(dm) == "deleted"
     assert sorted(fake.deleted) == sorted([copy_a["id"], copy_c["id"]])
-    assert world.said()[-1] == "@alice " + messages.TAKEDOWN_DONE.format(count=1)
+    assert world.said()[-1] == "@alice " + messages.TAKEDOWN_DONE.format(count=2)
+
+
+def test_a_takedown_retried_after_the_deletion_limit_is_counted_once(world: World) -> None:
+    """The server refuses the second deletion with a 429 and Celery retries the job later: the
+    retry used to count against the sender's hourly takedown limit again (here refusing the
+    sender's only request of the hour as a flood) and to confirm only what it deleted itself."""
+    fake = world.fake
+    original, _, copy_a, copy_c = _two_copies(world)
+    dave = fake.add_account("dave")
+    job = world.job(fake.mention(dave, f"please delete {original['url']}", visibility="direct"))
+    fake.fail("DELETE", f"/api/v1/statuses/{copy_c['id']}", 429)
+    with pytest.raises(RateLimited):
+        TakedownHandler(world.platform(), world.store, per_account_per_hour=1).handle(job)
+    assert fake.deleted == [copy_a["id"]]
+
+    assert TakedownHandler(world.platform(), world.store, per_account_per_hour=1).handle(job) == "deleted"
+    assert sorted(fake.deleted) == sorted([copy_a["id"], copy_c["id"]])
+    assert world.said()[-1] == "@dave " + messages.TAKEDOWN_DONE.format(count=2)
+    # counted once, all the same: a second request in the hour is one too many
+    again = world.job(fake.mention(dave, f"delete {original['id']}", visibility="direct"))
+    assert TakedownHandler(world.platform(), world.store, per_account_per_hour=1).handle(again) == "rate_limited"
+    assert world.said()[-1] == "@dave " + messages.TAKEDOWN_LIMIT
 
 
 def test_second_takedown_of_a_deleted_copy_says_it_is_already_gone(world: World) -> None:
