@@ -163,6 +163,12 @@ class MentionHandler:
         self.store.mark_done(f"note:{key}", posted.id)
         return posted.id
 
+    def _decline(self, job: Job, request: Post, text: str, visibility: Visibility, key: str, outcome: str) -> str:
+        """No copy: a mention is told why; a hashtag post, whose author asked nothing, is not."""
+        if job.kind != "hashtag":
+            self._answer(job, request, text, visibility, key)
+        return outcome
+
     def _notice(self, job: Job, request: Post, text: str, visibility: Visibility, key: str, limit_key: str) -> None:
         """A "too many requests" answer, at most once per account and hour: a loop or a flood
         must not turn every refused request into another post."""
@@ -170,17 +176,11 @@ class MentionHandler:
             self._answer(job, request, text, visibility, key)
 
     def _admitted(self, job: Job, key: str) -> bool:
-        """Count the request against the per-account and global hourly limits, once per job:
-        a retried or redelivered job was counted by its first attempt."""
-        admitted = f"admitted:{key}"
-        if not self.store.once(admitted, 24 * 3600):
-            return True
-        if self.store.within_limit(f"acct:{job.platform}:{job.requester_id}", self.config.per_account_per_hour) and (
-            self.store.within_limit(f"global:{job.platform}", self.config.global_per_hour)
-        ):
-            return True
-        self.store.forget(admitted)
-        return False
+        """Count the request against the per-account and global hourly limits, once per job."""
+        return self.store.admitted(key, {
+            f"acct:{job.platform}:{job.requester_id}": self.config.per_account_per_hour,
+            f"global:{job.platform}": self.config.global_per_hour,
+        })
 
     def _reply(self, draft: ReplyDraft) -> Post:
         """Post ``draft``; ``_RequestGone`` if the request it answers was deleted meanwhile
@@ -247,9 +247,11 @@ class MentionHandler:
             self._answer(job, request, messages.NOT_YOURS, visibility, key)
             return "not_visible"
         if opted_out(target.account):
-            if job.kind != "hashtag":
-                self._answer(job, request, messages.NOBOT, visibility, key)
-            return "opted_out"
+            return self._decline(job, request, messages.NOBOT, visibility, key, "opted_out")
+        if self.store.taken_down(job.platform, target.id):
+            # Someone (often a person in the photo) had the copies deleted: a new copy for the
+            # next requester would undo that.
+            return self._decline(job, request, messages.TAKEN_DOWN, visibility, key, "taken_down")
         if not self._admitted(job, self._key(job, target.id)):
             if job.kind != "hashtag":
                 self._notice(job, request, messages.RATE_LIMITED, visibility, key, f"{job.platform}:{job.requester_id}")

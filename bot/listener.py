@@ -31,7 +31,8 @@ def job_for(event: Event, my_id: str = "") -> Job:
 
     A direct message without images that replies to nothing, or replies to one of the bot's
     own posts, is a takedown request (the takedown flow tells "please delete this" from
-    "thanks!"); so is a public answer to the bot's post that is a command to delete.
+    "thanks!", and leaves talk under the bot's other messages unanswered); so is a public
+    answer to the bot's post that is a command to delete.
     """
     post = event.post
     answers_me = bool(my_id) and post.in_reply_to_account_id == my_id
@@ -81,7 +82,7 @@ class Listener:
         a later poll must still find the event."""
         me = self.platform.me()
         post = event.post
-        if post.account.id != me.id and not post.account.bot:
+        if not event.skip and post.account.id != me.id and not post.account.bot:
             job = job_for(event, me.id)
             job.platform = self.platform.name
             sighting = self.store.first_sighting(job.platform, job.post_id, job.requester_id)

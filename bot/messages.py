@@ -105,6 +105,7 @@ TAKEDOWN_ONE_SIDED_OTHERS = (
     "direct messages only on my side."
 )
 TAKEDOWN_ALREADY = "My copy of that post was already deleted."
+TAKEN_DOWN = "A copy of this post was taken down at someone's request, so I will not post it again."
 TAKEDOWN_LIMIT = "You have sent many deletion requests in the last hour; please try again later."
 
 

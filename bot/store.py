@@ -119,7 +119,7 @@ class Store:
         return set(self.r.smembers(f"{PREFIX}:replies:{platform}:{original_id}"))
 
     def forget_reply(self, platform: str, original_id: str, reply_id: str) -> None:
-        """After a takedown: the reply is gone, and the requester may ask for a new copy.
+        """After a takedown: the reply is gone (no new copy is made: see :meth:`mark_taken_down`).
 
         The reply still leads to its original (until that record expires): a takedown retried
         after a platform error part-way, or asked twice, names a reply already deleted, and must
@@ -131,6 +131,15 @@ class Store:
             pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
         pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
         pipe.execute()
+
+    def mark_taken_down(self, platform: str, original_id: str) -> None:
+        """The bot's copies of ``original_id`` were taken down at someone's request: no new copy
+        for as long as reply records are kept. Keyed by the post id only, never its URL."""
+        self.r.set(f"{PREFIX}:taken_down:{platform}:{original_id}", "1", ex=DONE_TTL_S)
+
+    def taken_down(self, platform: str, original_id: str) -> bool:
+        """Whether a takedown removed the bot's copies of ``original_id`` (see :meth:`mark_taken_down`)."""
+        return bool(self.r.exists(f"{PREFIX}:taken_down:{platform}:{original_id}"))
 
     def done(self, key: str) -> str | None:
         """What was recorded when the job ``key`` finished (e.g. the id of the bot's answer)."""
@@ -147,7 +156,33 @@ class Store:
         """Release a key claimed with :meth:`once`."""
         self.r.delete(f"{PREFIX}:once:{key}")
 
+    def add_to_tally(self, key: str, **counts: int) -> None:
+        """Add ``counts`` to what the attempts of job ``key`` did so far (kept for a day): a
+        job retried part-way reports the work of its earlier attempts too."""
+        tally = f"{PREFIX}:tally:{key}"
+        pipe = self.r.pipeline()
+        for name, count in counts.items():
+            pipe.hincrby(tally, name, count)
+        pipe.expire(tally, 24 * 3600)
+        pipe.execute()
+
+    def tally(self, key: str) -> dict[str, int]:
+        """The counts :meth:`add_to_tally` added for job ``key``, over all its attempts."""
+        return {name: int(count) for name, count in self.r.hgetall(f"{PREFIX}:tally:{key}").items()}
+
     # limits --------------------------------------------------------------------------------
+    def admitted(self, key: str, limits: dict[str, int]) -> bool:
+        """Count the job ``key`` against each hourly limit (bucket: uses per hour) once: a
+        retried or redelivered job was counted by its first attempt. False once a limit is
+        passed; the claim is then released, so the job is counted again if it comes back."""
+        claim = f"admitted:{key}"
+        if not self.once(claim, 24 * 3600):
+            return True
+        if all(self.within_limit(bucket, limit) for bucket, limit in limits.items()):
+            return True
+        self.forget(claim)
+        return False
+
     def within_limit(self, bucket: str, limit: int, window_s: int = 3600) -> bool:
         """Count one use of ``bucket`` in the current window; False once ``limit`` is passed."""
         window = int(time.time() // window_s)

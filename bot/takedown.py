@@ -71,7 +71,7 @@ def references(text: str) -> list[str]:
 
 @dataclass
 class Deleted:
-    """What one takedown removed."""
+    """What one takedown removed, over all its attempts."""
 
     #: copies deleted, everywhere or on the bot's side only
     deleted: int = 0
@@ -109,22 +109,27 @@ class TakedownHandler:
         done_key = f"takedown:{job.platform}:{dm.id}"
         if self.store.done(done_key):
             return "already_done"
-        if not self.store.within_limit(f"takedown:{job.platform}:{requester.id}", self.per_account_per_hour):
+        refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)][:MAX_REFERENCES]
+        talk = not refs and bool(dm.in_reply_to_id) and not asks_deletion(dm.text)
+        if talk and not self._answers_copy(dm):
+            # An answer to the bot's confirmation or help ("thanks", an auto-responder's "I am
+            # away"): answering it would start a conversation that never ends.
+            return "ignored_reply"
+        if not self.store.admitted(done_key, {f"takedown:{job.platform}:{requester.id}": self.per_account_per_hour}):
             # One notice per hour: a flood of requests must not become a flood of answers.
             if self.store.once(f"notice:takedown:{job.platform}:{requester.id}", 3600):
                 return self._confirm(dm, messages.TAKEDOWN_LIMIT, done_key, "rate_limited")
             return "rate_limited"
-        refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)][:MAX_REFERENCES]
+        if talk:
+            # A direct answer to the bot's copy that does not ask for deletion ("thanks!").
+            return self._help(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
         if not refs and dm.in_reply_to_id:
-            # A direct answer to the bot's copy: "please delete this" is a takedown, "thanks!" is not.
-            if not asks_deletion(dm.text):
-                return self._confirm(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
-            refs = [dm.in_reply_to_id]
+            refs = [dm.in_reply_to_id]  # "please delete this", answering the copy
         if not refs and dm.media:
             # A photo sent by DM (X, where DM photos cannot be fetched): say how to ask instead.
-            return self._confirm(dm, messages.DM_PHOTO, done_key, "dm_photo")
+            return self._help(dm, messages.DM_PHOTO, done_key, "dm_photo")
         if not refs:
-            return self._confirm(dm, messages.TAKEDOWN_HELP, done_key, "no_reference")
+            return self._help(dm, messages.TAKEDOWN_HELP, done_key, "no_reference")
         originals: dict[str, str] = {}
         unknown = 0
         for ref in refs:
@@ -133,10 +138,13 @@ class TakedownHandler:
                 originals[original] = ref
             else:
                 unknown += 1
-        deleted, one_sided, unseen = 0, 0, 0
         for original in originals:
-            counts = self._delete_replies(original, me.id, requester)
-            deleted, one_sided, unseen = deleted + counts.deleted, one_sided + counts.one_sided, unseen + counts.unseen
+            # Marked before deleting: from now on no request gets a new copy, even if a deletion fails.
+            self.store.mark_taken_down(self.platform.name, original)
+            self._delete_replies(original, me.id, requester, done_key)
+        # What every attempt deleted: one that failed part-way (a 429, a 5xx) deleted some already.
+        counts = Deleted(**self.store.tally(done_key))
+        deleted, one_sided, unseen = counts.deleted, counts.one_sided, counts.unseen
         if originals and deleted == 0:
             text = messages.TAKEDOWN_ALREADY
         elif unseen:
@@ -154,10 +162,10 @@ class TakedownHandler:
         log.info("takedown", extra={"dm_id": dm.id, "originals": len(originals), "deleted": deleted, "unknown": unknown})
         return self._confirm(dm, text, done_key, "deleted" if deleted else "nothing_deleted")
 
-    def _delete_replies(self, original: str, my_id: str, sender: Account) -> Deleted:
-        """Delete the bot's replies for ``original``, counting those the sender may not see."""
+    def _delete_replies(self, original: str, my_id: str, sender: Account, tally_key: str) -> None:
+        """Delete the bot's replies for ``original``, counting them (and those the sender may not
+        see) in the tally of ``tally_key`` as each goes."""
         name = self.platform.name
-        counts = Deleted()
         for reply_id in sorted(self.store.replies_of(name, original)):
             try:
                 post = self.platform.get_post(reply_id)
@@ -176,13 +184,27 @@ class TakedownHandler:
                 removed = self.platform.delete_post(reply_id)
             except NotFound:
                 removed = None  # deleted meanwhile (by hand, by a moderator): gone all the same
+            if removed is not None:
+                # Counted before it is forgotten: a retry no longer finds it to count.
+                self.store.add_to_tally(tally_key, deleted=1, unseen=int(not seen), one_sided=int(removed is False))
             self.store.forget_reply(name, original, reply_id)
-            if removed is None:
-                continue
-            counts.deleted += 1
-            counts.unseen += not seen
-            counts.one_sided += removed is False
-        return counts
+
+    def _answers_copy(self, dm: Post) -> bool:
+        """Whether ``dm`` replies to one of the bot's copies, not to its confirmation or help."""
+        replied_to = dm.in_reply_to_id
+        return bool(replied_to) and self.store.original_for(self.platform.name, replied_to or "") is not None
+
+    def _help(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
+        """How to ask, at most once per account and hour: an auto-responder, or someone chatting
+        with the bot, must not get the same explanation for every message."""
+        once = f"help:takedown:{self.platform.name}:{dm.account.id}"
+        if not self.store.once(once, 3600):
+            return "helped_recently"
+        try:
+            return self._confirm(dm, text, done_key, outcome)
+        except Exception:
+            self.store.forget(once)  # not sent: the retry must still send it
+            raise
 
     def _confirm(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
         try:

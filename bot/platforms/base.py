@@ -72,6 +72,9 @@ class Event:
     id: str  # notification id for mentions, status id for hashtag posts
     post: Post
     tag: str = ""
+    #: nothing for the bot to answer, listed only so that the cursor moves past it (a message
+    #: in a group conversation on X)
+    skip: bool = False
 
 
 class PlatformError(Exception):

@@ -167,6 +167,21 @@ def _expand(text: str, entities: dict[str, Any] | None) -> str:
     return text.strip()
 
 
+def _one_to_one(event: dict[str, Any], my_id: str) -> bool:
+    """Whether a DM event belongs to the bot's one-to-one conversation with its sender.
+
+    X names a one-to-one conversation by its two user ids joined by "-" (the smaller first), a
+    group conversation by an id of its own. Group messages are talk among the group, not requests
+    to the bot: answering each of them by direct message would flood every member. An event
+    without the field (it is always requested) counts as one-to-one, so that no takedown request
+    is ever dropped for its lack.
+    """
+    conversation = str(event.get("dm_conversation_id") or "")
+    if not conversation:
+        return True
+    return sorted(conversation.split("-")) == sorted((str(event.get("sender_id", "")), my_id))
+
+
 def _photo_url(url: str) -> str:
     # pbs.twimg.com serves a reduced size by default; "large" is at most 2048 px on a side.
     if url.startswith("https://pbs.twimg.com/media/") and "?" not in url:
@@ -495,16 +510,18 @@ class XPlatform:
     def dms_since(self, since_id: str | None) -> list[Event]:
         """Direct messages to (and from) the bot newer than ``since_id``, oldest first.
 
-        The bot's own messages are returned too: the listener skips them and moves its cursor
-        past them, so they are not fetched again on every poll.
+        The bot's own messages, and messages in group conversations the bot was added to, are
+        returned too, the latter marked ``skip``: the listener answers neither and moves its
+        cursor past both, so they are not fetched again on every poll.
         """
+        me = self.me().id
         events, includes = self._pages(
             "GET /2/dm_events", self.client.get_direct_message_events, since_id, stop_at=since_id,
             event_types="MessageCreate", dm_event_fields=DM_FIELDS, expansions=["sender_id"],
             user_fields=USER_FIELDS, user_auth=True,
         )
         return [
-            Event("mention", str(e["id"]), self.parse_dm(e, includes))
+            Event("mention", str(e["id"]), self.parse_dm(e, includes), skip=not _one_to_one(e, me))
             for e in events
             if e.get("event_type", "MessageCreate") == "MessageCreate"
         ]

@@ -1,5 +1,6 @@
 """What happens after the bot has answered: thanks under its copy, a DM reply asking to delete
-it, asking again after a takedown, long failure lists, and stopping a quiet listener."""
+it, asking again after a takedown (a note, no new copy), long failure lists, and stopping a
+quiet listener."""
 
 from __future__ import annotations
 
@@ -44,15 +45,19 @@ def test_direct_reply_to_the_bots_copy_takes_it_down(e2e: E2E) -> None:
     assert html_to_text(confirmation["content"]) == "@carol " + messages.TAKEDOWN_DONE.format(count=1)
 
 
-def test_after_a_takedown_the_requester_can_ask_for_a_new_copy(e2e: E2E) -> None:
+def test_after_a_takedown_asking_again_gets_a_note_not_a_new_copy(e2e: E2E) -> None:
+    """carol, in the photo, had the copy deleted: bob asking again must not undo that."""
     e2e.listen()
     bob, original, _, reply = _answered(e2e)
     dm = e2e.fake.mention(e2e.fake.add_account("carol"), f"delete {reply['url']}", visibility="direct")
     e2e.reply_to(dm)
     e2e.settle()
     again = e2e.fake.mention(bob, "can I have it again?", in_reply_to=original)
-    second = e2e.reply_to(again)
-    assert second["media_attachments"] and second["id"] != reply["id"]
+    note = e2e.reply_to(again)
+    e2e.settle()
+    assert not note["media_attachments"]
+    assert html_to_text(note["content"]) == "@bob " + messages.TAKEN_DOWN
+    assert len(e2e.fake.bot_posts()) == 3, "the copy, the confirmation and the note"
 
 
 def test_asking_again_after_a_text_answer_gets_a_fresh_answer(e2e: E2E) -> None:

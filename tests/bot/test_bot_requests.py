@@ -110,6 +110,47 @@ def test_thanks_answering_the_copy_does_not_delete_it(world: World) -> None:
     assert world.said()[-1] == "@alice " + messages.TAKEDOWN_ASK
 
 
+def test_the_bot_explains_how_to_ask_once_an_hour(world: World) -> None:
+    fake = world.fake
+    _, _, copy = answered_privately(world)
+    alice = fake.accounts[copy["mentions"][0]["id"]]
+    outcomes = [world.run(fake.mention(alice, text, in_reply_to=copy, visibility="direct")) for text in ("thanks!", "great")]
+    outcomes.append(world.run(fake.mention(alice, "how does this work?", visibility="direct")))
+    assert outcomes == ["no_intent", "helped_recently", "helped_recently"]
+    assert world.said()[1:] == ["@alice " + messages.TAKEDOWN_ASK]
+    # a request is still a request
+    assert world.run(fake.mention(alice, "please delete this", in_reply_to=copy, visibility="direct")) == "deleted"
+
+
+def test_an_auto_responder_gets_one_answer_not_one_per_message(world: World) -> None:
+    """An auto-responder (not marked as a bot) answers every direct message; the bot used to
+    answer every such answer with how to ask, and the two wrote to each other until the hourly
+    takedown limit, every hour."""
+    fake = world.fake
+    away = fake.add_account("away")
+    message = fake.mention(away, "hello", visibility="direct")
+    outcomes = []
+    for _ in range(5):
+        outcomes.append(world.run(message))
+        message = fake.mention(away, "I am away until Monday.", in_reply_to=fake.bot_posts()[-1], visibility="direct")
+    assert outcomes == ["no_reference"] + ["ignored_reply"] * 4
+    assert world.said() == ["@away " + messages.TAKEDOWN_HELP]
+
+
+def test_thanks_for_a_confirmation_is_not_answered(world: World) -> None:
+    """Only an answer to one of the bot's copies may be a takedown; an answer to its confirmation
+    or help is talk."""
+    fake = world.fake
+    _, _, copy = answered_privately(world)
+    alice = fake.accounts[copy["mentions"][0]["id"]]
+    assert world.run(fake.mention(alice, "please delete this", in_reply_to=copy, visibility="direct")) == "deleted"
+    confirmation = fake.bot_posts()[-1]
+    thanks = fake.mention(alice, "thank you!", in_reply_to=confirmation, visibility="direct")
+    assert world.job(thanks).kind == "takedown"
+    assert world.run(thanks) == "ignored_reply"
+    assert len(fake.bot_posts()) == 2, "the copy and the confirmation"
+
+
 @pytest.mark.parametrize("text", ["please delete this", "Take it down please", "bitte löschen", "supprimez-la svp"])
 def test_asking_to_delete_in_a_reply_to_the_copy_deletes_it(world: World, text: str) -> None:
     fake = world.fake
@@ -179,8 +220,8 @@ def _two_copies(world: World) -> tuple[dict[str, Any], Any, dict[str, Any], dict
 def test_takedown_retried_after_a_platform_error_deletes_the_other_copies(world: World) -> None:
     """The first run deletes alice's copy, then the server fails on carol's copy (a 503, or
     Mastodon's 30 deletions per 30 minutes): the retry must still find the original through the
-    deleted copy, delete carol's copy and say so. It used to find nothing, leave carol's copy up
-    and tell alice that nothing was deleted."""
+    deleted copy, delete carol's copy and confirm both. It used to find nothing, leave carol's
+    copy up and tell alice that nothing was deleted; then it confirmed carol's copy only."""
     fake = world.fake
     _, alice, copy_a, copy_c = _two_copies(world)
     dm = fake.mention(alice, "please delete this", in_reply_to=copy_a, visibility="direct")
@@ -190,7 +231,29 @@ def test_takedown_retried_after_a_platform_error_deletes_the_other_copies(world:
     assert fake.deleted == [copy_a["id"]]
     assert world.run(dm) == "deleted"
     assert sorted(fake.deleted) == sorted([copy_a["id"], copy_c["id"]])
-    assert world.said()[-1] == "@alice " + messages.TAKEDOWN_DONE.format(count=1)
+    assert world.said()[-1] == "@alice " + messages.TAKEDOWN_DONE.format(count=2)
+
+
+def test_a_takedown_retried_after_the_deletion_limit_is_counted_once(world: World) -> None:
+    """The server refuses the second deletion with a 429 and Celery retries the job later: the
+    retry used to count against the sender's hourly takedown limit again (here refusing the
+    sender's only request of the hour as a flood) and to confirm only what it deleted itself."""
+    fake = world.fake
+    original, _, copy_a, copy_c = _two_copies(world)
+    dave = fake.add_account("dave")
+    job = world.job(fake.mention(dave, f"please delete {original['url']}", visibility="direct"))
+    fake.fail("DELETE", f"/api/v1/statuses/{copy_c['id']}", 429)
+    with pytest.raises(RateLimited):
+        TakedownHandler(world.platform(), world.store, per_account_per_hour=1).handle(job)
+    assert fake.deleted == [copy_a["id"]]
+
+    assert TakedownHandler(world.platform(), world.store, per_account_per_hour=1).handle(job) == "deleted"
+    assert sorted(fake.deleted) == sorted([copy_a["id"], copy_c["id"]])
+    assert world.said()[-1] == "@dave " + messages.TAKEDOWN_DONE.format(count=2)
+    # counted once, all the same: a second request in the hour is one too many
+    again = world.job(fake.mention(dave, f"delete {original['id']}", visibility="direct"))
+    assert TakedownHandler(world.platform(), world.store, per_account_per_hour=1).handle(again) == "rate_limited"
+    assert world.said()[-1] == "@dave " + messages.TAKEDOWN_LIMIT
 
 
 def test_second_takedown_of_a_deleted_copy_says_it_is_already_gone(world: World) -> None:
@@ -236,6 +299,68 @@ def test_takedown_of_a_copy_deleted_meanwhile_says_so(world: World, when: str) -
     carol = fake.add_account("carol")
     assert world.run(fake.mention(carol, f"delete {original['id']}", visibility="direct")) == "nothing_deleted"
     assert world.said()[-1] == "@carol " + messages.TAKEDOWN_ALREADY
+
+
+def test_after_a_takedown_nobody_gets_a_new_copy(world: World) -> None:
+    """A person in the photo has the copies deleted; the next request for that photo, by anyone
+    (the first requester too), is answered with a short note, not with a new copy."""
+    fake = world.fake
+    original, alice, copy_a, copy_c = _two_copies(world)
+    pictured = fake.add_account("pictured")
+    assert world.run(fake.mention(pictured, f"I am in it, delete {copy_a['url']}", visibility="direct")) == "deleted"
+    assert sorted(fake.deleted) == sorted([copy_a["id"], copy_c["id"]])
+    posts_before = len(fake.bot_posts())
+
+    erin = fake.add_account("erin")
+    request = fake.mention(erin, "cover please", in_reply_to=original)
+    assert world.run(request) == "taken_down"
+    again = fake.mention(alice, "can I have it again?", in_reply_to=original)
+    assert world.run(again) == "taken_down"
+    assert world.anonymiser.calls == 2, "only the two copies made before the takedown"
+    [note_e] = fake.replies_to(request["id"])
+    [note_a] = fake.replies_to(again["id"])
+    assert html_to_text(note_e["content"]) == "@erin " + messages.TAKEN_DOWN
+    assert html_to_text(note_a["content"]) == "@alice " + messages.TAKEN_DOWN
+    assert note_e["visibility"] == "public" and not note_e["media_attachments"]
+    assert len(fake.bot_posts()) == posts_before + 2
+    # kept, like the reply records, for a year, under the post id
+    ttl = world.store.r.ttl(f"ppb:taken_down:mastodon:{original['id']}")
+    assert 364 * 24 * 3600 < ttl <= 365 * 24 * 3600
+
+
+def test_the_note_after_a_takedown_follows_the_audience_rules(world: World) -> None:
+    """A followers-only original: its audience is told by direct message, a stranger outside it
+    gets the answer every stranger gets and does not learn that a copy existed."""
+    fake = world.fake
+    original, request, copy = answered_privately(world)
+    alice = fake.accounts[copy["mentions"][0]["id"]]
+    assert world.run(fake.mention(alice, "please delete this", in_reply_to=copy, visibility="direct")) == "deleted"
+
+    again = fake.mention(alice, "once more please", in_reply_to=original, visibility="private")
+    assert world.run(again) == "taken_down"
+    [note] = fake.replies_to(again["id"])
+    assert note["visibility"] == "direct" and html_to_text(note["content"]) == "@alice " + messages.TAKEN_DOWN
+    eve = fake.add_account("eve", domain="elsewhere.example")
+    assert world.run(fake.mention(eve, "cover", in_reply_to=original)) == "not_visible"
+    assert world.said()[-1] == "@eve " + messages.NOT_YOURS
+
+
+def test_a_hashtag_post_taken_down_is_not_copied_again_and_nothing_is_said(world: World) -> None:
+    fake = world.fake
+    bob = fake.add_account("bob")
+    post = fake.post(bob, "at the square #protest", media=[fake.media(jpeg(64))])
+    job = Job(platform="mastodon", post_id=post["id"], requester_id=bob["id"], kind="hashtag")
+    handler = MentionHandler(world.platform(), world.store, world.anonymiser, world.config)
+    assert handler.handle(job) == "replied"
+    [copy] = fake.bot_posts()
+    carol = fake.add_account("carol")
+    assert world.run(fake.mention(carol, f"delete {copy['url']}", visibility="direct")) == "deleted"
+    posts_before = len(fake.bot_posts())
+
+    # the same post seen again (a second listener, the first sighting expired)
+    assert handler.handle(job) == "taken_down"
+    assert len(fake.bot_posts()) == posts_before, "silent: the author of a hashtag post asked nothing"
+    assert world.anonymiser.calls == 1
 
 
 def test_a_request_deleted_while_its_photo_is_anonymised_ends_quietly(world: World) -> None:

@@ -65,6 +65,7 @@ class FakeX:
         self.media: dict[str, dict[str, Any]] = {}
         self.files: dict[str, bytes] = {}
         self.dms: list[dict[str, Any]] = []
+        self.groups: dict[str, set[str]] = {}  # group conversation id -> member ids
         self.uploads: dict[str, dict[str, Any]] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
         self.rules: list[dict[str, str]] = []
@@ -156,13 +157,16 @@ class FakeX:
         return entities
 
     def dm(self, sender: dict[str, Any], text: str, links: dict[str, str] | None = None, to: dict[str, Any] | None = None,
-           media: list[str] = ()) -> dict[str, Any]:
+           media: list[str] = (), group: str = "") -> dict[str, Any]:
         """A direct message; ``links`` maps t.co links in ``text`` to what they expand to;
-        ``media`` are media keys of photos attached to it."""
+        ``media`` are media keys of photos attached to it; ``group``: sent to that group
+        conversation (see :meth:`group`) instead of the one-to-one conversation with ``to``."""
         to = to or self.bot
+        if group:
+            assert sender["id"] in self.groups[group], "only a member writes in a group"
         event = {
             "id": self.new_id(), "event_type": "MessageCreate", "text": text, "sender_id": sender["id"],
-            "dm_conversation_id": self.conversation(sender["id"], to["id"]),
+            "dm_conversation_id": group or self.conversation(sender["id"], to["id"]),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
         }
         if media:
@@ -177,7 +181,16 @@ class FakeX:
 
     @staticmethod
     def conversation(a: str, b: str) -> str:
+        """A one-to-one conversation's id: the two user ids joined by "-", the smaller first."""
         return "-".join(sorted((a, b), key=int))
+
+    def group(self, *members: dict[str, Any]) -> str:
+        """A group conversation of ``members`` and the bot (one of them added it), as
+        ``POST /2/dm_conversations`` makes one: an id of its own, not made of user ids. Its
+        messages are listed by ``GET /2/dm_events`` with the one-to-one messages."""
+        conversation = self.new_id()
+        self.groups[conversation] = {self.bot["id"], *(m["id"] for m in members)}
+        return conversation
 
     def fail(self, route: str, status: int, body: dict[str, Any], headers: dict[str, str] | None = None, times: int = 1) -> None:
         """Answer the next ``times`` requests of ``route`` ("POST /2/tweets") with an error."""

@@ -236,6 +236,34 @@ def test_takedown_without_a_reference_gets_help(fake: FakeX, bot: Pipeline) -> N
     assert answer["text"].startswith(messages.TAKEDOWN_HELP) and fake.deleted == []
 
 
+def test_messages_in_a_group_conversation_are_not_requests(fake: FakeX, bot: Pipeline) -> None:
+    """GET /2/dm_events lists the messages of group conversations the bot was added to as well:
+    they are the group's talk, and each of them used to get a help DM of its own."""
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    group = fake.group(alice, bob)
+    fake.dm(alice, "hello everyone", group=group)
+    fake.dm(bob, "how does one delete a photo here?", group=group)
+    last = fake.dm(alice, "delete 1234567890", group=group)
+    assert bot.poll() == []
+    assert bot.store.cursor("x", "dms") == last["id"], "moved past them, so not fetched again"
+    carol = fake.add_user("carol")
+    fake.dm(carol, "hello, how does this work?")
+    assert bot.run_all() == ["no_reference"]
+    assert fake.bot_dms() == fake.bot_dms(to=carol) and len(fake.bot_dms()) == 1
+
+
+def test_how_to_ask_is_said_to_an_account_once_an_hour(fake: FakeX, bot: Pipeline) -> None:
+    carol = fake.add_user("carol")
+    fake.dm(carol, "can you cover the faces?", media=[fake.photo(jpeg(64))])
+    fake.dm(carol, "hello?")
+    fake.dm(carol, "anyone there?")
+    assert bot.run_all() == ["dm_photo", "helped_recently", "helped_recently"]
+    [answer] = fake.bot_dms(to=carol)
+    assert answer["text"].startswith(messages.DM_PHOTO)
+    fake.dm(carol, "delete 1234567890")
+    assert bot.run_all() == ["nothing_deleted"], "a request is still answered"
+
+
 # --------------------------------------------------------------------------- idempotency
 
 

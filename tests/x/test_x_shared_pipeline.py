@@ -81,3 +81,19 @@ def test_takedown_by_direct_message_deletes_the_copy_and_confirms(world: Any, bo
     assert bot.run_all() == ["nothing_deleted"]
     assert messages.TAKEDOWN_ALREADY in world.dms_to(carol)[-1]
     assert len(world.dms_to(carol)) == 2 and world.public_posts_by_bot() == []
+
+
+def test_after_a_takedown_a_new_request_gets_a_note_not_a_copy(world: Any, bot: Pipeline) -> None:
+    dave, bob, carol = world.person("dave"), world.person("bob"), world.person("carol")
+    original = world.photo_post(dave, "Crowd at the square", [jpeg(128)])
+    world.mention(bob, "cover the faces please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    world.direct_message(carol, f"I am in this photo, please delete {world.url_of(original)}")
+    assert bot.run_all() == ["deleted"]
+
+    erin = world.person("erin")
+    request = world.mention(erin, "cover this please", in_reply_to=original)
+    assert bot.run_all() == ["taken_down"]
+    [note] = world.replies_to(request)
+    assert body(world, note) == "@erin " + messages.TAKEN_DOWN
+    assert world.images_of(note) == []
