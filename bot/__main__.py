@@ -60,6 +60,10 @@ def listen(config: BotConfig | None = None) -> int:
 
     listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s)
     threading.Thread(target=router.run, args=(listener.stop,), name="drain", daemon=True).start()
+    # Copies follow their originals: deleted when the author deletes, locks or opts out.
+    from . import withdrawal
+
+    threading.Thread(target=withdrawal.run, args=(platform, store, listener.stop), name="withdrawal", daemon=True).start()
     from .platforms.base import PlatformError
 
     try:

@@ -26,11 +26,23 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
 end
 return 0
 """
+#: move a member's score from due (at most ARGV[2]) to ARGV[3], atomically; 0 if it was not due
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
 SEEN_TTL_S = 14 * 24 * 3600
 #: how long a sighting stays claimed before its enqueue is confirmed (an enqueue takes a moment)
 CLAIM_TTL_S = 120
 Sighting = Literal["new", "claimed", "queued"]
 DONE_TTL_S = 365 * 24 * 3600
+#: how long an original's copies are kept in step with it (see ``bot.withdrawal``), and its first check
+WATCH_FOR_S = 90 * 24 * 3600
+FIRST_CHECK_S = 3600
 
 
 class Store:
@@ -94,6 +106,43 @@ class Store:
             if url:
                 pipe.set(f"{PREFIX}:url:{platform}:{url}", original_id, ex=DONE_TTL_S)
         pipe.execute()
+        self.watch(platform, original_id, time.time())
+
+    # originals whose copies follow them ------------------------------------------------------
+    def watch(self, platform: str, original_id: str, now: float) -> None:
+        """Start checking ``original_id`` for withdrawal, first :data:`FIRST_CHECK_S` from now;
+        a new copy of an original already watched restarts nothing."""
+        pipe = self.r.pipeline()
+        pipe.set(f"{PREFIX}:watch_since:{platform}:{original_id}", now, nx=True, ex=WATCH_FOR_S)
+        pipe.zadd(f"{PREFIX}:watch:{platform}", {original_id: now + FIRST_CHECK_S}, nx=True)
+        pipe.execute()
+
+    def due_originals(self, platform: str, now: float, limit: int, hold_s: float) -> list[tuple[str, float]]:
+        """Originals due for a check by ``now``, each with when its copies were first made.
+
+        Each is claimed by moving its next check ``hold_s`` ahead (only a caller that moves it
+        gets it, so two listeners never check the same original at once); one whose watch ended
+        (:data:`WATCH_FOR_S` after its first copy) is dropped instead."""
+        key = f"{PREFIX}:watch:{platform}"
+        taken = []
+        for original in self.r.zrangebyscore(key, "-inf", now, start=0, num=limit):
+            if not self.r.eval(_CLAIM, 1, key, original, now, now + hold_s):
+                continue  # another listener claimed it first
+            since = self.r.get(f"{PREFIX}:watch_since:{platform}:{original}")
+            if since is None:
+                self.r.zrem(key, original)
+                continue
+            taken.append((original, float(since)))
+        return taken
+
+    def check_again(self, platform: str, original_id: str, due: float) -> None:
+        """The next check of a watched original."""
+        self.r.zadd(f"{PREFIX}:watch:{platform}", {original_id: due}, xx=True)
+
+    def unwatch(self, platform: str, original_id: str) -> None:
+        """Stop checking ``original_id`` (its copies are gone)."""
+        self.r.zrem(f"{PREFIX}:watch:{platform}", original_id)
+        self.r.delete(f"{PREFIX}:watch_since:{platform}:{original_id}")
 
     def record_original_urls(self, platform: str, original_id: str, urls: list[str]) -> None:
         for url in urls:

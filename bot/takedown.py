@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from . import messages
 from .handler import Job
@@ -67,6 +68,41 @@ def references(text: str) -> list[str]:
     without_urls = _URL.sub(" ", text)
     found += _ID.findall(without_urls)
     return list(dict.fromkeys(found))
+
+
+def own_copies(platform: Platform, store: Store, original: str, my_id: str) -> Iterator[Post]:
+    """The bot's live copies of ``original``; the records of copies already gone are forgotten.
+
+    A recorded id that is not the bot's post is skipped: deletion is only ever of its own posts.
+    """
+    for reply_id in sorted(store.replies_of(platform.name, original)):
+        try:
+            post = platform.get_post(reply_id)
+        except NotFound:
+            store.forget_reply(platform.name, original, reply_id)
+            continue
+        if post.account.id != my_id:
+            log.warning("not_ours", extra={"post_id": reply_id})
+            continue
+        yield post
+
+
+def delete_copy(platform: Platform, store: Store, original: str, copy: Post,
+                count: Callable[[bool], None] = lambda removed: None) -> bool | None:
+    """Delete one of the bot's copies and forget its record.
+
+    Returns True when it is gone for everyone, False when only from the bot's side (X DMs),
+    None when it was gone already (deleted by hand, by a moderator). ``count`` sees the first two
+    before the record is forgotten.
+    """
+    try:
+        removed: bool | None = platform.delete_post(copy.id)
+    except NotFound:
+        removed = None
+    if removed is not None:
+        count(removed)
+    store.forget_reply(platform.name, original, copy.id)
+    return removed
 
 
 @dataclass
@@ -166,28 +202,18 @@ class TakedownHandler:
         """Delete the bot's replies for ``original``, counting them (and those the sender may not
         see) in the tally of ``tally_key`` as each goes."""
         name = self.platform.name
-        for reply_id in sorted(self.store.replies_of(name, original)):
-            try:
-                post = self.platform.get_post(reply_id)
-            except NotFound:
-                self.store.forget_reply(name, original, reply_id)
-                continue
-            if post.account.id != my_id:
-                log.warning("not_ours", extra={"post_id": reply_id})
-                continue
+        for post in own_copies(self.platform, self.store, original, my_id):
             seen = (
                 post.visibility in ("public", "unlisted")
                 or post.addresses(sender)
-                or self.store.requester_of(name, reply_id) == sender.id
+                or self.store.requester_of(name, post.id) == sender.id
             )
-            try:
-                removed = self.platform.delete_post(reply_id)
-            except NotFound:
-                removed = None  # deleted meanwhile (by hand, by a moderator): gone all the same
-            if removed is not None:
+
+            def count(removed: bool, seen: bool = seen) -> None:
                 # Counted before it is forgotten: a retry no longer finds it to count.
                 self.store.add_to_tally(tally_key, deleted=1, unseen=int(not seen), one_sided=int(removed is False))
-            self.store.forget_reply(name, original, reply_id)
+
+            delete_copy(self.platform, self.store, original, post, count)
 
     def _answers_copy(self, dm: Post) -> bool:
         """Whether ``dm`` replies to one of the bot's copies, not to its confirmation or help."""

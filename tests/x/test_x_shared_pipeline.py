@@ -5,11 +5,14 @@ listener, handlers and Redis store."""
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
 
 from bot import messages
+from bot.store import FIRST_CHECK_S
+from bot.withdrawal import sweep
 from bot_helpers import assert_anonymised, astronaut, face_box, jpeg
 
 from worlds import WORLDS
@@ -97,3 +100,42 @@ def test_after_a_takedown_a_new_request_gets_a_note_not_a_copy(world: Any, bot: 
     [note] = world.replies_to(request)
     assert body(world, note) == "@erin " + messages.TAKEN_DOWN
     assert world.images_of(note) == []
+
+
+# --------------------------------------------------------------------------- withdrawn originals
+
+
+def copied(world: Any, bot: Pipeline, author: dict[str, Any], text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``author``'s photo post and the bot's public copy of it, asked for by a fresh account."""
+    original = world.photo_post(author, text, [jpeg(64)])
+    request = world.mention(world.person(f"asker{len(world.deleted())}{text[:3]}"), "cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    [copy] = world.replies_to(request)
+    return original, copy
+
+
+def test_a_copy_goes_when_its_original_is_deleted(world: Any, bot: Pipeline) -> None:
+    """The author took the photo back: the bot's copy must not stay up as its only trace."""
+    original, copy = copied(world, bot, world.person("dave"), "Crowd at the square")
+    now = time.time()
+    assert sweep(world.platform, bot.store, now) == 0, "not due before its first check"
+    assert sweep(world.platform, bot.store, now + FIRST_CHECK_S + 1) == 0, "unchanged: kept"
+    world.author_deletes(original)
+    assert sweep(world.platform, bot.store, now + FIRST_CHECK_S + 2) == 0, "next check not due yet"
+    assert sweep(world.platform, bot.store, now + 6 * 3600 + 1) == 1
+    assert world.deleted() == [copy["id"]]
+    assert bot.store.due_originals(world.name, now + 400 * 86400, 10, 60) == [], "no longer watched"
+
+
+def test_copies_go_when_the_author_locks_the_account_or_opts_out(world: Any, bot: Pipeline) -> None:
+    """A locked (protected) account's photos are never copied in public, and #nobot means no
+    copy at all: a change of mind after the copy counts as much as before it."""
+    locker, refuser, steady = world.person("dave"), world.person("erin"), world.person("fay")
+    _, locked_copy = copied(world, bot, locker, "March one")
+    _, refused_copy = copied(world, bot, refuser, "March two")
+    _, kept_copy = copied(world, bot, steady, "March three")
+    world.lock(locker)
+    world.set_note(refuser, "Please no bots here #NoBot")
+    assert sweep(world.platform, bot.store, time.time() + FIRST_CHECK_S + 1) == 2
+    assert sorted(world.deleted()) == sorted([locked_copy["id"], refused_copy["id"]])
+    assert kept_copy["id"] not in world.deleted()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,30 @@ def test_a_tweet_whose_author_is_missing_counts_as_protected() -> None:
     assert post.account.locked and post.visibility == "private"
     shown = _Includes().add({"users": [{"id": "7", "username": "dave", "protected": False}]})
     assert XPlatform.parse_tweet(tweet, shown).visibility == "public"
+
+
+def test_withdrawal_checks_come_soon_then_weekly() -> None:
+    from bot.withdrawal import STEPS_S, WEEK_S, next_check
+
+    since = 1_000_000.0
+    assert next_check(since, since) == since + 3600
+    assert [next_check(since, since + step) for step in STEPS_S[:-1]] == [since + s for s in STEPS_S[1:]]
+    assert next_check(since, since + STEPS_S[-1]) == since + 2 * WEEK_S
+    assert next_check(since, since + 5 * WEEK_S + 1) == since + 6 * WEEK_S
+
+
+def test_a_due_check_goes_to_one_listener_and_a_watch_ends(store: Any) -> None:
+    """Two listeners of one platform sweep at once: each due original is checked by one of
+    them; 90 days after its first copy an original is no longer checked."""
+    from bot.store import FIRST_CHECK_S, WATCH_FOR_S
+
+    store.watch("x", "42", 0.0)
+    store.watch("x", "42", 500.0)  # a second copy restarts nothing
+    assert store.due_originals("x", FIRST_CHECK_S - 1, 10, 60) == []
+    assert store.due_originals("x", FIRST_CHECK_S, 10, 60) == [("42", 0.0)]
+    assert store.due_originals("x", FIRST_CHECK_S, 10, 60) == [], "claimed by the first caller"
+    assert store.due_originals("x", FIRST_CHECK_S + 61, 10, 60) == [("42", 0.0)], "a claim not finished comes back"
+    store.r.delete("ppb:watch_since:x:42")  # what expiry does WATCH_FOR_S after the first copy
+    assert WATCH_FOR_S == 90 * 24 * 3600
+    assert store.due_originals("x", 10**9, 10, 60) == []
+    assert store.r.zcard("ppb:watch:x") == 0

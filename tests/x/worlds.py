@@ -56,6 +56,16 @@ class XWorld:
     def dms_to(self, person: dict[str, Any]) -> list[str]:
         return [e["text"] for e in self.fake.bot_dms(to=person)]
 
+    # the author changes their mind
+    def author_deletes(self, post: dict[str, Any]) -> None:
+        del self.fake.tweets[post["id"]]
+
+    def lock(self, person: dict[str, Any]) -> None:
+        person["protected"] = True  # the bot follows them: it still reads their tweets
+
+    def set_note(self, person: dict[str, Any], note: str) -> None:
+        person["description"] = note
+
 
 class MastodonWorld:
     name = "mastodon"
@@ -99,6 +109,16 @@ class MastodonWorld:
     def dms_to(self, person: dict[str, Any]) -> list[str]:
         return [html_to_text(s["content"]) for s in self.fake.bot_statuses()
                 if s["visibility"] == "direct" and any(m["id"] == person["id"] for m in s["mentions"])]
+
+    # the author changes their mind
+    def author_deletes(self, post: dict[str, Any]) -> None:
+        del self.fake.statuses[post["id"]]
+
+    def lock(self, person: dict[str, Any]) -> None:
+        person["locked"] = True  # statuses embed the same account object
+
+    def set_note(self, person: dict[str, Any], note: str) -> None:
+        person["note"] = f"<p>{note}</p>"
 
 
 WORLDS = {"mastodon": MastodonWorld, "x": XWorld}

@@ -1,0 +1,106 @@
+"""Copies follow their originals: when an author withdraws a photo, the bot's copy goes too.
+
+A copy is made for the audience its original had at that moment. An author who later deletes
+the post, locks the account (protects their tweets) or puts ``#nobot`` / ``#noanon`` in the
+profile has taken the photo back; a copy left up would outlive that choice and become its only
+public trace, and the people in it may be ones the detectors missed. So the listener checks every
+copied original on a schedule (:data:`STEPS_S` after its first copy, then weekly, for
+:data:`~bot.store.WATCH_FOR_S`), one read per original, and deletes
+
+- every copy, when the original is gone (deleted, or hidden from the bot) or its author opted out;
+- the copies more public than a copy may be now, when the author narrowed the audience.
+
+Where nothing changed, an original's copies are not even read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+from .handler import opted_out, reply_visibility
+from .platforms.base import VISIBILITIES, NotFound, Platform, PlatformError, Post, RateLimited
+from .store import FIRST_CHECK_S, Store
+from .takedown import delete_copy, own_copies
+
+log = logging.getLogger("bot.withdrawal")
+
+#: checks after an original's first copy: soon, while a regretted post is most often deleted,
+#: then further apart; weekly after the last
+STEPS_S = (FIRST_CHECK_S, 6 * 3600, 24 * 3600, 2 * 24 * 3600, 4 * 24 * 3600, 7 * 24 * 3600)
+WEEK_S = 7 * 24 * 3600
+#: how often the listener looks for due checks
+SWEEP_INTERVAL_S = 300.0
+#: originals checked per round at most: 50 reads per 5 minutes leave most of Mastodon's 300
+#: requests per 5 minutes (and X's per-endpoint budgets) to the bot's real work
+PER_ROUND = 50
+#: a check claimed by a listener that died before finishing it comes back after this
+HOLD_S = 900.0
+
+
+def next_check(since: float, now: float) -> float:
+    """When to check next an original first copied at ``since``: the first step after ``now``."""
+    for step in STEPS_S:
+        if since + step > now:
+            return since + step
+    return since + (math.floor((now - since) / WEEK_S) + 1) * WEEK_S
+
+
+def _wider(visibility: str, allowed: str) -> bool:
+    return VISIBILITIES.index(visibility) > VISIBILITIES.index(allowed)
+
+
+def doomed_copies(platform: Platform, store: Store, original_id: str, my_id: str) -> tuple[list[Post], str]:
+    """The bot's copies of ``original_id`` that must go now, and why ("" when none must)."""
+    try:
+        original: Post | None = platform.get_post(original_id)
+    except NotFound:
+        original = None
+    if original is None or opted_out(original.account):
+        return list(own_copies(platform, store, original_id, my_id)), "gone" if original is None else "opted_out"
+    allowed = reply_visibility(original, original)
+    if allowed == "public":
+        return [], ""
+    narrowed = [c for c in own_copies(platform, store, original_id, my_id) if _wider(c.visibility, allowed)]
+    return narrowed, "narrowed" if narrowed else ""
+
+
+def sweep(platform: Platform, store: Store, now: float | None = None, limit: int = PER_ROUND) -> int:
+    """Check the originals that are due; returns how many copies were deleted."""
+    now = time.time() if now is None else now
+    name = platform.name
+    my_id = platform.me().id
+    deleted = 0
+    for original_id, since in store.due_originals(name, now, limit, HOLD_S):
+        if not store.replies_of(name, original_id):
+            store.unwatch(name, original_id)  # taken down or withdrawn already
+            continue
+        try:
+            doomed, reason = doomed_copies(platform, store, original_id, my_id)
+            for copy in doomed:
+                delete_copy(platform, store, original_id, copy)
+        except RateLimited:
+            log.warning("withdrawal_paused", extra={"platform": name, "original_id": original_id})
+            break  # held for HOLD_S: checked again once the budget is back
+        except PlatformError as exc:
+            log.warning("withdrawal_check_failed", extra={"platform": name, "original_id": original_id, "error": type(exc).__name__})
+            continue
+        if doomed:
+            deleted += len(doomed)
+            log.info("copies_withdrawn", extra={"platform": name, "original_id": original_id, "copies": len(doomed), "reason": reason})
+        if store.replies_of(name, original_id):
+            store.check_again(name, original_id, next_check(since, now))
+        else:
+            store.unwatch(name, original_id)
+    return deleted
+
+
+def run(platform: Platform, store: Store, stop: threading.Event, interval_s: float = SWEEP_INTERVAL_S) -> None:
+    """Sweep every ``interval_s`` until ``stop`` is set (the listener runs this in a thread)."""
+    while not stop.wait(interval_s):
+        try:
+            sweep(platform, store)
+        except Exception:  # Redis or the platform hiccups: the next round tries again
+            log.warning("withdrawal_failed", exc_info=True)
