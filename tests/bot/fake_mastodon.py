@@ -15,7 +15,8 @@ JSON shapes follow the Mastodon API documentation (Status, Account, MediaAttachm
 Notification, Tag, Mention entities; ids are strings; paging with ``max_id`` / ``since_id`` /
 ``min_id`` / ``limit``, newest first, with a ``Link`` header; ``Idempotency-Key`` on posting;
 ``X-RateLimit-*`` headers on every API response; server-sent events with ``event:`` / ``data:``
-lines and ``:thump`` heartbeats on the streaming endpoints).
+lines and ``:thump`` heartbeats on the streaming endpoints, which want the user's token like
+every streaming endpoint since Mastodon 4.2).
 """
 
 from __future__ import annotations
@@ -1026,9 +1027,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.stream_refuse is not None:
             self._body()
             return self._error(fake.stream_refuse, "Streaming is not available here" if fake.stream_refuse == 501 else "Not found")
+        if not self._authorised(query):
+            # every channel since Mastodon 4.2, public ones too (mastodon/mastodon#23989)
+            return self._error(401, "Error: Missing access token")
         if path == "/api/v1/streaming/user/notification":
-            if not self._authorised(query):
-                return self._error(401, "Error: Missing access token")
             subscriber = _Subscriber("notification")
         elif path == "/api/v1/streaming/hashtag":
             tag = (query.get("tag") or [""])[0].lower()

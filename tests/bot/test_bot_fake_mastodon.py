@@ -154,7 +154,8 @@ def test_private_posts_are_hidden_from_the_bot_unless_it_may_see_them(fake: Fake
 def test_streams_push_live_events_with_heartbeats(fake: FakeMastodon) -> None:
     fake.stream_heartbeat_s = 0.05
     alice = fake.add_account("alice")
-    response = requests.get(fake.base_url + "/api/v1/streaming/hashtag", params={"tag": "protest"}, stream=True, timeout=5)
+    response = requests.get(fake.base_url + "/api/v1/streaming/hashtag", params={"tag": "protest"}, stream=True, timeout=5,
+                            headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.headers["Content-Type"] == "text/event-stream"
     lines: list[str] = []
 
@@ -177,3 +178,10 @@ def test_streams_push_live_events_with_heartbeats(fake: FakeMastodon) -> None:
     assert ":thump" in lines and "event: update" in lines and lines[-1] == "<dropped>"
     assert sum(1 for line in lines if line.startswith("data:")) == 1
     assert f'"id": "{status["id"]}"' in next(line for line in lines if line.startswith("data:"))
+
+
+@pytest.mark.parametrize("path", ["/api/v1/streaming/hashtag?tag=protest", "/api/v1/streaming/user/notification"])
+def test_every_stream_wants_the_token(fake: FakeMastodon, path: str) -> None:
+    """Since Mastodon 4.2 public streams too want a user token (mastodon/mastodon#23989)."""
+    with requests.get(fake.base_url + path, stream=True, timeout=5) as response:  # a stream never ends
+        assert response.status_code == 401 and fake.subscribers() == 0
