@@ -198,11 +198,15 @@ class MastodonPlatform:
 
     @staticmethod
     def parse_account(data: dict[str, Any]) -> Account:
+        """An Account entity; its ``fields`` are name/value pairs, the name plain text and the
+        value HTML (https://docs.joinmastodon.org/entities/Account/#fields)."""
         return Account(
             id=str(data["id"]),
             acct=data.get("acct", ""),
             bot=bool(data.get("bot")),
             note=html_to_text(data.get("note", "")),
+            fields=tuple((str(f.get("name") or ""), html_to_text(str(f.get("value") or "")))
+                         for f in data.get("fields") or [] if isinstance(f, dict)),
             locked=bool(data.get("locked")),
             local="@" not in data.get("acct", ""),
         )

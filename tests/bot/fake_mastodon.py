@@ -253,8 +253,10 @@ class FakeMastodon:
         return str(113_500_000_000_000_000 + next(self._ids) * 1_000)
 
     def add_account(self, username: str, *, domain: str | None = None, display_name: str = "", bot: bool = False,
-                    locked: bool = False, note: str = "") -> dict[str, Any]:
-        """A local account (``domain=None``) or a remote one (``acct`` is ``user@domain``)."""
+                    locked: bool = False, note: str = "", fields: list[tuple[str, str]] | tuple = ()) -> dict[str, Any]:
+        """A local account (``domain=None``) or a remote one (``acct`` is ``user@domain``);
+        ``fields`` are its profile metadata, (name, value) in plain text: the name stays plain
+        text, the value is rendered as HTML, with links and hashtags, as Mastodon does."""
         with self.lock:
             account_id = str(109_000_000_000_000_000 + len(self.accounts) + 1)
             acct = username if domain is None else f"{username}@{domain}"
@@ -283,7 +285,7 @@ class FakeMastodon:
                 "statuses_count": 0,
                 "last_status_at": None,
                 "emojis": [],
-                "fields": [],
+                "fields": [{"name": name, "value": self._render_inline(value)[0], "verified_at": None} for name, value in fields],
             }
             self.accounts[account_id] = account
             self.followers[account_id] = set()
