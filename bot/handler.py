@@ -61,8 +61,10 @@ def reply_visibility(target: Post, request: Post) -> Visibility:
 
 
 def opted_out(account: Account) -> bool:
-    """``#nobot`` / ``#noanon`` in the profile means: do not repost my images."""
-    return bool(_NOBOT.search(account.note or ""))
+    """``#nobot`` / ``#noanon`` in the profile means: do not repost my images. The profile is
+    the bio and its metadata fields (a "Bots: #nobot" line is as clear as the bio)."""
+    texts = [account.note or "", *(part for field in account.fields for part in field)]
+    return any(_NOBOT.search(text) for text in texts)
 
 
 def may_see(request: Post, target: Post) -> bool:

@@ -16,6 +16,9 @@ class Account:
     acct: str
     bot: bool = False
     note: str = ""
+    #: profile metadata as plain-text (name, value) pairs (Mastodon's "fields"): where people also
+    #: write #nobot
+    fields: tuple[tuple[str, str], ...] = ()
     #: protected/locked accounts (X protected, Mastodon locked)
     locked: bool = False
     #: an account of the bot's own server, whose replies that server lets through only to posts

@@ -55,6 +55,9 @@ CW_FLOOR = 60
 _LEADING_MENTION = re.compile(r"@[\w.\-]+(?:@[\w.\-]+)?\s+")
 _COUNTED_URL = re.compile(r"https?://[^\s<>\"']+")
 _REMOTE_MENTION = re.compile(r"(?<![\w/@])(@\w+)@[\w.\-]+\w")
+#: the streaming URL a server publishes is a WebSocket one; its HTTP server-sent events are
+#: served at the same place
+_STREAMING_SCHEMES = {"wss": "https", "ws": "http", "https": "https", "http": "http"}
 
 
 class _Text(HTMLParser):
@@ -196,11 +199,15 @@ class MastodonPlatform:
 
     @staticmethod
     def parse_account(data: dict[str, Any]) -> Account:
+        """An Account entity; its ``fields`` are name/value pairs, the name plain text and the
+        value HTML (https://docs.joinmastodon.org/entities/Account/#fields)."""
         return Account(
             id=str(data["id"]),
             acct=data.get("acct", ""),
             bot=bool(data.get("bot")),
             note=html_to_text(data.get("note", "")),
+            fields=tuple((str(f.get("name") or ""), html_to_text(str(f.get("value") or "")))
+                         for f in data.get("fields") or [] if isinstance(f, dict)),
             locked=bool(data.get("locked")),
             local="@" not in data.get("acct", ""),
         )
@@ -309,10 +316,34 @@ class MastodonPlatform:
             else:
                 yield Event("hashtag", str(payload["id"]), self.parse_post(payload), tag=channel[4:])
 
+    def _streaming_base(self) -> str:
+        """Where the server's streaming API lives.
+
+        A server may serve it from another host (mastodon.social: streaming.mastodon.social) and
+        answer ``/api/v1/streaming`` on its own host only with a redirect there, which
+        ``requests`` follows without the ``Authorization`` header (it never sends credentials
+        to another host), so the stream would be refused. The documented way to find the host
+        is ``configuration.urls.streaming`` of the instance API (``urls.streaming_api`` in v1),
+        a ``wss://`` URL whose HTTP streaming is served over ``https://`` at the same place
+        (https://docs.joinmastodon.org/methods/streaming/#hostname-discovery). The server's own
+        address when it publishes none, or one that would send the token unencrypted from an
+        https server.
+        """
+        urls = self._server_configuration().get("urls")
+        published = urls.get("streaming") if isinstance(urls, dict) else None
+        if not isinstance(published, str) or not published.strip():
+            return self.base_url
+        parsed = urlparse(published.strip())
+        scheme = _STREAMING_SCHEMES.get(parsed.scheme.lower())
+        if scheme is None or not parsed.netloc or (scheme == "http" and self.base_url.startswith("https:")):
+            log.warning("streaming_url_unusable", extra={"scheme": parsed.scheme[:10]})
+            return self.base_url
+        return f"{scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+
     def _sse(self, path: str, params: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             response = self.session.get(
-                self.base_url + path,
+                self._streaming_base() + path,
                 params=params,
                 stream=True,
                 timeout=(self.timeout_s, 120),  # Mastodon sends a heartbeat every few seconds
@@ -367,8 +398,9 @@ class MastodonPlatform:
         return media_id
 
     def _server_configuration(self) -> dict[str, Any]:
-        """The ``configuration`` of the server's instance API (v2, else v1 before Mastodon 4.0),
-        cached; ``{}`` when the server publishes none or cannot be asked now (stock limits)."""
+        """The ``configuration`` of the server's instance API (v2, else v1 before Mastodon 4.0;
+        its limits and ``urls.streaming``), cached; ``{}`` when the server publishes none or
+        cannot be asked now (stock limits, streaming from the server's own host)."""
         now = time.monotonic()
         if now < self._configuration_until:
             return self._configuration
@@ -383,6 +415,10 @@ class MastodonPlatform:
                 self._configuration_until = now + INSTANCE_RETRY_S
                 return self._configuration
             found = body.get("configuration") if isinstance(body, dict) else None
+            v1_urls = body.get("urls") if isinstance(body, dict) and path.startswith("/api/v1/") else None
+            if isinstance(v1_urls, dict) and v1_urls.get("streaming_api"):
+                # v1 publishes its streaming URL beside its configuration: kept where v2 has it
+                found = dict(found if isinstance(found, dict) else {}, urls={"streaming": v1_urls["streaming_api"]})
             break
         self._configuration = found if isinstance(found, dict) else {}
         self._configuration_until = now + INSTANCE_TTL_S

@@ -82,13 +82,15 @@ TWEET_FIELDS = [
 EXPANSIONS = ["author_id", "attachments.media_keys"]
 MEDIA_FIELDS = ["media_key", "type", "url", "alt_text"]
 USER_FIELDS = ["description", "name", "protected", "username"]
-DM_FIELDS = ["id", "event_type", "text", "sender_id", "dm_conversation_id", "created_at", "entities", "attachments"]
+DM_FIELDS = ["id", "event_type", "text", "sender_id", "dm_conversation_id", "created_at", "entities", "attachments",
+             "referenced_tweets"]
 
 _HOSTS = {"x.com", "www.x.com", "mobile.x.com", "twitter.com", "www.twitter.com", "mobile.twitter.com"}
 _STATUS_PATH = re.compile(r"^/(?:[A-Za-z0-9_]{1,15}|i/web|i)/status(?:es)?/(\d{1,20})(?:/.*)?$")
 _MEDIA_TYPES = {"photo": "image", "animated_gif": "gifv", "video": "video"}
 _NUMERIC = re.compile(r"/\d{3,}(?=/|$)")  # ids, not the API version
 _URL = re.compile(r"https?://\S+")
+_TCO = re.compile(r"https?://t\.co/\w+")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -180,6 +182,32 @@ def _one_to_one(event: dict[str, Any], my_id: str) -> bool:
     if not conversation:
         return True
     return sorted(conversation.split("-")) == sorted((str(event.get("sender_id", "")), my_id))
+
+
+def _dm_text(event: dict[str, Any]) -> str:
+    """A DM event's text with its links as the sender wrote them.
+
+    A DmEvent carries its entities at its top level (``urls``, ``mentions``, ``hashtags``,
+    ``cashtags``, asked for with the ``entities`` field), not under ``entities`` as a tweet does
+    (docs.x.com/x-api/direct-messages/get-dm-events-by-id; the DmEvent schema of X's SDK). A
+    post shared into the conversation comes as ``referenced_tweets: [{"id": ...}]`` beside its
+    t.co link: the post's own URL stands for it where the text does not name it yet, in place
+    of the t.co links left unexpanded when there are as many of them (a takedown request must
+    not be answered "I do not know that link" for the link of the very post it shares).
+    """
+    # The tweet-like nesting is read too: it costs nothing, and a link left short would make a
+    # takedown request "unknown".
+    nested = (event.get("entities") or {}).get("urls") or []
+    text = _expand(event.get("text", ""), {"urls": [*(event.get("urls") or []), *nested]})
+    shared = [str(r["id"]) for r in event.get("referenced_tweets") or [] if isinstance(r, dict) and r.get("id")]
+    links = [f"https://x.com/i/web/status/{i}" for i in dict.fromkeys(shared) if i not in text]
+    wrapped = _TCO.findall(text)
+    if links and len(wrapped) == len(links):
+        for short, link in zip(wrapped, links):
+            text = text.replace(short, link, 1)
+    elif links:
+        text = " ".join([text, *links]).strip()
+    return text
 
 
 def _photo_url(url: str) -> str:
@@ -435,7 +463,7 @@ class XPlatform:
         return Post(
             id=f"dm:{event['id']}",
             account=cls.parse_account(user),
-            text=_expand(event.get("text", ""), event.get("entities")),
+            text=_dm_text(event),
             visibility="direct",
             media=tuple(Media(id=str(key), type="unknown", url="") for key in keys),
         )

@@ -9,13 +9,18 @@ keeps its whole state in memory, where the tests set it up and inspect it:
 * switches that make it misbehave the way real servers do: N x 429 (with ``X-RateLimit-Reset``
   a second or two ahead) or N x 503 on an endpoint, streaming refused (404/501) or dropped after
   N events, slow media downloads (held until released), oversized or endless media bodies,
-  redirects, media processed asynchronously (202 then ``GET /api/v1/media/:id``).
+  redirects, media processed asynchronously (202 then ``GET /api/v1/media/:id``);
+* the ways servers publish themselves: streaming served from a second host (a second port
+  here), as on mastodon.social, which the instance API names and the API host redirects to
+  (``serve_streaming_apart``), and a server before Mastodon 4.0 with only the v1 instance API
+  (``instance_api = "v1"``).
 
 JSON shapes follow the Mastodon API documentation (Status, Account, MediaAttachment,
 Notification, Tag, Mention entities; ids are strings; paging with ``max_id`` / ``since_id`` /
 ``min_id`` / ``limit``, newest first, with a ``Link`` header; ``Idempotency-Key`` on posting;
 ``X-RateLimit-*`` headers on every API response; server-sent events with ``event:`` / ``data:``
-lines and ``:thump`` heartbeats on the streaming endpoints).
+lines and ``:thump`` heartbeats on the streaming endpoints, which want the user's token like
+every streaming endpoint since Mastodon 4.2).
 """
 
 from __future__ import annotations
@@ -114,6 +119,8 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]
     status: int = 0
+    #: which of the fake's hosts answered: "api", or "streaming" (see ``serve_streaming_apart``)
+    server: str = "api"
 
 
 class _Subscriber:
@@ -135,7 +142,12 @@ class FakeMastodon:
         self.port = self.server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
-        self._thread: threading.Thread | None = None
+        #: the streaming API's own host, used once ``serve_streaming_apart`` is called
+        self.streaming_server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.streaming_server.daemon_threads = True
+        self.streaming_server.fake = self  # type: ignore[attr-defined]
+        self.streaming_url = f"http://127.0.0.1:{self.streaming_server.server_address[1]}"
+        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.media_gate = threading.Event()
         self.post_gate = threading.Event()
@@ -146,8 +158,10 @@ class FakeMastodon:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> "FakeMastodon":
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-mastodon", daemon=True)
-        self._thread.start()
+        for name, server in (("fake-mastodon", self.server), ("fake-mastodon-streaming", self.streaming_server)):
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def stop(self) -> None:
@@ -155,8 +169,9 @@ class FakeMastodon:
         self.media_gate.set()
         self.post_gate.set()
         self.drop_streams()
-        self.server.shutdown()
-        self.server.server_close()
+        for server in (self.server, self.streaming_server):
+            server.shutdown()
+            server.server_close()
 
     def reset(self) -> None:
         """Forget everything (between tests); the port stays the same."""
@@ -198,6 +213,10 @@ class FakeMastodon:
                 "translation": {"enabled": False},
             }
             # switches
+            #: "v1": a server before Mastodon 4.0, whose instance API has no v2 (404)
+            self.instance_api = "v2"
+            #: streaming is served by ``streaming_url`` only (see ``serve_streaming_apart``)
+            self.streaming_apart = False
             self.stream_refuse: int | None = None  # 404 or 501: streaming endpoints refused
             self.stream_drop_after: int | None = None  # close each stream after N events
             self.stream_heartbeat_s = 0.5
@@ -217,6 +236,16 @@ class FakeMastodon:
             self.bot = self.add_account(BOT_USERNAME, display_name="Protest privacy bot", bot=True,
                                         note="I cover every head in protest photos with a raised fist. Mention me under a post with photos.")
 
+    def serve_streaming_apart(self) -> None:
+        """Serve the streaming API from its own host, as mastodon.social does
+        (streaming.mastodon.social): the instance API publishes it as ``urls.streaming``, and the
+        API host answers every ``/api/v1/streaming`` path with a 301 there
+        (``Api::V1::StreamingController``), so a client that follows the redirect arrives
+        without its token."""
+        with self.lock:
+            self.streaming_apart = True
+            self.configuration["urls"]["streaming"] = self.streaming_url.replace("http", "ws", 1)
+
     # -- ids and accounts ---------------------------------------------------------------------
 
     def _next_status_id(self) -> str:
@@ -224,8 +253,10 @@ class FakeMastodon:
         return str(113_500_000_000_000_000 + next(self._ids) * 1_000)
 
     def add_account(self, username: str, *, domain: str | None = None, display_name: str = "", bot: bool = False,
-                    locked: bool = False, note: str = "") -> dict[str, Any]:
-        """A local account (``domain=None``) or a remote one (``acct`` is ``user@domain``)."""
+                    locked: bool = False, note: str = "", fields: list[tuple[str, str]] | tuple = ()) -> dict[str, Any]:
+        """A local account (``domain=None``) or a remote one (``acct`` is ``user@domain``);
+        ``fields`` are its profile metadata, (name, value) in plain text: the name stays plain
+        text, the value is rendered as HTML, with links and hashtags, as Mastodon does."""
         with self.lock:
             account_id = str(109_000_000_000_000_000 + len(self.accounts) + 1)
             acct = username if domain is None else f"{username}@{domain}"
@@ -254,7 +285,7 @@ class FakeMastodon:
                 "statuses_count": 0,
                 "last_status_at": None,
                 "emojis": [],
-                "fields": [],
+                "fields": [{"name": name, "value": self._render_inline(value)[0], "verified_at": None} for name, value in fields],
             }
             self.accounts[account_id] = account
             self.followers[account_id] = set()
@@ -692,10 +723,14 @@ class _Handler(BaseHTTPRequestHandler):
         if hasattr(self, "_raw_body"):
             del self._raw_body  # keep-alive: one handler object serves many requests
         self._body()
+        on_streaming_host = self.server is fake.streaming_server
         self._record = Request(time.time(), self.command, path, query,
-                               {k: v for k, v in self.headers.items() if k.lower() in ("idempotency-key", "content-type", "accept", "user-agent", "host")})
+                               {k: v for k, v in self.headers.items() if k.lower() in ("idempotency-key", "content-type", "accept", "user-agent", "host")},
+                               server="streaming" if on_streaming_host else "api")
         with fake.lock:
             fake.requests.append(self._record)
+        if on_streaming_host and not (fake.streaming_apart and path.startswith("/api/v1/streaming")):
+            return self._error(404, "Not found")  # the streaming server serves nothing else
         if path.startswith("/media/"):
             return self._media(path)
         if not path.startswith("/api/"):
@@ -730,6 +765,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ("GET", r"/api/v1/media/(\d+)", self._get_media),
                 ("GET", r"/api/v2/search", self._search),
                 ("GET", r"/api/v2/instance", self._instance),
+                ("GET", r"/api/v1/instance", self._instance_v1),
                 ("PATCH", r"/api/v2/notifications/policy", self._update_policy),
             ]
             for method, pattern, route in routes:
@@ -768,12 +804,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _instance(self, query: Any) -> tuple[int, Any]:
         fake = self.fake
+        if fake.instance_api == "v1":
+            return 404, {"error": "Record not found"}
         return 200, {"domain": urlparse(fake.base_url).netloc, "title": "Fake Mastodon", "version": "4.3.0",
                      "source_url": "https://github.com/mastodon/mastodon", "description": "",
                      "usage": {"users": {"active_month": len(fake.accounts)}},
                      "configuration": copy.deepcopy(fake.configuration),
                      "registrations": {"enabled": False, "approval_required": False, "message": None},
                      "contact": {"email": "", "account": None}, "rules": []}
+
+    def _instance_v1(self, query: Any) -> tuple[int, Any]:
+        """``GET /api/v1/instance`` (V1::Instance): the streaming URL beside the configuration,
+        as ``urls.streaming_api``, and no ``urls`` inside the configuration."""
+        fake = self.fake
+        configuration = {k: copy.deepcopy(v) for k, v in fake.configuration.items() if k != "urls"}
+        return 200, {"uri": urlparse(fake.base_url).netloc, "title": "Fake Mastodon", "version": "3.5.3",
+                     "short_description": "", "description": "", "email": "",
+                     "urls": {"streaming_api": fake.configuration["urls"]["streaming"]},
+                     "stats": {"user_count": len(fake.accounts), "status_count": len(fake.statuses), "domain_count": 1},
+                     "thumbnail": None, "languages": ["en"], "registrations": False, "approval_required": False,
+                     "invites_enabled": False, "configuration": configuration, "contact_account": None, "rules": []}
 
     def _update_policy(self, query: Any) -> tuple[int, Any]:
         params = self._params()
@@ -1021,14 +1071,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, path: str, query: dict[str, list[str]]) -> None:
         fake = self.fake
+        if fake.streaming_apart and self._record.server == "api":
+            # Api::V1::StreamingController: every streaming path, to the same path there
+            self.send_response(301)
+            self.send_header("Location", fake.streaming_url + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self._record.status = 301
+            return
         if path == "/api/v1/streaming/health":
             return self._send(200, raw=b"OK", content_type="text/plain")
         if fake.stream_refuse is not None:
             self._body()
             return self._error(fake.stream_refuse, "Streaming is not available here" if fake.stream_refuse == 501 else "Not found")
+        if not self._authorised(query):
+            # every channel since Mastodon 4.2, public ones too (mastodon/mastodon#23989)
+            return self._error(401, "Error: Missing access token")
         if path == "/api/v1/streaming/user/notification":
-            if not self._authorised(query):
-                return self._error(401, "Error: Missing access token")
             subscriber = _Subscriber("notification")
         elif path == "/api/v1/streaming/hashtag":
             tag = (query.get("tag") or [""])[0].lower()

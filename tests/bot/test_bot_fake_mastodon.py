@@ -154,7 +154,8 @@ def test_private_posts_are_hidden_from_the_bot_unless_it_may_see_them(fake: Fake
 def test_streams_push_live_events_with_heartbeats(fake: FakeMastodon) -> None:
     fake.stream_heartbeat_s = 0.05
     alice = fake.add_account("alice")
-    response = requests.get(fake.base_url + "/api/v1/streaming/hashtag", params={"tag": "protest"}, stream=True, timeout=5)
+    response = requests.get(fake.base_url + "/api/v1/streaming/hashtag", params={"tag": "protest"}, stream=True, timeout=5,
+                            headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.headers["Content-Type"] == "text/event-stream"
     lines: list[str] = []
 
@@ -177,3 +178,78 @@ def test_streams_push_live_events_with_heartbeats(fake: FakeMastodon) -> None:
     assert ":thump" in lines and "event: update" in lines and lines[-1] == "<dropped>"
     assert sum(1 for line in lines if line.startswith("data:")) == 1
     assert f'"id": "{status["id"]}"' in next(line for line in lines if line.startswith("data:"))
+
+
+@pytest.mark.parametrize("path", ["/api/v1/streaming/hashtag?tag=protest", "/api/v1/streaming/user/notification"])
+def test_every_stream_wants_the_token(fake: FakeMastodon, path: str) -> None:
+    """Since Mastodon 4.2 public streams too want a user token (mastodon/mastodon#23989)."""
+    with requests.get(fake.base_url + path, stream=True, timeout=5) as response:  # a stream never ends
+        assert response.status_code == 401 and fake.subscribers() == 0
+
+
+def test_streaming_apart_is_published_and_redirected_to_like_mastodon_social(fake: FakeMastodon) -> None:
+    fake.serve_streaming_apart()
+    published = get(fake, "/api/v2/instance").json()["configuration"]["urls"]["streaming"]
+    assert published == fake.streaming_url.replace("http://", "ws://")
+    path = "/api/v1/streaming/hashtag?tag=protest"
+    moved = requests.get(fake.base_url + path, headers={"Authorization": f"Bearer {TOKEN}"}, allow_redirects=False, timeout=5)
+    assert moved.status_code == 301 and moved.headers["Location"] == fake.streaming_url + path
+    # requests follows the redirect to the other host without the token, as it must
+    assert requests.get(fake.base_url + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).status_code == 401
+    with requests.get(fake.streaming_url + path, headers={"Authorization": f"Bearer {TOKEN}"}, stream=True, timeout=5) as there:
+        assert there.status_code == 200 and there.headers["Content-Type"] == "text/event-stream"
+    assert requests.get(fake.streaming_url + "/api/v1/accounts/verify_credentials", timeout=5).status_code == 404
+    assert [r.server for r in fake.log() if r.path == "/api/v1/streaming/hashtag"] == ["api", "api", "streaming", "streaming"]
+
+
+def test_a_server_before_4_0_publishes_its_streaming_url_in_instance_v1(fake: FakeMastodon) -> None:
+    fake.instance_api = "v1"
+    assert get(fake, "/api/v2/instance").status_code == 404
+    v1 = get(fake, "/api/v1/instance").json()
+    assert v1["urls"] == {"streaming_api": fake.base_url.replace("http://", "ws://")} and "urls" not in v1["configuration"]
+
+
+@pytest.mark.parametrize("instance_api", ["v2", "v1"])
+def test_the_client_streams_from_the_host_the_server_publishes(fake: FakeMastodon, instance_api: str) -> None:
+    # mastodon.social's streaming lives on streaming.mastodon.social; following its redirect
+    # loses the token (requests never sends it to another host), so the stream was refused
+    fake.serve_streaming_apart()
+    fake.instance_api = instance_api
+    fake.stream_heartbeat_s = 0.05
+    stream = MastodonPlatform(fake.base_url, TOKEN).stream("mentions")
+    assert next(stream) is None, "a heartbeat: the stream is open"
+    fake.wait_streaming("notification")
+    alice = fake.add_account("alice")
+    mention = fake.mention(alice, "hello")
+    event = next(e for e in stream if e is not None)
+    assert event.kind == "mention" and event.post.id == mention["id"]
+    stream.close()
+    streams = [r for r in fake.log() if r.path.startswith("/api/v1/streaming")]
+    assert [(r.server, r.status) for r in streams] == [("streaming", 200)], "straight to the streaming host"
+
+
+@pytest.mark.parametrize("published, streamed_from", [
+    ("wss://streaming.social.example", "https://streaming.social.example"),  # mastodon.social's way
+    ("wss://social.example/", "https://social.example"),
+    ("https://streaming.social.example/base", "https://streaming.social.example/base"),
+    (None, "https://social.example"),  # nothing published: the server's own host
+    ("", "https://social.example"),
+    ("ws://streaming.social.example", "https://social.example"),  # never the token in clear from an https server
+    ("ftp://streaming.social.example", "https://social.example"),
+    ("wss://", "https://social.example"),
+    (["not", "a", "url"], "https://social.example"),
+])
+def test_the_published_streaming_url_and_when_it_is_not_used(published: object, streamed_from: str) -> None:
+    seen: list[str | None] = []
+
+    def streaming(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        seen.append(request.headers.get("Authorization"))
+        return 200, {"Content-Type": "text/event-stream"}, ":)\n\n"
+
+    urls = {} if published is None else {"urls": {"streaming": published}}
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.add(responses.GET, "https://social.example/api/v2/instance", json={"configuration": urls})
+        mock.add_callback(responses.GET, f"{streamed_from}/api/v1/streaming/user/notification", callback=streaming)
+        stream = MastodonPlatform("https://social.example", TOKEN).stream("mentions")
+        assert next(stream) is None
+        assert seen == [f"Bearer {TOKEN}"]

@@ -126,6 +126,22 @@ def test_stream_and_poll_seeing_the_same_mention_enqueue_it_once(e2e: E2E) -> No
     assert len(fake.bot_posts()) == 1
 
 
+def test_streams_from_the_host_the_server_publishes(e2e: E2E) -> None:
+    # As on mastodon.social: the streaming API on a host of its own, which the API host
+    # redirects to; a redirect followed by requests arrives without the token (401), and the
+    # listener used to poll for ever.
+    fake = e2e.fake
+    fake.serve_streaming_apart()
+    alice = fake.add_account("alice")
+    e2e.listen(hashtags=("demo",))  # waits until both channels stream
+    mention = fake.mention(alice, "streamed", media=[fake.media(jpeg(256))])
+    post = fake.post(alice, "also streamed #demo", media=[fake.media(jpeg(256))])
+    answered(e2e, [mention, post])
+    streams = [r for r in fake.log() if r.path.startswith("/api/v1/streaming")]
+    assert {r.path for r in streams} == {"/api/v1/streaming/user/notification", "/api/v1/streaming/hashtag"}
+    assert all(r.server == "streaming" and r.status == 200 for r in streams), "never refused, never redirected"
+
+
 def test_hashtag_stream_refused_polling_answers(e2e: E2E) -> None:
     fake = e2e.fake
     fake.stream_refuse = 404

@@ -382,6 +382,20 @@ def test_a_request_deleted_while_its_photo_is_anonymised_ends_quietly(world: Wor
     assert world.store.reply_for("mastodon", original["id"], alice["id"]) is None
 
 
+@pytest.mark.parametrize("profile", [
+    {"note": "Photographer. #NoBot please"},
+    {"fields": [("Bots", "#nobot"), ("Web", "https://example.org")]},  # a metadata value
+    {"fields": [("#NoAnon", "please"), ("Pronouns", "she/her")]},  # a metadata name
+])
+def test_an_author_who_opts_out_anywhere_in_the_profile_gets_no_copy(world: World, profile: dict) -> None:
+    fake = world.fake
+    dave, bob = fake.add_account("dave", **profile), fake.add_account("bob")
+    original = fake.post(dave, "Crowd at the square", media=[fake.media(jpeg(64))])
+    assert world.run(fake.mention(bob, "cover please", in_reply_to=original)) == "opted_out"
+    assert world.said() == [f"@bob {messages.NOBOT}"]
+    assert world.anonymiser.calls == 0 and fake.media_requests() == []
+
+
 def test_a_reply_refused_as_not_found_for_another_reason_is_still_an_error(world: World) -> None:
     fake = world.fake
     alice = fake.add_account("alice")

@@ -3,7 +3,9 @@
 The JSON is shaped like X's: ``data`` / ``includes`` (users, media) / ``meta`` (``result_count``,
 ``newest_id``, ``oldest_id``, ``next_token``), problems with ``title``/``detail``/``type``,
 lookups of missing resources answered 200 with an ``errors`` array, ``x-rate-limit-*``
-headers on every answer, t.co links with ``entities.urls``, and the refusals X is known for
+headers on every answer, a tweet's t.co links in ``entities.urls`` but a DM event's at its top
+level (``urls``, ``mentions``, ``hashtags``, as X's DmEvent schema has them, for the
+``entities`` field), a post shared into a DM as the event's ``referenced_tweets``, and the refusals X is known for
 (duplicate text 403, the filtered stream's 403 ``client-not-enrolled`` on lower tiers, one
 attachment per DM, DM media uploaded with ``media_category=dm_image``). Both API hosts are
 served (tweepy 4.17 calls api.twitter.com, the bot's own requests go to api.x.com), and
@@ -157,25 +159,38 @@ class FakeX:
         return entities
 
     def dm(self, sender: dict[str, Any], text: str, links: dict[str, str] | None = None, to: dict[str, Any] | None = None,
-           media: list[str] = (), group: str = "") -> dict[str, Any]:
+           media: list[str] = (), group: str = "", shares: list[dict[str, Any]] = ()) -> dict[str, Any]:
         """A direct message; ``links`` maps t.co links in ``text`` to what they expand to;
         ``media`` are media keys of photos attached to it; ``group``: sent to that group
-        conversation (see :meth:`group`) instead of the one-to-one conversation with ``to``."""
+        conversation (see :meth:`group`) instead of the one-to-one conversation with ``to``;
+        ``shares`` are tweets shared into it (each a t.co link at the end of the text, and a
+        ``referenced_tweets`` entry).
+
+        Its entities stand at the top level of the event, not under ``entities`` as in a tweet
+        (docs.x.com/x-api/direct-messages/get-dm-events-by-id; X's SDK's DmEvent schema)."""
         to = to or self.bot
         if group:
             assert sender["id"] in self.groups[group], "only a member writes in a group"
+        links = dict(links or {})
+        for tweet in shares:
+            short = f"https://t.co/s{tweet['id'][-8:]}"
+            text = f"{text} {short}".strip()
+            links[short] = f"https://x.com/{self.users[tweet['author_id']]['username']}/status/{tweet['id']}"
         event = {
             "id": self.new_id(), "event_type": "MessageCreate", "text": text, "sender_id": sender["id"],
             "dm_conversation_id": group or self.conversation(sender["id"], to["id"]),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+            **self._entities(text),
         }
         if media:
             event["attachments"] = {"media_keys": list(media)}
         if links:
-            event["entities"] = {"urls": [
+            event["urls"] = [
                 {"start": text.index(short), "end": text.index(short) + len(short), "url": short,
                  "expanded_url": long, "display_url": long.split("://", 1)[1][:25]}
-                for short, long in links.items()]}
+                for short, long in links.items()]
+        if shares:
+            event["referenced_tweets"] = [{"id": tweet["id"]} for tweet in shares]
         self.dms.append(event)
         return event
 
@@ -434,15 +449,23 @@ class FakeX:
         max_results = int(query.get("max_results", "100"))
         start = int(query.get("pagination_token", "0") or 0)
         page = events[start:start + max_results]
-        fields = set(query.get("dm_event.fields", "").split(",")) | {"id", "event_type", "text"}
         body: dict[str, Any] = {"meta": {"result_count": len(page)}}
         if start + max_results < len(events):
             body["meta"]["next_token"] = str(start + max_results)
         if page:
-            body["data"] = [{k: v for k, v in e.items() if k in fields} for e in page]
+            body["data"] = [self._dm_fields(e, query) for e in page]
             if "sender_id" in query.get("expansions", ""):
                 body["includes"] = {"users": [self._user(self.users[s], query) for s in dict.fromkeys(e["sender_id"] for e in page)]}
         return self._answer(200, body)
+
+    @staticmethod
+    def _dm_fields(event: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
+        """The event with the fields asked for: ``id``, ``event_type`` and ``text`` always;
+        the ``entities`` field brings the top-level entity arrays."""
+        fields = set(query.get("dm_event.fields", "").split(",")) | {"id", "event_type", "text"}
+        if "entities" in fields:
+            fields |= {"urls", "mentions", "hashtags", "cashtags"}
+        return {k: v for k, v in event.items() if k in fields}
 
     def _dm_events(self, request: Any, query: dict[str, str]) -> tuple[int, dict[str, str], str]:
         return self._dm_page(self.dms, query)
@@ -457,8 +480,7 @@ class FakeX:
             return self._answer(200, {"errors": [{"value": event_id, "detail": f"Could not find dm_event with id: [{event_id}].",
                                                   "title": "Not Found Error", "resource_type": "dm_event", "parameter": "event_id",
                                                   "resource_id": event_id, "type": "https://api.twitter.com/2/problems/resource-not-found"}]})
-        fields = set(query.get("dm_event.fields", "").split(",")) | {"id", "event_type", "text"}
-        body: dict[str, Any] = {"data": {k: v for k, v in event.items() if k in fields}}
+        body: dict[str, Any] = {"data": self._dm_fields(event, query)}
         if "sender_id" in query.get("expansions", ""):
             body["includes"] = {"users": [self._user(self.users[event["sender_id"]], query)]}
         return self._answer(200, body)

@@ -1,7 +1,9 @@
 """Mastodon's REST API, faked in-process with ``responses`` (the shared pipeline tests run the
 same scenarios against it and against the fake X). Only what the bot calls: verify_credentials,
-statuses (get, post with Idempotency-Key, delete), mention notifications with ``min_id``,
-media upload, search; media files are served from ``files.mastodon.example``."""
+statuses (get, post with Idempotency-Key, delete), notifications with ``min_id``, ``types[]``,
+``exclude_types[]`` and ``include_filtered`` (a direct message from an account the bot does not
+follow is filtered, as Mastodon 4.3's default notification policy does), media upload, search;
+media files are served from ``files.mastodon.example``."""
 
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ class FakeMastodonHTTP:
         self.accounts: dict[str, dict[str, Any]] = {}
         self.statuses: dict[str, dict[str, Any]] = {}
         self.notifications: list[dict[str, Any]] = []
+        #: ids of the notifications the bot's notification policy filtered
+        self.filtered: set[str] = set()
+        #: ids of the accounts the bot follows
+        self.following: set[str] = set()
         self.files: dict[str, bytes] = {}
         self.uploads: dict[str, dict[str, Any]] = {}
         self.upload_data: dict[str, bytes] = {}
@@ -64,9 +70,31 @@ class FakeMastodonHTTP:
             "tags": [{"name": t.lower()} for t in re.findall(r"#(\w+)", text)],
         }
         self.statuses[status_id] = status
-        if any(m["id"] == self.bot["id"] for m in mentions):
-            self.notifications.append({"id": self.new_id(), "type": "mention", "status": status, "account": account})
+        if any(m["id"] == self.bot["id"] for m in mentions) and account["id"] != self.bot["id"]:
+            notification = self.notify("mention", account, status)
+            if self._filtered(status):
+                self.filtered.add(notification["id"])
         return status
+
+    def notify(self, kind: str, account: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A notification of the bot's: ``mention``, ``favourite``, ``follow``..."""
+        notification = {"id": self.new_id(), "type": kind, "account": account, "status": status}
+        self.notifications.append(notification)
+        return notification
+
+    def _filtered(self, status: dict[str, Any]) -> bool:
+        """Mastodon 4.3's default policy (``for_private_mentions: filter``): a private mention
+        from an account the bot does not follow is filtered, unless it answers a thread in which
+        the bot mentioned its sender."""
+        sender = status["account"]["id"]
+        if status["visibility"] != "direct" or sender in self.following:
+            return False
+        parent = self.statuses.get(status["in_reply_to_id"] or "")
+        while parent is not None:
+            if parent["account"]["id"] == self.bot["id"] and any(m["id"] == sender for m in parent["mentions"]):
+                return False
+            parent = self.statuses.get(parent["in_reply_to_id"] or "")
+        return True
 
     def bot_statuses(self) -> list[dict[str, Any]]:
         return [s for s in self.statuses.values() if s["account"]["id"] == self.bot["id"]]
@@ -136,9 +164,15 @@ class FakeMastodonHTTP:
         return self._answer(200, attachment)
 
     def _notifications(self, query: dict[str, list[str]]) -> tuple[int, dict[str, str], str]:
+        """GET /api/v1/notifications: ``types[]`` keeps, ``exclude_types[]`` drops, and what
+        the policy filtered is listed only with ``include_filtered`` (Mastodon 4.3)."""
         limit = int(query.get("limit", ["40"])[0])
         min_id = query.get("min_id", [None])[0]
-        found = sorted(self.notifications, key=lambda n: int(n["id"]))
+        types, excluded = query.get("types[]"), set(query.get("exclude_types[]", []))
+        with_filtered = query.get("include_filtered", ["false"])[-1].lower() in ("true", "1", "t", "on")
+        found = sorted((n for n in self.notifications
+                        if (not types or n["type"] in types) and n["type"] not in excluded
+                        and (with_filtered or n["id"] not in self.filtered)), key=lambda n: int(n["id"]))
         if min_id:
             found = [n for n in found if int(n["id"]) > int(min_id)][:limit]  # the page just after min_id
         else:

@@ -228,6 +228,18 @@ def test_takedown_by_dm_deletes_only_the_bots_reply_and_confirms(fake: FakeX, bo
     assert len(fake.bot_dms(to=carol)) == 1
 
 
+@pytest.mark.parametrize("shared", ["reply", "original"])
+def test_takedown_by_sharing_the_copy_or_the_original_into_a_dm(fake: FakeX, bot: Pipeline, shared: str) -> None:
+    # X's "Send via Direct Message": the post as a t.co link and the event's referenced_tweets
+    dave, original, request, reply = answered(fake, bot)
+    carol = fake.add_user("carol")
+    fake.dm(carol, "please delete this", shares=[reply if shared == "reply" else original])
+    assert bot.run_all() == ["deleted"]
+    assert fake.deleted == [reply["id"]] and original["id"] in fake.tweets
+    [confirmation] = fake.bot_dms(to=carol)
+    assert confirmation["text"].split("\n\nref ")[0] == messages.TAKEDOWN_DONE.format(count=1), "no link it did not know"
+
+
 def test_takedown_without_a_reference_gets_help(fake: FakeX, bot: Pipeline) -> None:
     carol = fake.add_user("carol")
     fake.dm(carol, "hello, how does this work?")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +14,7 @@ from bot import messages
 from bot.config import BotConfig, ConfigError
 from bot.platforms.registry import make
 from bot.platforms.x import TWEET_LIMIT, XPlatform, _Includes, fit, marker, weighted_length
+from bot.takedown import references
 
 REPO = Path(__file__).resolve().parents[2]
 X_ENV = {"X_BEARER_TOKEN": "b", "X_API_KEY": "k", "X_API_SECRET": "s", "X_ACCESS_TOKEN": "t", "X_ACCESS_TOKEN_SECRET": "ts"}
@@ -86,6 +87,34 @@ def test_x_listener_refuses_to_start_and_lists_the_problems() -> None:
 ])
 def test_post_id_from_reference(reference: str, expected: str | None) -> None:
     assert XPlatform("b", "k", "s", "t", "ts").post_id_from_reference(reference) == expected
+
+
+SHARED = "1578900353814519810"
+BOTS_COPY = "1890000000000012345"
+
+
+@pytest.mark.parametrize("event", [
+    # X's documented DmEvent (docs.x.com/x-api/direct-messages/get-dm-events-by-id): the
+    # entities at the event's top level
+    {"text": "please delete https://t.co/AbCdEf123", "urls": [
+        {"start": 14, "end": 37, "url": "https://t.co/AbCdEf123", "display_url": "x.com/protestbot/sta…",
+         "expanded_url": f"https://x.com/protestbot/status/{BOTS_COPY}"}]},
+    # a post shared into the DM, as in the TwitterDev sample response of GET /2/dm_events: its
+    # t.co link in the text, the post in referenced_tweets
+    {"text": "Simple Tweet link: https://t.co/IYFbRIdXHg", "referenced_tweets": [{"id": SHARED}]},
+    {"text": "", "referenced_tweets": [{"id": SHARED}]},
+    # the links nested as in a tweet, should X send them so
+    {"text": "please delete https://t.co/AbCdEf123", "entities": {"urls": [
+        {"start": 14, "end": 37, "url": "https://t.co/AbCdEf123", "expanded_url": f"https://x.com/protestbot/status/{BOTS_COPY}"}]}},
+    # both: the post is named once
+    {"text": "this one https://t.co/IYFbRIdXHg", "referenced_tweets": [{"id": SHARED}], "urls": [
+        {"start": 9, "end": 32, "url": "https://t.co/IYFbRIdXHg", "expanded_url": f"https://x.com/dave/status/{SHARED}"}]},
+])
+def test_a_dm_names_the_posts_it_links_to_or_shares(event: dict) -> None:
+    dm = XPlatform.parse_dm(dict(event, id="1890000000000099999", event_type="MessageCreate", sender_id="42"), _Includes())
+    found = [XPlatform("b", "k", "s", "t", "ts").post_id_from_reference(r) for r in references(dm.text)]
+    assert found == [SHARED if event.get("referenced_tweets") else BOTS_COPY]
+    assert "t.co/" not in dm.text, "no link left that the bot cannot follow"
 
 
 def test_replies_fit_in_a_tweet_and_keep_their_marker() -> None:
