@@ -20,6 +20,7 @@ from .config import BotConfig
 from .fetch import FetchError, fetch
 from .logs import Timer
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post, ReplyDraft, Visibility, narrowest
+from .copies import delete_copy
 from .store import Store
 
 log = logging.getLogger("bot.handler")
@@ -252,8 +253,8 @@ class MentionHandler:
             return self._decline(job, request, messages.NOBOT, visibility, key, "opted_out")
         if self.store.taken_down(job.platform, target.id):
             # Someone (often a person in the photo) had the copies deleted: a new copy for the
-            # next requester would undo that.
-            return self._decline(job, request, messages.TAKEN_DOWN, visibility, key, "taken_down")
+            # next requester would undo that. Said privately: a public note would point at the photo.
+            return self._decline(job, request, messages.TAKEN_DOWN, "direct", key, "taken_down")
         if not self._admitted(job, self._key(job, target.id)):
             if job.kind != "hashtag":
                 self._notice(job, request, messages.RATE_LIMITED, visibility, key, f"{job.platform}:{job.requester_id}")
@@ -281,7 +282,15 @@ class MentionHandler:
                 idempotency_key=f"ppb-reply-{self._key(job, target.id)}:{request.id}",
             )
         )
-        self.store.record_reply(job.platform, target.id, job.requester_id, posted.id, [posted.url, posted.uri, target.url, target.uri])
+        self.store.record_reply(job.platform, target.id, job.requester_id, posted.id,
+                                [posted.url, posted.uri, target.url, target.uri], visibility)
+        if self.store.taken_down(job.platform, target.id):
+            # A takedown ran while this copy was being made: it marked the original before
+            # reading its copies, and this copy was recorded before this look, so one of the two
+            # always sees the other and the copy never outlives the takedown.
+            delete_copy(self.platform, self.store, target.id, posted)
+            log.info("copy_taken_down", extra={"job": self._key(job, target.id), "reply_id": posted.id})
+            return "taken_down"
         log.info("replied", extra={"job": self._key(job, target.id), "reply_id": posted.id, "images": len(results), "heads": heads})
         return "replied"
 

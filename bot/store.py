@@ -35,6 +35,15 @@ if score and tonumber(score) <= tonumber(ARGV[2]) then
 end
 return 0
 """
+#: end an original's watch (KEYS[2], KEYS[3]) only while it has no copies (KEYS[1])
+_UNWATCH = """
+if redis.call('SCARD', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3])
+  return 1
+end
+return 0
+"""
 SEEN_TTL_S = 14 * 24 * 3600
 #: how long a sighting stays claimed before its enqueue is confirmed (an enqueue takes a moment)
 CLAIM_TTL_S = 120
@@ -95,7 +104,12 @@ class Store:
     def reply_for(self, platform: str, original_id: str, requester_id: str) -> str | None:
         return self.r.get(f"{PREFIX}:done:{platform}:{original_id}:{requester_id}")
 
-    def record_reply(self, platform: str, original_id: str, requester_id: str, reply_id: str, urls: list[str]) -> None:
+    def record_reply(self, platform: str, original_id: str, requester_id: str, reply_id: str, urls: list[str],
+                     visibility: str = "public") -> None:
+        """Remember a copy: whose request it answered, which original it copies (also by the
+        original's URLs, for takedown links), its ``visibility``, and that the original is now
+        watched for withdrawal (one transaction: a copy is never recorded unwatched)."""
+        now = time.time()
         pipe = self.r.pipeline()
         done_key = f"{PREFIX}:done:{platform}:{original_id}:{requester_id}"
         pipe.set(done_key, reply_id, ex=DONE_TTL_S)
@@ -105,17 +119,38 @@ class Store:
         for url in urls:
             if url:
                 pipe.set(f"{PREFIX}:url:{platform}:{url}", original_id, ex=DONE_TTL_S)
+        pipe.set(f"{PREFIX}:visibility:{platform}:{reply_id}", visibility, ex=DONE_TTL_S)
+        self._watch(pipe, platform, original_id, now)
         pipe.execute()
-        self.watch(platform, original_id, time.time())
+
+    def copy_visibility(self, platform: str, reply_id: str) -> str | None:
+        """The visibility a copy was posted with (None for copies recorded before it was kept)."""
+        return self.r.get(f"{PREFIX}:visibility:{platform}:{reply_id}")
 
     # originals whose copies follow them ------------------------------------------------------
     def watch(self, platform: str, original_id: str, now: float) -> None:
         """Start checking ``original_id`` for withdrawal, first :data:`FIRST_CHECK_S` from now;
         a new copy of an original already watched restarts nothing."""
         pipe = self.r.pipeline()
+        self._watch(pipe, platform, original_id, now)
+        pipe.execute()
+
+    @staticmethod
+    def _watch(pipe: Any, platform: str, original_id: str, now: float) -> None:
         pipe.set(f"{PREFIX}:watch_since:{platform}:{original_id}", now, nx=True, ex=WATCH_FOR_S)
         pipe.zadd(f"{PREFIX}:watch:{platform}", {original_id: now + FIRST_CHECK_S}, nx=True)
-        pipe.execute()
+
+    def watch_recorded(self, platform: str, now: float) -> int:
+        """Watch every original with copies that is not watched yet (copies recorded before
+        withdrawal checks existed); returns how many. Once per listener start: a key scan."""
+        started = 0
+        prefix = f"{PREFIX}:replies:{platform}:"
+        for key in self.r.scan_iter(match=f"{prefix}*", count=1000):
+            original_id = key[len(prefix):]
+            if self.r.zscore(f"{PREFIX}:watch:{platform}", original_id) is None:
+                self.watch(platform, original_id, now)
+                started += 1
+        return started
 
     def due_originals(self, platform: str, now: float, limit: int, hold_s: float) -> list[tuple[str, float]]:
         """Originals due for a check by ``now``, each with when its copies were first made.
@@ -139,10 +174,12 @@ class Store:
         """The next check of a watched original."""
         self.r.zadd(f"{PREFIX}:watch:{platform}", {original_id: due}, xx=True)
 
-    def unwatch(self, platform: str, original_id: str) -> None:
-        """Stop checking ``original_id`` (its copies are gone)."""
-        self.r.zrem(f"{PREFIX}:watch:{platform}", original_id)
-        self.r.delete(f"{PREFIX}:watch_since:{platform}:{original_id}")
+    def unwatch_if_no_copies(self, platform: str, original_id: str) -> bool:
+        """Stop checking ``original_id`` if it has no copies left; atomic, so a copy recorded at
+        the same moment keeps it watched. True when the watch ended."""
+        keys = [f"{PREFIX}:replies:{platform}:{original_id}", f"{PREFIX}:watch:{platform}",
+                f"{PREFIX}:watch_since:{platform}:{original_id}"]
+        return bool(self.r.eval(_UNWATCH, 3, *keys, original_id))
 
     def record_original_urls(self, platform: str, original_id: str, urls: list[str]) -> None:
         for url in urls:
@@ -206,13 +243,13 @@ class Store:
         self.r.delete(f"{PREFIX}:once:{key}")
 
     def add_to_tally(self, key: str, **counts: int) -> None:
-        """Add ``counts`` to what the attempts of job ``key`` did so far (kept for a day): a
+        """Add ``counts`` to what the attempts of job ``key`` did so far (kept for a week): a
         job retried part-way reports the work of its earlier attempts too."""
         tally = f"{PREFIX}:tally:{key}"
         pipe = self.r.pipeline()
         for name, count in counts.items():
             pipe.hincrby(tally, name, count)
-        pipe.expire(tally, 24 * 3600)
+        pipe.expire(tally, 7 * 24 * 3600)  # a takedown parked behind a long rate limit still adds up
         pipe.execute()
 
     def tally(self, key: str) -> dict[str, int]:

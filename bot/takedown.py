@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from . import messages
 from .handler import Job
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post
+from .copies import delete_copy, own_copies
 from .store import Store
 
 log = logging.getLogger("bot.takedown")
@@ -68,41 +68,6 @@ def references(text: str) -> list[str]:
     without_urls = _URL.sub(" ", text)
     found += _ID.findall(without_urls)
     return list(dict.fromkeys(found))
-
-
-def own_copies(platform: Platform, store: Store, original: str, my_id: str) -> Iterator[Post]:
-    """The bot's live copies of ``original``; the records of copies already gone are forgotten.
-
-    A recorded id that is not the bot's post is skipped: deletion is only ever of its own posts.
-    """
-    for reply_id in sorted(store.replies_of(platform.name, original)):
-        try:
-            post = platform.get_post(reply_id)
-        except NotFound:
-            store.forget_reply(platform.name, original, reply_id)
-            continue
-        if post.account.id != my_id:
-            log.warning("not_ours", extra={"post_id": reply_id})
-            continue
-        yield post
-
-
-def delete_copy(platform: Platform, store: Store, original: str, copy: Post,
-                count: Callable[[bool], None] = lambda removed: None) -> bool | None:
-    """Delete one of the bot's copies and forget its record.
-
-    Returns True when it is gone for everyone, False when only from the bot's side (X DMs),
-    None when it was gone already (deleted by hand, by a moderator). ``count`` sees the first two
-    before the record is forgotten.
-    """
-    try:
-        removed: bool | None = platform.delete_post(copy.id)
-    except NotFound:
-        removed = None
-    if removed is not None:
-        count(removed)
-    store.forget_reply(platform.name, original, copy.id)
-    return removed
 
 
 @dataclass
@@ -159,8 +124,8 @@ class TakedownHandler:
         if talk:
             # A direct answer to the bot's copy that does not ask for deletion ("thanks!").
             return self._help(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
-        if not refs and dm.in_reply_to_id:
-            refs = [dm.in_reply_to_id]  # "please delete this", answering the copy
+        if not refs and self._answers_copy(dm):
+            refs = [dm.in_reply_to_id or ""]  # "please delete this", answering the copy
         if not refs and dm.media:
             # A photo sent by DM (X, where DM photos cannot be fetched): say how to ask instead.
             return self._help(dm, messages.DM_PHOTO, done_key, "dm_photo")
@@ -192,7 +157,10 @@ class TakedownHandler:
             if one_sided:
                 text += " " + messages.takedown_one_sided(one_sided)
         else:
+            # Only links and numbers the bot does not know: said once an hour, like the other
+            # explanations (an auto-responder's signature carries links and phone numbers).
             text = messages.takedown_unknown(unknown) + " " + messages.TAKEDOWN_HELP
+            return self._help(dm, text, done_key, "nothing_deleted", topic="unknown")
         if originals and unknown:
             text += " " + messages.takedown_unknown(unknown)
         log.info("takedown", extra={"dm_id": dm.id, "originals": len(originals), "deleted": deleted, "unknown": unknown})
@@ -220,10 +188,12 @@ class TakedownHandler:
         replied_to = dm.in_reply_to_id
         return bool(replied_to) and self.store.original_for(self.platform.name, replied_to or "") is not None
 
-    def _help(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
-        """How to ask, at most once per account and hour: an auto-responder, or someone chatting
-        with the bot, must not get the same explanation for every message."""
-        once = f"help:takedown:{self.platform.name}:{dm.account.id}"
+    def _help(self, dm: Post, text: str, done_key: str, outcome: str, topic: str = "how") -> str:
+        """An explanation (how to ask; which links the bot does not know), each ``topic`` at most
+        once per account and hour: an auto-responder, or someone chatting with the bot, must not
+        get the same explanation for every message, while a person who next sends a wrong link
+        still hears about it."""
+        once = f"help:takedown:{topic}:{self.platform.name}:{dm.account.id}"
         if not self.store.once(once, 3600):
             return "helped_recently"
         try:

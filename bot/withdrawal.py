@@ -7,7 +7,8 @@ public trace, and the people in it may be ones the detectors missed. So the list
 copied original on a schedule (:data:`STEPS_S` after its first copy, then weekly, for
 :data:`~bot.store.WATCH_FOR_S`), one read per original, and deletes
 
-- every copy, when the original is gone (deleted, or hidden from the bot) or its author opted out;
+- every copy, when the original is gone (deleted, or hidden from the bot), its author opted out,
+  or a takedown removed its copies (one made while that ran);
 - the copies more public than a copy may be now, when the author narrowed the audience.
 
 Where nothing changed, an original's copies are not even read.
@@ -21,9 +22,9 @@ import threading
 import time
 
 from .handler import opted_out, reply_visibility
-from .platforms.base import VISIBILITIES, NotFound, Platform, PlatformError, Post, RateLimited
+from .platforms.base import VISIBILITIES, NotFound, Platform, Post, RateLimited
 from .store import FIRST_CHECK_S, Store
-from .takedown import delete_copy, own_copies
+from .copies import delete_copy, own_copies
 
 log = logging.getLogger("bot.withdrawal")
 
@@ -58,12 +59,24 @@ def doomed_copies(platform: Platform, store: Store, original_id: str, my_id: str
         original: Post | None = platform.get_post(original_id)
     except NotFound:
         original = None
-    if original is None or opted_out(original.account):
-        return list(own_copies(platform, store, original_id, my_id)), "gone" if original is None else "opted_out"
+    if original is None:
+        reason = "gone"
+    elif opted_out(original.account):
+        reason = "opted_out"
+    elif store.taken_down(platform.name, original_id):
+        reason = "taken_down"  # a copy that slipped past a takedown
+    else:
+        reason = ""
+    if reason:
+        return list(own_copies(platform, store, original_id, my_id)), reason
     allowed = reply_visibility(original, original)
-    if allowed == "public":
+    # Only the copies recorded as wider than that (or recorded before visibilities were kept)
+    # are read: where the audience did not narrow, a check costs the original's read alone.
+    suspects = [r for r in store.replies_of(platform.name, original_id)
+                if _wider(store.copy_visibility(platform.name, r) or "public", allowed)]
+    if not suspects:
         return [], ""
-    narrowed = [c for c in own_copies(platform, store, original_id, my_id) if _wider(c.visibility, allowed)]
+    narrowed = [c for c in own_copies(platform, store, original_id, my_id, only=suspects) if _wider(c.visibility, allowed)]
     return narrowed, "narrowed" if narrowed else ""
 
 
@@ -74,31 +87,34 @@ def sweep(platform: Platform, store: Store, now: float | None = None, limit: int
     my_id = platform.me().id
     deleted = 0
     for original_id, since in store.due_originals(name, now, limit, HOLD_S):
-        if not store.replies_of(name, original_id):
-            store.unwatch(name, original_id)  # taken down or withdrawn already
-            continue
+        if store.unwatch_if_no_copies(name, original_id):
+            continue  # taken down or withdrawn already
         try:
             doomed, reason = doomed_copies(platform, store, original_id, my_id)
-            for copy in doomed:
-                delete_copy(platform, store, original_id, copy)
+            removed = sum(delete_copy(platform, store, original_id, copy) is not None for copy in doomed)
         except RateLimited:
             log.warning("withdrawal_paused", extra={"platform": name, "original_id": original_id})
             break  # held for HOLD_S: checked again once the budget is back
-        except PlatformError as exc:
+        except Exception as exc:  # one original's trouble (a bad answer, a bug) must not stop the rest
             log.warning("withdrawal_check_failed", extra={"platform": name, "original_id": original_id, "error": type(exc).__name__})
-            continue
-        if doomed:
-            deleted += len(doomed)
-            log.info("copies_withdrawn", extra={"platform": name, "original_id": original_id, "copies": len(doomed), "reason": reason})
-        if store.replies_of(name, original_id):
+            continue  # held for HOLD_S, then checked again
+        if removed:
+            deleted += removed
+            log.info("copies_withdrawn", extra={"platform": name, "original_id": original_id, "copies": removed, "reason": reason})
+        if not store.unwatch_if_no_copies(name, original_id):
             store.check_again(name, original_id, next_check(since, now))
-        else:
-            store.unwatch(name, original_id)
     return deleted
 
 
 def run(platform: Platform, store: Store, stop: threading.Event, interval_s: float = SWEEP_INTERVAL_S) -> None:
-    """Sweep every ``interval_s`` until ``stop`` is set (the listener runs this in a thread)."""
+    """Sweep every ``interval_s`` until ``stop`` is set (the listener runs this in a thread);
+    first, watch the originals whose copies were recorded before these checks existed."""
+    try:
+        started = store.watch_recorded(platform.name, time.time())
+        if started:
+            log.info("withdrawal_backfilled", extra={"platform": platform.name, "originals": started})
+    except Exception:
+        log.warning("withdrawal_backfill_failed", exc_info=True)
     while not stop.wait(interval_s):
         try:
             sweep(platform, store)

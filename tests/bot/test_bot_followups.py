@@ -55,7 +55,7 @@ def test_after_a_takedown_asking_again_gets_a_note_not_a_new_copy(e2e: E2E) -> N
     again = e2e.fake.mention(bob, "can I have it again?", in_reply_to=original)
     note = e2e.reply_to(again)
     e2e.settle()
-    assert not note["media_attachments"]
+    assert not note["media_attachments"] and note["visibility"] == "direct"
     assert html_to_text(note["content"]) == "@bob " + messages.TAKEN_DOWN
     assert len(e2e.fake.bot_posts()) == 3, "the copy, the confirmation and the note"
 

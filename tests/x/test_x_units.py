@@ -167,3 +167,19 @@ def test_a_due_check_goes_to_one_listener_and_a_watch_ends(store: Any) -> None:
     assert WATCH_FOR_S == 90 * 24 * 3600
     assert store.due_originals("x", 10**9, 10, 60) == []
     assert store.r.zcard("ppb:watch:x") == 0
+
+
+def test_copies_recorded_before_withdrawal_checks_are_watched_once_and_a_watch_ends_with_its_copies(store: Any) -> None:
+    """A listener started on an older deployment's Redis watches its recorded copies too; an
+    original loses its watch only while it has no copy (atomically: a copy recorded at that
+    moment keeps it watched)."""
+    store.r.sadd("ppb:replies:x:7", "70")  # recorded by a version that did not watch
+    store.record_reply("x", "8", "80", "81", [], "public")  # watched already
+    assert store.watch_recorded("x", 1000.0) == 1
+    assert store.watch_recorded("x", 2000.0) == 0
+    assert float(store.r.zscore("ppb:watch:x", "7")) == 1000.0 + 3600
+    assert store.copy_visibility("x", "81") == "public" and store.copy_visibility("x", "70") is None
+    assert not store.unwatch_if_no_copies("x", "7")
+    store.forget_reply("x", "7", "70")
+    assert store.unwatch_if_no_copies("x", "7")
+    assert store.r.zscore("ppb:watch:x", "7") is None and not store.r.exists("ppb:watch_since:x:7")
