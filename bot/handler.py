@@ -17,10 +17,10 @@ from anonymiser.pipeline import Anonymiser, Result
 
 from . import messages
 from .config import BotConfig
+from .copies import delete_copy
 from .fetch import FetchError, fetch
 from .logs import Timer
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post, ReplyDraft, Visibility, narrowest
-from .copies import delete_copy
 from .store import Store
 
 log = logging.getLogger("bot.handler")

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 
 from . import messages
+from .copies import delete_copy, own_copies
 from .handler import Job
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post
-from .copies import delete_copy, own_copies
 from .store import Store
 
 log = logging.getLogger("bot.takedown")

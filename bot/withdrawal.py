@@ -21,10 +21,10 @@ import math
 import threading
 import time
 
+from .copies import delete_copy, own_copies
 from .handler import opted_out, reply_visibility
 from .platforms.base import VISIBILITIES, NotFound, Platform, Post, RateLimited
 from .store import FIRST_CHECK_S, Store
-from .copies import delete_copy, own_copies
 
 log = logging.getLogger("bot.withdrawal")
 
