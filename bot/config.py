@@ -73,6 +73,8 @@ class BotConfig:
     per_account_per_hour: int = 10
     global_per_hour: int = 600
     takedowns_per_account_per_hour: int = 20
+    #: originals the listener checks for withdrawal per 5-minute round (0: no checks)
+    withdrawal_checks: int = 50
     max_attempts: int = 5
     #: a job whose runs killed the worker (out of memory, a crash, the hard time limit) this many
     #: times is dead-lettered instead of being handed to the next worker to kill
@@ -142,6 +144,7 @@ class BotConfig:
         number("BOT_RATE_PER_ACCOUNT_HOUR", "per_account_per_hour", int, 1)
         number("BOT_RATE_GLOBAL_HOUR", "global_per_hour", int, 1)
         number("BOT_TAKEDOWNS_PER_ACCOUNT_HOUR", "takedowns_per_account_per_hour", int, 1)
+        number("BOT_WITHDRAWAL_CHECKS", "withdrawal_checks", int, 0, 1000)
         number("BOT_MAX_ATTEMPTS", "max_attempts", int, 1)
         number("BOT_MAX_WORKER_LOSSES", "max_worker_losses", int, 1)
         number("BOT_POLL_INTERVAL", "poll_interval_s", float, 0.05)

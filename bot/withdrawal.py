@@ -34,8 +34,9 @@ STEPS_S = (FIRST_CHECK_S, 6 * 3600, 24 * 3600, 2 * 24 * 3600, 4 * 24 * 3600, 7 *
 WEEK_S = 7 * 24 * 3600
 #: how often the listener looks for due checks
 SWEEP_INTERVAL_S = 300.0
-#: originals checked per round at most: 50 reads per 5 minutes leave most of Mastodon's 300
-#: requests per 5 minutes (and X's per-endpoint budgets) to the bot's real work
+#: originals checked per round at most (``BOT_WITHDRAWAL_CHECKS``): 50 reads per 5 minutes leave
+#: most of Mastodon's 300 requests per 5 minutes, and of X's 900 post lookups per 15 minutes, to
+#: the bot's real work
 PER_ROUND = 50
 #: a check claimed by a listener that died before finishing it comes back after this
 HOLD_S = 900.0
@@ -106,7 +107,8 @@ def sweep(platform: Platform, store: Store, now: float | None = None, limit: int
     return deleted
 
 
-def run(platform: Platform, store: Store, stop: threading.Event, interval_s: float = SWEEP_INTERVAL_S) -> None:
+def run(platform: Platform, store: Store, stop: threading.Event, interval_s: float = SWEEP_INTERVAL_S,
+        per_round: int = PER_ROUND) -> None:
     """Sweep every ``interval_s`` until ``stop`` is set (the listener runs this in a thread);
     first, watch the originals whose copies were recorded before these checks existed."""
     try:
@@ -117,6 +119,6 @@ def run(platform: Platform, store: Store, stop: threading.Event, interval_s: flo
         log.warning("withdrawal_backfill_failed", exc_info=True)
     while not stop.wait(interval_s):
         try:
-            sweep(platform, store)
+            sweep(platform, store, limit=per_round)
         except Exception:  # Redis or the platform hiccups: the next round tries again
             log.warning("withdrawal_failed", exc_info=True)

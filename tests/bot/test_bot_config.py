@@ -59,6 +59,11 @@ def test_every_invalid_variable_is_listed_in_one_error() -> None:
     # A fifth image would make every larger post's copy a refused post, then a dead letter.
     with pytest.raises(ConfigError, match="BOT_MAX_IMAGES"):
         BotConfig.from_env(base | {"BOT_MAX_IMAGES": "5"})
+    assert BotConfig.from_env(base).withdrawal_checks == 50
+    assert BotConfig.from_env(base | {"BOT_WITHDRAWAL_CHECKS": "0"}).withdrawal_checks == 0  # off
+    for bad in ("-1", "5000", "some"):
+        with pytest.raises(ConfigError, match="BOT_WITHDRAWAL_CHECKS"):
+            BotConfig.from_env(base | {"BOT_WITHDRAWAL_CHECKS": bad})
 
 
 def test_valid_configuration_is_parsed() -> None:
