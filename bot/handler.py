@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,9 +229,16 @@ class MentionHandler:
         # Text-only answers are keyed by the request, so asking again later gets a fresh answer;
         # an anonymised copy is keyed by (original, requester), so it is never posted twice.
         key = self._key(job, request.id)
-        if self.store.done(f"note:{key}") or (
-            target is not None and self.store.reply_for(job.platform, target.id, job.requester_id)
-        ):
+        copied = self.store.reply_for(job.platform, target.id, job.requester_id) if target is not None else None
+        if copied and target is not None and self.store.taken_down(job.platform, target.id):
+            # A retry of a run whose copy was overtaken by a takedown and could not be deleted
+            # then (the deletion budget the takedown spent, a worker lost): delete it now.
+            try:
+                self._take_back(target.id, self.platform.get_post(copied))
+            except NotFound:
+                self.store.forget_reply(job.platform, target.id, copied)  # gone already
+            return "taken_down"
+        if self.store.done(f"note:{key}") or copied:
             return "already_done"
         if target is None:
             if job.kind == "hashtag":
@@ -288,11 +296,17 @@ class MentionHandler:
             # A takedown ran while this copy was being made: it marked the original before
             # reading its copies, and this copy was recorded before this look, so one of the two
             # always sees the other and the copy never outlives the takedown.
-            delete_copy(self.platform, self.store, target.id, posted)
+            self._take_back(target.id, posted)
             log.info("copy_taken_down", extra={"job": self._key(job, target.id), "reply_id": posted.id})
             return "taken_down"
         log.info("replied", extra={"job": self._key(job, target.id), "reply_id": posted.id, "images": len(results), "heads": heads})
         return "replied"
+
+    def _take_back(self, original_id: str, copy: Post) -> None:
+        """Delete a copy a takedown overtook. Its original's withdrawal check is brought forward
+        first, so that if this deletion fails for good the sweep deletes the copy soon after."""
+        self.store.check_again(self.platform.name, original_id, time.time())
+        delete_copy(self.platform, self.store, original_id, copy)
 
     def _anonymise_all(self, target: Post) -> tuple[list[Result], list[str]]:
         results: list[Result] = []

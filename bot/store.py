@@ -26,14 +26,21 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
 end
 return 0
 """
-#: move a member's score from due (at most ARGV[2]) to ARGV[3], atomically; 0 if it was not due
+#: claim a due watch (KEYS[1] member ARGV[1], due by ARGV[2]) by moving it to ARGV[3] and return
+#: when its copies were first made (KEYS[2]); a watch whose time is over (KEYS[2] expired) is
+#: dropped. One script, so a copy recorded meanwhile (which sets both keys again) is never lost.
 _CLAIM = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) <= tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return 1
+if not score or tonumber(score) > tonumber(ARGV[2]) then
+  return false
 end
-return 0
+local since = redis.call('GET', KEYS[2])
+if not since then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return false
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return since
 """
 #: end an original's watch (KEYS[2], KEYS[3]) only while it has no copies (KEYS[1])
 _UNWATCH = """
@@ -127,6 +134,10 @@ class Store:
         """The visibility a copy was posted with (None for copies recorded before it was kept)."""
         return self.r.get(f"{PREFIX}:visibility:{platform}:{reply_id}")
 
+    def remember_visibility(self, platform: str, reply_id: str, visibility: str) -> None:
+        """Keep a copy's visibility once read (a copy recorded before it was kept)."""
+        self.r.set(f"{PREFIX}:visibility:{platform}:{reply_id}", visibility, ex=DONE_TTL_S)
+
     # originals whose copies follow them ------------------------------------------------------
     def watch(self, platform: str, original_id: str, now: float) -> None:
         """Start checking ``original_id`` for withdrawal, first :data:`FIRST_CHECK_S` from now;
@@ -137,19 +148,34 @@ class Store:
 
     @staticmethod
     def _watch(pipe: Any, platform: str, original_id: str, now: float) -> None:
-        pipe.set(f"{PREFIX}:watch_since:{platform}:{original_id}", now, nx=True, ex=WATCH_FOR_S)
+        # ``now`` may lie in the past (a backfilled copy): the watch ends WATCH_FOR_S after it.
+        pipe.set(f"{PREFIX}:watch_since:{platform}:{original_id}", now, nx=True,
+                 ex=max(1, int(now + WATCH_FOR_S - time.time())))
         pipe.zadd(f"{PREFIX}:watch:{platform}", {original_id: now + FIRST_CHECK_S}, nx=True)
 
     def watch_recorded(self, platform: str, now: float) -> int:
-        """Watch every original with copies that is not watched yet (copies recorded before
-        withdrawal checks existed); returns how many. Once per listener start: a key scan."""
+        """Watch the originals whose copies were recorded before withdrawal checks existed,
+        once per platform (a key scan); returns how many.
+
+        Each is watched from its newest copy's real age (read from its record's time to live),
+        so its checks resume where its schedule stands, and one whose copies are all older than
+        :data:`WATCH_FOR_S` is left alone, as a watch that ran its course would be."""
+        marker = f"{PREFIX}:watch_backfilled:{platform}"
+        if self.r.exists(marker):
+            return 0
         started = 0
         prefix = f"{PREFIX}:replies:{platform}:"
         for key in self.r.scan_iter(match=f"{prefix}*", count=1000):
             original_id = key[len(prefix):]
-            if self.r.zscore(f"{PREFIX}:watch:{platform}", original_id) is None:
-                self.watch(platform, original_id, now)
-                started += 1
+            if self.r.zscore(f"{PREFIX}:watch:{platform}", original_id) is not None:
+                continue
+            ttls = [self.r.ttl(f"{PREFIX}:original_of:{platform}:{r}") for r in self.r.smembers(key)]
+            age = DONE_TTL_S - max(ttls, default=-1)
+            if max(ttls, default=-1) < 0 or age >= WATCH_FOR_S:
+                continue
+            self.watch(platform, original_id, now - age)
+            started += 1
+        self.r.set(marker, int(now))
         return started
 
     def due_originals(self, platform: str, now: float, limit: int, hold_s: float) -> list[tuple[str, float]]:
@@ -161,13 +187,9 @@ class Store:
         key = f"{PREFIX}:watch:{platform}"
         taken = []
         for original in self.r.zrangebyscore(key, "-inf", now, start=0, num=limit):
-            if not self.r.eval(_CLAIM, 1, key, original, now, now + hold_s):
-                continue  # another listener claimed it first
-            since = self.r.get(f"{PREFIX}:watch_since:{platform}:{original}")
-            if since is None:
-                self.r.zrem(key, original)
-                continue
-            taken.append((original, float(since)))
+            since = self.r.eval(_CLAIM, 2, key, f"{PREFIX}:watch_since:{platform}:{original}", original, now, now + hold_s)
+            if since is not None:  # None: claimed by another listener, or its watch is over
+                taken.append((original, float(since)))
         return taken
 
     def check_again(self, platform: str, original_id: str, due: float) -> None:
@@ -215,6 +237,7 @@ class Store:
         pipe = self.r.pipeline()
         if done_key:
             pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
+        pipe.delete(f"{PREFIX}:visibility:{platform}:{reply_id}")
         pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
         pipe.execute()
 

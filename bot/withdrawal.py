@@ -73,11 +73,16 @@ def doomed_copies(platform: Platform, store: Store, original_id: str, my_id: str
     allowed = reply_visibility(original, original)
     # Only the copies recorded as wider than that (or recorded before visibilities were kept)
     # are read: where the audience did not narrow, a check costs the original's read alone.
-    suspects = [r for r in store.replies_of(platform.name, original_id)
-                if _wider(store.copy_visibility(platform.name, r) or "public", allowed)]
+    known = {r: store.copy_visibility(platform.name, r) for r in store.replies_of(platform.name, original_id)}
+    suspects = [r for r, seen in known.items() if _wider(seen or "public", allowed)]
     if not suspects:
         return [], ""
-    narrowed = [c for c in own_copies(platform, store, original_id, my_id, only=suspects) if _wider(c.visibility, allowed)]
+    narrowed = []
+    for copy in own_copies(platform, store, original_id, my_id, only=suspects):
+        if known[copy.id] is None:  # recorded before visibilities were kept: now it is
+            store.remember_visibility(platform.name, copy.id, copy.visibility)
+        if _wider(copy.visibility, allowed):
+            narrowed.append(copy)
     return narrowed, "narrowed" if narrowed else ""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from bot import messages
+from bot.platforms.base import RateLimited
 from bot.store import FIRST_CHECK_S
 from bot.withdrawal import sweep
 from bot_helpers import assert_anonymised, astronaut, face_box, jpeg
@@ -198,3 +199,58 @@ def test_one_failing_check_does_not_stop_the_others(world: Any, bot: Pipeline, m
     monkeypatch.setattr(world.platform, "get_post", get_post)
     assert sweep(world.platform, bot.store, time.time() + FIRST_CHECK_S + 1) == 1
     assert copy["id"] in world.deleted()
+
+
+def test_a_copy_a_takedown_overtook_is_deleted_by_the_retry_when_its_deletion_failed(
+    world: Any, bot: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The takedown may just have spent the deletion budget: the overtaken copy's deletion fails
+    (a rate limit), the job is retried, and the retry deletes it instead of calling it done.
+    The original's withdrawal check was brought forward meanwhile, as a backstop."""
+    dave, bob, carol, erin = (world.person(n) for n in ("dave", "bob", "carol", "erin"))
+    original = world.photo_post(dave, "Crowd at the square", [jpeg(64)])
+    world.mention(bob, "cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    world.mention(erin, "me too please", in_reply_to=original)
+    [erins_job] = bot.poll()
+    real_anonymise, real_delete = bot.anonymiser.anonymise, world.platform.delete_post
+
+    def takedown_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        world.direct_message(carol, f"I am in this photo, please delete {world.url_of(original)}")
+        assert bot.run_all() == ["deleted"]
+        monkeypatch.setattr(world.platform, "delete_post", spent)
+        return real_anonymise(*args, **kwargs)
+
+    def spent(post_id: str) -> bool:
+        raise RateLimited("deletion budget spent", 60.0)
+
+    monkeypatch.setattr(bot.anonymiser, "anonymise", takedown_meanwhile)
+    with pytest.raises(RateLimited):
+        bot.run(erins_job)
+    [overtaken] = bot.store.replies_of(world.name, original["id"])
+    assert bot.store.r.zscore(f"ppb:watch:{world.name}", original["id"]) <= time.time(), "check brought forward"
+    monkeypatch.setattr(world.platform, "delete_post", real_delete)
+    assert bot.run(erins_job) == "taken_down"
+    assert bot.store.replies_of(world.name, original["id"]) == set()
+    assert overtaken.split(":")[-1] in [d.split(":")[-1] for d in world.deleted()] + [
+        e.split(":")[-1] for e in getattr(world.fake, "deleted_dms", [])]
+
+
+def test_a_copy_recorded_without_its_visibility_is_read_once(world: Any, bot: Pipeline, http: Any) -> None:
+    """Copies an older version recorded carry no visibility: the first check reads and keeps
+    it, the next ones read only the original."""
+    dave, bob = world.person("dave"), world.person("bob")
+    world.lock(dave)
+    original = world.photo_post(dave, "Only for my followers", [jpeg(64)])
+    world.mention(bob, "cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    copy_id = bot.store.reply_for(world.name, original["id"], bob["id"])
+    bot.store.r.delete(f"ppb:visibility:{world.name}:{copy_id}")  # as an older version recorded it
+    raw = copy_id.split(":")[-1]
+    reads = []
+    for hours in (1, 7):
+        before = len(http.calls)
+        assert sweep(world.platform, bot.store, time.time() + hours * 3600 + 1) == 0
+        reads.append(sum(raw in call.request.url for call in http.calls[before:]))
+    assert reads[0] >= 1 and reads[1] == 0
+    assert bot.store.copy_visibility(world.name, copy_id) == "direct"

@@ -169,17 +169,43 @@ def test_a_due_check_goes_to_one_listener_and_a_watch_ends(store: Any) -> None:
     assert store.r.zcard("ppb:watch:x") == 0
 
 
-def test_copies_recorded_before_withdrawal_checks_are_watched_once_and_a_watch_ends_with_its_copies(store: Any) -> None:
-    """A listener started on an older deployment's Redis watches its recorded copies too; an
-    original loses its watch only while it has no copy (atomically: a copy recorded at that
-    moment keeps it watched)."""
-    store.r.sadd("ppb:replies:x:7", "70")  # recorded by a version that did not watch
-    store.record_reply("x", "8", "80", "81", [], "public")  # watched already
-    assert store.watch_recorded("x", 1000.0) == 1
-    assert store.watch_recorded("x", 2000.0) == 0
-    assert float(store.r.zscore("ppb:watch:x", "7")) == 1000.0 + 3600
+def test_copies_recorded_before_withdrawal_checks_are_watched_once_from_their_age(store: Any) -> None:
+    """A listener started on an older deployment's Redis watches its recorded copies, once, from
+    each newest copy's real age; copies past the 90 days are left alone; an original loses its
+    watch only while it has no copy."""
+    from bot.store import DONE_TTL_S, FIRST_CHECK_S
+
+    now = 10_000_000.0
+    for original, reply, age_days in (("7", "70", 2), ("9", "90", 120)):  # as an older version recorded them
+        store.r.sadd(f"ppb:replies:x:{original}", reply)
+        store.r.set(f"ppb:original_of:x:{reply}", original, ex=DONE_TTL_S - age_days * 86400)
+    store.record_reply("x", "8", "80", "81", [], "public")  # recorded and watched by this version
+    assert store.watch_recorded("x", now) == 1
+    since = float(store.r.get("ppb:watch_since:x:7"))
+    assert abs(since - (now - 2 * 86400)) < 5 and float(store.r.zscore("ppb:watch:x", "7")) == since + FIRST_CHECK_S
+    assert store.r.zscore("ppb:watch:x", "9") is None, "older than 90 days"
+    store.r.zrem("ppb:watch:x", "7")  # as when its watch ran out
+    assert store.watch_recorded("x", now + 1) == 0, "once per platform, not at every start"
+    assert store.r.zscore("ppb:watch:x", "7") is None
     assert store.copy_visibility("x", "81") == "public" and store.copy_visibility("x", "70") is None
-    assert not store.unwatch_if_no_copies("x", "7")
-    store.forget_reply("x", "7", "70")
-    assert store.unwatch_if_no_copies("x", "7")
-    assert store.r.zscore("ppb:watch:x", "7") is None and not store.r.exists("ppb:watch_since:x:7")
+    assert not store.unwatch_if_no_copies("x", "8")
+    store.forget_reply("x", "8", "81")
+    assert store.copy_visibility("x", "81") is None
+    assert store.unwatch_if_no_copies("x", "8")
+    assert store.r.zscore("ppb:watch:x", "8") is None and not store.r.exists("ppb:watch_since:x:8")
+
+
+def test_a_watch_that_ran_out_is_dropped_but_one_renewed_by_a_new_copy_is_not(store: Any) -> None:
+    """Claiming and the end of a watch are one script: a copy recorded just before the claim
+    (which renews the watch) keeps its original watched."""
+    import time as clock
+
+    store.watch("x", "5", 0.0)
+    store.r.delete("ppb:watch_since:x:5")  # ran out
+    assert store.due_originals("x", 10**10, 10, 60) == []
+    assert store.r.zscore("ppb:watch:x", "5") is None
+    store.watch("x", "6", 0.0)
+    store.r.delete("ppb:watch_since:x:6")
+    store.record_reply("x", "6", "60", "61", [], "public")  # renews it before anyone claims
+    [(original, since)] = store.due_originals("x", clock.time() + 4000, 10, 60)
+    assert original == "6" and since > 0
