@@ -270,9 +270,7 @@ class MentionHandler:
 
         results, failures = self._anonymise_all(target)
         if not results:
-            if job.kind != "hashtag":  # the author of a hashtag post never asked the bot
-                self._answer(job, request, messages.failed_all(failures), visibility, key)
-            return "failed"
+            return self._decline(job, request, messages.failed_all(failures), visibility, key, "failed")
         heads = sum(r.report.heads_covered for r in results)
         media_ids = [
             self.platform.upload_image(r.data, r.mime, messages.alt_text(r.report.heads_covered)) for r in results

@@ -61,6 +61,20 @@ WATCH_FOR_S = 90 * 24 * 3600
 FIRST_CHECK_S = 3600
 
 
+def _visibility_key(platform: str, reply_id: str) -> str:
+    return f"{PREFIX}:visibility:{platform}:{reply_id}"
+
+
+def _watch_key(platform: str) -> str:
+    """The originals watched for withdrawal, scored by when each is checked next."""
+    return f"{PREFIX}:watch:{platform}"
+
+
+def _since_key(platform: str, original_id: str) -> str:
+    """When an original's first copy was made; it expires when the original's watch ends."""
+    return f"{PREFIX}:watch_since:{platform}:{original_id}"
+
+
 class Store:
     """Typed access to the bot's Redis keys."""
 
@@ -126,17 +140,17 @@ class Store:
         for url in urls:
             if url:
                 pipe.set(f"{PREFIX}:url:{platform}:{url}", original_id, ex=DONE_TTL_S)
-        pipe.set(f"{PREFIX}:visibility:{platform}:{reply_id}", visibility, ex=DONE_TTL_S)
+        pipe.set(_visibility_key(platform, reply_id), visibility, ex=DONE_TTL_S)
         self._watch(pipe, platform, original_id, now)
         pipe.execute()
 
     def copy_visibility(self, platform: str, reply_id: str) -> str | None:
         """The visibility a copy was posted with (None for copies recorded before it was kept)."""
-        return self.r.get(f"{PREFIX}:visibility:{platform}:{reply_id}")
+        return self.r.get(_visibility_key(platform, reply_id))
 
     def remember_visibility(self, platform: str, reply_id: str, visibility: str) -> None:
         """Keep a copy's visibility once read (a copy recorded before it was kept)."""
-        self.r.set(f"{PREFIX}:visibility:{platform}:{reply_id}", visibility, ex=DONE_TTL_S)
+        self.r.set(_visibility_key(platform, reply_id), visibility, ex=DONE_TTL_S)
 
     # originals whose copies follow them ------------------------------------------------------
     def watch(self, platform: str, original_id: str, now: float) -> None:
@@ -149,9 +163,9 @@ class Store:
     @staticmethod
     def _watch(pipe: Any, platform: str, original_id: str, now: float) -> None:
         # ``now`` may lie in the past (a backfilled copy): the watch ends WATCH_FOR_S after it.
-        pipe.set(f"{PREFIX}:watch_since:{platform}:{original_id}", now, nx=True,
+        pipe.set(_since_key(platform, original_id), now, nx=True,
                  ex=max(1, int(now + WATCH_FOR_S - time.time())))
-        pipe.zadd(f"{PREFIX}:watch:{platform}", {original_id: now + FIRST_CHECK_S}, nx=True)
+        pipe.zadd(_watch_key(platform), {original_id: now + FIRST_CHECK_S}, nx=True)
 
     def watch_recorded(self, platform: str, now: float) -> int:
         """Watch the originals whose copies were recorded before withdrawal checks existed,
@@ -167,11 +181,12 @@ class Store:
         prefix = f"{PREFIX}:replies:{platform}:"
         for key in self.r.scan_iter(match=f"{prefix}*", count=1000):
             original_id = key[len(prefix):]
-            if self.r.zscore(f"{PREFIX}:watch:{platform}", original_id) is not None:
+            if self.r.zscore(_watch_key(platform), original_id) is not None:
                 continue
-            ttls = [self.r.ttl(f"{PREFIX}:original_of:{platform}:{r}") for r in self.r.smembers(key)]
-            age = DONE_TTL_S - max(ttls, default=-1)
-            if max(ttls, default=-1) < 0 or age >= WATCH_FOR_S:
+            # The newest copy's record has the longest time to live left (-2: none left).
+            ttl = max((self.r.ttl(f"{PREFIX}:original_of:{platform}:{r}") for r in self.r.smembers(key)), default=-2)
+            age = DONE_TTL_S - ttl
+            if ttl < 0 or age >= WATCH_FOR_S:
                 continue
             self.watch(platform, original_id, now - age)
             started += 1
@@ -184,23 +199,23 @@ class Store:
         Each is claimed by moving its next check ``hold_s`` ahead (only a caller that moves it
         gets it, so two listeners never check the same original at once); one whose watch ended
         (:data:`WATCH_FOR_S` after its first copy) is dropped instead."""
-        key = f"{PREFIX}:watch:{platform}"
+        key = _watch_key(platform)
         taken = []
         for original in self.r.zrangebyscore(key, "-inf", now, start=0, num=limit):
-            since = self.r.eval(_CLAIM, 2, key, f"{PREFIX}:watch_since:{platform}:{original}", original, now, now + hold_s)
+            since = self.r.eval(_CLAIM, 2, key, _since_key(platform, original), original, now, now + hold_s)
             if since is not None:  # None: claimed by another listener, or its watch is over
                 taken.append((original, float(since)))
         return taken
 
     def check_again(self, platform: str, original_id: str, due: float) -> None:
         """The next check of a watched original."""
-        self.r.zadd(f"{PREFIX}:watch:{platform}", {original_id: due}, xx=True)
+        self.r.zadd(_watch_key(platform), {original_id: due}, xx=True)
 
     def unwatch_if_no_copies(self, platform: str, original_id: str) -> bool:
         """Stop checking ``original_id`` if it has no copies left; atomic, so a copy recorded at
         the same moment keeps it watched. True when the watch ended."""
-        keys = [f"{PREFIX}:replies:{platform}:{original_id}", f"{PREFIX}:watch:{platform}",
-                f"{PREFIX}:watch_since:{platform}:{original_id}"]
+        keys = [f"{PREFIX}:replies:{platform}:{original_id}", _watch_key(platform),
+                _since_key(platform, original_id)]
         return bool(self.r.eval(_UNWATCH, 3, *keys, original_id))
 
     def record_original_urls(self, platform: str, original_id: str, urls: list[str]) -> None:
@@ -237,7 +252,7 @@ class Store:
         pipe = self.r.pipeline()
         if done_key:
             pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
-        pipe.delete(f"{PREFIX}:visibility:{platform}:{reply_id}")
+        pipe.delete(_visibility_key(platform, reply_id))
         pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
         pipe.execute()
 

@@ -111,8 +111,9 @@ class TakedownHandler:
         if self.store.done(done_key):
             return "already_done"
         refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)][:MAX_REFERENCES]
+        answers_copy = self._answers_copy(dm)
         talk = not refs and bool(dm.in_reply_to_id) and not asks_deletion(dm.text)
-        if talk and not self._answers_copy(dm):
+        if talk and not answers_copy:
             # An answer to the bot's confirmation or help ("thanks", an auto-responder's "I am
             # away"): answering it would start a conversation that never ends.
             return "ignored_reply"
@@ -124,7 +125,7 @@ class TakedownHandler:
         if talk:
             # A direct answer to the bot's copy that does not ask for deletion ("thanks!").
             return self._help(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
-        if not refs and self._answers_copy(dm):
+        if not refs and answers_copy:
             refs = [dm.in_reply_to_id or ""]  # "please delete this", answering the copy
         if not refs and dm.media:
             # A photo sent by DM (X, where DM photos cannot be fetched): say how to ask instead.
@@ -177,8 +178,7 @@ class TakedownHandler:
                 or self.store.requester_of(name, post.id) == sender.id
             )
 
-            def count(removed: bool, seen: bool = seen) -> None:
-                # Counted before it is forgotten: a retry no longer finds it to count.
+            def count(removed: bool) -> None:  # called within this iteration, before the record goes
                 self.store.add_to_tally(tally_key, deleted=1, unseen=int(not seen), one_sided=int(removed is False))
 
             delete_copy(self.platform, self.store, original, post, count)
