@@ -162,6 +162,8 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
             # pillow-heif rotates HEIC pixels itself and resets the tag, keeping the original here.
             orientation = int(image.info.get("original_orientation") or turn)
             image = _upright(image, turn)
+            if fmt == "png" and data[24:25] == b"\x10":
+                image = _key_in_8_bits(image)
             had_alpha = _has_alpha(image)
             rgb = _to_srgb_array(image)
     except (ImageTooLarge, ImageTooNarrow, AnimatedImage, CorruptImage):
@@ -293,20 +295,45 @@ def _upright(image: Image.Image, orientation: int) -> Image.Image:
     return image.transpose(method) if method is not None else image
 
 
+def _key_in_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit RGB PNG with its tRNS colour matched on each sample's high byte.
+
+    Pillow keeps only the high byte of a 16-bit RGB sample but leaves the key in 16 bits, so
+    the transparent colour never matched and its pixels kept their hidden colour. A pixel within
+    1/256 of the key now turns background too, which hides more than a viewer does, never less.
+    """
+    key = image.info.get("transparency")
+    if image.mode != "RGB" or not isinstance(key, tuple):
+        return image
+    image = image.copy()
+    image.info["transparency"] = tuple(v >> 8 for v in key)
+    return image
+
+
+#: Pillow's modes for grey wider than 8 bits (16-bit PNG grey among them)
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info
-    ) or (image.mode in ("RGB", "L") and "transparency" in image.info)
+    ) or (image.mode in ("RGB", "L", *_WIDE_GREY) and "transparency" in image.info)
 
 
 def _to_srgb_array(image: Image.Image) -> np.ndarray:
     """Flatten alpha, convert to 8-bit sRGB and return a contiguous ``[H, W, 3]`` array."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if image.mode in _WIDE_GREY:
         # Pillow's convert("L") clips 16-bit values instead of scaling them.
         wide = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or wide.max() > 255 else 255.0
         grey = np.clip(wide * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+        key = image.info.get("transparency")
+        if isinstance(key, int):
+            # A tRNS grey level: Pillow's convert() ignores it for 16-bit grey, as it would
+            # everything else here; flatten it as a viewer would show it.
+            rgb[wide == key] = FLATTEN_BACKGROUND
+        return np.ascontiguousarray(rgb)
     if image.mode == "F":
         grey = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))

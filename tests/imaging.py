@@ -220,13 +220,15 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
 
 
-def png16_rgb_bytes(rgb16: np.ndarray) -> bytes:
-    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one)."""
+def png16_rgb_bytes(rgb16: np.ndarray, transparent: tuple[int, int, int] | None = None) -> bytes:
+    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one); ``transparent``
+    is a tRNS colour, in 16-bit samples."""
     height, width, _ = rgb16.shape
     rows = rgb16.astype(">u2").reshape(height, width * 3).view(np.uint8).reshape(height, width * 6)
     raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()  # filter 0
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+    trns = b"" if transparent is None else _png_chunk(b"tRNS", struct.pack(">HHH", *transparent))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + trns + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
 
 
 def png_bomb_bytes(width: int = 30000, height: int = 30000) -> bytes:

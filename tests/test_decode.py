@@ -313,6 +313,33 @@ def test_palette_png_transparency_is_flattened() -> None:
     np.testing.assert_array_equal(rgb[0, 0], (0, 255, 0))
 
 
+def test_16_bit_grey_png_transparency_is_flattened() -> None:
+    """A 16-bit grey PNG's tRNS level becomes the background; a level one step away does not."""
+    grey16 = np.full((8, 8), 40000, np.uint16)
+    grey16[:4] = 0x1234
+    grey16[:, :2] = 0x1235
+    data = png_bytes(grey16, transparency=0x1234)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode.startswith("I;16") and image.info["transparency"] == 0x1234
+    decoded = decode(data)
+    assert decoded.had_alpha
+    np.testing.assert_array_equal(decoded.rgb[0, 4], FLATTEN_BACKGROUND)
+    np.testing.assert_array_equal(decoded.rgb[0, 0], (18, 18, 18))  # 0x1235 / 257, opaque
+    np.testing.assert_array_equal(decoded.rgb[7, 7], (156, 156, 156))
+
+
+@pytest.mark.parametrize("key", [(0x1234, 0x5678, 0x9ABC), (0x0000, 0x0010, 0x00FF)])
+def test_16_bit_rgb_png_transparency_is_flattened(key: tuple[int, int, int]) -> None:
+    """A 16-bit RGB PNG's tRNS colour becomes the background, other colours keep theirs (a key
+    whose samples are all under 256 is still a 16-bit key, not an 8-bit one)."""
+    rgb16 = np.full((8, 8, 3), 0x8000, np.uint16)
+    rgb16[:4] = key
+    decoded = decode(png16_rgb_bytes(rgb16, transparent=key))
+    assert decoded.had_alpha
+    np.testing.assert_array_equal(decoded.rgb[:4], np.full((4, 8, 3), FLATTEN_BACKGROUND, np.uint8))
+    np.testing.assert_array_equal(decoded.rgb[4:], np.full((4, 8, 3), 128, np.uint8))
+
+
 def test_opaque_image_reports_no_alpha() -> None:
     """``had_alpha`` is False for an image without any transparency."""
     assert not decode(png_bytes(PATTERN)).had_alpha
