@@ -60,12 +60,12 @@ def listen(config: BotConfig | None = None) -> int:
 
     listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s)
     threading.Thread(target=router.run, args=(listener.stop,), name="drain", daemon=True).start()
-    # Copies follow their originals: deleted when the author deletes, locks or opts out.
-    if config.withdrawal_checks:
-        from . import withdrawal
+    # Copies follow their originals: deleted when the author deletes, locks or opts out (with
+    # the checks off, the thread only keeps the watch list from growing).
+    from . import withdrawal
 
-        threading.Thread(target=withdrawal.run, args=(platform, store, listener.stop),
-                         kwargs={"per_round": config.withdrawal_checks}, name="withdrawal", daemon=True).start()
+    threading.Thread(target=withdrawal.run, args=(platform, store, listener.stop),
+                     kwargs={"per_round": config.withdrawal_checks}, name="withdrawal", daemon=True).start()
     from .platforms.base import PlatformError
 
     try:

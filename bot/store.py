@@ -207,6 +207,12 @@ class Store:
                 taken.append((original, float(since)))
         return taken
 
+    def drop_due_watches(self, platform: str, now: float) -> int:
+        """Forget the watches due by ``now`` unchecked (withdrawal checks are off); returns how
+        many. Workers record a watch with every copy whatever the listener's setting, and only
+        a check ever removed one, so with checks off the list grew by every copied original."""
+        return int(self.r.zremrangebyscore(_watch_key(platform), "-inf", now))
+
     def check_again(self, platform: str, original_id: str, due: float) -> None:
         """The next check of a watched original."""
         self.r.zadd(_watch_key(platform), {original_id: due}, xx=True)

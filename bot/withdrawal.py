@@ -115,15 +115,22 @@ def sweep(platform: Platform, store: Store, now: float | None = None, limit: int
 def run(platform: Platform, store: Store, stop: threading.Event, interval_s: float = SWEEP_INTERVAL_S,
         per_round: int = PER_ROUND) -> None:
     """Sweep every ``interval_s`` until ``stop`` is set (the listener runs this in a thread);
-    first, watch the originals whose copies were recorded before these checks existed."""
-    try:
-        started = store.watch_recorded(platform.name, time.time())
-        if started:
-            log.info("withdrawal_backfilled", extra={"platform": platform.name, "originals": started})
-    except Exception:
-        log.warning("withdrawal_backfill_failed", exc_info=True)
+    first, watch the originals whose copies were recorded before these checks existed.
+
+    With ``per_round`` 0 (checks off) nothing is read from the platform: each round only drops
+    the watches that came due, so the list stays as short as an hour of copies."""
+    if per_round:
+        try:
+            started = store.watch_recorded(platform.name, time.time())
+            if started:
+                log.info("withdrawal_backfilled", extra={"platform": platform.name, "originals": started})
+        except Exception:
+            log.warning("withdrawal_backfill_failed", exc_info=True)
     while not stop.wait(interval_s):
         try:
-            sweep(platform, store, limit=per_round)
+            if per_round:
+                sweep(platform, store, limit=per_round)
+            else:
+                store.drop_due_watches(platform.name, time.time())
         except Exception:  # Redis or the platform hiccups: the next round tries again
             log.warning("withdrawal_failed", exc_info=True)
