@@ -218,7 +218,9 @@ def _consume_role_queue(sender: str, instance: Any, **_: Any) -> None:
     """A worker started without ``-Q`` consumes its role's queue besides Celery's default one."""
     settings = settings_or_exit()
     queues = instance.app.amqp.queues
-    if queues.consume_from is queues:  # no -Q: every declared queue is consumed
+    # No -Q leaves no selection. (Celery 5.7's ``consume_from`` then returns a default dict of
+    # its own, where older versions returned the Queues object itself, so compare nothing else.)
+    if getattr(queues, "_consume_from", None) is None:
         queues.select_add(settings.queue)
 
 

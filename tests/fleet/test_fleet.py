@@ -329,6 +329,22 @@ def test_worker_runs_only_the_locators_it_is_given(fleet: Any, fake: Any, redis_
         assert "cannot load the models" in missing.log() and "weights for lsccnn are not in" in missing.log()
 
 
+def test_a_worker_started_without_queues_also_consumes_its_roles_queue(fleet: Any, fake: Any, redis_server: Any,
+                                                                         client_app: Any) -> None:
+    """``celery worker`` without ``-Q`` (as ``scripts/run`` starts it) consumes Celery's default
+    queue and its role's: its heartbeat says so and a job routed to the role's queue is answered."""
+    redis_server.clean()
+    fake.reset()
+    worker = fleet.launch("noq", BOT_WORKER_ROLE="cpu")
+    fleet.ready(worker)
+    [key] = redis_server.client.scan_iter(HEARTBEAT_PREFIX + "noq-*")
+    assert sorted(json.loads(redis_server.client.get(key))["queues"]) == [CPU_QUEUE, LEGACY_QUEUE]
+    status = mention(fake, "crowd", side=96)
+    client_app.send_task("bot.handle", args=[E2E.job(status)], queue=CPU_QUEUE)
+    one_reply_each(fake, [status], timeout=120)
+    worker.stop()
+
+
 def test_worker_refuses_bad_fleet_settings(fleet: Any) -> None:
     worker = fleet.launch("bad", BOT_WORKER_ROLE="tpu")
     worker.process.wait(60)
