@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from . import logs
-from .config import BotConfig, ConfigError, check_startup
+from .config import BotConfig, ConfigError, check_startup, load_env_file
 
 
 def _checked(worker: bool) -> BotConfig | None:
@@ -161,8 +161,11 @@ USAGE = """usage: python -m bot listen | run | check
 
   listen   the listener: reads mentions and direct messages, queues jobs, drains queues
   run      the listener and one worker process (restarted when it exits): one machine
-  check    validate the configuration (environment and .env as loaded by the caller) and exit
-           0 when a worker and a listener would start, 2 with every problem listed
+  check    validate the configuration and exit 0 when a worker and a listener would start, 2
+           with every problem listed
+
+Settings come from the environment, then from .env in the working directory (BOT_ENV_FILE names
+another file; empty: none) for names the environment does not set.
 
 Workers: celery -A bot.tasks worker (see the README, "N workers on M machines, one Redis")."""
 
@@ -184,6 +187,11 @@ def main(argv: list[str]) -> int:
         return 0
     commands: dict[str, Callable[[], int]] = {"listen": listen, "run": run_all, "check": check}
     if len(argv) == 1 and argv[0] in commands:
+        try:
+            load_env_file()  # before anything reads a setting; ``run``'s worker inherits it
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
         return commands[argv[0]]()
     print(USAGE, file=sys.stderr)
     return 2

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, MutableMapping
 from urllib.parse import urlparse
 
 
@@ -20,6 +21,91 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("Invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+#: where the bot's entry points read settings the environment does not give (empty: nowhere)
+ENV_FILE_VARIABLE = "BOT_ENV_FILE"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def load_env_file(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Read ``.env`` (``BOT_ENV_FILE``; relative to the working directory) into ``environ``,
+    for names it does not set already: the environment wins, as with compose's ``env_file``.
+    Returns the names it set.
+
+    ``python -m bot`` and the Celery worker call this, so ``python -m bot check`` sees the same
+    settings ``scripts/run`` and compose use. Lines are ``NAME=value``, optionally after
+    ``export``, with ``#`` comments; single quotes keep a value literal; double quotes allow
+    ``\\"`` and ``\\\\``. ``$`` outside single quotes is refused: a shell would expand it and this
+    reader does not, and an operator should not have two readings of one file.
+    """
+    env = os.environ if environ is None else environ
+    path = env.get(ENV_FILE_VARIABLE, ".env")
+    if not path:
+        return []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if ENV_FILE_VARIABLE in env:
+            raise ConfigError(f"{ENV_FILE_VARIABLE}={path}: no such file") from None
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read: {exc}") from None
+    values: dict[str, str] = {}
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            parsed = _env_line(line)
+        except ValueError as exc:
+            problems.append(f"{path} line {number}: {exc}")
+            continue
+        if parsed is not None:
+            values[parsed[0]] = parsed[1]
+    if problems:
+        raise ConfigError(problems)
+    added = [name for name in values if name not in env]
+    for name in added:
+        env[name] = values[name]
+    return added
+
+
+def _env_line(line: str) -> tuple[str, str] | None:
+    """One ``.env`` line as ``(name, value)``; None for a blank line or a comment."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    if line.startswith("export "):
+        line = line[len("export "):].lstrip()
+    name, equals, raw = line.partition("=")
+    if not equals or not _ENV_NAME.fullmatch(name):
+        raise ValueError("expected NAME=value")
+    if raw[:1] == "'":
+        end = raw.find("'", 1)
+        if end < 0:
+            raise ValueError("a single quote is not closed")
+        value, rest = raw[1:end], raw[end + 1:]
+    elif raw[:1] == '"':
+        chars, k = [], 1
+        while k < len(raw) and raw[k] != '"':
+            if raw[k] == "\\" and k + 1 < len(raw) and raw[k + 1] in '"\\':
+                k += 1
+            elif raw[k] == "$":
+                raise ValueError("'$' would be expanded by a shell: put the value in single quotes")
+            chars.append(raw[k])
+            k += 1
+        if k >= len(raw):
+            raise ValueError("a double quote is not closed")
+        value, rest = "".join(chars), raw[k + 1:]
+    else:
+        value, _, comment = raw.partition(" #")
+        value, rest = value.strip(), ""
+        if "$" in value:
+            raise ValueError("'$' would be expanded by a shell: put the value in single quotes")
+        if any(c.isspace() for c in value) or value[:1] in ("'", '"'):
+            raise ValueError("a value with spaces needs quotes")
+    if rest.strip() and not rest.strip().startswith("#"):
+        raise ValueError("unexpected text after the closing quote")
+    return name, value
 
 
 def _bool(raw: str) -> bool:

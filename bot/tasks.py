@@ -34,7 +34,7 @@ from anonymiser.locators.registry import default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
-from .config import HARD_LIMIT_GRACE_S, BotConfig, ConfigError, check_startup, int_or_default
+from .config import HARD_LIMIT_GRACE_S, BotConfig, ConfigError, check_startup, int_or_default, load_env_file
 from .handler import Job, MentionHandler
 from .platforms.base import PlatformError, RateLimited
 from .platforms.registry import make
@@ -42,6 +42,14 @@ from .store import Store
 from .takedown import TakedownHandler
 
 log = logging.getLogger("bot.tasks")
+
+# The worker reads .env as ``python -m bot`` does; a broken file stops it at worker_init, with
+# the lines at fault.
+try:
+    load_env_file()
+    _ENV_FILE_PROBLEM: ConfigError | None = None
+except ConfigError as exc:
+    _ENV_FILE_PROBLEM = exc
 
 # Needed before the configuration is validated (at worker_init, which lists bad values).
 _VISIBILITY_TIMEOUT_S = int_or_default("BOT_VISIBILITY_TIMEOUT", BotConfig.visibility_timeout_s)
@@ -83,6 +91,8 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
     forbid_core_dumps()  # before any photo is in memory; prefork children inherit it
     logs.setup()
     try:
+        if _ENV_FILE_PROBLEM is not None:
+            raise _ENV_FILE_PROBLEM
         settings = check_startup(worker=True)
     except ConfigError as exc:
         # Celery logs and swallows exceptions raised by signal handlers (the worker would start

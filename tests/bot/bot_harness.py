@@ -118,6 +118,7 @@ class Workers:
             MASTODON_BASE_URL=self.fake.base_url,
             MASTODON_ACCESS_TOKEN=TOKEN,
             BOT_ALLOW_PRIVATE_ADDRESSES="1",
+            BOT_ENV_FILE="",  # a developer's .env in this checkout must not change the tests
             BOT_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT_S),
             BOT_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
             BOT_MAX_MEDIA_BYTES=str(MAX_MEDIA_BYTES),

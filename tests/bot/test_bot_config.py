@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import X_VARIABLES, BotConfig, ConfigError, check_startup, credentials_given
+from bot.config import X_VARIABLES, BotConfig, ConfigError, check_startup, credentials_given, load_env_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,8 +107,10 @@ def test_worker_locators_are_chosen_by_name() -> None:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without bot settings, and no ``.env`` read (a developer's own
+    ``.env`` in this checkout must not change what the tests see)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTODON_", "BOT_", "REDIS_"))}
-    return env | extra
+    return env | {"BOT_ENV_FILE": ""} | extra
 
 
 def test_listener_refuses_to_start_and_lists_the_problems() -> None:
@@ -185,8 +187,6 @@ def test_main_job_runs_the_demo_only_without_any_credential(tmp_path: Path) -> N
     the offline demo as if nothing had been configured."""
     assert not credentials_given({}) and not credentials_given({"MASTODON_BASE_URL": " "})
     assert credentials_given({"MASTODON_BASE_URL": "https://m.example"}) and credentials_given({"X_API_KEY": "k"})
-    if (REPO / ".env").exists():
-        pytest.skip("scripts/run would load this checkout's .env")
     done = subprocess.run([str(REPO / "scripts" / "run"), str(tmp_path / "out")], cwd=REPO,
                           env=clean_env(MASTODON_BASE_URL="https://m.example"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
@@ -213,3 +213,50 @@ def test_a_bad_visibility_timeout_does_not_break_importing_the_tasks() -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["900", "600"]
+
+
+def test_env_file_fills_in_what_the_environment_does_not_set(tmp_path: Path) -> None:
+    """``.env`` lines as a shell would read them; the environment wins; every bad line is named."""
+    (tmp_path / ".env").write_text(
+        "# comment\n\nMASTODON_BASE_URL=https://m.example\nexport MASTODON_ACCESS_TOKEN='t$ok'\n"
+        'BOT_HASHTAGS="protest demo" # two\nBOT_MAX_ATTEMPTS=7 # seven\nREDIS_URL=redis://from-file/0\n')
+    env = {"BOT_ENV_FILE": str(tmp_path / ".env"), "REDIS_URL": "redis://from-env/0"}
+    assert sorted(load_env_file(env)) == ["BOT_HASHTAGS", "BOT_MAX_ATTEMPTS", "MASTODON_ACCESS_TOKEN", "MASTODON_BASE_URL"]
+    assert env["MASTODON_ACCESS_TOKEN"] == "t$ok" and env["BOT_HASHTAGS"] == "protest demo"
+    assert env["BOT_MAX_ATTEMPTS"] == "7" and env["REDIS_URL"] == "redis://from-env/0"
+
+    (tmp_path / "bad.env").write_text('A=$HOME\nB=two words\nC="open\nD=fine\nnot a line\n')
+    with pytest.raises(ConfigError) as caught:
+        load_env_file({"BOT_ENV_FILE": str(tmp_path / "bad.env")})
+    assert [p.split(":")[0].rsplit(" ", 1)[-1] for p in problems(caught.value)] == ["1", "2", "3", "5"]
+    assert "single quotes" in problems(caught.value)[0]
+    assert load_env_file({"BOT_ENV_FILE": ""}) == []
+    with pytest.raises(ConfigError, match="no such file"):
+        load_env_file({"BOT_ENV_FILE": str(tmp_path / "missing.env")})
+
+
+def test_bot_commands_and_the_worker_read_env_in_their_directory(tmp_path: Path) -> None:
+    """``python -m bot check`` and the Celery worker read ``.env`` in their working directory (it
+    once took ``scripts/run`` to load it, so ``check`` refused a complete ``.env``); a broken
+    file stops both with the line at fault."""
+    env = clean_env(PYTHONPATH=str(REPO))
+    del env["BOT_ENV_FILE"]
+    (tmp_path / ".env").write_text("MASTODON_BASE_URL=https://m.example\nMASTODON_ACCESS_TOKEN=t\n")
+
+    def run(*command: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *command], cwd=tmp_path, env=env | extra,
+                              capture_output=True, text=True, timeout=60)
+
+    good = run("-m", "bot", "check")
+    assert good.returncode == 0 and "configuration ok" in good.stdout, good.stderr
+    overridden = run("-m", "bot", "check", MASTODON_ACCESS_TOKEN="")
+    assert overridden.returncode == 2 and "MASTODON_ACCESS_TOKEN is not set" in overridden.stderr
+    read = run("-c", "import os, bot.tasks; print(os.environ['MASTODON_ACCESS_TOKEN'])")
+    assert read.stdout.strip() == "t", read.stderr
+
+    (tmp_path / ".env").write_text("MASTODON_BASE_URL=https://m.example\nMASTODON_ACCESS_TOKEN=$TOKEN\n")
+    broken = run("-m", "bot", "check")
+    assert broken.returncode == 2 and ".env line 2" in broken.stderr
+    worker = run("-m", "celery", "-A", "bot.tasks", "worker", "--pool", "solo", "-n", "envfile@%h",
+                 "--without-mingle", "--without-gossip", REDIS_URL="redis://127.0.0.1:9/0")
+    assert worker.returncode == 2 and ".env line 2" in worker.stderr

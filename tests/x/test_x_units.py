@@ -67,7 +67,7 @@ def test_mastodon_only_behaviour_is_unchanged() -> None:
 def test_x_listener_refuses_to_start_and_lists_the_problems() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTODON_", "BOT_", "REDIS_", "X_"))}
     done = subprocess.run([sys.executable, "-m", "bot", "listen"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env=env | {"BOT_PLATFORM": "x", "X_API_KEY": "k"})
+                          env=env | {"BOT_PLATFORM": "x", "X_API_KEY": "k", "BOT_ENV_FILE": ""})
     assert done.returncode == 2
     assert "X_BEARER_TOKEN is not set" in done.stderr and "X_ACCESS_TOKEN_SECRET is not set" in done.stderr
     assert "MASTODON" not in done.stderr and "Traceback" not in done.stderr
