@@ -1,9 +1,10 @@
 """A GPU worker's failures that only a GPU produces, simulated on the CPU: errors of the ONNX
-locators on ONNX Runtime's CUDA provider."""
+locators on ONNX Runtime's CUDA provider, and warm-up errors that are not RuntimeErrors."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from anonymiser.errors import DeviceFailure
 from anonymiser.locators import registry
 from anonymiser.locators.base import Detections
 from anonymiser.pipeline import Settings
-from bot import accelerated
+from bot import accelerated, tasks
 
 
 class _Session:
@@ -72,3 +73,22 @@ def test_onnx_errors_on_the_cpu_and_bad_inputs_stay_as_they_are(monkeypatch: pyt
     fine = _gpu_anonymiser(monkeypatch, tmp_path, _OnnxLocator("CUDAExecutionProvider", None))
     assert len(fine.locate(rgb)[0]) == 0
     assert fine.locators[0].name == "centerface" and fine.locators[0].kind == "face"
+
+
+@pytest.mark.parametrize("error", [
+    AssertionError("Invalid device id"),  # torch.cuda: ANON_LSCCNN_DEVICE=cuda:1 on a one-GPU machine
+    AssertionError("Torch not compiled with CUDA enabled"),  # a GPU worker on the CPU image
+    ort_errors.Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 100: no CUDA-capable device"),
+])
+def test_any_warm_up_failure_stops_the_gpu_worker(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Celery swallows what a worker_init handler raises, SystemExit aside: a warm-up error that
+    escaped would leave a worker that announces itself and fails every job."""
+
+    class Broken:
+        def locate(self, rgb: Any) -> Any:
+            raise error
+
+    monkeypatch.setattr(tasks, "anonymiser", lambda: Broken())
+    with pytest.raises(SystemExit) as exited:
+        tasks._warm_up()
+    assert exited.value.code == tasks.EX_UNAVAILABLE
