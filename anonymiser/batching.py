@@ -402,8 +402,13 @@ class DeviceBatch:
         piece = self.pieces[k]
         out = [a[k, :, : piece.h // d, : piece.w // d] for a, d in zip(self._arrays, OUTPUT_STRIDES)]
         if self._half and not all(np.isfinite(o).all() for o in out):
-            self.engine.overflows += 1
-            return self.engine.run_batch([piece], piece.h, piece.w, precision="fp32", deadline=deadline).logits(0, deadline)
+            engine = self.engine
+            engine.overflows += 1
+            # Padded to its bucket when shapes must repeat (CUDA), like any batch: at its exact
+            # size every new photo size would cost a cuDNN autotuning of each layer, in float32,
+            # under the device lock that every other batch waits for.
+            hb, wb = engine.bucket_of(piece.h, piece.w) if engine.options.shape_stable else (piece.h, piece.w)
+            return engine.run_batch([piece], hb, wb, precision="fp32", deadline=deadline).logits(0, deadline)
         return out
 
 

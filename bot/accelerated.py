@@ -12,16 +12,22 @@ retry and dead letter depend on its batch-mates. A micro-batcher inside the work
 task model unchanged and batches only the one call that benefits from it.
 
 The ONNX locators (CenterFace, the head model) run on the GPU through ONNX Runtime's CUDA
-provider when the image has ``onnxruntime-gpu`` (``anonymiser.locators.onnx_models``).
+provider when the image has ``onnxruntime-gpu`` (``anonymiser.locators.onnx_models``). There an
+ONNX Runtime failure is the GPU's (a CUDA error, its memory exhausted), so it is raised as a
+:class:`~anonymiser.errors.DeviceFailure`, like LSC-CNN's: the job goes to another worker.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from anonymiser.batching import EngineOptions, load_batched_locator
-from anonymiser.locators.base import HeadLocator
+from anonymiser.errors import DeviceFailure
+from anonymiser.locators.base import BoxKind, Detections, HeadLocator
 from anonymiser.locators.registry import REGISTRY, default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
@@ -40,5 +46,48 @@ def build_anonymiser(
         if name == "lsccnn":
             locators.append(load_batched_locator(weights, options, on_batch=on_batch))
         else:
-            locators.append(REGISTRY[name].load(weights))
-    return Anonymiser(settings, weights_dir=weights, locators=locators)
+            locators.append(on_device(REGISTRY[name].load(weights)))
+    anonymiser = Anonymiser(settings, weights_dir=weights, locators=locators)
+    # The residual pass's CenterFace is loaded by Anonymiser when it is not one of the locators.
+    if anonymiser._residual is not None and anonymiser._residual not in locators:
+        anonymiser._residual = on_device(anonymiser._residual)
+    return anonymiser
+
+
+#: what ONNX Runtime raises when a run fails inside the session: a CUDA or cuDNN error
+#: ("[ONNXRuntimeError] : 1 : FAIL : ... CUDA failure 2: out of memory"), its GPU memory arena
+#: exhausted ("6 : RUNTIME_EXCEPTION : ... BFCArena::AllocateRawInternal Failed to allocate"),
+#: the provider failing. All derive from Exception, not RuntimeError. InvalidArgument and the
+#: model-loading errors are left alone: those are a bug or a bad file, not the device.
+ONNX_RUN_ERRORS: tuple[type[Exception], ...] = (ort_errors.Fail, ort_errors.RuntimeException, ort_errors.EPFail)
+
+
+class OnDeviceLocator:
+    """An ONNX locator whose session runs on the GPU: its run failures are the device's.
+
+    In a GPU worker CenterFace runs before LSC-CNN, so a GPU that fails (falls off the bus, runs
+    out of memory) fails ONNX Runtime first. Raised as it is, that error is "a bug or an
+    unexpected input" to the task: the job is dead-lettered and the requester told, and, no
+    device failure being counted, the worker stays in rotation and does the same to every job.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name: str = inner.name
+        self.kind: BoxKind = inner.kind
+
+    def locate(self, rgb: np.ndarray) -> Detections:
+        try:
+            return self.inner.locate(rgb)
+        except ONNX_RUN_ERRORS as exc:
+            raise DeviceFailure(f"{self.name} on CUDA failed: {type(exc).__name__}: {exc}") from exc
+
+
+def on_device(locator: Any) -> Any:
+    """``locator`` as :class:`OnDeviceLocator` when it holds an ONNX Runtime session on the
+    CUDA provider; unchanged otherwise (LSC-CNN's batcher raises DeviceFailure itself, and on
+    the CPU an ONNX Runtime error is not a device failure)."""
+    session = getattr(locator, "_session", None)
+    if session is not None and "CUDAExecutionProvider" in session.get_providers():
+        return OnDeviceLocator(locator)
+    return locator

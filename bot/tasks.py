@@ -135,8 +135,12 @@ def _warm_up() -> None:
     except (WeightsError, ValueError) as exc:
         print(f"cannot load the models: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (DeviceFailure, RuntimeError) as exc:  # CUDA start-up errors are RuntimeErrors
-        print(f"the GPU failed the warm-up: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # Not only RuntimeErrors: torch raises AssertionError for a device index the machine
+        # lacks (ANON_LSCCNN_DEVICE=cuda:1 on one GPU) or a CUDA device on a CPU build, and
+        # ONNX Runtime's errors derive from Exception alone. Celery logs and swallows whatever
+        # else a signal handler raises: the worker would announce itself and fail every job.
+        print(f"the GPU failed the warm-up: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(EX_UNAVAILABLE) from None
     log.info("worker_warm", extra={"seconds": round(time.monotonic() - started, 3)})
 

@@ -167,6 +167,32 @@ def test_fp16_overflow_is_rerun_in_fp32() -> None:
     assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
 
 
+def test_fp16_overflow_rerun_keeps_shapes_repeating(monkeypatch) -> None:
+    """With shapes that must repeat (the CUDA default), the float32 rerun is padded to the
+    piece's bucket like any batch, not run at the photo's own size (a new shape for cuDNN's
+    autotuning at every photo size), and still gives the reference's boxes."""
+    torch.manual_seed(3)
+    net = he_init(LSCCNN()).eval()
+    with torch.no_grad():
+        net.conv1_1.weight.mul_(1e4)
+    rgb = _smooth_image(32, 48, 7)
+    reference = reference_detect(net, rgb)
+    engine = _engine(net, precision="fp16", shape_stable=True)
+    shapes: list[tuple[int, int, int, str | None]] = []
+    real = engine.run_batch
+
+    def recording(pieces, hb, wb, precision=None, deadline=None):  # type: ignore[no-untyped-def]
+        shapes.append((len(pieces), hb, wb, precision))
+        return real(pieces, hb, wb, precision, deadline)
+
+    monkeypatch.setattr(engine, "run_batch", recording)
+    (result,) = engine.detect([rgb])
+    assert engine.overflows == 1
+    assert shapes == [(1, 64, 64, None), (1, 64, 64, "fp32")]
+    total = agreement(reference, result, rgb.shape[:2])
+    assert total.identical_fraction >= 0.99 and total.uncovered == 0, total
+
+
 def test_tiles_of_large_photos_are_batched(model) -> None:
     """Bounded memory for any size: tiles are pieces like photos, batched with padding."""
     rgb = _smooth_image(300, 260, 9)  # network input 288 x 256: 2 tiles of unequal size

@@ -1,0 +1,94 @@
+"""A GPU worker's failures that only a GPU produces, simulated on the CPU: errors of the ONNX
+locators on ONNX Runtime's CUDA provider, and warm-up errors that are not RuntimeErrors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from anonymiser.errors import DeviceFailure
+from anonymiser.locators import registry
+from anonymiser.locators.base import Detections
+from anonymiser.pipeline import Settings
+from bot import accelerated, tasks
+
+
+class _Session:
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+
+    def get_providers(self) -> list[str]:
+        return [self.provider, "CPUExecutionProvider"]
+
+
+class _OnnxLocator:
+    """Stands for CenterFace or the head model: ``_session`` is what ``on_device`` reads."""
+
+    name = "centerface"
+    kind = "face"
+
+    def __init__(self, provider: str, error: Exception | None) -> None:
+        self._session = _Session(provider)
+        self.error = error
+
+    def locate(self, rgb: np.ndarray) -> Detections:
+        if self.error is not None:
+            raise self.error
+        return Detections()
+
+
+def _gpu_anonymiser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, locator: _OnnxLocator):  # type: ignore[no-untyped-def]
+    entry = registry.LocatorEntry("centerface", "test", lambda _weights: True, lambda _weights: locator)
+    monkeypatch.setitem(registry.REGISTRY, "centerface", entry)
+    return accelerated.build_anonymiser(Settings(locators=("centerface",)), weights_dir=tmp_path)
+
+
+def test_an_onnx_runtime_failure_on_cuda_is_a_device_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CenterFace runs before LSC-CNN: when the GPU fails, ONNX Runtime's error comes first, and
+    it must hand the job over like LSC-CNN's, not dead-letter it as the photo's fault."""
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    for error in (ort_errors.Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2: out of memory"),
+                  ort_errors.RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDNN failure 5000"),
+                  ort_errors.EPFail("[ONNXRuntimeError] : 11 : EP_FAIL")):
+        anonymiser = _gpu_anonymiser(monkeypatch, tmp_path, _OnnxLocator("CUDAExecutionProvider", error))
+        with pytest.raises(DeviceFailure, match=type(error).__name__) as caught:
+            anonymiser.locate(rgb)
+        assert caught.value.__cause__ is error
+        # the residual pass uses the same (guarded) locator
+        assert anonymiser._residual is anonymiser.locators[0]
+
+
+def test_onnx_errors_on_the_cpu_and_bad_inputs_stay_as_they_are(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    cpu = ort_errors.Fail("a CPU session's failure is no device's")
+    with pytest.raises(ort_errors.Fail):
+        _gpu_anonymiser(monkeypatch, tmp_path, _OnnxLocator("CPUExecutionProvider", cpu)).locate(rgb)
+    wrong = ort_errors.InvalidArgument("a bug, not the GPU")
+    with pytest.raises(ort_errors.InvalidArgument):
+        _gpu_anonymiser(monkeypatch, tmp_path, _OnnxLocator("CUDAExecutionProvider", wrong)).locate(rgb)
+    fine = _gpu_anonymiser(monkeypatch, tmp_path, _OnnxLocator("CUDAExecutionProvider", None))
+    assert len(fine.locate(rgb)[0]) == 0
+    assert fine.locators[0].name == "centerface" and fine.locators[0].kind == "face"
+
+
+@pytest.mark.parametrize("error", [
+    AssertionError("Invalid device id"),  # torch.cuda: ANON_LSCCNN_DEVICE=cuda:1 on a one-GPU machine
+    AssertionError("Torch not compiled with CUDA enabled"),  # a GPU worker on the CPU image
+    ort_errors.Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 100: no CUDA-capable device"),
+])
+def test_any_warm_up_failure_stops_the_gpu_worker(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Celery swallows what a worker_init handler raises, SystemExit aside: a warm-up error that
+    escaped would leave a worker that announces itself and fails every job."""
+
+    class Broken:
+        def locate(self, rgb: Any) -> Any:
+            raise error
+
+    monkeypatch.setattr(tasks, "anonymiser", lambda: Broken())
+    with pytest.raises(SystemExit) as exited:
+        tasks._warm_up()
+    assert exited.value.code == tasks.EX_UNAVAILABLE
