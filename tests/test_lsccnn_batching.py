@@ -23,6 +23,7 @@ import hashlib
 import threading
 import weakref
 import time
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -363,6 +364,25 @@ def test_options_from_env_list_every_problem() -> None:
     options = EngineOptions.from_env({"ANON_LSCCNN_MAX_BATCH": "32", "ANON_LSCCNN_BATCH_WAIT_MS": "3",
                                       "ANON_LSCCNN_TILE_MEGAPIXELS": "4", "ANON_LSCCNN_PRECISION": "BF16"})
     assert (options.max_batch, options.max_wait_s, options.max_tile_pixels, options.precision) == (32, 0.003, 4_000_000, "bf16")
+
+
+def test_compiling_without_a_compiler_is_refused_at_start(tmp_path: Path) -> None:
+    """``torch.compile`` needs a C compiler for Triton on CUDA and a C++ one on the CPU; a slim
+    image has neither, so the start-up check says so instead of the warm-up failing later."""
+    bare, tools = tmp_path / "bare", tmp_path / "tools"
+    bare.mkdir(), tools.mkdir()
+    for name in ("g++", "gcc"):
+        (tools / name).write_text("#!/bin/sh\n")
+        (tools / name).chmod(0o755)
+    on = {"ANON_LSCCNN_COMPILE": "1"}
+    with pytest.raises(ValueError, match=r"ANON_LSCCNN_COMPILE: .*a C\+\+ compiler"):
+        EngineOptions.from_env(on | {"ANON_LSCCNN_DEVICE": "cpu", "PATH": str(bare)})
+    with pytest.raises(ValueError, match=r"ANON_LSCCNN_COMPILE: .*a C compiler"):
+        EngineOptions.from_env(on | {"ANON_LSCCNN_DEVICE": "cuda", "PATH": str(bare)})
+    assert EngineOptions.from_env(on | {"ANON_LSCCNN_DEVICE": "cpu", "PATH": str(tools)}).compile
+    assert EngineOptions.from_env(on | {"ANON_LSCCNN_DEVICE": "cuda", "PATH": str(tools)}).compile
+    assert EngineOptions.from_env(on | {"ANON_LSCCNN_DEVICE": "cuda", "PATH": str(bare), "CC": str(tools / "gcc")}).compile
+    assert not EngineOptions.from_env({"ANON_LSCCNN_DEVICE": "cpu", "PATH": str(bare)}).compile  # off: nothing needed
 
 
 def _tf32_switches() -> tuple[bool, bool]:
