@@ -973,6 +973,30 @@ class BatchedLSCCNNLocator:
         return self.batcher.detect(rgb)
 
 
+def checkpoint_expectations(environ: Mapping[str, str]) -> tuple[str, int | None]:
+    """The MD5 and size (None: any) the batched locator's checkpoint must have: the official
+    file's, or ``ANON_LSCCNN_MD5`` / ``ANON_LSCCNN_SIZE``. ``ValueError`` names both when bad,
+    so the start-up check reports them instead of the warm-up."""
+    from .locators.lsccnn_checkpoint import OFFICIAL_MD5, OFFICIAL_SIZE
+
+    md5 = environ.get("ANON_LSCCNN_MD5", "").strip().lower() or OFFICIAL_MD5
+    size_raw = environ.get("ANON_LSCCNN_SIZE", "").strip()
+    problems = []
+    if md5 != OFFICIAL_MD5 and (len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5)):
+        problems.append(f"ANON_LSCCNN_MD5 must be 32 hex digits, got {md5!r}")
+    size: int | None = OFFICIAL_SIZE if md5 == OFFICIAL_MD5 else None
+    if size_raw:
+        try:
+            size = int(size_raw)
+            if size < 1:
+                raise ValueError
+        except ValueError:
+            problems.append(f"ANON_LSCCNN_SIZE must be a positive number of bytes, got {size_raw!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return md5, size
+
+
 def load_batched_locator(
     weights_dir: str | Path,
     options: EngineOptions | None = None,
@@ -985,17 +1009,10 @@ def load_batched_locator(
     ``ANON_LSCCNN_SIZE``, optional) names the checksum of another file the operator vouches for
     (e.g. a bare state-dict some forks publish, or a generated checkpoint in tests).
     """
-    from .locators.lsccnn_checkpoint import OFFICIAL_FILENAME, OFFICIAL_MD5, OFFICIAL_SIZE, load_model
+    from .locators.lsccnn_checkpoint import OFFICIAL_FILENAME, load_model
 
     env = os.environ if environ is None else environ
-    md5 = env.get("ANON_LSCCNN_MD5", "").strip().lower() or OFFICIAL_MD5
-    size_raw = env.get("ANON_LSCCNN_SIZE", "").strip()
-    if md5 != OFFICIAL_MD5 and (len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5)):
-        raise ValueError(f"ANON_LSCCNN_MD5 must be 32 hex digits, got {md5!r}")
-    try:
-        size = int(size_raw) if size_raw else (OFFICIAL_SIZE if md5 == OFFICIAL_MD5 else None)
-    except ValueError:
-        raise ValueError(f"ANON_LSCCNN_SIZE must be a number of bytes, got {size_raw!r}") from None
+    md5, size = checkpoint_expectations(env)
     model = load_model(Path(weights_dir) / OFFICIAL_FILENAME, expected_size=size, expected_md5=md5)
     engine = LSCCNNEngine(model, options or EngineOptions.from_env(env))
     return BatchedLSCCNNLocator(MicroBatcher(engine, on_batch=on_batch))

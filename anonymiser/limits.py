@@ -33,15 +33,23 @@ class Limits:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Limits":
-        """Read ``ANON_MAX_INPUT_BYTES`` etc.; unset variables keep their defaults."""
+        """Read ``ANON_MAX_INPUT_BYTES`` etc.; unset variables keep their defaults.
+        ``ValueError`` names every bad variable at once."""
         env = os.environ if environ is None else environ
         values: dict[str, int] = {}
+        problems = []
         for name in _FIELDS:
-            raw = env.get("ANON_" + name.upper())
-            if raw is None or raw == "":
+            variable = "ANON_" + name.upper()
+            raw = env.get(variable, "").strip()
+            if not raw:
                 continue
             try:
                 values[name] = int(raw)
             except ValueError:
-                raise ValueError(f"ANON_{name.upper()} must be an integer, got {raw!r}") from None
+                problems.append(f"{variable} must be an integer, got {raw!r}")
+                continue
+            if values[name] <= 0:
+                problems.append(f"{variable} must be positive, got {values[name]}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return cls(**values)

@@ -149,12 +149,21 @@ def run_all() -> int:
     command = [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--loglevel", "INFO"]
     if os.environ.get("BOT_WORKER_ROLE", "").strip().lower() == "gpu":
         command += ["--pool", "threads", "--concurrency", "32"]  # one model, one GPU, many tasks
-    supervisor = WorkerSupervisor(command, on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    refused = threading.Event()
+
+    def end_bot() -> None:
+        refused.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    supervisor = WorkerSupervisor(command, on_fatal=end_bot)
     supervisor.start()
     try:
-        return listen(config)
+        status = listen(config)
     finally:
         supervisor.stop()
+    # Ended because the worker refused to start: not a clean stop, whatever the listener says
+    # (a supervisor restarting on failure must see it; the worker has printed why).
+    return 2 if refused.is_set() else status
 
 
 USAGE = """usage: python -m bot listen | run | check

@@ -349,6 +349,20 @@ def credentials_given(environ: Mapping[str, str] | None = None) -> bool:
     return any(env.get(name, "").strip() for name in names)
 
 
+def _locator_problems(config: BotConfig) -> list[str]:
+    """Whether the worker's locators can be loaded: known names, weights present (the files are
+    checked, nothing is loaded). Part of the start-up check, so ``python -m bot check`` reports a
+    locator whose weights are missing instead of passing a worker that then refuses to start."""
+    from anonymiser.errors import WeightsError
+    from anonymiser.locators.registry import default_weights_dir, resolve_names
+
+    try:
+        resolve_names(config.locators, config.weights_dir or default_weights_dir())
+    except (WeightsError, ValueError) as exc:
+        return [f"cannot load the models: {exc}"]
+    return []
+
+
 def check_startup(worker: bool, environ: Mapping[str, str] | None = None) -> BotConfig:
     """Every setting a bot process reads, validated together at start-up: the bot's own, the
     fleet's and, for a worker, the anonymiser's (``ANON_MAX_*``, ``ANON_ONNX_*``, and on a GPU
@@ -374,14 +388,16 @@ def check_startup(worker: bool, environ: Mapping[str, str] | None = None) -> Bot
         readers: list[Callable[[Mapping[str, str]], object]] = [Limits.from_env, OnnxOptions.from_env]  # type: ignore[list-item]
         role = fleet.role if fleet is not None else env.get("BOT_WORKER_ROLE", "").strip().lower()
         if role == "gpu":
-            from anonymiser.batching import EngineOptions  # loads torch: GPU workers only
+            from anonymiser.batching import EngineOptions, checkpoint_expectations  # loads torch: GPU only
 
-            readers.append(EngineOptions.from_env)
+            readers += [EngineOptions.from_env, checkpoint_expectations]
         for read in readers:
             try:
                 read(env)
             except ValueError as exc:
                 problems.append(str(exc))
+        if config is not None:
+            problems += _locator_problems(config)
     if problems or config is None:
         raise ConfigError(problems)
     return config

@@ -30,7 +30,6 @@ from . import metrics, routing
 from anonymiser.errors import DeviceFailure, WeightsError
 from anonymiser.limits import Limits
 from anonymiser.process import forbid_core_dumps
-from anonymiser.locators.registry import default_weights_dir, resolve_names
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
@@ -101,11 +100,6 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
         raise SystemExit(2) from None
     for risk in settings.risks():
         log.warning("config_risk", extra={"risk": risk})
-    try:  # checks files without loading anything, so prefork workers are covered too
-        resolve_names(settings.locators, settings.weights_dir or default_weights_dir())
-    except (WeightsError, ValueError) as exc:
-        print(f"cannot load the models: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     pool = getattr(sender, "pool_cls", "")
     pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
     global _side_by_side

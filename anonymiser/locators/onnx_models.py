@@ -42,6 +42,16 @@ def _share_cuda_libraries() -> None:
             pass
 
 
+def _range_problems(threads: int, tile_batch: int | None) -> list[str]:
+    """Each value out of range, named by its variable."""
+    problems = []
+    if threads < 0:
+        problems.append(f"ANON_ONNX_THREADS must be at least 0, got {threads}")
+    if tile_batch is not None and not 1 <= tile_batch <= MAX_TILE_BATCH:
+        problems.append(f"ANON_ONNX_TILE_BATCH must be between 1 and {MAX_TILE_BATCH}, got {tile_batch}")
+    return problems
+
+
 @dataclass(frozen=True)
 class OnnxOptions:
     """How the ONNX locators run.
@@ -55,23 +65,27 @@ class OnnxOptions:
     tile_batch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise ValueError(f"ANON_ONNX_THREADS must be at least 0, got {self.threads}")
-        if self.tile_batch is not None and not 1 <= self.tile_batch <= MAX_TILE_BATCH:
-            raise ValueError(f"ANON_ONNX_TILE_BATCH must be between 1 and {MAX_TILE_BATCH}, got {self.tile_batch}")
+        problems = _range_problems(self.threads, self.tile_batch)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OnnxOptions":
-        """``ANON_ONNX_THREADS`` and ``ANON_ONNX_TILE_BATCH``; unset keeps the defaults."""
+        """``ANON_ONNX_THREADS`` and ``ANON_ONNX_TILE_BATCH``; unset keeps the defaults.
+        ``ValueError`` names every bad variable at once."""
         env = os.environ if environ is None else environ
         values: dict[str, int] = {}
+        problems = []
         for name, key in (("ANON_ONNX_THREADS", "threads"), ("ANON_ONNX_TILE_BATCH", "tile_batch")):
             raw = env.get(name, "").strip()
             if raw:
                 try:
                     values[key] = int(raw)
                 except ValueError:
-                    raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+                    problems.append(f"{name} must be an integer, got {raw!r}")
+        problems += _range_problems(values.get("threads", 0), values.get("tile_batch"))
+        if problems:
+            raise ValueError("; ".join(problems))
         return cls(**values)
 
     def batch_for(self, session: ort.InferenceSession) -> int:

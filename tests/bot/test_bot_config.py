@@ -260,3 +260,35 @@ def test_bot_commands_and_the_worker_read_env_in_their_directory(tmp_path: Path)
     worker = run("-m", "celery", "-A", "bot.tasks", "worker", "--pool", "solo", "-n", "envfile@%h",
                  "--without-mingle", "--without-gossip", REDIS_URL="redis://127.0.0.1:9/0")
     assert worker.returncode == 2 and ".env line 2" in worker.stderr
+
+
+def test_check_reports_what_the_worker_would_refuse(tmp_path: Path) -> None:
+    """``python -m bot check`` (exit 0: "a worker and a listener would start") checks the
+    locators' weights and a GPU worker's checkpoint settings, which a worker refused at start
+    although the check had passed them."""
+    env = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t", "ANON_WEIGHTS_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError) as caught:
+        check_startup(worker=True, environ=env | {"ANON_LOCATORS": "centerface,lsccnn"})
+    assert problems(caught.value) == [f"cannot load the models: weights for lsccnn are not in {tmp_path}; see weights/README.md"]
+    check_startup(worker=False, environ=env | {"ANON_LOCATORS": "centerface,lsccnn"})  # a listener loads no model
+    with pytest.raises(ConfigError) as caught:
+        check_startup(worker=True, environ=env | {"BOT_WORKER_ROLE": "gpu", "ANON_LOCATORS": "centerface",
+                                                  "ANON_LSCCNN_MD5": "zz", "ANON_LSCCNN_SIZE": "big"})
+    [found] = problems(caught.value)
+    assert "ANON_LSCCNN_MD5 must be 32 hex digits" in found and "ANON_LSCCNN_SIZE must be a positive number" in found
+    assert check_startup(worker=True, environ=env | {"ANON_LOCATORS": "centerface"}).locators == ("centerface",)
+
+
+def test_every_bad_anonymiser_variable_is_named() -> None:
+    """Not only the first bad ``ANON_MAX_*`` or ``ANON_ONNX_*``, and by the variable's name (an
+    out-of-range value was named by an internal field, ``max_input_bytes``)."""
+    env = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t", "ANON_MAX_INPUT_BYTES": "0",
+           "ANON_MAX_OUTPUT_PIXELS": "y", "ANON_MAX_ASPECT_RATIO": "abc", "ANON_ONNX_THREADS": "x",
+           "ANON_ONNX_TILE_BATCH": "99"}
+    with pytest.raises(ConfigError) as caught:
+        check_startup(worker=True, environ=env)
+    text = "\n".join(problems(caught.value))
+    for expected in ("ANON_MAX_INPUT_BYTES must be positive, got 0", "ANON_MAX_OUTPUT_PIXELS must be an integer",
+                     "ANON_MAX_ASPECT_RATIO must be an integer", "ANON_ONNX_THREADS must be an integer",
+                     "ANON_ONNX_TILE_BATCH must be between 1 and"):
+        assert expected in text, text

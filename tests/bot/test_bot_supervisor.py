@@ -3,12 +3,16 @@ process supervisor would restart it on a fleet, and a worker that cannot start e
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bot.__main__ import WorkerSupervisor
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _counting(tmp_path: Path, status: int) -> list[str]:
@@ -52,3 +56,13 @@ def test_stopping_ends_a_running_worker(tmp_path: Path) -> None:
     supervisor.stop()
     supervisor.join(timeout=10)
     assert not supervisor.is_alive() and time.monotonic() - started < 10 and supervisor.starts == 1
+
+
+def test_the_bot_ends_with_status_2_when_its_worker_refuses_to_start(workers: Any) -> None:
+    """``python -m bot run`` whose worker refuses to start (a locator without its weights) ends
+    with status 2, not 0: a supervisor set to restart on failure must not see a clean stop."""
+    env = workers.env(ANON_LOCATORS="lsccnn")  # the harness's weights folder has no checkpoint
+    done = subprocess.run([sys.executable, "-m", "bot", "run"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "weights for lsccnn are not in" in done.stderr
