@@ -356,6 +356,9 @@ def _locator_problems(config: BotConfig) -> list[str]:
     from anonymiser.errors import WeightsError
     from anonymiser.locators.registry import default_weights_dir, resolve_names
 
+    if config.weights_dir is not None and not config.weights_dir.is_dir():
+        # Not a quiet fallback to CenterFace alone, which misses every head seen from behind.
+        return [f"ANON_WEIGHTS_DIR={config.weights_dir} is not a folder"]
     try:
         resolve_names(config.locators, config.weights_dir or default_weights_dir())
     except (WeightsError, ValueError) as exc:

@@ -103,7 +103,11 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool_cls", "")
     pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
     global _side_by_side
-    _side_by_side = not any(n in pool_name.lower() for n in ("prefork", "solo")) and (getattr(sender, "concurrency", 1) or 1) > 1
+    concurrency = getattr(sender, "concurrency", 1) or 1
+    _side_by_side = not any(n in pool_name.lower() for n in ("prefork", "solo")) and concurrency > 1
+    if "prefork" in pool_name.lower() and not os.environ.get("ANON_ONNX_THREADS", "").strip():
+        os.environ["ANON_ONNX_THREADS"] = str(onnx_threads_per_child(concurrency))
+        log.info("onnx_threads", extra={"per_child": os.environ["ANON_ONNX_THREADS"], "children": concurrency})
     if routing.settings_or_exit().role == "gpu":
         if "prefork" in pool_name.lower():
             # Each prefork child would load its own model and batch only its own photo, and a
@@ -113,6 +117,14 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
                   "start it with --pool threads --concurrency 32 (or --pool solo)", file=sys.stderr)
             raise SystemExit(2)
         _warm_up()
+
+
+def onnx_threads_per_child(children: int, cores: int | None = None) -> int:
+    """ONNX Runtime threads for each of a prefork worker's ``children`` when the operator set
+    none: the cores shared out, at least one. ONNX Runtime's default, a thread per core in every
+    child, put cores x children threads on the cores (measured best: one child per core, one
+    thread each; README "Measured (fleet)"). Children inherit it from the worker's environment."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, children))
 
 
 def _warm_up() -> None:

@@ -5,6 +5,8 @@ Adding a locator means one new module and one ``LocatorEntry`` line in ``REGISTR
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,18 @@ def default_weights_dir() -> Path:
     """``ANON_WEIGHTS_DIR`` if set, else the ``weights/`` folder of this checkout."""
     configured = os.environ.get("ANON_WEIGHTS_DIR")
     if configured:
+        if not Path(configured).is_dir():
+            _warn_no_folder(configured)
         return Path(configured)
     return Path(__file__).resolve().parents[2] / "weights"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_folder(configured: str) -> None:
+    # Every locator but CenterFace then counts as absent: said once, on stderr (a worker refuses
+    # to start instead), so a mistyped path does not quietly drop the head model.
+    logging.getLogger("anonymiser").warning(
+        "ANON_WEIGHTS_DIR=%s is not a folder: only the locators that need no weights file will run", configured)
 
 
 def _centerface_available(_weights: Path) -> bool:

@@ -277,6 +277,10 @@ def test_check_reports_what_the_worker_would_refuse(tmp_path: Path) -> None:
     [found] = problems(caught.value)
     assert "ANON_LSCCNN_MD5 must be 32 hex digits" in found and "ANON_LSCCNN_SIZE must be a positive number" in found
     assert check_startup(worker=True, environ=env | {"ANON_LOCATORS": "centerface"}).locators == ("centerface",)
+    typo = env | {"ANON_WEIGHTS_DIR": str(tmp_path / "wieghts")}  # CenterFace alone would run: refused
+    with pytest.raises(ConfigError, match="ANON_WEIGHTS_DIR=.*wieghts is not a folder"):
+        check_startup(worker=True, environ=typo)
+    check_startup(worker=False, environ=typo)  # the listener needs no weights
 
 
 def test_every_bad_anonymiser_variable_is_named() -> None:

@@ -345,6 +345,25 @@ def test_a_worker_started_without_queues_also_consumes_its_roles_queue(fleet: An
     worker.stop()
 
 
+def test_prefork_children_share_the_cores_among_their_onnx_threads(fleet: Any, redis_server: Any) -> None:
+    """Without ``ANON_ONNX_THREADS`` a prefork worker gives each child its share of the cores
+    (ONNX Runtime's own default, every core in every child, oversubscribed them); a value the
+    operator set is kept."""
+    from bot.tasks import onnx_threads_per_child
+
+    assert [onnx_threads_per_child(n, cores=16) for n in (1, 2, 4, 16, 32)] == [16, 8, 4, 1, 1]
+    redis_server.clean()
+    worker = fleet.launch("shared", pool="prefork", concurrency=2, ANON_ONNX_THREADS="")
+    fleet.ready(worker)
+    expected = onnx_threads_per_child(2)
+    assert re.search(rf'"msg": "onnx_threads".*"per_child": "{expected}"', worker.log()), worker.log()[-2000:]
+    worker.stop()
+    kept = fleet.launch("kept", pool="prefork", concurrency=2, ANON_ONNX_THREADS="3")
+    fleet.ready(kept)
+    assert '"onnx_threads"' not in kept.log()
+    kept.stop()
+
+
 def test_worker_refuses_bad_fleet_settings(fleet: Any) -> None:
     worker = fleet.launch("bad", BOT_WORKER_ROLE="tpu")
     worker.process.wait(60)
