@@ -42,6 +42,18 @@ end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 return since
 """
+#: drop the members ARGV of the watch list KEYS[1] whose watch ran out (their since keys,
+#: KEYS[2..], expired); one script, so a copy recorded meanwhile (which renews the since key)
+#: keeps its original watched
+_DROP_ENDED = """
+local dropped = 0
+for i, member in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    dropped = dropped + redis.call('ZREM', KEYS[1], member)
+  end
+end
+return dropped
+"""
 #: end an original's watch (KEYS[2], KEYS[3]) only while it has no copies (KEYS[1])
 _UNWATCH = """
 if redis.call('SCARD', KEYS[1]) == 0 then
@@ -207,11 +219,20 @@ class Store:
                 taken.append((original, float(since)))
         return taken
 
-    def drop_due_watches(self, platform: str, now: float) -> int:
-        """Forget the watches due by ``now`` unchecked (withdrawal checks are off); returns how
-        many. Workers record a watch with every copy whatever the listener's setting, and only
-        a check ever removed one, so with checks off the list grew by every copied original."""
-        return int(self.r.zremrangebyscore(_watch_key(platform), "-inf", now))
+    def drop_ended_watches(self, platform: str, now: float, limit: int = 1000) -> int:
+        """Drop watches that ran out (:data:`WATCH_FOR_S` after their first copy) among the
+        ``limit`` due first by ``now``, without checking anything; returns how many.
+
+        For withdrawal checks switched off: workers record a watch with every copy whatever the
+        listener's setting, and only a check removed one, so the list grew by every copied
+        original. Live watches keep their schedule, for when checks are on again or for another
+        listener of the platform that checks. Due times grow with an original's age, so the
+        ended ones come first."""
+        key = _watch_key(platform)
+        due = self.r.zrangebyscore(key, "-inf", now, start=0, num=limit)
+        if not due:
+            return 0
+        return int(self.r.eval(_DROP_ENDED, 1 + len(due), key, *(_since_key(platform, o) for o in due), *due))
 
     def check_again(self, platform: str, original_id: str, due: float) -> None:
         """The next check of a watched original."""

@@ -118,7 +118,7 @@ def run(platform: Platform, store: Store, stop: threading.Event, interval_s: flo
     first, watch the originals whose copies were recorded before these checks existed.
 
     With ``per_round`` 0 (checks off) nothing is read from the platform: each round only drops
-    the watches that came due, so the list stays as short as an hour of copies."""
+    the watches that ran out, so the list holds 90 days of copied originals, as with checks on."""
     if per_round:
         try:
             started = store.watch_recorded(platform.name, time.time())
@@ -131,6 +131,6 @@ def run(platform: Platform, store: Store, stop: threading.Event, interval_s: flo
             if per_round:
                 sweep(platform, store, limit=per_round)
             else:
-                store.drop_due_watches(platform.name, time.time())
+                store.drop_ended_watches(platform.name, time.time())
         except Exception:  # Redis or the platform hiccups: the next round tries again
             log.warning("withdrawal_failed", exc_info=True)

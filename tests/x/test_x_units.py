@@ -211,30 +211,33 @@ def test_a_watch_that_ran_out_is_dropped_but_one_renewed_by_a_new_copy_is_not(st
     assert original == "6" and since > 0
 
 
-def test_with_withdrawal_checks_off_due_watches_are_dropped_unread(store: Any) -> None:
+def test_with_withdrawal_checks_off_only_ended_watches_are_dropped(store: Any) -> None:
     """``BOT_WITHDRAWAL_CHECKS=0``: workers still record a watch with each copy, so the listener's
-    round drops those that came due (reading nothing from the platform) instead of letting the
-    list grow by every copied original; watches not yet due stay."""
+    round drops the watches that ran out (reading nothing from the platform) instead of letting
+    the list grow by every copied original; live watches keep their schedule, so a temporary
+    0, or a second listener that does check, loses no original's checks."""
     import threading
     import time as clock
     from types import SimpleNamespace
 
     from bot import withdrawal
-    from bot.store import FIRST_CHECK_S
 
-    store.watch("x", "1", 0.0)
-    store.watch("x", "2", 100.0)
+    store.watch("x", "1", 0.0)  # copied long ago: its since key has expired
+    store.r.delete("ppb:watch_since:x:1")
+    store.watch("x", "2", clock.time() - 2 * 86400)  # two days old, due, still watched
     store.record_reply("x", "3", "30", "31", [], "public")  # due an hour from now
+    due_2 = store.r.zscore("ppb:watch:x", "2")
     stop = threading.Event()
     platform = SimpleNamespace(name="x")  # any platform call would fail: nothing may be read
     thread = threading.Thread(target=withdrawal.run, args=(platform, store, stop),
                               kwargs={"interval_s": 0.05, "per_round": 0})
     thread.start()
     deadline = clock.time() + 10
-    while store.r.zcard("ppb:watch:x") > 1 and clock.time() < deadline:
+    while store.r.zscore("ppb:watch:x", "1") is not None and clock.time() < deadline:
         clock.sleep(0.05)
     stop.set()
     thread.join(5)
-    assert store.r.zrange("ppb:watch:x", 0, -1) == ["3"]
-    assert float(store.r.zscore("ppb:watch:x", "3")) > clock.time() + FIRST_CHECK_S - 60
+    assert sorted(store.r.zrange("ppb:watch:x", 0, -1)) == ["2", "3"]
+    assert store.r.zscore("ppb:watch:x", "2") == due_2, "a live watch keeps its schedule"
     assert not store.r.exists("ppb:watch_backfilled:x"), "no backfill with the checks off"
+    assert store.due_originals("x", clock.time(), 10, 60)[0][0] == "2", "checked once checks are on again"
