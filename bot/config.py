@@ -36,15 +36,15 @@ def load_env_file(environ: MutableMapping[str, str] | None = None) -> list[str]:
     ``python -m bot`` and the Celery worker call this, so ``python -m bot check`` sees the same
     settings ``scripts/run`` and compose use. Lines are ``NAME=value``, optionally after
     ``export``, with ``#`` comments; single quotes keep a value literal; double quotes allow
-    ``\\"`` and ``\\\\``. ``$`` outside single quotes is refused: a shell would expand it and this
-    reader does not, and an operator should not have two readings of one file.
+    ``\\"``, ``\\$`` and ``\\\\``. A bare ``$`` outside single quotes is refused: a shell would
+    expand it and this reader does not, and an operator should not have two readings of one file.
     """
     env = os.environ if environ is None else environ
     path = env.get(ENV_FILE_VARIABLE, ".env")
     if not path:
         return []
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no name
     except FileNotFoundError:
         if ENV_FILE_VARIABLE in env:
             raise ConfigError(f"{ENV_FILE_VARIABLE}={path}: no such file") from None
@@ -59,7 +59,11 @@ def load_env_file(environ: MutableMapping[str, str] | None = None) -> list[str]:
         except ValueError as exc:
             problems.append(f"{path} line {number}: {exc}")
             continue
-        if parsed is not None:
+        if parsed is not None and parsed[0] == ENV_FILE_VARIABLE:
+            # Read once by each process; a file naming another would give a listener and its
+            # worker (which reads it again) different settings.
+            problems.append(f"{path} line {number}: {ENV_FILE_VARIABLE} belongs in the environment, not in the file")
+        elif parsed is not None:
             values[parsed[0]] = parsed[1]
     if problems:
         raise ConfigError(problems)
@@ -74,8 +78,8 @@ def _env_line(line: str) -> tuple[str, str] | None:
     line = line.strip()
     if not line or line.startswith("#"):
         return None
-    if line.startswith("export "):
-        line = line[len("export "):].lstrip()
+    if re.match(r"export\s", line):
+        line = line[len("export"):].lstrip()
     name, equals, raw = line.partition("=")
     if not equals or not _ENV_NAME.fullmatch(name):
         raise ValueError("expected NAME=value")
@@ -87,7 +91,7 @@ def _env_line(line: str) -> tuple[str, str] | None:
     elif raw[:1] == '"':
         chars, k = [], 1
         while k < len(raw) and raw[k] != '"':
-            if raw[k] == "\\" and k + 1 < len(raw) and raw[k + 1] in '"\\':
+            if raw[k] == "\\" and k + 1 < len(raw) and raw[k + 1] in '"\\$':
                 k += 1
             elif raw[k] == "$":
                 raise ValueError("'$' would be expanded by a shell: put the value in single quotes")
@@ -97,8 +101,7 @@ def _env_line(line: str) -> tuple[str, str] | None:
             raise ValueError("a double quote is not closed")
         value, rest = "".join(chars), raw[k + 1:]
     else:
-        value, _, comment = raw.partition(" #")
-        value, rest = value.strip(), ""
+        value, rest = re.split(r"\s#", raw, maxsplit=1)[0].strip(), ""
         if "$" in value:
             raise ValueError("'$' would be expanded by a shell: put the value in single quotes")
         if any(c.isspace() for c in value) or value[:1] in ("'", '"'):
@@ -349,18 +352,19 @@ def credentials_given(environ: Mapping[str, str] | None = None) -> bool:
     return any(env.get(name, "").strip() for name in names)
 
 
-def _locator_problems(config: BotConfig) -> list[str]:
+def _locator_problems(config: BotConfig, env: Mapping[str, str]) -> list[str]:
     """Whether the worker's locators can be loaded: known names, weights present (the files are
     checked, nothing is loaded). Part of the start-up check, so ``python -m bot check`` reports a
     locator whose weights are missing instead of passing a worker that then refuses to start."""
     from anonymiser.errors import WeightsError
     from anonymiser.locators.registry import default_weights_dir, resolve_names
 
-    if config.weights_dir is not None and not config.weights_dir.is_dir():
-        # Not a quiet fallback to CenterFace alone, which misses every head seen from behind.
+    if config.locators is None and config.weights_dir is not None and not config.weights_dir.is_dir():
+        # "Every locator whose weights are present" would quietly be CenterFace alone, which
+        # misses every head seen from behind. (Locators named in ANON_LOCATORS are checked below.)
         return [f"ANON_WEIGHTS_DIR={config.weights_dir} is not a folder"]
     try:
-        resolve_names(config.locators, config.weights_dir or default_weights_dir())
+        resolve_names(config.locators, config.weights_dir or default_weights_dir(env))
     except (WeightsError, ValueError) as exc:
         return [f"cannot load the models: {exc}"]
     return []
@@ -400,7 +404,7 @@ def check_startup(worker: bool, environ: Mapping[str, str] | None = None) -> Bot
             except ValueError as exc:
                 problems.append(str(exc))
         if config is not None:
-            problems += _locator_problems(config)
+            problems += _locator_problems(config, env)
     if problems or config is None:
         raise ConfigError(problems)
     return config

@@ -20,7 +20,18 @@ import time
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
+from .config import ConfigError, load_env_file
+
+# The worker reads .env as ``python -m bot`` does, before anything else is imported: the metrics
+# module picks its mode from BOT_METRICS_PORT at import, and numpy's BLAS reads its thread
+# settings then. A broken file stops the worker at worker_init, with the lines at fault.
+try:
+    load_env_file()
+    _ENV_FILE_PROBLEM: ConfigError | None = None
+except ConfigError as _exc:
+    _ENV_FILE_PROBLEM = _exc
+
+import numpy as np  # noqa: E402
 import redis
 from celery import Celery, signals
 
@@ -33,7 +44,7 @@ from anonymiser.process import forbid_core_dumps
 from anonymiser.pipeline import Anonymiser, Settings
 
 from . import logs, messages
-from .config import HARD_LIMIT_GRACE_S, BotConfig, ConfigError, check_startup, int_or_default, load_env_file
+from .config import HARD_LIMIT_GRACE_S, BotConfig, check_startup, int_or_default
 from .handler import Job, MentionHandler
 from .platforms.base import PlatformError, RateLimited
 from .platforms.registry import make
@@ -41,14 +52,6 @@ from .store import Store
 from .takedown import TakedownHandler
 
 log = logging.getLogger("bot.tasks")
-
-# The worker reads .env as ``python -m bot`` does; a broken file stops it at worker_init, with
-# the lines at fault.
-try:
-    load_env_file()
-    _ENV_FILE_PROBLEM: ConfigError | None = None
-except ConfigError as exc:
-    _ENV_FILE_PROBLEM = exc
 
 # Needed before the configuration is validated (at worker_init, which lists bad values).
 _VISIBILITY_TIMEOUT_S = int_or_default("BOT_VISIBILITY_TIMEOUT", BotConfig.visibility_timeout_s)
@@ -104,6 +107,8 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
     pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
     global _side_by_side
     concurrency = getattr(sender, "concurrency", 1) or 1
+    if not isinstance(concurrency, int):  # "--concurrency auto" is still a string here
+        concurrency = usable_cores()
     _side_by_side = not any(n in pool_name.lower() for n in ("prefork", "solo")) and concurrency > 1
     if "prefork" in pool_name.lower() and not os.environ.get("ANON_ONNX_THREADS", "").strip():
         os.environ["ANON_ONNX_THREADS"] = str(onnx_threads_per_child(concurrency))
@@ -124,7 +129,16 @@ def onnx_threads_per_child(children: int, cores: int | None = None) -> int:
     none: the cores shared out, at least one. ONNX Runtime's default, a thread per core in every
     child, put cores x children threads on the cores (measured best: one child per core, one
     thread each; README "Measured (fleet)"). Children inherit it from the worker's environment."""
-    return max(1, (cores or os.cpu_count() or 1) // max(1, children))
+    return max(1, (cores or usable_cores()) // max(1, children))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not
+    the machine's: 2 pinned cores of a 64-core host are 2."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _warm_up() -> None:
@@ -177,7 +191,8 @@ EX_UNAVAILABLE = 69
 
 
 class DeviceHealth:
-    """Consecutive LSC-CNN device failures of this worker; any batch that runs clears them."""
+    """Consecutive device failures of this worker; any LSC-CNN batch or GPU run of an ONNX
+    locator that succeeds clears them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -211,7 +226,8 @@ def _load_anonymiser() -> Anonymiser:
     if routing.FleetSettings.from_env().role == "gpu":
         from .accelerated import build_anonymiser
 
-        return metrics.instrument(build_anonymiser(settings, config().weights_dir, on_batch=_on_batch))
+        return metrics.instrument(build_anonymiser(settings, config().weights_dir, on_batch=_on_batch,
+                                                   on_success=_device_health.succeeded))
     return metrics.instrument(Anonymiser(settings, weights_dir=config().weights_dir))
 
 

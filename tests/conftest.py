@@ -5,4 +5,10 @@ their own ``conftest.py``, and a bare ``from conftest import ...`` would pick wh
 imported first.
 """
 
-from imaging import *  # noqa: F401,F403 - re-exports the fixtures defined there
+import os
+
+# A developer's own .env in this checkout must not change what the tests see: importing the
+# Celery tasks module (some tests do, in this process) would read it into os.environ.
+os.environ["BOT_ENV_FILE"] = ""
+
+from imaging import *  # noqa: E402,F401,F403 - re-exports the fixtures defined there

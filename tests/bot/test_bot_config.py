@@ -231,6 +231,13 @@ def test_env_file_fills_in_what_the_environment_does_not_set(tmp_path: Path) -> 
     assert [p.split(":")[0].rsplit(" ", 1)[-1] for p in problems(caught.value)] == ["1", "2", "3", "5"]
     assert "single quotes" in problems(caught.value)[0]
     assert load_env_file({"BOT_ENV_FILE": ""}) == []
+    (tmp_path / "editor.env").write_bytes("\ufeffA=1\r\nexport\tB=2\t# tab\r\nC=\"x\\$y\"\r\n".encode())
+    edited = {"BOT_ENV_FILE": str(tmp_path / "editor.env")}
+    load_env_file(edited)
+    assert (edited["A"], edited["B"], edited["C"]) == ("1", "2", "x$y")  # a BOM, CRLF, tabs, an escaped $
+    (tmp_path / "nested.env").write_text("BOT_ENV_FILE=other.env\n")
+    with pytest.raises(ConfigError, match="line 1: BOT_ENV_FILE belongs in the environment"):
+        load_env_file({"BOT_ENV_FILE": str(tmp_path / "nested.env")})
     with pytest.raises(ConfigError, match="no such file"):
         load_env_file({"BOT_ENV_FILE": str(tmp_path / "missing.env")})
 
@@ -281,6 +288,7 @@ def test_check_reports_what_the_worker_would_refuse(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ANON_WEIGHTS_DIR=.*wieghts is not a folder"):
         check_startup(worker=True, environ=typo)
     check_startup(worker=False, environ=typo)  # the listener needs no weights
+    check_startup(worker=True, environ=typo | {"ANON_LOCATORS": "centerface"})  # nor does CenterFace
 
 
 def test_every_bad_anonymiser_variable_is_named() -> None:
