@@ -27,9 +27,9 @@ class Limits:
     max_aspect_ratio: int = 50
 
     def __post_init__(self) -> None:
-        for name in _FIELDS:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        problems = _range_problems({name: getattr(self, name) for name in _FIELDS})
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Limits":
@@ -47,9 +47,12 @@ class Limits:
                 values[name] = int(raw)
             except ValueError:
                 problems.append(f"{variable} must be an integer, got {raw!r}")
-                continue
-            if values[name] <= 0:
-                problems.append(f"{variable} must be positive, got {values[name]}")
+        problems += _range_problems(values)
         if problems:
             raise ValueError("; ".join(problems))
         return cls(**values)
+
+
+def _range_problems(values: dict[str, int]) -> list[str]:
+    """Each budget that is not positive, named by its variable."""
+    return [f"ANON_{name.upper()} must be positive, got {value}" for name, value in values.items() if value <= 0]

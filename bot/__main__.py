@@ -24,8 +24,14 @@ def _checked(worker: bool) -> BotConfig | None:
         return None
 
 
-def listen(config: BotConfig | None = None) -> int:
-    """Run the listener until SIGINT/SIGTERM (``config``: already checked by the caller)."""
+def listen(config: BotConfig | None = None, stop: threading.Event | None = None) -> int:
+    """Run the listener until SIGINT/SIGTERM or ``stop`` is set (``config``: already checked by
+    the caller)."""
+    stop = stop or threading.Event()
+    # From the start: a signal before the listener runs (during the platform's first answer,
+    # say) must end it cleanly, not kill the process with the default action.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     logs.setup()
     config = config or _checked(worker=False)
     if config is None:
@@ -59,9 +65,10 @@ def listen(config: BotConfig | None = None) -> int:
         publish(dict(job.to_dict(), enqueued_at=round(time.time(), 3)))  # enqueued_at: latency metric
 
     listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s)
+    listener.stop = stop
     threading.Thread(target=router.run, args=(listener.stop,), name="drain", daemon=True).start()
     # Copies follow their originals: deleted when the author deletes, locks or opts out (with
-    # the checks off, the thread only keeps the watch list from growing).
+    # the checks off, the thread only drops watches that ran out).
     from . import withdrawal
 
     threading.Thread(target=withdrawal.run, args=(platform, store, listener.stop),
@@ -76,8 +83,6 @@ def listen(config: BotConfig | None = None) -> int:
         print(f"Cannot reach the {platform.name} account: {exc}. Check the credentials and URL.", file=sys.stderr)
         return 1
     logging.getLogger("bot").info("listening", extra={"account": me.acct, "channels": ",".join(listener.channels)})
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: listener.stop.set())
     listener.run()
     return 0
 
@@ -149,16 +154,16 @@ def run_all() -> int:
     command = [sys.executable, "-m", "celery", "-A", "bot.tasks", "worker", "--loglevel", "INFO"]
     if os.environ.get("BOT_WORKER_ROLE", "").strip().lower() == "gpu":
         command += ["--pool", "threads", "--concurrency", "32"]  # one model, one GPU, many tasks
-    refused = threading.Event()
+    refused, stop = threading.Event(), threading.Event()
 
     def end_bot() -> None:
         refused.set()
-        os.kill(os.getpid(), signal.SIGTERM)
+        stop.set()
 
     supervisor = WorkerSupervisor(command, on_fatal=end_bot)
     supervisor.start()
     try:
-        status = listen(config)
+        status = listen(config, stop)
     finally:
         supervisor.stop()
     # Ended because the worker refused to start: not a clean stop, whatever the listener says

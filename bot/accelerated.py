@@ -36,8 +36,12 @@ def build_anonymiser(
     settings: Settings,
     weights_dir: Path | None = None,
     on_batch: Callable[[int, float], None] | None = None,
+    on_success: Callable[[], None] | None = None,
 ) -> Anonymiser:
-    """An ``Anonymiser`` whose LSC-CNN locator (when its checkpoint is present) is batched."""
+    """An ``Anonymiser`` whose LSC-CNN locator (when its checkpoint is present) is batched.
+
+    ``on_batch`` is called after each LSC-CNN batch, ``on_success`` after each run of an ONNX
+    locator on the GPU: both tell the worker its device works (its failures in a row end)."""
     weights = weights_dir or default_weights_dir()
     names = resolve_names(settings.locators, weights)
     options = EngineOptions.from_env()  # ValueError names every bad ANON_LSCCNN_* variable
@@ -46,11 +50,11 @@ def build_anonymiser(
         if name == "lsccnn":
             locators.append(load_batched_locator(weights, options, on_batch=on_batch))
         else:
-            locators.append(on_device(REGISTRY[name].load(weights)))
+            locators.append(on_device(REGISTRY[name].load(weights), on_success))
     anonymiser = Anonymiser(settings, weights_dir=weights, locators=locators)
     # The residual pass's CenterFace is loaded by Anonymiser when it is not one of the locators.
     if anonymiser._residual is not None and anonymiser._residual not in locators:
-        anonymiser._residual = on_device(anonymiser._residual)
+        anonymiser._residual = on_device(anonymiser._residual, on_success)
     return anonymiser
 
 
@@ -71,23 +75,27 @@ class OnDeviceLocator:
     device failure being counted, the worker stays in rotation and does the same to every job.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, on_success: Callable[[], None] | None = None) -> None:
         self.inner = inner
+        self.on_success = on_success
         self.name: str = inner.name
         self.kind: BoxKind = inner.kind
 
     def locate(self, rgb: np.ndarray) -> Detections:
         try:
-            return self.inner.locate(rgb)
+            found = self.inner.locate(rgb)
         except ONNX_RUN_ERRORS as exc:
             raise DeviceFailure(f"{self.name} on CUDA failed: {type(exc).__name__}: {exc}") from exc
+        if self.on_success is not None:
+            self.on_success()
+        return found
 
 
-def on_device(locator: Any) -> Any:
+def on_device(locator: Any, on_success: Callable[[], None] | None = None) -> Any:
     """``locator`` as :class:`OnDeviceLocator` when it holds an ONNX Runtime session on the
     CUDA provider; unchanged otherwise (LSC-CNN's batcher raises DeviceFailure itself, and on
     the CPU an ONNX Runtime error is not a device failure)."""
     session = getattr(locator, "_session", None)
     if session is not None and "CUDAExecutionProvider" in session.get_providers():
-        return OnDeviceLocator(locator)
+        return OnDeviceLocator(locator, on_success)
     return locator

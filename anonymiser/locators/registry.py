@@ -10,14 +10,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from .base import HeadLocator
 
 
-def default_weights_dir() -> Path:
+def default_weights_dir(environ: Mapping[str, str] | None = None) -> Path:
     """``ANON_WEIGHTS_DIR`` if set, else the ``weights/`` folder of this checkout."""
-    configured = os.environ.get("ANON_WEIGHTS_DIR")
+    configured = (os.environ if environ is None else environ).get("ANON_WEIGHTS_DIR")
     if configured:
         if not Path(configured).is_dir():
             _warn_no_folder(configured)

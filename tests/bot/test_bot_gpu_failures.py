@@ -41,10 +41,11 @@ class _OnnxLocator:
         return Detections()
 
 
-def _gpu_anonymiser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, locator: _OnnxLocator):  # type: ignore[no-untyped-def]
+def _gpu_anonymiser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, locator: _OnnxLocator,  # type: ignore[no-untyped-def]
+                    on_success: Any = None):
     entry = registry.LocatorEntry("centerface", "test", lambda _weights: True, lambda _weights: locator)
     monkeypatch.setitem(registry.REGISTRY, "centerface", entry)
-    return accelerated.build_anonymiser(Settings(locators=("centerface",)), weights_dir=tmp_path)
+    return accelerated.build_anonymiser(Settings(locators=("centerface",)), weights_dir=tmp_path, on_success=on_success)
 
 
 def test_an_onnx_runtime_failure_on_cuda_is_a_device_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -92,3 +93,14 @@ def test_any_warm_up_failure_stops_the_gpu_worker(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SystemExit) as exited:
         tasks._warm_up()
     assert exited.value.code == tasks.EX_UNAVAILABLE
+
+
+def test_a_gpu_run_of_an_onnx_locator_clears_the_failures_in_a_row(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """A worker without LSC-CNN has no batch to clear its device failures: each ONNX run on the
+    GPU that succeeds does, so three transient errors days apart never take it out of rotation."""
+    health = tasks.DeviceHealth()
+    health.failed(), health.failed()
+    anonymiser = _gpu_anonymiser(monkeypatch, tmp_path, _OnnxLocator("CUDAExecutionProvider", None), health.succeeded)
+    anonymiser.locate(np.zeros((32, 32, 3), np.uint8))
+    assert health.failed() == 1
