@@ -40,12 +40,16 @@ def build_anonymiser(
 ) -> Anonymiser:
     """An ``Anonymiser`` whose LSC-CNN locator (when its checkpoint is present) is batched.
 
-    ``on_batch`` is called after each LSC-CNN batch, ``on_success`` after each run of an ONNX
-    locator on the GPU: both tell the worker its device works (its failures in a row end)."""
+    ``on_batch`` is called after each LSC-CNN batch; ``on_success`` after each run of an ONNX
+    locator on the GPU, but only when LSC-CNN is not among the locators: both tell the worker
+    its device works (its failures in a row end). With LSC-CNN, its batches alone do: the ONNX
+    models run first in every job, and their successes would hide an LSC-CNN that fails on every
+    job, keeping a broken worker in rotation for good."""
     weights = weights_dir or default_weights_dir()
     names = resolve_names(settings.locators, weights)
     options = EngineOptions.from_env()  # ValueError names every bad ANON_LSCCNN_* variable
     locators: list[HeadLocator] = []
+    on_success = None if "lsccnn" in names else on_success
     for name in names:
         if name == "lsccnn":
             locators.append(load_batched_locator(weights, options, on_batch=on_batch))

@@ -104,3 +104,32 @@ def test_a_gpu_run_of_an_onnx_locator_clears_the_failures_in_a_row(monkeypatch: 
     anonymiser = _gpu_anonymiser(monkeypatch, tmp_path, _OnnxLocator("CUDAExecutionProvider", None), health.succeeded)
     anonymiser.locate(np.zeros((32, 32, 3), np.uint8))
     assert health.failed() == 1
+
+
+def test_onnx_successes_do_not_hide_an_lsccnn_that_always_fails(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """With LSC-CNN among the locators, only its batches clear the count: CenterFace runs first
+    in every job, and its successes would reset the count before each LSC-CNN failure, so a
+    worker whose LSC-CNN always fails would never leave rotation."""
+
+    class FailingLsccnn:
+        name, kind = "lsccnn", "head"
+
+        def locate(self, rgb: np.ndarray) -> Detections:
+            raise DeviceFailure("LSC-CNN's batch failed")
+
+    health = tasks.DeviceHealth()
+    entry = registry.LocatorEntry("centerface", "test", lambda _weights: True,
+                                  lambda _weights: _OnnxLocator("CUDAExecutionProvider", None))
+    monkeypatch.setitem(registry.REGISTRY, "centerface", entry)
+    monkeypatch.setitem(registry.REGISTRY, "lsccnn", registry.LocatorEntry("lsccnn", "test", lambda _weights: True,
+                                                                           lambda _weights: FailingLsccnn()))
+    monkeypatch.setattr(accelerated, "load_batched_locator", lambda *_args, **_kwargs: FailingLsccnn())
+    anonymiser = accelerated.build_anonymiser(Settings(locators=("centerface", "lsccnn")), weights_dir=tmp_path,
+                                              on_success=health.succeeded)
+    counts = []
+    for _ in range(3):  # three jobs, each handed over as _hand_over does
+        with pytest.raises(DeviceFailure):
+            anonymiser.locate(np.zeros((32, 32, 3), np.uint8))
+        counts.append(health.failed())
+    assert counts == [1, 2, 3]
