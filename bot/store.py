@@ -219,20 +219,23 @@ class Store:
                 taken.append((original, float(since)))
         return taken
 
-    def drop_ended_watches(self, platform: str, now: float, limit: int = 1000) -> int:
-        """Drop watches that ran out (:data:`WATCH_FOR_S` after their first copy) among the
-        ``limit`` due first by ``now``, without checking anything; returns how many.
+    def drop_ended_watches(self, platform: str, now: float, start: int = 0, limit: int = 1000) -> tuple[int, int]:
+        """Drop the watches that ran out (:data:`WATCH_FOR_S` after their first copy) among
+        ``limit`` due by ``now``, from the ``start``-th on, checking nothing; returns how many
+        were dropped and where the next page starts (0: back to the first).
 
         For withdrawal checks switched off: workers record a watch with every copy whatever the
         listener's setting, and only a check removed one, so the list grew by every copied
         original. Live watches keep their schedule, for when checks are on again or for another
-        listener of the platform that checks. Due times grow with an original's age, so the
-        ended ones come first."""
+        listener of the platform that checks. Pages go on across calls, because a live watch
+        can be due before an ended one (a check before the switch-off scheduled it a week on).
+        """
         key = _watch_key(platform)
-        due = self.r.zrangebyscore(key, "-inf", now, start=0, num=limit)
-        if not due:
-            return 0
-        return int(self.r.eval(_DROP_ENDED, 1 + len(due), key, *(_since_key(platform, o) for o in due), *due))
+        due = self.r.zrangebyscore(key, "-inf", now, start=start, num=limit)
+        dropped = 0
+        if due:
+            dropped = int(self.r.eval(_DROP_ENDED, 1 + len(due), key, *(_since_key(platform, o) for o in due), *due))
+        return dropped, (start + len(due) - dropped if len(due) == limit else 0)
 
     def check_again(self, platform: str, original_id: str, due: float) -> None:
         """The next check of a watched original."""

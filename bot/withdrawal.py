@@ -126,11 +126,12 @@ def run(platform: Platform, store: Store, stop: threading.Event, interval_s: flo
                 log.info("withdrawal_backfilled", extra={"platform": platform.name, "originals": started})
         except Exception:
             log.warning("withdrawal_backfill_failed", exc_info=True)
+    page = 0
     while not stop.wait(interval_s):
         try:
             if per_round:
                 sweep(platform, store, limit=per_round)
             else:
-                store.drop_ended_watches(platform.name, time.time())
+                _, page = store.drop_ended_watches(platform.name, time.time(), page)
         except Exception:  # Redis or the platform hiccups: the next round tries again
             log.warning("withdrawal_failed", exc_info=True)

@@ -241,3 +241,18 @@ def test_with_withdrawal_checks_off_only_ended_watches_are_dropped(store: Any) -
     assert store.r.zscore("ppb:watch:x", "2") == due_2, "a live watch keeps its schedule"
     assert not store.r.exists("ppb:watch_backfilled:x"), "no backfill with the checks off"
     assert store.due_originals("x", clock.time(), 10, 60)[0][0] == "2", "checked once checks are on again"
+
+
+def test_ended_watches_behind_live_ones_are_dropped_page_by_page(store: Any) -> None:
+    """A watch checked before the checks were switched off can be due after younger live ones;
+    the pages go on across calls, so it is dropped all the same."""
+    store.watch("x", "old", 0.0)
+    store.r.zadd("ppb:watch:x", {"old": 5000.0})  # its last check scheduled it late
+    store.r.delete("ppb:watch_since:x:old")  # and its 90 days ran out
+    for k in range(5):
+        store.watch("x", f"young{k}", 100.0 + k)  # live, and due before "old"
+        store.r.zadd("ppb:watch:x", {f"young{k}": 1000.0 + k})
+    assert store.drop_ended_watches("x", 10_000.0, 0, limit=3) == (0, 3)
+    assert store.drop_ended_watches("x", 10_000.0, 3, limit=3) == (1, 5)
+    assert store.drop_ended_watches("x", 10_000.0, 5, limit=3) == (0, 0), "past the end: from the first again"
+    assert sorted(store.r.zrange("ppb:watch:x", 0, -1)) == [f"young{k}" for k in range(5)]
