@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from . import logs
 from .config import BotConfig, ConfigError, check_startup, load_env_file
@@ -24,14 +24,18 @@ def _checked(worker: bool) -> BotConfig | None:
         return None
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` from now on: a signal before the listener runs must end
+    the bot cleanly (and ``run``'s worker with it), not kill the process with the default action."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
 def listen(config: BotConfig | None = None, stop: threading.Event | None = None) -> int:
     """Run the listener until SIGINT/SIGTERM or ``stop`` is set (``config``: already checked by
     the caller)."""
     stop = stop or threading.Event()
-    # From the start: a signal before the listener runs (during the platform's first answer,
-    # say) must end it cleanly, not kill the process with the default action.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    _stop_on_signals(stop)
     logs.setup()
     config = config or _checked(worker=False)
     if config is None:
@@ -75,13 +79,32 @@ def listen(config: BotConfig | None = None, stop: threading.Event | None = None)
                      kwargs={"per_round": config.withdrawal_checks}, name="withdrawal", daemon=True).start()
     from .platforms.base import PlatformError
 
-    try:
-        me = platform.me()
-    except PlatformError as exc:
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            answer["me"] = platform.me()
+        except BaseException as exc:  # handed to the main thread below
+            answer["error"] = exc
+
+    # Asked in a thread, so that a stop (docker stop's SIGTERM, a refused worker) while the
+    # server is slow to answer ends the listener at once instead of after the request's timeout.
+    asking = threading.Thread(target=ask, name="me", daemon=True)
+    asking.start()
+    while asking.is_alive():
+        if stop.wait(0.1):
+            return 0
+    if stop.is_set():
+        return 0
+    error = answer.get("error")
+    if isinstance(error, PlatformError):
         # Wrong token or unreachable server: say so plainly instead of a traceback.
-        listener.stop.set()
-        print(f"Cannot reach the {platform.name} account: {exc}. Check the credentials and URL.", file=sys.stderr)
+        stop.set()
+        print(f"Cannot reach the {platform.name} account: {error}. Check the credentials and URL.", file=sys.stderr)
         return 1
+    if isinstance(error, BaseException):
+        raise error
+    me = answer["me"]
     logging.getLogger("bot").info("listening", extra={"account": me.acct, "channels": ",".join(listener.channels)})
     listener.run()
     return 0
@@ -160,6 +183,7 @@ def run_all() -> int:
         refused.set()
         stop.set()
 
+    _stop_on_signals(stop)  # before the worker exists: it is never left behind
     supervisor = WorkerSupervisor(command, on_fatal=end_bot)
     supervisor.start()
     try:

@@ -49,11 +49,13 @@ def load_env_file(environ: MutableMapping[str, str] | None = None) -> list[str]:
         if ENV_FILE_VARIABLE in env:
             raise ConfigError(f"{ENV_FILE_VARIABLE}={path}: no such file") from None
         return []
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
         raise ConfigError(f"{path} cannot be read: {exc}") from None
     values: dict[str, str] = {}
     problems = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at \n (and \r\n) only, as a shell reads them, not at every Unicode line break.
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         try:
             parsed = _env_line(line)
         except ValueError as exc:
@@ -93,8 +95,8 @@ def _env_line(line: str) -> tuple[str, str] | None:
         while k < len(raw) and raw[k] != '"':
             if raw[k] == "\\" and k + 1 < len(raw) and raw[k + 1] in '"\\$':
                 k += 1
-            elif raw[k] == "$":
-                raise ValueError("'$' would be expanded by a shell: put the value in single quotes")
+            elif raw[k] in "$`":
+                raise ValueError(f"'{raw[k]}' would be expanded by a shell: put the value in single quotes")
             chars.append(raw[k])
             k += 1
         if k >= len(raw):
@@ -102,12 +104,17 @@ def _env_line(line: str) -> tuple[str, str] | None:
         value, rest = "".join(chars), raw[k + 1:]
     else:
         value, rest = re.split(r"\s#", raw, maxsplit=1)[0].strip(), ""
-        if "$" in value:
-            raise ValueError("'$' would be expanded by a shell: put the value in single quotes")
-        if any(c.isspace() for c in value) or value[:1] in ("'", '"'):
+        if "$" in value or "`" in value:
+            raise ValueError("'$' or '`' would be expanded by a shell: put the value in single quotes")
+        if any(c.isspace() for c in value):
             raise ValueError("a value with spaces needs quotes")
-    if rest.strip() and not rest.strip().startswith("#"):
+        if "'" in value or '"' in value or "\\" in value:
+            raise ValueError("quotes or backslashes inside a value: quote the whole value in single quotes")
+    if rest and not rest[0].isspace() or rest.strip() and not rest.strip().startswith("#"):
+        # A shell would join text after the quote to the value ('x'#c is x#c): be explicit.
         raise ValueError("unexpected text after the closing quote")
+    if "\0" in value:
+        raise ValueError("a value cannot hold a NUL byte")
     return name, value
 
 

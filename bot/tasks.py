@@ -112,7 +112,8 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
     _side_by_side = not any(n in pool_name.lower() for n in ("prefork", "solo")) and concurrency > 1
     if "prefork" in pool_name.lower() and not os.environ.get("ANON_ONNX_THREADS", "").strip():
         os.environ["ANON_ONNX_THREADS"] = str(onnx_threads_per_child(concurrency))
-        log.info("onnx_threads", extra={"per_child": os.environ["ANON_ONNX_THREADS"], "children": concurrency})
+        log.info("onnx_threads", extra={"per_child": os.environ["ANON_ONNX_THREADS"], "children": concurrency,
+                                        "cores": usable_cores()})
     if routing.settings_or_exit().role == "gpu":
         if "prefork" in pool_name.lower():
             # Each prefork child would load its own model and batch only its own photo, and a
@@ -133,12 +134,17 @@ def onnx_threads_per_child(children: int, cores: int | None = None) -> int:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not
-    the machine's: 2 pinned cores of a 64-core host are 2."""
+    """The cores this process may use, not the machine's: its CPU affinity (a container's
+    cpuset) and its cgroup CPU quota (``docker --cpus``, a Kubernetes limit), as Celery itself
+    sizes ``--concurrency auto``; 2 CPUs of a 64-core host are 2."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        from celery.utils.sysinfo import cpu_budget  # Celery 5.7+
+    except ImportError:
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+    return max(1, cpu_budget().count)
 
 
 def _warm_up() -> None:

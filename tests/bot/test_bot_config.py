@@ -235,6 +235,10 @@ def test_env_file_fills_in_what_the_environment_does_not_set(tmp_path: Path) -> 
     edited = {"BOT_ENV_FILE": str(tmp_path / "editor.env")}
     load_env_file(edited)
     assert (edited["A"], edited["B"], edited["C"]) == ("1", "2", "x$y")  # a BOM, CRLF, tabs, an escaped $
+    (tmp_path / "odd.env").write_text("A=x'y\nB='x'#c\nC=a`id`\nD=x\0y\nE=\u00e9\u2028F=1\n")
+    with pytest.raises(ConfigError) as caught:  # what a shell reads otherwise, or not at all
+        load_env_file({"BOT_ENV_FILE": str(tmp_path / "odd.env")})
+    assert [p.split(":")[0].rsplit(" ", 1)[-1] for p in problems(caught.value)] == ["1", "2", "3", "4", "5"]
     (tmp_path / "nested.env").write_text("BOT_ENV_FILE=other.env\n")
     with pytest.raises(ConfigError, match="line 1: BOT_ENV_FILE belongs in the environment"):
         load_env_file({"BOT_ENV_FILE": str(tmp_path / "nested.env")})
@@ -260,6 +264,11 @@ def test_bot_commands_and_the_worker_read_env_in_their_directory(tmp_path: Path)
     assert overridden.returncode == 2 and "MASTODON_ACCESS_TOKEN is not set" in overridden.stderr
     read = run("-c", "import os, bot.tasks; print(os.environ['MASTODON_ACCESS_TOKEN'])")
     assert read.stdout.strip() == "t", read.stderr
+    # Read before the metrics module picks its mode: BOT_METRICS_PORT in .env alone must put a
+    # prefork worker's children's counts in the shared (multiprocess) registry.
+    (tmp_path / ".env").write_text("MASTODON_BASE_URL=https://m.example\nMASTODON_ACCESS_TOKEN=t\nBOT_METRICS_PORT=9\n")
+    mode = run("-c", "import os, bot.tasks; print(os.environ.get('PROMETHEUS_MULTIPROC_DIR', '-'))", TMPDIR=str(tmp_path))
+    assert mode.stdout.strip().startswith(str(tmp_path / "ppb-metrics-")), mode.stderr
 
     (tmp_path / ".env").write_text("MASTODON_BASE_URL=https://m.example\nMASTODON_ACCESS_TOKEN=$TOKEN\n")
     broken = run("-m", "bot", "check")

@@ -3,6 +3,8 @@ process supervisor would restart it on a fleet, and a worker that cannot start e
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,3 +68,24 @@ def test_the_bot_ends_with_status_2_when_its_worker_refuses_to_start(workers: An
                           timeout=180)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "weights for lsccnn are not in" in done.stderr
+
+
+def test_a_stop_while_the_server_is_slow_to_answer_ends_the_listener_at_once(workers: Any) -> None:
+    """SIGTERM (docker stop) while the platform has not answered the first request yet: a clean,
+    prompt stop, not the request's whole timeout and a "cannot reach" message."""
+    with socket.socket() as silent:  # accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        env = workers.env(MASTODON_BASE_URL=f"http://127.0.0.1:{silent.getsockname()[1]}", BOT_STREAM="0")
+        process = subprocess.Popen([sys.executable, "-m", "bot", "listen"], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(4)  # started, and waiting for the server
+            assert process.poll() is None, process.communicate()
+            process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            _, err = process.communicate(timeout=30)
+        finally:
+            process.kill()
+    assert time.monotonic() - started < 3, "stopped at once, not after the request's timeout"
+    assert process.returncode == 0 and "Cannot reach" not in err, err[-2000:]
