@@ -312,6 +312,23 @@ def _hand_over(task: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any]
     return "dead_letter"
 
 
+def _held_past_visibility(delay: float) -> bool:
+    """Whether a Celery countdown of ``delay`` seconds could hold its delivery past the
+    visibility timeout.
+
+    Kombu's Redis transport starts a delivery's visibility timeout when the worker receives the
+    message (its ``unacked_index`` score), and a countdown retry is received at once: Celery
+    then holds it unacknowledged until it is due and, acknowledging late, through its whole run,
+    which only the hard time limit bounds. So the countdown plus the longest run must end within
+    the timeout; half the timeout at most besides, which leaves room for a wait for a free pool
+    slot. (Half alone was not enough: 450 s plus a 630 s run is past the default 900 s.) Where
+    the run alone may outlast the timeout (start-up logs that ``config_risk``), parking cannot
+    prevent a second run, and only the half applies.
+    """
+    run_s = _TIME_LIMIT_S + HARD_LIMIT_GRACE_S
+    return delay > _VISIBILITY_TIMEOUT_S / 2 or (run_s < _VISIBILITY_TIMEOUT_S and delay + run_s >= _VISIBILITY_TIMEOUT_S)
+
+
 def backoff_s(attempt: int, exc: PlatformError) -> float:
     """Seconds before the next attempt: the server's reset time for 429s, else exponential."""
     if isinstance(exc, RateLimited):
@@ -394,9 +411,10 @@ def _run(self: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any], time
         if exc.retryable and attempt < config().max_attempts:
             delay = backoff_s(attempt, exc)
             extra = ids | {"error": type(exc).__name__, "status": exc.status, "delay_s": delay}
-            if delay > _VISIBILITY_TIMEOUT_S / 2:
-                # A countdown this long would sit unacknowledged in this worker past the
-                # visibility timeout and run again elsewhere: park it (routing.release_parked).
+            if _held_past_visibility(delay):
+                # A countdown this long could keep the delivery unacknowledged in this worker
+                # past the visibility timeout, and the job would run again elsewhere: park it
+                # (routing.release_parked).
                 store().park(payload, attempt, time.time() + delay)
                 log.warning("parked", extra=extra)
                 return "parked"

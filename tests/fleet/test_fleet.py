@@ -679,6 +679,50 @@ def test_a_long_rate_limit_parks_the_job_instead_of_holding_it_past_the_visibili
     assert len(limited.hits) == 1
 
 
+def test_a_countdown_whose_run_could_end_past_the_visibility_timeout_is_parked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kombu starts a delivery's visibility timeout when the worker receives the message, and a
+    countdown retry is received at once and held unacknowledged until it is due and through its
+    run: with the defaults (900 s timeout, 600 s limit + 30 s), a 300 s countdown followed by a
+    long run is past the timeout, so the job would run twice (and the first run's
+    acknowledgement would drop the second delivery's record, same delivery tag). Such a retry
+    is parked; a short one stays a countdown."""
+    from types import SimpleNamespace
+
+    from celery.exceptions import Retry
+
+    from bot import tasks
+    from bot.platforms.base import RateLimited
+
+    monkeypatch.setattr(tasks, "_VISIBILITY_TIMEOUT_S", 900)
+    monkeypatch.setattr(tasks, "_TIME_LIMIT_S", 600)
+    parked: list[tuple[int, float]] = []
+    monkeypatch.setattr(tasks, "store", lambda: SimpleNamespace(park=lambda payload, attempt, due: parked.append((attempt, due))))
+    monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5))
+    countdowns: list[float] = []
+
+    class Task:
+        request = SimpleNamespace(retries=0)
+
+        def retry(self, countdown: float, exc: Exception) -> Retry:
+            countdowns.append(countdown)
+            return Retry(exc=exc)
+
+    def outcome(retry_after_s: float) -> str:
+        def run_job(job: Any) -> str:
+            raise RateLimited("slow down", retry_after_s)
+        monkeypatch.setattr(tasks, "run_job", run_job)
+        try:
+            return tasks._run(Task(), SimpleNamespace(kind="mention"), {"post_id": "1"}, {}, lambda: 0.0)
+        except Retry:
+            return "countdown"
+
+    assert outcome(300.0) == "parked" and [a for a, _ in parked] == [1]
+    assert outcome(20.0) == "countdown" and countdowns == [20.0]
+    # Where the run alone may outlast the timeout (a config_risk), only the half applies.
+    monkeypatch.setattr(tasks, "_VISIBILITY_TIMEOUT_S", 5)
+    assert outcome(2.0) == "countdown" and outcome(3.0) == "parked"
+
+
 def test_parked_jobs_survive_a_failed_release(redis_server: Any) -> None:
     """Jobs taken out of the parked set are put back when publishing them fails (the broker
     hiccups): the next drain queues them, none is lost."""
