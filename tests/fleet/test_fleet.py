@@ -128,6 +128,42 @@ def test_jobs_in_the_legacy_queue_are_drained_when_nobody_consumes_it(redis_serv
     redis_server.clean()
 
 
+def test_draining_the_legacy_queue_leaves_another_apps_backlog_untouched(redis_server: Any, client_app: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another app's backlog in the shared default queue is not rewritten by each drain (it was
+    popped and pushed back whole, every BOT_DRAIN_INTERVAL, keeping Redis busy in proportion to
+    its length): a drain looks at a bounded number of messages and writes only the bot's own;
+    one buried deeper than a drain looks is moved by a later drain."""
+    import bot.routing as routing
+
+    monkeypatch.setattr(routing, "LEGACY_WINDOW", 100, raising=False)
+    monkeypatch.setattr(routing, "LEGACY_WINDOWS_PER_DRAIN", 2, raising=False)
+    client = redis_server.client
+    redis_server.clean()
+    router = Router(client, FleetSettings(), cache_s=0)
+    beat(redis_server, "g1", "gpu", [GPU_QUEUE])
+    client_app.send_task("bot.handle", args=[{"n": "deep"}], queue=LEGACY_QUEUE)  # oldest: consumers' end
+    client_app.send_task("billing.invoice", args=[0], queue=LEGACY_QUEUE)
+    foreign = client.lpop(LEGACY_QUEUE)
+    client.lpush(LEGACY_QUEUE, *[foreign] * 450)  # the other app's backlog, newer than "deep"
+    client_app.send_task("bot.handle", args=[{"n": "new"}], queue=LEGACY_QUEUE)  # newest
+    before = [m for m in client.lrange(LEGACY_QUEUE, 0, -1) if m == foreign]
+
+    def calls(command: str) -> int:
+        return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    client.config_resetstat()
+    moved = router.drain()  # looks at the 200 oldest: finds "deep" only
+    assert calls("lpop") == 0 and calls("rpop") == 0 and calls("rpush") == 0  # the backlog is not rewritten
+    assert moved == {LEGACY_QUEUE: 1} and calls("lpush") == 1
+    assert [json.loads(m)["headers"]["argsrepr"] for m in client.lrange(GPU_QUEUE, 0, -1)] == ["[{'n': 'deep'}]"]
+    for _ in range(3):
+        router.drain()
+    assert [json.loads(m)["headers"]["argsrepr"] for m in client.lrange(GPU_QUEUE, 0, -1)] == ["[{'n': 'new'}]", "[{'n': 'deep'}]"]
+    assert client.lrange(LEGACY_QUEUE, 0, -1) == before
+    redis_server.clean()
+
+
 def test_fleet_settings_are_validated() -> None:
     assert FleetSettings.from_env({}) == FleetSettings()
     settings = FleetSettings.from_env({"BOT_WORKER_ROLE": "GPU", "BOT_METRICS_PORT": "9808", "BOT_HEARTBEAT_INTERVAL": "2",
