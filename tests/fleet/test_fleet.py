@@ -668,6 +668,12 @@ def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
     metrics._task_finished("t2", task, args=(job,), retval=Retry(exc=RateLimited("slow down", 60.0)), state="RETRY")
     assert sample("ppb_job_failures_total", reason="retry") == before["retry"] + 1
     assert sample("ppb_job_latency_seconds_count") == latency_before
+    # A job sent on to a CPU worker after a loss beside others (tasks._isolate: Celery's Retry
+    # with no exc) is no platform error either: PPBPlatformErrors must not count it.
+    metrics._task_finished("t3", task, args=(job,), retval=Retry(), state="RETRY")
+    assert sample("ppb_job_failures_total", reason="retry") == before["retry"] + 1
+    assert sample("ppb_jobs_total", kind="mention", outcome="requeued", queue=GPU_QUEUE) >= 1
+    assert sample("ppb_job_latency_seconds_count") == latency_before
 
 
 def test_a_long_rate_limit_parks_the_job_instead_of_holding_it_past_the_visibility_timeout(
