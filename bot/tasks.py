@@ -34,6 +34,7 @@ except ConfigError as _exc:
 import numpy as np  # noqa: E402
 import redis
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 # First: metrics switch prometheus_client to multiprocess mode before anything imports it; both
 # modules connect worker signals (heartbeats, role queue, metrics server).
@@ -379,7 +380,32 @@ def _isolate(task: Any, task_id: str, job: Job, ids: dict[str, Any]) -> None:
 
 @app.task(bind=True, name="bot.handle", max_retries=None)
 def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def]
-    """One job from the listener. Never raises except to schedule a retry."""
+    """One job from the listener. Never raises except to schedule a retry, or to put the job
+    back in its queue when Redis fails under it.
+
+    Both of Celery's other endings would drop the message, acknowledged late as it is: a task
+    that fails is acknowledged (``task_acks_on_failure``, on by default; off, it is rejected
+    without requeueing), and ``Task.retry`` turns a retry it cannot publish into
+    ``Reject(requeue=False)``. So a Redis that went away during a run (a restart, a failover)
+    or refused the retry (``maxmemory`` reached) and answered the acknowledgement lost the job
+    without a dead letter or a word. ``Reject(requeue=True)`` puts it back in its queue; while
+    Redis cannot even take that, the delivery stays unacknowledged and the visibility timeout
+    brings it back.
+    """
+    try:
+        return _handle(self, payload)
+    except Reject as exc:
+        if exc.requeue:
+            raise
+        log.warning("requeued", extra={"reason": "retry_not_published", "error": repr(exc.reason)[:200]})
+        raise Reject(exc.reason, requeue=True) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("requeued", extra={"reason": "redis_unavailable", "error": type(exc).__name__})
+        raise Reject(exc, requeue=True) from None
+
+
+def _handle(self: Any, payload: dict[str, Any]) -> str:
+    """The body of :func:`handle`."""
     job = Job.from_dict(payload)
     timer = logs.Timer()
     ids = {"platform": job.platform, "post_id": job.post_id, "kind": job.kind, "attempt": self.request.retries + 1}

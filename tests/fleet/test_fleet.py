@@ -765,6 +765,56 @@ def test_a_countdown_whose_run_could_end_past_the_visibility_timeout_is_parked(m
     assert outcome(2.0) == "countdown" and outcome(3.0) == "parked"
 
 
+def test_a_run_that_redis_fails_goes_back_to_its_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's Task.retry turns a retry it cannot publish (Redis restarting, or refusing writes at
+    maxmemory) into Reject(requeue=False), and a task that fails is acknowledged: acknowledged
+    late, either dropped the job without a dead letter or a word. The task puts it back instead."""
+    from types import SimpleNamespace
+
+    import redis
+    from celery.canvas import Signature
+    from celery.exceptions import Reject
+    from kombu.exceptions import OperationalError
+
+    from bot import tasks
+    from bot.platforms.base import RateLimited
+
+    def run_job(job: Any) -> str:
+        raise RateLimited("slow down", 10.0)  # a short countdown: a retry Celery publishes
+
+    def unpublishable(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
+
+    finished: list[str] = []
+    fake_store = SimpleNamespace(run_started=lambda task_id, ttl_s: 1, run_finished=finished.append)
+    monkeypatch.setattr(tasks, "run_job", run_job)
+    monkeypatch.setattr(tasks, "store", lambda: fake_store)
+    monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5, max_worker_losses=2))
+    monkeypatch.setattr(Signature, "apply_async", unpublishable)
+    payload = {"platform": "mastodon", "post_id": "1", "requester_id": "2", "kind": "mention"}
+
+    def outcome() -> Any:
+        tasks.handle.push_request(id="t1", retries=0, called_directly=False, is_eager=False, headers={},
+                                  delivery_info={"exchange": "", "routing_key": CPU_QUEUE})
+        try:
+            return tasks.handle.run(payload)
+        except Exception as exc:
+            return exc
+        finally:
+            tasks.handle.pop_request()
+
+    rejected = outcome()
+    assert isinstance(rejected, Reject) and rejected.requeue is True, rejected
+    assert finished == ["t1"]
+
+    def redis_gone(task_id: str, ttl_s: int) -> int:
+        raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+    monkeypatch.setattr(fake_store, "run_started", redis_gone)
+    rejected = outcome()
+    assert isinstance(rejected, Reject) and rejected.requeue is True, rejected
+
+
 def test_parked_jobs_survive_a_failed_release(redis_server: Any) -> None:
     """Jobs taken out of the parked set are put back when publishing them fails (the broker
     hiccups): the next drain queues them, none is lost."""
