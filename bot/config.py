@@ -215,8 +215,12 @@ class BotConfig:
             values[key] = value
 
         redis_url = env.get("REDIS_URL", cls.redis_url).strip()
-        if urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
-            problems.append(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}")
+        # Not unix://: redis-py's spelling of a socket, which Kombu (the Celery broker) has no
+        # transport for ("No such transport: unix" at start), and Kombu's redis+socket:// is
+        # refused by redis-py, which the store, heartbeats and metrics use with the same URL.
+        if urlparse(redis_url).scheme not in ("redis", "rediss"):
+            problems.append(f"REDIS_URL must start with redis:// or rediss:// (the broker and the store share it; "
+                            f"a Unix socket has no spelling both understand), got {redis_url!r}")
         values["redis_url"] = redis_url
 
         tags = []

@@ -10,7 +10,7 @@ Exported (all prefixed ``ppb_``):
 
 * ``jobs_total{kind, outcome, queue}``: finished task runs by outcome (``replied``,
   ``already_done``, ``no_image``, ``failed``, ``dead_letter``, ``retry``, ``parked``,
-  ``handed_over``, ...);
+  ``handed_over``, ``requeued``, ...);
 * ``job_failures_total{reason}``: ``retry`` (a platform error, retried now or parked), ``device`` (this
   worker's GPU failed; the job went to another worker) and ``dead_letter``;
 * ``photos_total{result}``: photos anonymised (``ok``) or refused (``failed``);
@@ -84,9 +84,12 @@ def _outcome(state: str | None, retval: Any) -> str:
     """A task run's outcome label: the handler's own word, or Celery's state."""
     if state == "SUCCESS" and isinstance(retval, str):
         return retval
-    # A retry's return value is Celery's Retry, whose ``exc`` is what caused it.
+    # A retry's return value is Celery's Retry, whose ``exc`` is what caused it; none for a job
+    # sent on to a CPU worker after a loss beside others (tasks._isolate), which is no failure.
     if state == "RETRY" and isinstance(getattr(retval, "exc", None), DeviceFailure):
         return "handed_over"
+    if state == "RETRY" and getattr(retval, "exc", None) is None:
+        return "requeued"
     return str(state or "unknown").lower()
 
 
@@ -137,7 +140,7 @@ def _task_finished(task_id: str, task: Any, args: Any = (), retval: Any = None, 
     if started is not None:
         JOB_SECONDS.labels(kind).observe(time.perf_counter() - started)
     enqueued_at = payload.get("enqueued_at")
-    if outcome not in ("retry", "parked", "handed_over") and enqueued_at:
+    if outcome not in ("retry", "parked", "handed_over", "requeued") and enqueued_at:
         try:
             LATENCY.observe(max(0.0, time.time() - float(enqueued_at)))
         except (TypeError, ValueError):

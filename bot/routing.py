@@ -55,26 +55,35 @@ HEARTBEAT_PREFIX = "ppb:worker:"
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
 #: Celery's default queue may hold other apps' tasks when the broker is shared; moved into this
-#: bot's queues they would be discarded as unregistered. This moves only the messages whose
-#: Celery header names a task starting with ARGV[1], newest first to the consumers' end (as
-#: the LMOVE loop), and leaves the others in their order; one script, so no consumer sees a gap.
+#: bot's queues they would be discarded as unregistered. This looks at ARGV[3] messages, after
+#: skipping ARGV[2] from the consumers' end, and moves those whose Celery header names a task
+#: starting with ARGV[1], oldest first, to the back of KEYS[2] (so that jobs moved by later
+#: windows and drains, all newer, are taken after them); the others are left untouched, in
+#: place. Returns {moved, looked at}. Bounded: rewriting the whole list (an
+#: other app's backlog) on every drain kept Redis busy in proportion to its length (1.8 s for
+#: 200,000 messages), and past 5 s every client is answered BUSY while a script that has written
+#: cannot be killed. One script per window, so no consumer sees a gap.
 _MOVE_OWN_TASKS = """
-local kept, moved = {}, 0
-while true do
-  local message = redis.call('LPOP', KEYS[1])
-  if not message then break end
+local skip, size = tonumber(ARGV[2]), tonumber(ARGV[3])
+local window = redis.call('LRANGE', KEYS[1], -(skip + size), -(skip + 1))
+local moved = 0
+for i = #window, 1, -1 do
+  local message = window[i]
   local ok, decoded = pcall(cjson.decode, message)
   local task = ok and type(decoded) == 'table' and type(decoded['headers']) == 'table' and decoded['headers']['task']
   if type(task) == 'string' and string.sub(task, 1, string.len(ARGV[1])) == ARGV[1] then
-    redis.call('RPUSH', KEYS[2], message)
-    moved = moved + 1
-  else
-    table.insert(kept, message)
+    if redis.call('LREM', KEYS[1], -1, message) == 1 then
+      redis.call('LPUSH', KEYS[2], message)
+      moved = moved + 1
+    end
   end
 end
-for _, message in ipairs(kept) do redis.call('RPUSH', KEYS[1], message) end
-return moved
+return {moved, #window}
 """
+#: messages of the default queue one script looks at, and scripts per queue key and drain: each
+#: drain looks at most at this many of its messages, from where the last one stopped
+LEGACY_WINDOW = 1000
+LEGACY_WINDOWS_PER_DRAIN = 10
 #: the prefix of this bot's task names (``bot.handle``)
 TASK_PREFIX = "bot."
 
@@ -272,6 +281,9 @@ class Router:
         self.release = release
         self._cached: tuple[float, list[dict[str, Any]]] = (-1e18, [])
         self._lock = threading.Lock()
+        #: where the next drain goes on looking in each key of the default queue (messages from
+        #: the consumers' end)
+        self._legacy_from: dict[str, int] = {}
 
     @classmethod
     def from_url(cls, url: str, settings: FleetSettings = FleetSettings(), cache_s: float = 1.0,
@@ -328,7 +340,7 @@ class Router:
             count = 0
             for key in _queue_keys(source):
                 if source == LEGACY_QUEUE:
-                    count += int(self.client.eval(_MOVE_OWN_TASKS, 2, key, target, TASK_PREFIX))
+                    count += self._move_own_tasks(key, target)
                     continue
                 # LEFT (newest) -> RIGHT (where consumers pop): the oldest job still comes out first.
                 while self.client.lmove(key, target, "LEFT", "RIGHT") is not None:
@@ -336,6 +348,21 @@ class Router:
             if count:
                 moved[source] = count
                 log.warning("queue_drained", extra={"source": source, "target": target, "jobs": count})
+        return moved
+
+    def _move_own_tasks(self, key: str, target: str) -> int:
+        """Move this bot's tasks from ``key`` of the default queue to ``target``, looking at no
+        more than ``LEGACY_WINDOWS_PER_DRAIN`` windows; the next drain goes on from there, and
+        starts again from the consumers' end once it reached the other one."""
+        skip, moved = self._legacy_from.get(key, 0), 0
+        for _ in range(LEGACY_WINDOWS_PER_DRAIN):
+            here, seen = (int(n) for n in self.client.eval(_MOVE_OWN_TASKS, 2, key, target, TASK_PREFIX, skip, LEGACY_WINDOW))
+            moved += here
+            if seen < LEGACY_WINDOW:
+                skip = 0
+                break
+            skip += seen - here
+        self._legacy_from[key] = skip
         return moved
 
     def run(self, stop: threading.Event) -> None:

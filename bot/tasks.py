@@ -34,6 +34,7 @@ except ConfigError as _exc:
 import numpy as np  # noqa: E402
 import redis
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 # First: metrics switch prometheus_client to multiprocess mode before anything imports it; both
 # modules connect worker signals (heartbeats, role queue, metrics server).
@@ -312,6 +313,23 @@ def _hand_over(task: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any]
     return "dead_letter"
 
 
+def _held_past_visibility(delay: float) -> bool:
+    """Whether a Celery countdown of ``delay`` seconds could hold its delivery past the
+    visibility timeout.
+
+    Kombu's Redis transport starts a delivery's visibility timeout when the worker receives the
+    message (its ``unacked_index`` score), and a countdown retry is received at once: Celery
+    then holds it unacknowledged until it is due and, acknowledging late, through its whole run,
+    which only the hard time limit bounds. So the countdown plus the longest run must end within
+    the timeout; half the timeout at most besides, which leaves room for a wait for a free pool
+    slot. (Half alone was not enough: 450 s plus a 630 s run is past the default 900 s.) Where
+    the run alone may outlast the timeout (start-up logs that ``config_risk``), parking cannot
+    prevent a second run, and only the half applies.
+    """
+    run_s = _TIME_LIMIT_S + HARD_LIMIT_GRACE_S
+    return delay > _VISIBILITY_TIMEOUT_S / 2 or (run_s < _VISIBILITY_TIMEOUT_S and delay + run_s >= _VISIBILITY_TIMEOUT_S)
+
+
 def backoff_s(attempt: int, exc: PlatformError) -> float:
     """Seconds before the next attempt: the server's reset time for 429s, else exponential."""
     if isinstance(exc, RateLimited):
@@ -362,7 +380,32 @@ def _isolate(task: Any, task_id: str, job: Job, ids: dict[str, Any]) -> None:
 
 @app.task(bind=True, name="bot.handle", max_retries=None)
 def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def]
-    """One job from the listener. Never raises except to schedule a retry."""
+    """One job from the listener. Never raises except to schedule a retry, or to put the job
+    back in its queue when Redis fails under it.
+
+    Both of Celery's other endings would drop the message, acknowledged late as it is: a task
+    that fails is acknowledged (``task_acks_on_failure``, on by default; off, it is rejected
+    without requeueing), and ``Task.retry`` turns a retry it cannot publish into
+    ``Reject(requeue=False)``. So a Redis that went away during a run (a restart, a failover)
+    or refused the retry (``maxmemory`` reached) and answered the acknowledgement lost the job
+    without a dead letter or a word. ``Reject(requeue=True)`` puts it back in its queue; while
+    Redis cannot even take that, the delivery stays unacknowledged and the visibility timeout
+    brings it back.
+    """
+    try:
+        return _handle(self, payload)
+    except Reject as exc:
+        if exc.requeue:
+            raise
+        log.warning("requeued", extra={"reason": "retry_not_published", "error": repr(exc.reason)[:200]})
+        raise Reject(exc.reason, requeue=True) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("requeued", extra={"reason": "redis_unavailable", "error": type(exc).__name__})
+        raise Reject(exc, requeue=True) from None
+
+
+def _handle(self: Any, payload: dict[str, Any]) -> str:
+    """The body of :func:`handle`."""
     job = Job.from_dict(payload)
     timer = logs.Timer()
     ids = {"platform": job.platform, "post_id": job.post_id, "kind": job.kind, "attempt": self.request.retries + 1}
@@ -394,9 +437,10 @@ def _run(self: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any], time
         if exc.retryable and attempt < config().max_attempts:
             delay = backoff_s(attempt, exc)
             extra = ids | {"error": type(exc).__name__, "status": exc.status, "delay_s": delay}
-            if delay > _VISIBILITY_TIMEOUT_S / 2:
-                # A countdown this long would sit unacknowledged in this worker past the
-                # visibility timeout and run again elsewhere: park it (routing.release_parked).
+            if _held_past_visibility(delay):
+                # A countdown this long could keep the delivery unacknowledged in this worker
+                # past the visibility timeout, and the job would run again elsewhere: park it
+                # (routing.release_parked).
                 store().park(payload, attempt, time.time() + delay)
                 log.warning("parked", extra=extra)
                 return "parked"

@@ -96,6 +96,21 @@ def test_a_time_limit_that_outlasts_the_visibility_timeout_is_flagged() -> None:
     assert BotConfig.from_env(base | {"BOT_TASK_TIME_LIMIT": "880", "BOT_VISIBILITY_TIMEOUT": "1200"}).risks() == []
 
 
+def test_a_redis_url_the_broker_cannot_use_is_refused() -> None:
+    """REDIS_URL is the Celery broker's URL and the store's: Kombu knows no unix:// transport
+    (the worker and the listener failed at start with "No such transport: unix"), and redis-py
+    no redis+socket://, so neither passes the start-up check."""
+    from kombu import Connection
+
+    base = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}
+    for url in ("unix:///run/redis/redis.sock", "redis+socket:///run/redis/redis.sock"):
+        with pytest.raises(ConfigError) as raised:
+            BotConfig.from_env(base | {"REDIS_URL": url})
+        assert "REDIS_URL" in str(raised.value)
+    for url in ("redis://redis:6379/1", "rediss://redis:6380/0"):
+        assert Connection(BotConfig.from_env(base | {"REDIS_URL": url}).redis_url).transport.driver_type == "redis"
+
+
 def test_worker_locators_are_chosen_by_name() -> None:
     """``ANON_LOCATORS`` picks the worker's locators (e.g. CPU workers without LSC-CNN when the
     weights folder is shared with GPU workers); unknown names are refused at start."""

@@ -128,6 +128,42 @@ def test_jobs_in_the_legacy_queue_are_drained_when_nobody_consumes_it(redis_serv
     redis_server.clean()
 
 
+def test_draining_the_legacy_queue_leaves_another_apps_backlog_untouched(redis_server: Any, client_app: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another app's backlog in the shared default queue is not rewritten by each drain (it was
+    popped and pushed back whole, every BOT_DRAIN_INTERVAL, keeping Redis busy in proportion to
+    its length): a drain looks at a bounded number of messages and writes only the bot's own;
+    one buried deeper than a drain looks is moved by a later drain."""
+    import bot.routing as routing
+
+    monkeypatch.setattr(routing, "LEGACY_WINDOW", 100, raising=False)
+    monkeypatch.setattr(routing, "LEGACY_WINDOWS_PER_DRAIN", 2, raising=False)
+    client = redis_server.client
+    redis_server.clean()
+    router = Router(client, FleetSettings(), cache_s=0)
+    beat(redis_server, "g1", "gpu", [GPU_QUEUE])
+    client_app.send_task("bot.handle", args=[{"n": "deep"}], queue=LEGACY_QUEUE)  # oldest: consumers' end
+    client_app.send_task("billing.invoice", args=[0], queue=LEGACY_QUEUE)
+    foreign = client.lpop(LEGACY_QUEUE)
+    client.lpush(LEGACY_QUEUE, *[foreign] * 450)  # the other app's backlog, newer than "deep"
+    client_app.send_task("bot.handle", args=[{"n": "new"}], queue=LEGACY_QUEUE)  # newest
+    before = [m for m in client.lrange(LEGACY_QUEUE, 0, -1) if m == foreign]
+
+    def calls(command: str) -> int:
+        return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    client.config_resetstat()
+    moved = router.drain()  # looks at the 200 oldest: finds "deep" only
+    assert calls("lpop") == 0 and calls("rpop") == 0 and calls("rpush") == 0  # the backlog is not rewritten
+    assert moved == {LEGACY_QUEUE: 1} and calls("lpush") == 1
+    assert [json.loads(m)["headers"]["argsrepr"] for m in client.lrange(GPU_QUEUE, 0, -1)] == ["[{'n': 'deep'}]"]
+    for _ in range(3):
+        router.drain()
+    assert [json.loads(m)["headers"]["argsrepr"] for m in client.lrange(GPU_QUEUE, 0, -1)] == ["[{'n': 'new'}]", "[{'n': 'deep'}]"]
+    assert client.lrange(LEGACY_QUEUE, 0, -1) == before
+    redis_server.clean()
+
+
 def test_fleet_settings_are_validated() -> None:
     assert FleetSettings.from_env({}) == FleetSettings()
     settings = FleetSettings.from_env({"BOT_WORKER_ROLE": "GPU", "BOT_METRICS_PORT": "9808", "BOT_HEARTBEAT_INTERVAL": "2",
@@ -632,6 +668,12 @@ def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
     metrics._task_finished("t2", task, args=(job,), retval=Retry(exc=RateLimited("slow down", 60.0)), state="RETRY")
     assert sample("ppb_job_failures_total", reason="retry") == before["retry"] + 1
     assert sample("ppb_job_latency_seconds_count") == latency_before
+    # A job sent on to a CPU worker after a loss beside others (tasks._isolate: Celery's Retry
+    # with no exc) is no platform error either: PPBPlatformErrors must not count it.
+    metrics._task_finished("t3", task, args=(job,), retval=Retry(), state="RETRY")
+    assert sample("ppb_job_failures_total", reason="retry") == before["retry"] + 1
+    assert sample("ppb_jobs_total", kind="mention", outcome="requeued", queue=GPU_QUEUE) >= 1
+    assert sample("ppb_job_latency_seconds_count") == latency_before
 
 
 def test_a_long_rate_limit_parks_the_job_instead_of_holding_it_past_the_visibility_timeout(
@@ -677,6 +719,100 @@ def test_a_long_rate_limit_parks_the_job_instead_of_holding_it_past_the_visibili
     one_reply_each(fake, [status], timeout=90)
     assert len(fake.replies_to(status["id"])[0]["media_attachments"]) == 1
     assert len(limited.hits) == 1
+
+
+def test_a_countdown_whose_run_could_end_past_the_visibility_timeout_is_parked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kombu starts a delivery's visibility timeout when the worker receives the message, and a
+    countdown retry is received at once and held unacknowledged until it is due and through its
+    run: with the defaults (900 s timeout, 600 s limit + 30 s), a 300 s countdown followed by a
+    long run is past the timeout, so the job would run twice (and the first run's
+    acknowledgement would drop the second delivery's record, same delivery tag). Such a retry
+    is parked; a short one stays a countdown."""
+    from types import SimpleNamespace
+
+    from celery.exceptions import Retry
+
+    from bot import tasks
+    from bot.platforms.base import RateLimited
+
+    monkeypatch.setattr(tasks, "_VISIBILITY_TIMEOUT_S", 900)
+    monkeypatch.setattr(tasks, "_TIME_LIMIT_S", 600)
+    parked: list[tuple[int, float]] = []
+    monkeypatch.setattr(tasks, "store", lambda: SimpleNamespace(park=lambda payload, attempt, due: parked.append((attempt, due))))
+    monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5))
+    countdowns: list[float] = []
+
+    class Task:
+        request = SimpleNamespace(retries=0)
+
+        def retry(self, countdown: float, exc: Exception) -> Retry:
+            countdowns.append(countdown)
+            return Retry(exc=exc)
+
+    def outcome(retry_after_s: float) -> str:
+        def run_job(job: Any) -> str:
+            raise RateLimited("slow down", retry_after_s)
+        monkeypatch.setattr(tasks, "run_job", run_job)
+        try:
+            return tasks._run(Task(), SimpleNamespace(kind="mention"), {"post_id": "1"}, {}, lambda: 0.0)
+        except Retry:
+            return "countdown"
+
+    assert outcome(300.0) == "parked" and [a for a, _ in parked] == [1]
+    assert outcome(20.0) == "countdown" and countdowns == [20.0]
+    # Where the run alone may outlast the timeout (a config_risk), only the half applies.
+    monkeypatch.setattr(tasks, "_VISIBILITY_TIMEOUT_S", 5)
+    assert outcome(2.0) == "countdown" and outcome(3.0) == "parked"
+
+
+def test_a_run_that_redis_fails_goes_back_to_its_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's Task.retry turns a retry it cannot publish (Redis restarting, or refusing writes at
+    maxmemory) into Reject(requeue=False), and a task that fails is acknowledged: acknowledged
+    late, either dropped the job without a dead letter or a word. The task puts it back instead."""
+    from types import SimpleNamespace
+
+    import redis
+    from celery.canvas import Signature
+    from celery.exceptions import Reject
+    from kombu.exceptions import OperationalError
+
+    from bot import tasks
+    from bot.platforms.base import RateLimited
+
+    def run_job(job: Any) -> str:
+        raise RateLimited("slow down", 10.0)  # a short countdown: a retry Celery publishes
+
+    def unpublishable(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
+
+    finished: list[str] = []
+    fake_store = SimpleNamespace(run_started=lambda task_id, ttl_s: 1, run_finished=finished.append)
+    monkeypatch.setattr(tasks, "run_job", run_job)
+    monkeypatch.setattr(tasks, "store", lambda: fake_store)
+    monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5, max_worker_losses=2))
+    monkeypatch.setattr(Signature, "apply_async", unpublishable)
+    payload = {"platform": "mastodon", "post_id": "1", "requester_id": "2", "kind": "mention"}
+
+    def outcome() -> Any:
+        tasks.handle.push_request(id="t1", retries=0, called_directly=False, is_eager=False, headers={},
+                                  delivery_info={"exchange": "", "routing_key": CPU_QUEUE})
+        try:
+            return tasks.handle.run(payload)
+        except Exception as exc:
+            return exc
+        finally:
+            tasks.handle.pop_request()
+
+    rejected = outcome()
+    assert isinstance(rejected, Reject) and rejected.requeue is True, rejected
+    assert finished == ["t1"]
+
+    def redis_gone(task_id: str, ttl_s: int) -> int:
+        raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+    monkeypatch.setattr(fake_store, "run_started", redis_gone)
+    rejected = outcome()
+    assert isinstance(rejected, Reject) and rejected.requeue is True, rejected
 
 
 def test_parked_jobs_survive_a_failed_release(redis_server: Any) -> None:
