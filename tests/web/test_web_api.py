@@ -389,6 +389,20 @@ def test_health(web: RunningServer) -> None:
     assert body["max_input_bytes"] == Limits().max_input_bytes
 
 
+def test_health_warns_when_only_faces_are_looked_for(web: RunningServer) -> None:
+    """CenterFace alone (the head model not installed, as after scripts/setup) misses heads
+    seen from behind: the page must say so instead of a silent 'N heads covered'."""
+    warning = requests.get(f"{web.url}/api/health", timeout=10).json()["warning"]
+    assert "Only faces" in warning and "weights/README.md" in warning
+    for name in ("heads", "lsccnn"):
+        anonymiser = Anonymiser(Settings(), locators=[SlowLocator(delay=0.0, name=name)])
+        with_heads = start_server(anonymiser)
+        try:
+            assert requests.get(f"{with_heads.url}/api/health", timeout=10).json()["warning"] is None
+        finally:
+            with_heads.stop()
+
+
 def test_openapi_document(web: RunningServer) -> None:
     """Valid JSON, OpenAPI 3.1, both endpoints with their parameters and error schema, and every
     ``$ref`` resolves."""

@@ -128,6 +128,9 @@ def test_upload_review_download(web: RunningServer, browser: object, request_pat
     driver.get(f"{web.url}/")
     wait_for("the page to load its defaults", lambda: driver.execute_script("return document.body.dataset.ready"))
     assert "Nothing is stored." in driver.find_element(By.ID, "privacy").text
+    # this server runs CenterFace alone: the page says that heads without a face are missed
+    warning = driver.find_element(By.ID, "coverage-warning")
+    assert warning.is_displayed() and "Only faces are looked for" in warning.text
 
     # -- upload through the file picker and wait for the result card
     driver.find_element(By.ID, "pick").send_keys(str(photo))

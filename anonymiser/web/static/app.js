@@ -31,6 +31,11 @@
       $("#style").value = health.style;
       $("#skin-tone").value = health.skin_tone;
       settings.maxBytes = health.max_input_bytes;
+      if (health.warning) {
+        const warning = $("#coverage-warning");
+        warning.textContent = health.warning;
+        warning.hidden = false;
+      }
       document.body.dataset.ready = "true";
     } catch (error) {
       document.body.dataset.ready = "true"; // the server answers errors per photo anyway
