@@ -211,6 +211,10 @@ def document(limits: Limits, version: str) -> dict[str, Any]:
                         "max_input_bytes": {"type": "integer"},
                         "max_request_bytes": {"type": "integer"},
                         "max_concurrent": {"type": "integer"},
+                        "warning": {
+                            "type": ["string", "null"],
+                            "description": "Set when no locator finds heads that show no face (CenterFace alone).",
+                        },
                     },
                 },
             }

@@ -21,6 +21,8 @@ import argparse
 import base64
 import copy
 import dataclasses
+import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -71,6 +73,15 @@ MAX_REGIONS = 10_000
 RETRY_AFTER_S = 3
 #: a whole body must arrive within this time (a slow client must not hold a place for ever)
 BODY_DEADLINE_S = 120.0
+#: a request line and its headers must arrive within this time of the server starting to wait
+#: for them (the same as the idle timeout of a kept-alive connection)
+HEADER_DEADLINE_S = 30.0
+#: bytes of header lines allowed per request (the standard library alone allows 100 lines of
+#: 64 KiB each, 6.5 MB held per connection while they trickle in)
+MAX_HEADER_BYTES = 64 * 1024
+#: connections served at once; one more is answered 503 at once. Each holds a thread and, while
+#: its headers arrive, up to MAX_HEADER_BYTES; image bodies are bounded by the Gate.
+MAX_CONNECTIONS = 64
 #: idle time allowed on a connection's socket between reads
 SOCKET_TIMEOUT_S = 30.0
 #: after refusing a body we did not read, discard what the client still sends for this long,
@@ -201,6 +212,80 @@ class Gate:
             self._slots.release()
 
 
+# --------------------------------------------------------------------------- reading with a deadline
+
+
+class DeadlineReader:
+    """A connection's ``rfile`` whose reads end at a deadline, however slowly bytes trickle in.
+
+    A socket timeout alone bounds each ``recv``, not a read: a buffered ``readline`` or
+    ``readinto`` keeps waiting as long as one byte arrives within every timeout, so a client
+    sending a byte every 29 seconds held its place (and its admission to the Gate) for ever.
+    Here every ``recv`` is armed with the time left, and a read made of several ``recv`` calls
+    re-arms before each. ``budget`` (when set) bounds the bytes ``readline`` may return in all,
+    for the header section of a request.
+    """
+
+    def __init__(self, raw: io.BufferedReader, sock: socket.socket) -> None:
+        self._raw, self._sock = raw, sock
+        self.deadline = math.inf
+        self.budget: int | None = None
+
+    def start(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def stop(self) -> None:
+        """No deadline; the socket is back to the idle timeout (which also bounds writes)."""
+        self.deadline = math.inf
+        self._sock.settimeout(SOCKET_TIMEOUT_S)
+
+    def _arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.stop()
+            raise TimeoutError("the deadline for this request passed")
+        self._sock.settimeout(min(SOCKET_TIMEOUT_S, left))
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = bytearray()
+        while limit < 0 or len(line) < limit:
+            self._arm()
+            ahead = self._raw.peek(1)  # at most one recv
+            if not ahead:
+                break
+            if limit >= 0:
+                ahead = ahead[: limit - len(line)]
+            end = ahead.find(b"\n")
+            line += self._raw.read(end + 1 if end >= 0 else len(ahead))  # already buffered
+            if self.budget is not None and len(line) > self.budget:
+                # parse_request answers 431 for it
+                raise http.client.HTTPException(f"the headers are longer than {MAX_HEADER_BYTES:,} bytes in all")
+            if end >= 0:
+                break
+        if self.budget is not None:
+            self.budget -= len(line)
+        return bytes(line)
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        """Fill ``buffer``; fewer bytes only at the end of the stream."""
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view):
+            self._arm()
+            count = self._raw.readinto1(view[filled:])  # at most one recv
+            if not count:
+                break
+            filled += count
+        return filled
+
+    def read(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def __getattr__(self, name: str) -> Any:  # close(), closed, ... of the buffered reader
+        return getattr(self._raw, name)
+
+
 # --------------------------------------------------------------------------- application
 
 
@@ -225,6 +310,8 @@ def parse_regions(text: str) -> list[tuple[int, int, int, int]]:
         value = json.loads(text)
     except ValueError:
         raise bad("it is not valid JSON") from None
+    except RecursionError:  # "[[[[...]]]]" nested deeper than the parser goes
+        raise bad("it is nested too deeply") from None
     if not isinstance(value, list):
         raise bad("it is not an array")
     if len(value) > MAX_REGIONS:
@@ -280,6 +367,23 @@ def exposure_warning(host: str) -> str | None:
     )
 
 
+#: locators that find heads seen from behind or from above; CenterFace finds faces only
+HEAD_LOCATORS = frozenset({"heads", "lsccnn"})
+
+
+def coverage_warning(locators: Sequence[str]) -> str | None:
+    """What the page and the console say when no locator finds heads that show no face."""
+    if HEAD_LOCATORS & set(locators):
+        return None
+    return (
+        "Only faces are looked for: the head model is not installed, so heads seen from behind, "
+        "from above or far away are often not covered (on the team's crowd photos about one head "
+        "in ten was missed, against one in forty with the head model). Check every photo and cover "
+        "what was missed with Review covers, or install the head model (weights/README.md) and "
+        "restart."
+    )
+
+
 class WebApp:
     """What the handlers share: one loaded ``Anonymiser``, the gate, the page's files."""
 
@@ -308,6 +412,7 @@ class WebApp:
             "max_input_bytes": self.limits.max_input_bytes,
             "max_request_bytes": self.max_request_bytes,
             "max_concurrent": self.gate.max_concurrent,
+            "warning": coverage_warning([l.name for l in self.anonymiser.locators]),
         }
 
     def style_for(self, style: str | None, skin_tone: str | None) -> CoverStyle:
@@ -371,6 +476,29 @@ class Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version  # no Python version in the Server header
 
+    rfile: DeadlineReader  # type: ignore[assignment]
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = DeadlineReader(self.rfile, self.connection)  # type: ignore[arg-type]
+
+    def handle_one_request(self) -> None:
+        """The request line and headers must all arrive within ``HEADER_DEADLINE_S`` (a timeout
+        there closes the connection quietly, as the base class does)."""
+        self.rfile.start(HEADER_DEADLINE_S)
+        try:
+            super().handle_one_request()
+        finally:
+            self.rfile.stop()
+
+    def parse_request(self) -> bool:
+        """The base class, with the header section bounded to ``MAX_HEADER_BYTES`` in all."""
+        self.rfile.budget = MAX_HEADER_BYTES
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile.budget = None
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
         """Silenced: the default line carries the client address and the whole request line;
         ``_log`` writes one structured line with nothing from the upload instead."""
@@ -386,6 +514,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None,
               *, cache: str = "no-store", close: bool = False) -> None:
+        self._status = status  # logged as answered even if the client has gone meanwhile
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -413,8 +542,10 @@ class Handler(BaseHTTPRequestHandler):
         long...), with the security headers; logged like any other request."""
         status = HTTPStatus(code)
         try:
-            self._send_json(code, {"error": status.phrase.lower().replace(" ", "_"), "message": message or status.description},
-                            close=True)
+            text = message or status.description
+            if explain:
+                text = f"{text} ({explain})"
+            self._send_json(code, {"error": status.phrase.lower().replace(" ", "_"), "message": text}, close=True)
         finally:
             self._log(getattr(self, "command", None) or "-", "-", time.perf_counter())
 
@@ -473,9 +604,11 @@ class Handler(BaseHTTPRequestHandler):
         return api
 
     def _dispatch(self, method: str) -> None:
+        self.rfile.stop()  # the headers are in; a body gets its own deadline
         started = time.perf_counter()
         self._status, self._bytes_in, self._bytes_out, self._heads = 500, 0, 0, None
         path = urlsplit(self.path).path
+        answer: HttpError | None = None
         try:
             self._check_host()
             methods = self._routes().get(path)
@@ -493,20 +626,22 @@ class Handler(BaseHTTPRequestHandler):
                 raise HttpError(400, "unexpected_body", f"A {method} request has no body.", close=True)
             method_handler()
         except HttpError as error:
-            self._send_error_json(error)
+            answer = error
         except multipart.MultipartError as error:  # a form field that is too long or not UTF-8
-            self._send_error_json(HttpError(400, error.code, str(error)))
+            answer = HttpError(400, error.code, str(error))
         except AnonymiserError as error:
-            self._send_error_json(http_error_for(error))
+            answer = http_error_for(error)
         except (ConnectionError, socket.timeout):
             self.close_connection = True  # the client went away; nothing to answer
         except Exception as error:  # noqa: BLE001 - answer 500 and keep serving
             # Only the exception's type: a message could quote bytes of the input.
             LOG.error(json.dumps({"internal_error": type(error).__name__}))
-            try:
-                self._send_error_json(HttpError(500, "internal_error", "Something went wrong on our side.", close=True))
-            except OSError:
-                self.close_connection = True
+            answer = HttpError(500, "internal_error", "Something went wrong on our side.", close=True)
+        try:
+            if answer is not None:
+                self._send_error_json(answer)
+        except OSError:  # the client went away before our answer (e.g. after a stalled upload)
+            self.close_connection = True
         finally:
             self._log(method, path, started)
 
@@ -547,16 +682,27 @@ class Handler(BaseHTTPRequestHandler):
             raise self._too_large(length)
         body = bytearray(length)
         view = memoryview(body)
-        deadline = time.monotonic() + BODY_DEADLINE_S
-        received = 0
-        while received < length:
-            count = self.rfile.readinto(view[received : received + READ_CHUNK])
-            if not count:
-                raise HttpError(400, "incomplete_body", "The connection closed before the whole body arrived.", close=True)
-            received += count
-            if time.monotonic() > deadline:
-                raise HttpError(408, "request_timeout", "The upload took too long.", close=True)
+        with self._body_deadline():
+            received = 0
+            while received < length:
+                count = self.rfile.readinto(view[received : received + READ_CHUNK])
+                if not count:
+                    raise HttpError(400, "incomplete_body", "The connection closed before the whole body arrived.", close=True)
+                received += count
         return body
+
+    @contextmanager
+    def _body_deadline(self) -> Iterator[None]:
+        """Reads within end at ``BODY_DEADLINE_S`` (or after ``SOCKET_TIMEOUT_S`` without a byte)
+        with a 408, however slowly the body trickles in."""
+        self.rfile.start(BODY_DEADLINE_S)
+        try:
+            yield
+        except TimeoutError:
+            self.rfile.stop()
+            raise HttpError(408, "request_timeout", "The upload took too long or stalled.", close=True) from None
+        finally:
+            self.rfile.stop()
 
     def _too_large(self, size: int) -> HttpError:
         limit = self.app.limits.max_input_bytes
@@ -567,8 +713,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_chunked(self, limit: int) -> bytearray:
         """A chunked body, refused as soon as it grows beyond ``limit``."""
+        with self._body_deadline():
+            return self._read_chunks(limit)
+
+    def _read_chunks(self, limit: int) -> bytearray:
         body = bytearray()
-        deadline = time.monotonic() + BODY_DEADLINE_S
         while True:
             line = self.rfile.readline(1024)
             if not line.endswith(b"\n"):
@@ -592,8 +741,6 @@ class Handler(BaseHTTPRequestHandler):
             if len(chunk) != size or self.rfile.read(2) not in (b"\r\n",):
                 raise HttpError(400, "bad_chunk", "The chunked body is truncated.", close=True)
             body += chunk
-            if time.monotonic() > deadline:
-                raise HttpError(408, "request_timeout", "The upload took too long.", close=True)
 
     def _read_form(self) -> dict[str, multipart.Part]:
         try:
@@ -673,21 +820,82 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class WebServer(ThreadingHTTPServer):
-    """A thread per connection; the ``Gate`` bounds what the threads may hold and run."""
+    """A thread per connection, at most ``max_connections`` of them; the ``Gate`` bounds what
+    the threads may hold and run."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64  # the listen backlog (the base class has 5)
 
-    def __init__(self, address: tuple[str, int], app: WebApp) -> None:
+    def __init__(self, address: tuple[str, int], app: WebApp, max_connections: int = MAX_CONNECTIONS) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.app = app
+        self.max_connections = max_connections
+        self._connections = 0
+        self._connections_lock = threading.Lock()
         super().__init__(address, Handler)
 
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        with self._connections_lock:
+            return self._connections
 
-def make_server(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WebServer:
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, or, past ``max_connections``, a 503 at once: without a
+        bound, every connection that trickles its headers holds a thread and their bytes."""
+        with self._connections_lock:
+            full = self._connections >= self.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._connections_lock:
+            self._connections -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer 503 without reading the request and close; never blocks the accepting thread."""
+        body = json.dumps({"error": "busy", "message": "The anonymiser has too many open connections; "
+                           "please try again in a few seconds."}).encode()
+        head = [
+            "HTTP/1.1 503 Service Unavailable", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Cache-Control: no-store", f"Retry-After: {RETRY_AFTER_S}",
+            "Connection: close", *(f"{name}: {value}" for name, value in SECURITY_HEADERS.items()),
+        ]
+        try:
+            request.setblocking(False)
+            request.send("\r\n".join(head).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            pass
+        LOG.info(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "method": "-",
+                             "path": "-", "status": 503, "refused": "too_many_connections"}))
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An exception that escaped a handler: one line with its type. The base class prints
+        the client's address and a traceback to stderr; neither belongs in this log."""
+        LOG.error(json.dumps({"internal_error": type(sys.exc_info()[1]).__name__}))
+
+
+def make_server(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                max_connections: int = MAX_CONNECTIONS) -> WebServer:
     """Bind (port 0: any free port) and set the Host names the server answers to."""
-    server = WebServer((host, port), app)
+    server = WebServer((host, port), app, max_connections)
     bound = server.server_address[1]
     if host in ("0.0.0.0", "::", ""):
         app.allowed_hosts = None  # reachable under any of the machine's names
@@ -755,6 +963,9 @@ def main(argv: Sequence[str]) -> int:
     warning = exposure_warning(args.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    missing_heads = coverage_warning([l.name for l in anonymiser.locators])
+    if missing_heads:
+        print(f"\n{'!' * 78}\nWARNING: {missing_heads}\n{'!' * 78}\n", file=sys.stderr, flush=True)
     try:
         server = make_server(WebApp(anonymiser, Gate(args.max_concurrent, args.queue)), args.host, args.port)
     except OSError as exc:

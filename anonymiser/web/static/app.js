@@ -10,6 +10,7 @@
   const MB = 1024 * 1024;
   const settings = { maxBytes: Infinity };
   let queue = Promise.resolve(); // photos are sent one after another, in the order given
+  let added = 0; // photos added so far: the number in each download's name
 
   const $ = (selector, root = document) => root.querySelector(selector);
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -30,6 +31,11 @@
       $("#style").value = health.style;
       $("#skin-tone").value = health.skin_tone;
       settings.maxBytes = health.max_input_bytes;
+      if (health.warning) {
+        const warning = $("#coverage-warning");
+        warning.textContent = health.warning;
+        warning.hidden = false;
+      }
       document.body.dataset.ready = "true";
     } catch (error) {
       document.body.dataset.ready = "true"; // the server answers errors per photo anyway
@@ -77,6 +83,7 @@
   class Card {
     constructor(file) {
       this.file = file;
+      this.number = ++added;
       this.el = $("#card-template").content.firstElementChild.cloneNode(true);
       this.img = $(".result", this.el);
       this.overlay = $(".overlay", this.el);
@@ -188,7 +195,7 @@
     download() {
       const link = document.createElement("a");
       link.href = this.url;
-      link.download = downloadName(this.file.name, this.mime);
+      link.download = downloadName(this.number, this.mime);
       document.body.append(link);
       link.click();
       link.remove();
@@ -386,9 +393,10 @@
     return bytes;
   }
 
-  function downloadName(name, mime) {
-    const stem = (name || "photo").replace(/\.[^./\\]*$/, "") || "photo";
-    return `${stem}_anonymised.${mime === "image/png" ? "png" : "jpg"}`;
+  // Not the original's name: phones name photos by the second they were taken
+  // (PXL_20240501_143012345.jpg), and messengers and file shares pass names on.
+  function downloadName(number, mime) {
+    return `anonymised-${number}.${mime === "image/png" ? "png" : "jpg"}`;
   }
 
   function rectBetween([ax, ay], [bx, by]) {
