@@ -54,6 +54,18 @@ for i, member in ipairs(ARGV) do
 end
 return dropped
 """
+#: add run ARGV[1] to the runs of a task (KEYS[1]) for ARGV[2] seconds and count them; a count
+#: an older version kept as a number (INCR) becomes that many placeholder runs first
+_RUN_STARTED = """
+if redis.call('TYPE', KEYS[1]).ok == 'string' then
+  local count = tonumber(redis.call('GET', KEYS[1])) or 0
+  redis.call('DEL', KEYS[1])
+  for i = 1, count do redis.call('SADD', KEYS[1], 'before-' .. i) end
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('SCARD', KEYS[1])
+"""
 #: end an original's watch (KEYS[2], KEYS[3]) only while it has no copies (KEYS[1])
 _UNWATCH = """
 if redis.call('SCARD', KEYS[1]) == 0 then
@@ -348,17 +360,17 @@ class Store:
         return int(count) <= limit
 
     # failures ------------------------------------------------------------------------------
-    def run_started(self, task_id: str, ttl_s: int) -> int:
+    def run_started(self, task_id: str, ttl_s: int, run: str | None = None) -> int:
         """Count one more start of task ``task_id``; returns how many starts have not finished.
 
         A worker killed by the kernel (out of memory), by a hard time limit or by a crash never
         reaches any handler: the count is the only trace it leaves, and the next start sees it.
+        Each start adds its own ``run`` token (a fresh one by default) to a set rather than
+        incrementing a number: redis-py retries a command whose answer timed out, and a replayed
+        INCR counted a loss that never happened (two of those dead-letter a healthy job).
         """
         key = f"{PREFIX}:running:{task_id}"
-        pipe = self.r.pipeline()
-        pipe.incr(key)
-        pipe.expire(key, ttl_s)
-        return int(pipe.execute()[0])
+        return int(self.r.eval(_RUN_STARTED, 1, key, run or uuid.uuid4().hex, ttl_s))
 
     def run_finished(self, task_id: str) -> None:
         """The start counted by :meth:`run_started` ended (in any way a handler saw)."""

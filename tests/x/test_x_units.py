@@ -256,3 +256,17 @@ def test_ended_watches_behind_live_ones_are_dropped_page_by_page(store: Any) -> 
     assert store.drop_ended_watches("x", 10_000.0, 3, limit=3) == (1, 5)
     assert store.drop_ended_watches("x", 10_000.0, 5, limit=3) == (0, 0), "past the end: from the first again"
     assert sorted(store.r.zrange("ppb:watch:x", 0, -1)) == [f"young{k}" for k in range(5)]
+
+
+def test_a_replayed_run_start_is_not_a_second_run(store: Any) -> None:
+    """redis-py retries a command whose answer timed out: a run's start, replayed, must not count
+    as another run (an INCR did, and two phantom losses dead-letter a healthy job); a count an
+    older version kept as a number carries over."""
+    assert store.run_started("t1", 60, run="a") == 1
+    assert store.run_started("t1", 60, run="a") == 1, "the same start, replayed"
+    assert store.run_started("t1", 60, run="b") == 2, "a second run: the first one was lost"
+    assert 0 < store.r.ttl("ppb:running:t1") <= 60
+    store.run_finished("t1")
+    assert store.run_started("t1", 60) == 1
+    store.r.set("ppb:running:t2", 2, ex=60)  # as an older version counted two starts
+    assert store.run_started("t2", 60) == 3
