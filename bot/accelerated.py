@@ -48,18 +48,15 @@ def build_anonymiser(
     weights = weights_dir or default_weights_dir()
     names = resolve_names(settings.locators, weights)
     options = EngineOptions.from_env()  # ValueError names every bad ANON_LSCCNN_* variable
-    locators: list[HeadLocator] = []
     on_success = None if "lsccnn" in names else on_success
-    for name in names:
+
+    def load(name: str, folder: Path) -> HeadLocator:
         if name == "lsccnn":
-            locators.append(load_batched_locator(weights, options, on_batch=on_batch))
-        else:
-            locators.append(on_device(REGISTRY[name].load(weights), on_success))
-    anonymiser = Anonymiser(settings, weights_dir=weights, locators=locators)
-    # The residual pass's CenterFace is loaded by Anonymiser when it is not one of the locators.
-    if anonymiser._residual is not None and anonymiser._residual not in locators:
-        anonymiser._residual = on_device(anonymiser._residual, on_success)
-    return anonymiser
+            return load_batched_locator(folder, options, on_batch=on_batch)
+        return on_device(REGISTRY[name].load(folder), on_success)
+
+    # The residual pass's CenterFace comes from ``load`` too, so it is guarded like the others.
+    return Anonymiser(settings, weights_dir=weights, load=load)
 
 
 #: what ONNX Runtime raises when a run fails inside the session: a CUDA or cuDNN error

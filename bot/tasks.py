@@ -107,14 +107,15 @@ def _validate_at_start(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool_cls", "")
     pool_name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
     global _side_by_side
+    cores = usable_cores()
     concurrency = getattr(sender, "concurrency", 1) or 1
     if not isinstance(concurrency, int):  # "--concurrency auto" is still a string here
-        concurrency = usable_cores()
+        concurrency = cores
     _side_by_side = not any(n in pool_name.lower() for n in ("prefork", "solo")) and concurrency > 1
     if "prefork" in pool_name.lower() and not os.environ.get("ANON_ONNX_THREADS", "").strip():
-        os.environ["ANON_ONNX_THREADS"] = str(onnx_threads_per_child(concurrency))
+        os.environ["ANON_ONNX_THREADS"] = str(onnx_threads_per_child(concurrency, cores))
         log.info("onnx_threads", extra={"per_child": os.environ["ANON_ONNX_THREADS"], "children": concurrency,
-                                        "cores": usable_cores()})
+                                        "cores": cores})
     if routing.settings_or_exit().role == "gpu":
         if "prefork" in pool_name.lower():
             # Each prefork child would load its own model and batch only its own photo, and a
@@ -198,8 +199,8 @@ EX_UNAVAILABLE = 69
 
 
 class DeviceHealth:
-    """Consecutive device failures of this worker; any LSC-CNN batch or GPU run of an ONNX
-    locator that succeeds clears them."""
+    """Consecutive device failures of this worker; an LSC-CNN batch that runs clears them (a
+    GPU run of an ONNX locator does only on a worker without LSC-CNN: see build_anonymiser)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
