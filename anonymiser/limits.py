@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
+from .int_settings import IntSetting, range_problems, read_ints
 
 _FIELDS = ("max_input_bytes", "max_input_pixels", "max_output_bytes", "max_output_pixels", "max_aspect_ratio")
+#: every budget is a positive whole number, read from ``ANON_`` + its upper-case name
+_SETTINGS = {name: IntSetting("ANON_" + name.upper(), 1) for name in _FIELDS}
 
 
 @dataclass(frozen=True)
@@ -27,32 +31,12 @@ class Limits:
     max_aspect_ratio: int = 50
 
     def __post_init__(self) -> None:
-        problems = _range_problems({name: getattr(self, name) for name in _FIELDS})
+        problems = range_problems(_SETTINGS, {name: getattr(self, name) for name in _FIELDS})
         if problems:
             raise ValueError("; ".join(problems))
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Limits":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Limits":
         """Read ``ANON_MAX_INPUT_BYTES`` etc.; unset variables keep their defaults.
         ``ValueError`` names every bad variable at once."""
-        env = os.environ if environ is None else environ
-        values: dict[str, int] = {}
-        problems = []
-        for name in _FIELDS:
-            variable = "ANON_" + name.upper()
-            raw = env.get(variable, "").strip()
-            if not raw:
-                continue
-            try:
-                values[name] = int(raw)
-            except ValueError:
-                problems.append(f"{variable} must be an integer, got {raw!r}")
-        problems += _range_problems(values)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return cls(**values)
-
-
-def _range_problems(values: dict[str, int]) -> list[str]:
-    """Each budget that is not positive, named by its variable."""
-    return [f"ANON_{name.upper()} must be positive, got {value}" for name, value in values.items() if value <= 0]
+        return cls(**read_ints(_SETTINGS, os.environ if environ is None else environ))

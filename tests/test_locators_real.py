@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -246,13 +249,89 @@ def test_gpu_sessions_do_not_leave_cpu_threads_spinning() -> None:
 
 
 def test_onnx_options_from_env() -> None:
-    """``ANON_ONNX_THREADS`` and ``ANON_ONNX_TILE_BATCH`` are read and checked; CPU sessions
-    default to one tile per call."""
-    assert OnnxOptions.from_env({}) == OnnxOptions(0, None)
-    assert OnnxOptions.from_env({"ANON_ONNX_THREADS": "2", "ANON_ONNX_TILE_BATCH": "16"}) == OnnxOptions(2, 16)
-    for env in ({"ANON_ONNX_TILE_BATCH": "0"}, {"ANON_ONNX_TILE_BATCH": "many"}, {"ANON_ONNX_THREADS": "-1"}):
-        with pytest.raises(ValueError, match="ANON_ONNX_"):
+    """``ANON_ONNX_*`` are read and checked; CPU sessions default to one tile per call, CUDA
+    sessions to four calls at once and no arena cap."""
+    assert OnnxOptions.from_env({}) == OnnxOptions(0, None, 4, None)
+    assert OnnxOptions.from_env({"ANON_ONNX_THREADS": "2", "ANON_ONNX_TILE_BATCH": "16", "ANON_ONNX_GPU_RUNS": "2",
+                                 "ANON_ONNX_GPU_MEMORY_MB": "4096"}) == OnnxOptions(2, 16, 2, 4096)
+    for env in ({"ANON_ONNX_TILE_BATCH": "0"}, {"ANON_ONNX_TILE_BATCH": "many"}, {"ANON_ONNX_THREADS": "-1"},
+                {"ANON_ONNX_GPU_RUNS": "0"}, {"ANON_ONNX_GPU_RUNS": "65"}, {"ANON_ONNX_GPU_MEMORY_MB": "100"}):
+        with pytest.raises(ValueError, match=next(iter(env))):
             OnnxOptions.from_env(env)
+    with pytest.raises(ValueError, match="ANON_ONNX_GPU_RUNS must be between 1 and 64, got 0"):
+        OnnxOptions(gpu_runs=0)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")  # the CPU build's own complaint
+def test_cuda_sessions_get_the_arena_settings(centerface_available: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the CUDA provider is asked for: heuristic cuDNN search, an arena that grows by what
+    is asked, and the cap in bytes when ``ANON_ONNX_GPU_MEMORY_MB`` sets one."""
+    from anonymiser.locators import onnx_models
+
+    asked: list[object] = []
+    real = onnx_models.ort.InferenceSession
+
+    def recording(model: bytes, sess_options: object, providers: list[object]) -> object:
+        asked.append(providers)
+        return real(model, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(onnx_models, "providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_models.ort, "InferenceSession", recording)
+    CenterFaceLocator(onnx_options=OnnxOptions(gpu_memory_mb=3000))
+    CenterFaceLocator(onnx_options=OnnxOptions())
+    expected = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+    assert asked == [[("CUDAExecutionProvider", {**expected, "gpu_mem_limit": str(3000 * 1024 * 1024)}), "CPUExecutionProvider"],
+                     [("CUDAExecutionProvider", expected), "CPUExecutionProvider"]]
+
+
+class _CountingSession:
+    """Stands for an ONNX Runtime session: counts the calls running at once."""
+
+    def __init__(self, provider: str, barrier: threading.Barrier | None = None) -> None:
+        self.provider = provider
+        self.barrier = barrier
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def get_providers(self) -> list[str]:
+        return [self.provider, "CPUExecutionProvider"]
+
+    def run(self, names: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        if self.barrier is not None:
+            self.barrier.wait(timeout=10)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return [feeds["x"] * 2]
+
+
+def _call_from_threads(session: object, threads: int) -> list[np.ndarray]:
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda k: session.run(None, {"x": np.full(1, k)})[0], range(threads)))  # type: ignore[attr-defined]
+
+
+def test_cuda_session_runs_a_bounded_number_of_calls_at_once() -> None:
+    """Twelve task threads share one CUDA session: at most ``gpu_runs`` calls hold activations
+    in its arena at once, and every caller still gets its own answer."""
+    from anonymiser.locators.onnx_models import Session
+
+    inner = _CountingSession("CUDAExecutionProvider")
+    outputs = _call_from_threads(Session(inner, gpu_runs=3), 12)
+    assert inner.most == 3
+    assert [int(o[0]) for o in outputs] == [2 * k for k in range(12)]
+
+
+def test_cpu_session_calls_are_not_gated() -> None:
+    """On the CPU nothing waits: six calls meet inside the session at once (a gate of one would
+    leave the first at the barrier until it timed out)."""
+    from anonymiser.locators.onnx_models import Session
+
+    inner = _CountingSession("CPUExecutionProvider", threading.Barrier(6))
+    _call_from_threads(Session(inner, gpu_runs=1), 6)
+    assert inner.most == 6
 
 
 def test_head_model_finds_heads_seen_from_behind(

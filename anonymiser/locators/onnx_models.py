@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+
+from ..int_settings import IntSetting, range_problems, read_ints
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +25,15 @@ MAX_TILE_BATCH = 64
 #: search would run again for each new shape. And its default arena grows in powers of two,
 #: taking GPU memory the LSC-CNN batch budget counts on.
 CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+#: Calls one CUDA session runs at once. A GPU worker has tens of task threads, and each call
+#: holds its activations in the session's arena (about 285 MB per 1 MP CenterFace tile, 8 tiles
+#: a call): unbounded, 32 threads could take ~70 GB beside LSC-CNN's 60 %. Four calls keep the
+#: GPU fed while others copy their tiles in and out, and hold ~9 GB at most.
+DEFAULT_GPU_RUNS = 4
+MAX_GPU_RUNS = 64
+#: Below this not even one 1 MP CenterFace tile (~285 MB of activations, besides the weights and
+#: cuDNN's workspace) would run: a smaller value is a mistake, such as a size given in GB.
+MIN_GPU_MEMORY_MB = 512
 
 
 def providers() -> list[str]:
@@ -42,14 +56,12 @@ def _share_cuda_libraries() -> None:
             pass
 
 
-def _range_problems(threads: int, tile_batch: int | None) -> list[str]:
-    """Each value out of range, named by its variable."""
-    problems = []
-    if threads < 0:
-        problems.append(f"ANON_ONNX_THREADS must be at least 0, got {threads}")
-    if tile_batch is not None and not 1 <= tile_batch <= MAX_TILE_BATCH:
-        problems.append(f"ANON_ONNX_TILE_BATCH must be between 1 and {MAX_TILE_BATCH}, got {tile_batch}")
-    return problems
+_SETTINGS = {
+    "threads": IntSetting("ANON_ONNX_THREADS", 0),
+    "tile_batch": IntSetting("ANON_ONNX_TILE_BATCH", 1, MAX_TILE_BATCH),
+    "gpu_runs": IntSetting("ANON_ONNX_GPU_RUNS", 1, MAX_GPU_RUNS),
+    "gpu_memory_mb": IntSetting("ANON_ONNX_GPU_MEMORY_MB", MIN_GPU_MEMORY_MB),
+}
 
 
 @dataclass(frozen=True)
@@ -59,36 +71,39 @@ class OnnxOptions:
     ``threads``: ONNX Runtime's intra-op threads (0: one per core). ``tile_batch``: tiles per
     call (None: 8 when the CUDA provider is active, 1 on CPU, where ONNX Runtime already spreads
     one tile over every core and a batch would only multiply activation memory).
+    ``gpu_runs``: on the CUDA provider, how many calls one session runs at once; each holds its
+    activations in ONNX Runtime's arena, which keeps what it once took, so this (with the tile
+    batch and tile size) is what bounds the arena, whatever the worker's thread count.
+    ``gpu_memory_mb``: a hard cap on each CUDA session's arena (None: no cap); a call that would
+    pass it fails, and on the GPU that is a device failure, so it is a backstop, not the bound.
     """
 
     threads: int = 0
     tile_batch: int | None = None
+    gpu_runs: int = DEFAULT_GPU_RUNS
+    gpu_memory_mb: int | None = None
 
     def __post_init__(self) -> None:
-        problems = _range_problems(self.threads, self.tile_batch)
+        problems = range_problems(_SETTINGS, {key: getattr(self, key) for key in _SETTINGS})
         if problems:
             raise ValueError("; ".join(problems))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OnnxOptions":
-        """``ANON_ONNX_THREADS`` and ``ANON_ONNX_TILE_BATCH``; unset keeps the defaults.
-        ``ValueError`` names every bad variable at once."""
-        env = os.environ if environ is None else environ
-        values: dict[str, int] = {}
-        problems = []
-        for name, key in (("ANON_ONNX_THREADS", "threads"), ("ANON_ONNX_TILE_BATCH", "tile_batch")):
-            raw = env.get(name, "").strip()
-            if raw:
-                try:
-                    values[key] = int(raw)
-                except ValueError:
-                    problems.append(f"{name} must be an integer, got {raw!r}")
-        problems += _range_problems(values.get("threads", 0), values.get("tile_batch"))
-        if problems:
-            raise ValueError("; ".join(problems))
-        return cls(**values)
+        """``ANON_ONNX_THREADS``, ``ANON_ONNX_TILE_BATCH``, ``ANON_ONNX_GPU_RUNS`` and
+        ``ANON_ONNX_GPU_MEMORY_MB``; unset keeps the defaults. ``ValueError`` names every bad
+        variable at once."""
+        return cls(**read_ints(_SETTINGS, os.environ if environ is None else environ))
 
-    def batch_for(self, session: ort.InferenceSession) -> int:
+    def cuda_provider_options(self) -> dict[str, str]:
+        """The CUDA provider's options for a session: :data:`CUDA_PROVIDER_OPTIONS`, plus the
+        arena cap when one is set (ONNX Runtime takes it in bytes)."""
+        chosen = dict(CUDA_PROVIDER_OPTIONS)
+        if self.gpu_memory_mb is not None:
+            chosen["gpu_mem_limit"] = str(self.gpu_memory_mb * 1024 * 1024)
+        return chosen
+
+    def batch_for(self, session: "Session | ort.InferenceSession") -> int:
         """The tile batch for a session, by the provider it actually got."""
         if self.tile_batch is not None:
             return self.tile_batch
@@ -116,16 +131,43 @@ def session_options(options: OnnxOptions, cuda: bool) -> ort.SessionOptions:
     return settings
 
 
-def session(model: onnx.ModelProto, options: OnnxOptions | None = None) -> ort.InferenceSession:
+class Session:
+    """An ONNX Runtime session whose calls on the CUDA provider pass a gate of
+    ``OnnxOptions.gpu_runs`` at a time, so its memory arena is bounded by that, not by how many
+    threads call it. On the CPU there is no gate: memory there is the host's, and each call
+    already spreads over ONNX Runtime's own threads."""
+
+    def __init__(self, inner: ort.InferenceSession, gpu_runs: int) -> None:
+        self.inner = inner
+        on_gpu = "CUDAExecutionProvider" in inner.get_providers()
+        self._gate: AbstractContextManager[object] = threading.BoundedSemaphore(gpu_runs) if on_gpu else nullcontext()
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``InferenceSession.run``, waiting its turn on the GPU (ONNX Runtime frees the GIL
+        while it runs, so the waiting threads cost nothing)."""
+        with self._gate:
+            return self.inner.run(output_names, feeds)
+
+    def get_inputs(self) -> list[ort.NodeArg]:
+        """The model's inputs."""
+        return self.inner.get_inputs()
+
+    def get_providers(self) -> list[str]:
+        """The providers the session actually got (it falls back to the CPU on its own)."""
+        return self.inner.get_providers()
+
+
+def session(model: onnx.ModelProto, options: OnnxOptions | None = None) -> Session:
     """An inference session for an in-memory model (weights never leave the process)."""
     options = options or OnnxOptions.from_env()
     chosen = providers()
-    if "CUDAExecutionProvider" in chosen:
+    cuda = "CUDAExecutionProvider" in chosen
+    if cuda:
         _share_cuda_libraries()
-    created = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(options, "CUDAExecutionProvider" in chosen),
-                                   providers=[(p, CUDA_PROVIDER_OPTIONS) if p == "CUDAExecutionProvider" else p for p in chosen])
-    if "CUDAExecutionProvider" in chosen and "CUDAExecutionProvider" not in created.get_providers():
+    created = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(options, cuda),
+                                   providers=[(p, options.cuda_provider_options()) if p == "CUDAExecutionProvider" else p for p in chosen])
+    if cuda and "CUDAExecutionProvider" not in created.get_providers():
         # ONNX Runtime falls back to the CPU on its own when its CUDA libraries are missing or do
         # not match (e.g. a CUDA 12 torch next to a CUDA 13 onnxruntime-gpu): say so loudly.
         log.warning("onnx_cuda_unavailable", extra={"model": model.graph.name, "providers": ",".join(created.get_providers())})
-    return created
+    return Session(created, options.gpu_runs)

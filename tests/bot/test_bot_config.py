@@ -320,11 +320,12 @@ def test_every_bad_anonymiser_variable_is_named() -> None:
     out-of-range value was named by an internal field, ``max_input_bytes``)."""
     env = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t", "ANON_MAX_INPUT_BYTES": "0",
            "ANON_MAX_OUTPUT_PIXELS": "y", "ANON_MAX_ASPECT_RATIO": "abc", "ANON_ONNX_THREADS": "x",
-           "ANON_ONNX_TILE_BATCH": "99"}
+           "ANON_ONNX_TILE_BATCH": "99", "ANON_ONNX_GPU_RUNS": "0", "ANON_ONNX_GPU_MEMORY_MB": "10"}
     with pytest.raises(ConfigError) as caught:
         check_startup(worker=True, environ=env)
     text = "\n".join(problems(caught.value))
     for expected in ("ANON_MAX_INPUT_BYTES must be positive, got 0", "ANON_MAX_OUTPUT_PIXELS must be an integer",
                      "ANON_MAX_ASPECT_RATIO must be an integer", "ANON_ONNX_THREADS must be an integer",
-                     "ANON_ONNX_TILE_BATCH must be between 1 and"):
+                     "ANON_ONNX_TILE_BATCH must be between 1 and", "ANON_ONNX_GPU_RUNS must be between 1 and",
+                     "ANON_ONNX_GPU_MEMORY_MB must be at least 512, got 10"):
         assert expected in text, text

@@ -1,0 +1,49 @@
+"""Whole-number settings read from environment variables, every problem reported at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class IntSetting:
+    """A setting's variable and the values it allows (``high`` None: no upper bound)."""
+
+    variable: str
+    low: int
+    high: int | None = None
+
+    def problem(self, value: int) -> str | None:
+        """Why ``value`` is refused, or None."""
+        if value >= self.low and (self.high is None or value <= self.high):
+            return None
+        if self.high is not None:
+            allowed = f"between {self.low} and {self.high}"
+        else:
+            allowed = "positive" if self.low == 1 else f"at least {self.low}"
+        return f"{self.variable} must be {allowed}, got {value}"
+
+
+def range_problems(settings: Mapping[str, IntSetting], values: Mapping[str, int | None]) -> list[str]:
+    """Each value out of its range, named by its variable; None (left unset) passes."""
+    found = (settings[key].problem(value) for key, value in values.items() if value is not None)
+    return [problem for problem in found if problem]
+
+
+def read_ints(settings: Mapping[str, IntSetting], environ: Mapping[str, str]) -> dict[str, int]:
+    """The settings whose variables are set, by key. ``ValueError`` names every variable that
+    is not a whole number or is out of range, at once."""
+    values: dict[str, int] = {}
+    problems = []
+    for key, setting in settings.items():
+        raw = environ.get(setting.variable, "").strip()
+        if raw:
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                problems.append(f"{setting.variable} must be an integer, got {raw!r}")
+    problems += range_problems(settings, values)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return values
