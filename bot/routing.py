@@ -15,8 +15,9 @@
 * **Draining** (the listener, every ``BOT_DRAIN_INTERVAL`` seconds): jobs left in a queue that no
   live worker consumes (a GPU outage, or Celery's default queue that an older listener published
   to while every worker was started with ``-Q``; from that queue, shared by every Celery app on
-  the broker, only this bot's tasks) are moved, oldest first and atomically (``LMOVE``), to the
-  queue routing would pick now. A job a dead worker had already taken comes back to its original
+  the broker, only this bot's tasks) are moved, oldest first and atomically (Redis scripts), to
+  the queue routing would pick now, each rewritten to name that queue, so that its retries and
+  restored deliveries stay there. A job a dead worker had already taken comes back to its original
   queue when Redis's visibility timeout expires (Kombu restores it) and is drained from there.
 
 Settings (read here until they are folded into ``bot/config.py``): ``BOT_WORKER_ROLE`` (cpu or
@@ -54,16 +55,47 @@ HEARTBEAT_PREFIX = "ppb:worker:"
 #: Kombu's Redis transport keeps messages with a priority in ``<queue>\x06\x16<priority>`` lists
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
+#: A moved message must name the queue it now waits in: Kombu puts a delivery back (visibility
+#: timeout, ``Reject(requeue=True)``) and Celery sends a retry to the queue its
+#: ``properties.delivery_info`` names, and the metrics label a job by it. Left naming the queue it
+#: was drained from, a job bounced back there until the next drain, and the CPU workers counted it
+#: as the GPU queue's. This rewrites that field in place, as text, to the target on the default
+#: (anonymous) exchange, which delivers by queue name; the match takes the whole
+#: ``"delivery_info": {"exchange": "…", "routing_key": "<source>"`` (a JSON string's own quotes are
+#: escaped, so no value inside the message can look like it). A message in any other shape moves
+#: unchanged, as before.
+_RETARGET = """
+local function retarget(message, source, target)
+  local pattern = '"delivery_info": {"exchange": "[^"]*", "routing_key": "' .. string.gsub(source, '%p', '%%%0') .. '"'
+  local replacement = '"delivery_info": {"exchange": "", "routing_key": "' .. string.gsub(target, '%%', '%%%%') .. '"'
+  return (string.gsub(message, pattern, replacement, 1))
+end
+"""
+#: Moves up to ARGV[3] messages from KEYS[1] (a list of queue ARGV[1]) to KEYS[2] (queue ARGV[2]),
+#: newest first to the consumers' end, so the oldest still comes out first (as ``LMOVE LEFT
+#: RIGHT`` would); returns how many.
+_MOVE_RETARGETED = _RETARGET + """
+local moved = 0
+for _ = 1, tonumber(ARGV[3]) do
+  local message = redis.call('LPOP', KEYS[1])
+  if not message then break end
+  redis.call('RPUSH', KEYS[2], retarget(message, ARGV[1], ARGV[2]))
+  moved = moved + 1
+end
+return moved
+"""
+#: messages one move script takes: a backlog of 100,000 is many short scripts, not one long one
+MOVE_BATCH = 1000
 #: Celery's default queue may hold other apps' tasks when the broker is shared; moved into this
 #: bot's queues they would be discarded as unregistered. This looks at ARGV[3] messages, after
 #: skipping ARGV[2] from the consumers' end, and moves those whose Celery header names a task
-#: starting with ARGV[1], oldest first, to the back of KEYS[2] (so that jobs moved by later
-#: windows and drains, all newer, are taken after them); the others are left untouched, in
-#: place. Returns {moved, looked at}. Bounded: rewriting the whole list (an
+#: starting with ARGV[1], oldest first, to the back of KEYS[2] (queue ARGV[5], retargeted from
+#: ARGV[4]; at the back so that jobs moved by later windows and drains, all newer, are taken
+#: after them); the others are left untouched, in place. Returns {moved, looked at}. Bounded: rewriting the whole list (an
 #: other app's backlog) on every drain kept Redis busy in proportion to its length (1.8 s for
 #: 200,000 messages), and past 5 s every client is answered BUSY while a script that has written
 #: cannot be killed. One script per window, so no consumer sees a gap.
-_MOVE_OWN_TASKS = """
+_MOVE_OWN_TASKS = _RETARGET + """
 local skip, size = tonumber(ARGV[2]), tonumber(ARGV[3])
 local window = redis.call('LRANGE', KEYS[1], -(skip + size), -(skip + 1))
 local moved = 0
@@ -73,7 +105,7 @@ for i = #window, 1, -1 do
   local task = ok and type(decoded) == 'table' and type(decoded['headers']) == 'table' and decoded['headers']['task']
   if type(task) == 'string' and string.sub(task, 1, string.len(ARGV[1])) == ARGV[1] then
     if redis.call('LREM', KEYS[1], -1, message) == 1 then
-      redis.call('LPUSH', KEYS[2], message)
+      redis.call('LPUSH', KEYS[2], retarget(message, ARGV[4], ARGV[5]))
       moved = moved + 1
     end
   end
@@ -342,9 +374,11 @@ class Router:
                 if source == LEGACY_QUEUE:
                     count += self._move_own_tasks(key, target)
                     continue
-                # LEFT (newest) -> RIGHT (where consumers pop): the oldest job still comes out first.
-                while self.client.lmove(key, target, "LEFT", "RIGHT") is not None:
-                    count += 1
+                while True:
+                    batch = int(self.client.eval(_MOVE_RETARGETED, 2, key, target, source, target, MOVE_BATCH))
+                    count += batch
+                    if batch < MOVE_BATCH:
+                        break
             if count:
                 moved[source] = count
                 log.warning("queue_drained", extra={"source": source, "target": target, "jobs": count})
@@ -356,7 +390,8 @@ class Router:
         starts again from the consumers' end once it reached the other one."""
         skip, moved = self._legacy_from.get(key, 0), 0
         for _ in range(LEGACY_WINDOWS_PER_DRAIN):
-            here, seen = (int(n) for n in self.client.eval(_MOVE_OWN_TASKS, 2, key, target, TASK_PREFIX, skip, LEGACY_WINDOW))
+            here, seen = (int(n) for n in self.client.eval(_MOVE_OWN_TASKS, 2, key, target, TASK_PREFIX, skip, LEGACY_WINDOW,
+                                                                       LEGACY_QUEUE, target))
             moved += here
             if seen < LEGACY_WINDOW:
                 skip = 0

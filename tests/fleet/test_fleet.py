@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -61,7 +62,10 @@ def one_reply_each(fake: Any, statuses: list[dict[str, Any]], timeout: float = J
 # --------------------------------------------------------------------------- routing rules
 
 
-def test_router_follows_heartbeats_and_queue_depths(redis_server: Any) -> None:
+def test_router_follows_heartbeats_and_queue_depths(redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bot.routing as routing
+
+    monkeypatch.setattr(routing, "MOVE_BATCH", 2)  # the drain below takes three scripts
     client = redis_server.client
     redis_server.clean()
     router = Router(client, FleetSettings(gpu_queue_limit=2), cache_s=0)
@@ -128,6 +132,42 @@ def test_jobs_in_the_legacy_queue_are_drained_when_nobody_consumes_it(redis_serv
     redis_server.clean()
 
 
+def test_drained_jobs_name_the_queue_they_were_moved_to(redis_server: Any, client_app: Any) -> None:
+    """A drained Celery message is rewritten to name its new queue (Kombu puts a delivery back,
+    and Celery sends a retry, where it names): only that field changes, a job's own text that
+    quotes the field is left alone, and a restored delivery (``redelivered``) is rewritten too.
+    Kombu's own lookup then sends it to the new queue."""
+    from kombu.transport.redis import Channel
+
+    client = redis_server.client
+    redis_server.clean()
+    router = Router(client, FleetSettings(), cache_s=0)
+    beat(redis_server, "c1", "cpu", [CPU_QUEUE])
+    sneaky = {"text": f'"delivery_info": {{"exchange": "", "routing_key": "{GPU_QUEUE}"}}'}
+    client_app.send_task("bot.handle", args=[sneaky], queue=GPU_QUEUE)
+    client_app.send_task("bot.handle", args=[{"n": 2}], queue=GPU_QUEUE)
+    restored = json.loads(client.lpop(GPU_QUEUE))  # as Kombu writes a restored delivery back
+    restored["properties"]["delivery_info"]["redelivered"] = True
+    client.lpush(GPU_QUEUE, json.dumps(restored))
+    client_app.send_task("bot.handle", args=[{"n": 3}], queue=LEGACY_QUEUE)
+    sent = [json.loads(m) for m in client.lrange(GPU_QUEUE, 0, -1) + client.lrange(LEGACY_QUEUE, 0, -1)]
+
+    assert router.drain() == {GPU_QUEUE: 2, LEGACY_QUEUE: 1}
+    moved = [json.loads(m) for m in client.lrange(CPU_QUEUE, 0, -1)]
+    assert [m["headers"]["argsrepr"] for m in moved] == ["[{'n': 3}]", "[{'n': 2}]", f"[{sneaky!r}]"]
+    by_id = {m["headers"]["id"]: m for m in moved}
+    for before in sent:
+        after = by_id[before["headers"]["id"]]
+        assert after["properties"]["delivery_info"] == {**before["properties"]["delivery_info"], "exchange": "",
+                                                        "routing_key": CPU_QUEUE}
+        assert {k: v for k, v in after.items() if k != "properties"} == {k: v for k, v in before.items() if k != "properties"}
+        assert {k: v for k, v in after["properties"].items() if k != "delivery_info"} == \
+            {k: v for k, v in before["properties"].items() if k != "delivery_info"}
+    info = moved[0]["properties"]["delivery_info"]
+    assert Channel._lookup(SimpleNamespace(deadletter_queue=None), info["exchange"], info["routing_key"]) == [CPU_QUEUE]
+    redis_server.clean()
+
+
 def test_draining_the_legacy_queue_leaves_another_apps_backlog_untouched(redis_server: Any, client_app: Any,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Another app's backlog in the shared default queue is not rewritten by each drain (it was
@@ -154,7 +194,8 @@ def test_draining_the_legacy_queue_leaves_another_apps_backlog_untouched(redis_s
 
     client.config_resetstat()
     moved = router.drain()  # looks at the 200 oldest: finds "deep" only
-    assert calls("lpop") == 0 and calls("rpop") == 0 and calls("rpush") == 0  # the backlog is not rewritten
+    # The backlog is not rewritten (the LPOPs, one per key, find the unconsumed CPU queue empty).
+    assert calls("lpop") <= len(routing._queue_keys(CPU_QUEUE)) and calls("rpop") == 0 and calls("rpush") == 0
     assert moved == {LEGACY_QUEUE: 1} and calls("lpush") == 1
     assert [json.loads(m)["headers"]["argsrepr"] for m in client.lrange(GPU_QUEUE, 0, -1)] == ["[{'n': 'deep'}]"]
     for _ in range(3):
@@ -216,6 +257,7 @@ def test_gpu_outage_degrades_to_cpu_workers(fleet: Any, fake: Any, redis_server:
     assert send(waiting) == GPU_QUEUE
     gpu.kill()  # no warm shutdown: its heartbeat just stops
     fake.release_media()
+    before = cpu_worker.scrape()
     assert client.llen(GPU_QUEUE) == 1 and client.hlen("unacked") == 1
 
     # Within three heartbeat intervals the router sees the outage: new jobs go to the CPU queue...
@@ -236,6 +278,12 @@ def test_gpu_outage_degrades_to_cpu_workers(fleet: Any, fake: Any, redis_server:
     assert all(handled_by(cpu_worker, s) for s in (waiting, late, taken))
     assert queue_depth(client, GPU_QUEUE) == 0 and client.hlen("unacked") == 0
     assert len(fake.bot_posts()) == 5
+    # The drained jobs are counted as the CPU queue's, where they ran.
+    after = cpu_worker.scrape()
+    replied = {"kind": "mention", "outcome": "replied"}
+    for queue, more in ((CPU_QUEUE, 3), (GPU_QUEUE, 0)):
+        assert _metric(after, "ppb_jobs_total", missing=0.0, queue=queue, **replied) == \
+            _metric(before, "ppb_jobs_total", missing=0.0, queue=queue, **replied) + more
 
 
 def _metric(text: str, name: str, missing: float | None = None, **labels: str) -> float:
