@@ -23,11 +23,11 @@ import copy
 import dataclasses
 import http.client
 import io
-import ipaddress
 import json
 import logging
 import math
 import os
+import select
 import socket
 import sys
 import threading
@@ -59,10 +59,14 @@ from ..locators.registry import REGISTRY
 from ..pipeline import Anonymiser, Result, Settings, cover_given
 from ..process import forbid_core_dumps
 from . import multipart, openapi
+from .hosts import HostPolicy, is_loopback
 
 LOG = logging.getLogger("anonymiser.web")
 
 DEFAULT_HOST = "127.0.0.1"
+#: the log's status for a request whose client left before its photo's turn (nginx's
+#: "client closed request"); nothing is sent
+ABANDONED = 499
 DEFAULT_PORT = 8321
 DEFAULT_QUEUE = 8
 #: bytes allowed on top of the image byte budget for the form's boundaries, headers and fields
@@ -345,16 +349,6 @@ def result_json(result: Result) -> dict[str, Any]:
     }
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (so nobody else can reach the server)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def exposure_warning(host: str) -> str | None:
     """A loud warning when ``host`` makes the server reachable from other machines."""
     if is_loopback(host):
@@ -394,8 +388,8 @@ class WebApp:
         self.gate = gate
         self.static = _load_static()
         self.openapi = json.dumps(openapi.document(self.limits, version), indent=2).encode()
-        #: Host header values accepted (None: any); set once the port is known
-        self.allowed_hosts: frozenset[str] | None = None
+        #: the names requests must be addressed to (None: any); set once the port is known
+        self.hosts: HostPolicy | None = None
 
     @property
     def max_request_bytes(self) -> int:
@@ -652,10 +646,9 @@ class Handler(BaseHTTPRequestHandler):
         """Refuse DNS-rebinding (a foreign name resolving to 127.0.0.1) and cross-site posts: a
         web page elsewhere must not be able to use this server."""
         host = (self.headers.get("Host") or "").lower()
-        allowed = self.app.allowed_hosts
-        if allowed is not None and host not in allowed:
-            raise HttpError(403, "forbidden_host", "This server only answers requests for its own address.",
-                            close=self._has_body())
+        if self.app.hosts is not None and not self.app.hosts.accepts(host):
+            raise HttpError(403, "forbidden_host", "This server only answers requests for its own address "
+                            "(its operator can allow another name with --allow-host).", close=self._has_body())
         origin = self.headers.get("Origin")
         if origin is not None and self.command not in ("GET", "HEAD"):
             if urlsplit(origin).netloc.lower() != host:
@@ -789,13 +782,34 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- endpoints -----------------------------------------------------------------------
 
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """A slot to run a photo in, unless its client left while it waited (a closed tab, a
+        cancelled upload): its photo is then dropped unprocessed, and the slot goes to the next
+        photo instead of minutes of work nobody will receive."""
+        with self.app.gate.slot():
+            if self._client_gone():
+                self._status = ABANDONED
+                raise ConnectionAbortedError("the client left while its photo waited")
+            yield
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed the connection (the whole body was read, so anything
+        readable is either the end of the stream or its next, pipelined request). A client that
+        only closes its sending side and still waits looks the same; HTTP clients do not."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset by the peer, or already closed
+            return True
+
     def _anonymise(self) -> None:
         try:
             with self.app.gate.admit():
                 form = self._read_form()
                 data, style, want_json = self._options(form)
                 del form  # only the image bytes stay referenced while the models run
-                with self.app.gate.slot():
+                with self._turn():
                     result = self.app.anonymise(data, style)
                 del data
                 self._send_result(result, want_json)
@@ -811,7 +825,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise HttpError(400, "bad_regions", "Send the final list of covers as a form field named 'regions'.")
                 regions = parse_regions(form["regions"].text(FORM_ALLOWANCE))
                 del form
-                with self.app.gate.slot():
+                with self._turn():
                     result = self.app.cover(data, regions, style)
                 del data
                 self._send_result(result, want_json)
@@ -893,18 +907,11 @@ class WebServer(ThreadingHTTPServer):
 
 
 def make_server(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                max_connections: int = MAX_CONNECTIONS) -> WebServer:
-    """Bind (port 0: any free port) and set the Host names the server answers to."""
+                max_connections: int = MAX_CONNECTIONS, allow_hosts: Sequence[str] = ()) -> WebServer:
+    """Bind (port 0: any free port) and set the Host names the server answers to
+    (:class:`~anonymiser.web.hosts.HostPolicy`)."""
     server = WebServer((host, port), app, max_connections)
-    bound = server.server_address[1]
-    if host in ("0.0.0.0", "::", ""):
-        app.allowed_hosts = None  # reachable under any of the machine's names
-    else:
-        names = {f"[{host}]" if ":" in host else host.lower()}
-        if is_loopback(host):
-            names |= {"127.0.0.1", "localhost", "[::1]"}
-        # Browsers send the port unless it is the scheme's default.
-        app.allowed_hosts = frozenset({f"{name}:{bound}" for name in names} | (names if bound == 80 else set()))
+    app.hosts = HostPolicy.for_address(host, server.server_address[1], allow_hosts)
     return server
 
 
@@ -926,6 +933,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: 127.0.0.1, this computer only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: 8321; 0 picks a free one)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="another name the server may be reached by (repeatable); requests for names it "
+                        "does not know are refused, so that no web site can point its own name at it")
     parser.add_argument("--max-concurrent", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                         help="photos processed at once (default: number of CPUs, at most 2)")
     parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE,
@@ -967,7 +977,8 @@ def main(argv: Sequence[str]) -> int:
     if missing_heads:
         print(f"\n{'!' * 78}\nWARNING: {missing_heads}\n{'!' * 78}\n", file=sys.stderr, flush=True)
     try:
-        server = make_server(WebApp(anonymiser, Gate(args.max_concurrent, args.queue)), args.host, args.port)
+        server = make_server(WebApp(anonymiser, Gate(args.max_concurrent, args.queue)), args.host, args.port,
+                             allow_hosts=args.allow_host)
     except OSError as exc:
         print(f"anonymise serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

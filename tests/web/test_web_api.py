@@ -359,6 +359,85 @@ def test_foreign_host_and_origin_are_refused(web: RunningServer, astronaut_jpeg:
     assert requests.get(f"http://localhost:{web.port}/api/health", timeout=10).status_code == 200
 
 
+def test_a_server_on_every_interface_answers_only_its_own_names(astronaut_jpeg: bytes) -> None:
+    """Listening on 0.0.0.0 (a LAN), the server answers IP addresses, this machine's own names
+    and the names its operator allows, and still refuses a foreign name pointed at it (DNS
+    rebinding), and a known name on another port."""
+    anonymiser = Anonymiser(Settings(safeguard=False, residual_pass=False), locators=[SlowLocator(delay=0.0)])
+    lan = start_server(anonymiser, host="0.0.0.0", allow_hosts=("Photos.LAN",))
+    try:
+        def status(host: str) -> int:
+            return requests.get(f"http://127.0.0.1:{lan.port}/api/health", headers={"Host": host}, timeout=10).status_code
+
+        for known in ("127.0.0.1", "localhost", "192.168.1.5", "[::1]", "[fe80::1]", socket.gethostname(), "photos.lan"):
+            assert status(f"{known}:{lan.port}") == 200, known
+        for foreign in ("attacker.example", "192.168.1.5.attacker.example", "photos.lan.attacker.example"):
+            assert status(f"{foreign}:{lan.port}") == 403, foreign
+        assert status("") == 403 and status("localhost:") == 403  # no name; a malformed port
+        assert status("127.0.0.1:1") == 403 and status("127.0.0.1") == 403  # another port; 80 by default
+        response = requests.post(f"http://127.0.0.1:{lan.port}/api/anonymise", headers={"Host": "attacker.example"},
+                                 files={"file": ("p.jpg", astronaut_jpeg, "image/jpeg")}, timeout=10)
+        assert response.status_code == 403 and response.json()["error"] == "forbidden_host"
+        assert "--allow-host" in response.json()["message"]
+    finally:
+        lan.stop()
+
+
+def test_host_policy_for_each_address() -> None:
+    """The names each listening address answers to (the port is part of every check)."""
+    from anonymiser.web.hosts import HostPolicy, split_host
+
+    loopback = HostPolicy.for_address("127.0.0.1", 8321)
+    assert all(loopback.accepts(f"{n}:8321") for n in ("127.0.0.1", "LOCALHOST", "[::1]"))
+    assert not any(loopback.accepts(h) for h in ("10.0.0.2:8321", "localhost:8322", "localhost", "[::1]:x"))
+    lan_ip = HostPolicy.for_address("192.168.1.5", 80, ["photos.lan."])
+    assert lan_ip.accepts("192.168.1.5") and lan_ip.accepts("192.168.1.5:80") and lan_ip.accepts("photos.lan")
+    assert not lan_ip.accepts("127.0.0.1") and not lan_ip.accepts("10.0.0.9")  # only its own address
+    v6 = HostPolicy.for_address("::1", 8321)
+    assert v6.accepts("[::1]:8321") and v6.accepts("localhost:8321") and not v6.accepts("::1")
+    everywhere = HostPolicy.for_address("0.0.0.0", 8321)
+    assert everywhere.accepts("10.9.8.7:8321") and everywhere.accepts("[2001:db8::1]:8321")
+    assert not everywhere.accepts("2001:db8::1") and not everywhere.accepts("evil.example:8321")
+    for bad in ("", ":80", "a:", "a:b", "[::1", "[::1]x", "a:0", "a:65536"):
+        assert split_host(bad) is None, bad
+    assert split_host("Host.Example") == ("host.example", 80) and split_host("[::1]:9") == ("[::1]", 9)
+
+
+def test_a_photo_whose_client_left_while_it_waited_is_not_processed(astronaut_jpeg: bytes,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """One photo at a time: a second upload waits its turn, and its client gives up (a closed
+    tab) before the turn comes. Its photo is dropped unprocessed and logged as 499, the slot goes
+    to the next photo, and the server keeps serving."""
+    locator = SlowLocator(delay=0.8)
+    anonymiser = Anonymiser(Settings(safeguard=False, residual_pass=False), locators=[locator])
+    web = start_server(anonymiser, max_concurrent=1, queue=4)
+    try:
+        first: list[requests.Response] = []
+        running = threading.Thread(target=lambda: first.append(post(web, "/api/anonymise", astronaut_jpeg)))
+        with caplog.at_level(logging.INFO, logger="anonymiser.web"):
+            running.start()
+            deadline = time.monotonic() + 10
+            while locator.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert locator.running == 1
+            body, content_type = multipart({"file": ("p.jpg", astronaut_jpeg, "image/jpeg")})
+            with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+                sock.sendall(f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\nContent-Type: {content_type}\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                deadline = time.monotonic() + 10
+                while web.app.gate.admitted < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert web.app.gate.admitted == 2  # it waits for the slot
+            running.join(30)
+            assert first[0].status_code == 200
+            assert post(web, "/api/anonymise", astronaut_jpeg).status_code == 200
+        assert locator.calls == 2  # the first and the last photo; never the abandoned one
+        statuses = [json.loads(r.getMessage())["status"] for r in caplog.records if r.getMessage().startswith("{")]
+        assert sorted(statuses) == [200, 200, 499], statuses
+    finally:
+        web.stop()
+
+
 def test_page_and_static_files(web: RunningServer) -> None:
     """The page ships with the package, says that nothing is stored, and references nothing
     outside this server (no CDN, fonts or analytics: a static check; the browser test checks

@@ -131,9 +131,10 @@ class RunningServer:
         self.thread.join(timeout=5)
 
 
-def start_server(anonymiser: Anonymiser, max_concurrent: int = 2, queue: int = 8) -> RunningServer:
-    """Serve ``anonymiser`` on 127.0.0.1 (free port) until ``stop()``."""
-    server = make_server(WebApp(anonymiser, Gate(max_concurrent, queue)), "127.0.0.1", 0)
+def start_server(anonymiser: Anonymiser, max_concurrent: int = 2, queue: int = 8, host: str = "127.0.0.1",
+                 allow_hosts: tuple[str, ...] = ()) -> RunningServer:
+    """Serve ``anonymiser`` on ``host`` (a free port) until ``stop()``."""
+    server = make_server(WebApp(anonymiser, Gate(max_concurrent, queue)), host, 0, allow_hosts=allow_hosts)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     return RunningServer(server, thread)
@@ -148,10 +149,12 @@ class SlowLocator:
     kind: str = "head"
     running: int = 0
     most_at_once: int = 0
+    calls: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def locate(self, rgb: np.ndarray) -> Detections:
         with self._lock:
+            self.calls += 1
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
         try:
