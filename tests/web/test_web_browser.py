@@ -170,9 +170,12 @@ def test_upload_review_download(web: RunningServer, browser: object, request_pat
     fx, fy = (face[0] + face[2]) / 2, (face[1] + face[3]) / 2
     ActionChains(driver).move_to_element_with_offset(overlay, *offset(fx, fy)).click().perform()
     assert len(overlay.find_elements(By.CSS_SELECTOR, ".box.removed")) == 1
+    apply = card.find_element(By.CSS_SELECTOR, "button.apply")
+    assert apply.text == "Apply: uncover 1 person", "the button must say that a person will be shown"
     driver.save_screenshot(str(ARTIFACTS / "web-page-review.png"))
     ActionChains(driver).move_to_element_with_offset(overlay, *offset(fx, fy)).click().perform()
     assert not overlay.find_elements(By.CSS_SELECTOR, ".box.removed"), "tapping again keeps the cover"
+    assert apply.text == "Apply changes"
 
     card.find_element(By.CSS_SELECTOR, "button.apply").click()
     wait_for("the reviewed result", lambda: "manual" in (card.get_attribute("data-regions") or "")

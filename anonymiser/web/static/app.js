@@ -272,6 +272,11 @@
       });
       if (draft) boxes.push(this.boxElement(draft, "draft"));
       this.overlay.replaceChildren(...boxes);
+      // Uncovering shows a person: the button says so, so that a stray tap is not applied unseen.
+      const uncovering = this.edit.removed.size;
+      $(".apply", this.el).textContent = uncovering
+        ? `Apply: uncover ${uncovering} ${uncovering === 1 ? "person" : "people"}`
+        : "Apply changes";
     }
 
     boxElement([x1, y1, x2, y2], kind) {
