@@ -91,10 +91,11 @@ MOVE_BATCH = 1000
 #: skipping ARGV[2] from the consumers' end, and moves those whose Celery header names a task
 #: starting with ARGV[1], oldest first, to the back of KEYS[2] (queue ARGV[5], retargeted from
 #: ARGV[4]; at the back so that jobs moved by later windows and drains, all newer, are taken
-#: after them); the others are left untouched, in place. Returns {moved, looked at}. Bounded: rewriting the whole list (an
-#: other app's backlog) on every drain kept Redis busy in proportion to its length (1.8 s for
-#: 200,000 messages), and past 5 s every client is answered BUSY while a script that has written
-#: cannot be killed. One script per window, so no consumer sees a gap.
+#: after them); the others are left untouched, in place. Returns {moved, looked at}. Bounded:
+#: rewriting the whole list (an other app's backlog) on every drain kept Redis busy in
+#: proportion to its length (1.8 s for 200,000 messages), and past 5 s every client is answered
+#: BUSY while a script that has written cannot be killed. One script per window, so no consumer
+#: sees a gap.
 _MOVE_OWN_TASKS = _RETARGET + """
 local skip, size = tonumber(ARGV[2]), tonumber(ARGV[3])
 local window = redis.call('LRANGE', KEYS[1], -(skip + size), -(skip + 1))
