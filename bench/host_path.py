@@ -194,8 +194,9 @@ def main() -> None:
     for s in sessions:
         s.replaying = True
     heads = sum(len(c) for _, c, _ in photos)
+    inputs = "uint8 bytes (the graph makes the planes)" if all(l._uint8_input for l in locators[:-1]) else "float planes built on the host"
     print(f"{len(photos)} dev photos at {size[0]}x{size[1]} ({heads} annotated heads), locators "
-          f"{onnx_names + ['lsccnn (host side)']}, {os.cpu_count()} CPUs")
+          f"{onnx_names + ['lsccnn (host side)']}, ONNX inputs: {inputs} (ANON_ONNX_UINT8_INPUT), {os.cpu_count()} CPUs")
     network_s = sum(s.network_s for s in sessions)
     print(f"recording pass: {record_s / len(photos) * 1000:.0f} ms per photo, of which the ONNX "
           f"networks on this CPU {network_s / len(photos) * 1000:.0f} ms (replayed from here on)")

@@ -154,15 +154,18 @@ def test_locator_covers_most_heads_in_a_medium_crowd(
     assert np.median(areas) < 0.02 * rgb.shape[0] * rgb.shape[1]
 
 
+@pytest.mark.parametrize("uint8", [False, True], ids=["float-planes", "uint8-bytes"])
 @pytest.mark.parametrize("locator", ["centerface", "heads"])
 def test_batched_tiles_give_the_same_detections(
     photo_detections: dict[str, tuple[np.ndarray, dict, Detections, Detections]],
     heads_dir: Path,
     locator: str,
+    uint8: bool,
 ) -> None:
     """Tiles run three at a time (as on the GPU, where the default is 8) give the same boxes and
-    scores as one tile per call, on real photos; and the calls really are batched."""
-    options = OnnxOptions(threads=0, tile_batch=3)
+    scores as one tile per call, on real photos, also when the graph takes the tiles' bytes (as
+    on the GPU); and the calls really are batched."""
+    options = OnnxOptions(threads=0, tile_batch=3, uint8_input=int(uint8))
     batched = (CenterFaceLocator(onnx_options=options) if locator == "centerface"
                else HeadsLocator(heads_dir / HEADS_FILE, onnx_options=options))
     assert batched.tile_batch == 3
@@ -221,7 +224,7 @@ def test_tiles_map_back_like_run_tiled() -> None:
 
 @pytest.mark.filterwarnings("ignore:Specified provider")  # the CPU build's own complaint
 def test_a_cuda_provider_that_does_not_start_is_reported(
-    centerface_available: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    centerface_available: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, astronaut: np.ndarray
 ) -> None:
     """ONNX Runtime quietly runs on the CPU when its CUDA provider cannot start (missing or
     mismatched CUDA libraries); the locator still works and a warning says what happened."""
@@ -232,6 +235,8 @@ def test_a_cuda_provider_that_does_not_start_is_reported(
         locator = CenterFaceLocator(onnx_options=OnnxOptions())
     assert locator._session.get_providers() == ["CPUExecutionProvider"]
     assert locator.tile_batch == 1  # by the provider it got, not the one it asked for
+    assert locator._session.uint8_input  # the graph was made for the GPU, and runs as well on the CPU
+    assert len(locator.locate(astronaut)) > 0
     assert [r.getMessage() for r in caplog.records] == ["onnx_cuda_unavailable"]
 
 
@@ -251,11 +256,12 @@ def test_gpu_sessions_do_not_leave_cpu_threads_spinning() -> None:
 def test_onnx_options_from_env() -> None:
     """``ANON_ONNX_*`` are read and checked; CPU sessions default to one tile per call, CUDA
     sessions to four calls at once and no arena cap."""
-    assert OnnxOptions.from_env({}) == OnnxOptions(0, None, 4, None)
+    assert OnnxOptions.from_env({}) == OnnxOptions(0, None, 4, None, None)
     assert OnnxOptions.from_env({"ANON_ONNX_THREADS": "2", "ANON_ONNX_TILE_BATCH": "16", "ANON_ONNX_GPU_RUNS": "2",
-                                 "ANON_ONNX_GPU_MEMORY_MB": "4096"}) == OnnxOptions(2, 16, 2, 4096)
+                                 "ANON_ONNX_GPU_MEMORY_MB": "4096", "ANON_ONNX_UINT8_INPUT": "0"}) == OnnxOptions(2, 16, 2, 4096, 0)
     for env in ({"ANON_ONNX_TILE_BATCH": "0"}, {"ANON_ONNX_TILE_BATCH": "many"}, {"ANON_ONNX_THREADS": "-1"},
-                {"ANON_ONNX_GPU_RUNS": "0"}, {"ANON_ONNX_GPU_RUNS": "65"}, {"ANON_ONNX_GPU_MEMORY_MB": "100"}):
+                {"ANON_ONNX_GPU_RUNS": "0"}, {"ANON_ONNX_GPU_RUNS": "65"}, {"ANON_ONNX_GPU_MEMORY_MB": "100"},
+                {"ANON_ONNX_UINT8_INPUT": "2"}):
         with pytest.raises(ValueError, match=next(iter(env))):
             OnnxOptions.from_env(env)
     with pytest.raises(ValueError, match="ANON_ONNX_GPU_RUNS must be between 1 and 64, got 0"):
@@ -646,6 +652,68 @@ def test_centerface_decode_maps() -> None:
     cx, cy = (5 + 0.25 + 0.5) * STRIDE, (3 + 0.25 + 0.5) * STRIDE
     np.testing.assert_allclose(found.boxes[0], [cx - 16, cy - 16, cx + 16, cy + 16], atol=1e-4)
     assert found.scores[0] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("locator", ["centerface", "heads"])
+def test_uint8_input_gives_bit_identical_detections(
+    photo_detections: dict[str, tuple[np.ndarray, dict, Detections, Detections]],
+    heads_dir: Path,
+    locator: str,
+) -> None:
+    """The graph that takes the tiles' bytes (what a GPU worker runs) finds exactly the boxes,
+    with exactly the scores, of the host-built float planes: every uint8 is exactly a float32."""
+    options = OnnxOptions(threads=0, tile_batch=1, uint8_input=1)
+    on_bytes = (CenterFaceLocator(onnx_options=options) if locator == "centerface"
+                else HeadsLocator(heads_dir / HEADS_FILE, onnx_options=options))
+    assert on_bytes._session.uint8_input and on_bytes._session.get_inputs()[0].type == "tensor(uint8)"
+    for name, (rgb, _meta, faces, heads) in photo_detections.items():
+        planes = faces if locator == "centerface" else heads
+        found = on_bytes.locate(rgb)
+        assert len(found) > 0, name
+        np.testing.assert_array_equal(found.boxes, planes.boxes, err_msg=name)
+        np.testing.assert_array_equal(found.scores, planes.scores, err_msg=name)
+
+
+@pytest.mark.parametrize("bgr", [False, True], ids=["rgb", "bgr"])
+def test_a_graph_made_to_take_bytes_makes_the_planes_itself(bgr: bool) -> None:
+    """``take_uint8_hwc`` on a graph that returns its input: fed ``[N, H, W, 3]`` uint8, it
+    returns what ``planar_float32`` would have fed it, a valid ONNX model still."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from anonymiser.locators.onnx_models import take_uint8_hwc
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["planes"], ["out"])], "identity",
+        [helper.make_tensor_value_info("planes", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+    ), opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    take_uint8_hwc(model, bgr)
+    onnx.checker.check_model(model, full_check=True)
+    run = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    tiles_ = np.random.default_rng(7).integers(0, 256, (2, 37, 64, 3), dtype=np.uint8)
+    (out,) = run.run(None, {run.get_inputs()[0].name: tiles_})
+    expected = np.stack([planar_float32(t, 37, 64, bgr=bgr) for t in tiles_])
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("h,w,height,width", [(480, 640, 480, 640), (37, 91, 64, 96), (1, 5, 32, 32)])
+def test_network_input_as_bytes_is_the_padded_photo(h: int, w: int, height: int, width: int) -> None:
+    """The bytes path pads with the fill and keeps RGB order (the graph reverses it), and an
+    unpadded contiguous tile is passed on without a copy."""
+    from anonymiser.locators.tiling import network_input
+
+    rgb = np.random.default_rng(h + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    canvas = np.full((height, width, 3), 114, np.uint8)
+    canvas[:h, :w] = rgb
+    blob = network_input(rgb, height, width, uint8=True, fill=114, bgr=True)
+    assert blob.dtype == np.uint8 and blob.flags.c_contiguous
+    np.testing.assert_array_equal(blob, canvas)
+    assert np.shares_memory(blob, rgb) == ((h, w) == (height, width))
+    np.testing.assert_array_equal(network_input(rgb, height, width, uint8=False, fill=114, bgr=True),
+                                  planar_float32(rgb, height, width, fill=114, bgr=True))
 
 
 @pytest.mark.parametrize("width,height", [(640, 480), (1280, 960), (300, 100), (100, 300), (2000, 900), (20000, 400), (400, 20000)])

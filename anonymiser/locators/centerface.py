@@ -20,7 +20,7 @@ import onnx
 from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, drop_initializer_inputs, session
-from .tiling import Job, Tile, balanced_tile, clip_and_suppress, planar_float32, run_batched, tiles
+from .tiling import Job, Tile, balanced_tile, clip_and_suppress, network_input, run_batched, tiles
 
 #: CenterFace's output stride
 STRIDE = 4
@@ -116,12 +116,13 @@ class CenterFaceLocator:
         self._session = session(_load_model(path or model_path()), options)
         self._input = self._session.get_inputs()[0].name
         self.tile_batch = options.batch_for(self._session)
+        self._uint8_input = self._session.uint8_input
 
     def _job(self, tile: Tile, threshold: float) -> Job:
         # Each tile is padded on its own to a multiple of 32, exactly as it would be alone, so
         # tiles batch together only when their padded shapes are equal.
         h, w = tile.image.shape[:2]
-        blob = planar_float32(tile.image, -(-h // 32) * 32, -(-w // 32) * 32)
+        blob = network_input(tile.image, -(-h // 32) * 32, -(-w // 32) * 32, self._uint8_input)
         return blob, lambda maps: tile.to_source(decode_maps(maps[0][0], maps[1], maps[2], threshold))
 
     @staticmethod

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, session
-from .tiling import Job, Tile, clip_and_suppress, planar_float32, run_batched, tiles
+from .tiling import Job, Tile, clip_and_suppress, network_input, run_batched, tiles
 
 FILE_NAME = "yolov9_n_wholebody25_post_0100_1x3x480x640.onnx"
 SHA256 = "f0592465de0c42a3a2ca6a423c6ae042e889c36bb1b4df28e18c5d4a5a9943af"
@@ -118,12 +118,13 @@ def _free_batch_axis(model: onnx.ModelProto, path: Path) -> None:
         graph.initializer.remove(init)
 
 
-def letterbox(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+def letterbox(rgb: np.ndarray, uint8: bool = False) -> tuple[np.ndarray, float]:
     """Resize to fit 640x480 (area when shrinking), keeping the aspect, and pad the right and
     bottom with grey.
 
-    Returns the network input as BGR float32 ``[3, 480, 640]`` and the factor that maps
-    network pixels back to ``rgb`` pixels. The photo is resized before it is padded, so the work
+    Returns the network input as BGR float32 ``[3, 480, 640]`` (with ``uint8``: the RGB bytes,
+    ``[480, 640, 3]``, for the graph to convert) and the factor that maps network pixels back
+    to ``rgb`` pixels. The photo is resized before it is padded, so the work
     and memory are those of the photo: padding a 1x100,000 strip to 4:3 first took 37 GB.
     """
     h, w = rgb.shape[:2]
@@ -131,7 +132,7 @@ def letterbox(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     fit_w, fit_h = min(NET_W, max(1, round(w / factor))), min(NET_H, max(1, round(h / factor)))
     if (fit_w, fit_h) != (w, h):
         rgb = cv2.resize(rgb, (fit_w, fit_h), interpolation=cv2.INTER_AREA if factor > 1 else cv2.INTER_LINEAR)
-    return planar_float32(rgb, NET_H, NET_W, fill=PAD_VALUE, bgr=True), factor
+    return network_input(rgb, NET_H, NET_W, uint8, fill=PAD_VALUE, bgr=True), factor
 
 
 class HeadsLocator:
@@ -160,12 +161,13 @@ class HeadsLocator:
         self.whole_image_pass = whole_image_pass
         options = onnx_options or OnnxOptions.from_env()
         # The graph's own score floor is the lower threshold; each photo's is applied afterwards.
-        self._session = session(_load_model(path, min(threshold, grey_threshold)), options)
+        self._session = session(_load_model(path, min(threshold, grey_threshold)), options, bgr=True)
         self._input = self._session.get_inputs()[0].name
         self.tile_batch = options.batch_for(self._session)
+        self._uint8_input = self._session.uint8_input
 
     def _job(self, tile: Tile, threshold: float) -> Job:
-        blob, factor = letterbox(tile.image)
+        blob, factor = letterbox(tile.image, self._uint8_input)
 
         def finish(out: np.ndarray) -> Detections:
             out = out[(out[:, 1] == HEAD_CLASS) & (out[:, 2] >= threshold)]

@@ -162,7 +162,23 @@ def planar_float32(rgb: np.ndarray, height: int, width: int, fill: float = 0.0, 
     return blob
 
 
-#: a network input ``[C, H, W]`` and what turns its raw output into boxes in photo pixels
+def network_input(rgb: np.ndarray, height: int, width: int, uint8: bool, fill: int = 0, bgr: bool = False) -> np.ndarray:
+    """``rgb`` padded to ``height x width`` with ``fill``, as the network takes it: float32
+    planes (:func:`planar_float32`), or with ``uint8`` the bytes as they are, ``[height, width,
+    3]`` RGB, for a graph that converts them itself (``onnx_models.take_uint8_hwc``; it also
+    puts the channels in BGR order where the network wants that). Without padding the bytes
+    are passed on uncopied."""
+    if not uint8:
+        return planar_float32(rgb, height, width, float(fill), bgr)
+    h, w = rgb.shape[:2]
+    if (h, w) == (height, width):
+        return np.ascontiguousarray(rgb)
+    padded = np.full((height, width, 3), fill, np.uint8)
+    padded[:h, :w] = rgb
+    return padded
+
+
+#: a network input (``[C, H, W]`` or ``[H, W, C]``) and what turns its raw output into boxes in photo pixels
 Job = tuple[np.ndarray, Callable[[Any], Detections]]
 
 
