@@ -7,7 +7,6 @@ what the bot says and how many posts it makes, not the image work the end-to-end
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 from typing import Any, Iterator
 

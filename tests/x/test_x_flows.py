@@ -407,7 +407,7 @@ def test_protected_authors_photo_is_answered_by_dm_never_in_public(fake: FakeX, 
 
     # a takedown of that copy deletes the bot's DM
     carol = fake.add_user("carol")
-    fake.dm(carol, f"delete https://t.co/q1", links={"https://t.co/q1": f"https://x.com/dave/status/{original['id']}"})
+    fake.dm(carol, "delete https://t.co/q1", links={"https://t.co/q1": f"https://x.com/dave/status/{original['id']}"})
     assert bot.run_all() == ["deleted"]
     assert fake.deleted_dms == [first["id"]] and fake.deleted == []
     assert request["id"] in fake.tweets
@@ -443,7 +443,7 @@ def test_takedown_of_ones_own_dm_copy_asks_to_delete_it_in_the_inbox_too(fake: F
     assert bot.run_all() == ["replied"]
     [copy] = fake.bot_dms(to=bob)
 
-    fake.dm(bob, f"please delete https://t.co/q2", links={"https://t.co/q2": f"https://x.com/dave/status/{original['id']}"})
+    fake.dm(bob, "please delete https://t.co/q2", links={"https://t.co/q2": f"https://x.com/dave/status/{original['id']}"})
     assert bot.run_all() == ["deleted"]
     assert fake.deleted_dms == [copy["id"]]
     confirmation = fake.bot_dms(to=bob)[-1]
