@@ -1,9 +1,17 @@
-"""Whole-number settings read from environment variables, every problem reported at once."""
+"""Whole numbers read from text: settings from environment variables (every problem reported at
+once), and numbers in headers and messages."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
+
+
+def is_decimal(text: str) -> bool:
+    """Whether ``text`` is one or more ASCII digits. ``str.isdigit`` also accepts "²" or "٣" (a
+    header decoded as Latin-1 can hold "²"), which ``int()`` then refuses or a platform takes
+    for an id."""
+    return text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True)

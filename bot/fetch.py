@@ -27,6 +27,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from anonymiser.int_settings import is_decimal
+
 MAX_REDIRECTS = 3
 
 
@@ -194,7 +196,7 @@ def _download(url: str, max_bytes: int, timeout_s: float, allow_private: bool, h
             if response.status_code != 200:
                 raise FetchError(f"the media server answered HTTP {response.status_code}")
             declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
+            if declared and is_decimal(declared) and int(declared) > max_bytes:
                 raise MediaTooLarge(f"the image is larger than {max_bytes // (1024 * 1024)} MiB")
             chunks: list[bytes] = []
             total = 0

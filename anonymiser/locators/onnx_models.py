@@ -30,7 +30,8 @@ CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_st
 #: Calls one CUDA session runs at once. A GPU worker has tens of task threads, and each call
 #: holds its activations in the session's arena (about 285 MB per 1 MP CenterFace tile, 8 tiles
 #: a call): unbounded, 32 threads could take ~70 GB beside LSC-CNN's 60 %. Four calls keep the
-#: GPU fed while others copy their tiles in and out, and hold ~9 GB at most.
+#: GPU fed while others copy their tiles in and out, and hold about 9 GB (an estimate; the arena
+#: keeps blocks of every tile shape it has seen, so it can end somewhat above that).
 DEFAULT_GPU_RUNS = 4
 MAX_GPU_RUNS = 64
 #: Below this not even one 1 MP CenterFace tile (~285 MB of activations, besides the weights and

@@ -185,7 +185,8 @@ Job = tuple[np.ndarray, Callable[[Any], Detections]]
 def run_batched(jobs: Iterable[Job], infer: Callable[[np.ndarray], Sequence[Any]], batch: int) -> Detections:
     """Run network inputs through ``infer`` in batches of up to ``batch`` inputs of equal shape.
 
-    ``infer`` takes ``[B, C, H, W]`` and returns one raw output per input. Inputs are grouped by
+    ``infer`` takes the inputs stacked, ``[B, C, H, W]`` float planes or ``[B, H, W, 3]`` bytes
+    (:func:`network_input`), and returns one raw output per input. Inputs are grouped by
     exact shape, never padded to each other, so every input gives the network exactly what it
     would get alone (the batch changes throughput, not detections). Jobs are consumed lazily and
     a group runs as soon as it is full, so at most ``batch`` inputs per shape are held at once.

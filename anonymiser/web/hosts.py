@@ -16,6 +16,8 @@ import socket
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..int_settings import is_decimal
+
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 
@@ -56,7 +58,7 @@ def split_host(header: str) -> tuple[str, int] | None:
         name, colon, port_text = header.partition(":")
         if colon and not port_text:
             return None
-    if not name or (port_text and not port_text.isdigit()):
+    if not name or (port_text and not is_decimal(port_text)):
         return None
     port = int(port_text) if port_text else 80
     return (name, port) if 0 < port < 65536 else None
@@ -74,29 +76,35 @@ def _machine_names() -> set[str]:
 
 @dataclass(frozen=True)
 class HostPolicy:
-    """The names (and port) requests must be addressed to."""
+    """The names requests must be addressed to. Not the port: a reverse proxy or a container's
+    port mapping puts its own port in the header, and the name alone is what tells a rebound
+    name from this server's own."""
 
     names: frozenset[str]
-    port: int
     any_ip_literal: bool = False
 
     @classmethod
-    def for_address(cls, host: str, port: int, extra: Sequence[str] = ()) -> "HostPolicy":
-        """What a server bound to ``host``:``port`` answers: the address itself (and, for a
-        loopback address, the loopback names); on every interface, also this machine's own
-        names and any IP address; and the ``extra`` names the operator allows (``--allow-host``)."""
+    def for_address(cls, host: str, extra: Sequence[str] = ()) -> "HostPolicy":
+        """What a server bound to ``host`` answers: the address itself (and, for a loopback
+        address, the loopback names); on every interface, also this machine's own names and any
+        IP address; and the ``extra`` names the operator allows (``--allow-host``)."""
         names = {name.strip().lower().rstrip(".") for name in extra if name.strip()}
         if is_wildcard(host):
-            return cls(frozenset(names | LOOPBACK_NAMES | _machine_names()), port, any_ip_literal=True)
-        names.add(f"[{host.lower()}]" if ":" in host else host.lower())
+            return cls(frozenset(names | LOOPBACK_NAMES | _machine_names()), any_ip_literal=True)
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+            # As browsers write it: "2001:db8:0:0::1" is sent as "[2001:db8::1]".
+            names.add(f"[{address.compressed}]" if address.version == 6 else address.compressed)
+        except ValueError:
+            names.add(host.lower())
         if is_loopback(host):
             names |= LOOPBACK_NAMES
-        return cls(frozenset(names), port)
+        return cls(frozenset(names))
 
     def accepts(self, header: str) -> bool:
         """Whether a request with this ``Host`` header is addressed to this server."""
         parsed = split_host(header)
-        if parsed is None or parsed[1] != self.port:
+        if parsed is None:
             return False
         name = parsed[0]
         return name in self.names or (self.any_ip_literal and _is_ip_literal(name))

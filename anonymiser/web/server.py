@@ -54,6 +54,7 @@ from ..errors import (
     UnsupportedImage,
     WeightsError,
 )
+from ..int_settings import is_decimal
 from ..limits import Limits
 from ..locators.registry import REGISTRY
 from ..pipeline import Anonymiser, Result, Settings, cover_given
@@ -547,7 +548,7 @@ class Handler(BaseHTTPRequestHandler):
         """``Expect: 100-continue`` (curl sends it for uploads) is answered with the final 413 at
         once when the declared size is over the limit, so the client never sends that body."""
         declared = (self.headers.get("Content-Length") or "").strip()
-        if declared.isdigit() and int(declared) > self.app.max_request_bytes:
+        if is_decimal(declared) and int(declared) > self.app.max_request_bytes:
             started = time.perf_counter()
             self._bytes_in = int(declared)
             self._send_error_json(self._too_large(int(declared)))
@@ -667,7 +668,7 @@ class Handler(BaseHTTPRequestHandler):
         declared = self.headers.get_all("Content-Length") or []
         if not declared:
             raise HttpError(411, "length_required", "The request needs a Content-Length header.", close=True)
-        if len(set(declared)) != 1 or not declared[0].strip().isdigit():
+        if len(set(declared)) != 1 or not is_decimal(declared[0].strip()):
             raise HttpError(400, "bad_content_length", "The Content-Length header is not a single number.", close=True)
         length = int(declared[0])
         self._bytes_in = length
@@ -797,10 +798,15 @@ class Handler(BaseHTTPRequestHandler):
         """Whether the client has closed the connection (the whole body was read, so anything
         readable is either the end of the stream or its next, pipelined request). A client that
         only closes its sending side and still waits looks the same; HTTP clients do not."""
+        # poll, not select: select refuses descriptors past 1023, which a busy process with a
+        # raised file limit reaches, and would have every photo there dropped.
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):  # reset by the peer, or already closed
+            if not poller.poll(0):
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:  # reset by the peer
             return True
 
     def _anonymise(self) -> None:
@@ -911,7 +917,7 @@ def make_server(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     """Bind (port 0: any free port) and set the Host names the server answers to
     (:class:`~anonymiser.web.hosts.HostPolicy`)."""
     server = WebServer((host, port), app, max_connections)
-    app.hosts = HostPolicy.for_address(host, server.server_address[1], allow_hosts)
+    app.hosts = HostPolicy.for_address(host, allow_hosts)
     return server
 
 

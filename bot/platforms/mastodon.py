@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 import requests
 
+from anonymiser.int_settings import is_decimal
+
 from .base import (
     Account,
     Event,
@@ -169,7 +171,7 @@ class MastodonPlatform:
         if response.status_code == 429:
             reset = _parse_reset(response.headers.get("X-RateLimit-Reset"))
             retry_after = response.headers.get("Retry-After")
-            wait = float(retry_after) if retry_after and retry_after.isdigit() else (reset - time.time() if reset else 60.0)
+            wait = float(retry_after) if retry_after and is_decimal(retry_after) else (reset - time.time() if reset else 60.0)
             raise RateLimited(f"{method} {path}: 429 rate limited", max(1.0, wait))
         if response.status_code == 404:
             raise NotFound(f"{method} {path}: not found", 404)
@@ -461,7 +463,7 @@ class MastodonPlatform:
 
     def post_id_from_reference(self, reference: str) -> str | None:
         reference = reference.strip().rstrip(".,;:!?)>")
-        if reference.isdigit():
+        if is_decimal(reference):
             return reference
         parsed = urlparse(reference)
         if parsed.scheme not in ("http", "https"):

@@ -46,6 +46,8 @@ import requests
 import tweepy
 from requests_oauthlib import OAuth1
 
+from anonymiser.int_settings import is_decimal
+
 from .base import (
     Account,
     Event,
@@ -306,7 +308,7 @@ class XPlatform:
         for prefix in ("x-rate-limit", "x-user-limit-24hour", "x-app-limit-24hour"):
             remaining = headers.get(f"{prefix}-remaining")
             reset = headers.get(f"{prefix}-reset")
-            if remaining is not None and remaining.strip() == "0" and reset and reset.strip().isdigit():
+            if remaining is not None and remaining.strip() == "0" and reset and is_decimal(reset.strip()):
                 until = max(until, float(reset))
         if until:
             self._blocked[route] = until
@@ -315,7 +317,7 @@ class XPlatform:
         self._note_rate_limit(route, response)
         now = time.time()
         reset = response.headers.get("x-rate-limit-reset", "")
-        resets = [self._blocked.get(route, 0.0)] + ([float(reset)] if reset.strip().isdigit() else [])
+        resets = [self._blocked.get(route, 0.0)] + ([float(reset)] if is_decimal(reset.strip()) else [])
         future = [r for r in resets if r > now]
         wait = max(1.0, max(future) - now) if future else 60.0  # no usable header: a minute
         self._blocked[route] = now + wait
@@ -833,7 +835,7 @@ class XPlatform:
 
     def post_id_from_reference(self, reference: str) -> str | None:
         reference = reference.strip().rstrip(".,;:!?)>")
-        if reference.isdigit():
+        if is_decimal(reference):
             return reference
         parsed = urlparse(reference)
         if parsed.scheme not in ("http", "https") or (parsed.hostname or "").lower() not in _HOSTS:

@@ -253,3 +253,12 @@ def test_the_published_streaming_url_and_when_it_is_not_used(published: object, 
         stream = MastodonPlatform("https://social.example", TOKEN).stream("mentions")
         assert next(stream) is None
         assert seen == [f"Bearer {TOKEN}"]
+
+
+def test_post_references_in_other_digits_are_not_post_ids() -> None:
+    """A takedown DM's bare number is an id only in ASCII digits: "١٢٣" or "²" pass
+    ``str.isdigit`` but are no Mastodon id, and were looked up as one."""
+    platform = MastodonPlatform("https://m.example", TOKEN)
+    assert platform.post_id_from_reference("109876543210.") == "109876543210"
+    assert platform.post_id_from_reference("\u0661\u0662\u0663") is None
+    assert platform.post_id_from_reference("\u00b2") is None

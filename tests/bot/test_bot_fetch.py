@@ -306,6 +306,15 @@ def test_no_trickle_outlasts_the_deadline(head: bytes) -> None:
     assert time.monotonic() - started < 2.5
 
 
+def test_a_length_in_odd_digits_is_a_clean_failure() -> None:
+    """HTTP headers are decoded as Latin-1, so a server can declare its length as "²", which
+    ``str.isdigit`` accepts and ``int()`` refuses: the download fails with the usual safe
+    message (urllib3 refuses the header), never a ValueError that reads as a bug."""
+    url = _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\n\xff\xd8\xff", b"", seconds=0.0)
+    with pytest.raises(FetchError, match="download failed"):
+        fetch(url, 1024, 5.0, allow_private=True)
+
+
 def test_body_of_exactly_the_cap_is_accepted(server: FakeMastodon) -> None:
     body = bytes(range(256)) * 1024
     assert fetch(server.add_file(body), len(body), 5.0, allow_private=True) == body

@@ -84,6 +84,8 @@ def test_x_listener_refuses_to_start_and_lists_the_problems() -> None:
     ("https://mastodon.social/@dave/1890000000000000123", None),
     ("https://evil.example/x.com/dave/status/1", None),
     ("https://x.com.evil.example/dave/status/1", None),
+    ("\u0661\u0662\u0663", None),  # digits to str.isdigit, not a post id
+    ("\u00b2", None),
 ])
 def test_post_id_from_reference(reference: str, expected: str | None) -> None:
     assert XPlatform("b", "k", "s", "t", "ts").post_id_from_reference(reference) == expected
