@@ -59,6 +59,8 @@ MUTANTS = [
     ("PPBRedisUnreachable", "ppb_redis_up == 0", "max(ppb_redis_up) == 0"),
     # Platform retries are not device failures.
     ("PPBGpuHandsJobsOver", 'ppb_job_failures_total{reason="device"}', "ppb_job_failures_total"),
+    # Only refused DMs count, not every finished job.
+    ("PPBDirectMessagesRefused", 'ppb_jobs_total{outcome="dm_refused"}', "ppb_jobs_total"),
 ]
 
 
