@@ -389,7 +389,7 @@ class WebApp:
         self.gate = gate
         self.static = _load_static()
         self.openapi = json.dumps(openapi.document(self.limits, version), indent=2).encode()
-        #: the names requests must be addressed to (None: any); set once the port is known
+        #: the names requests must be addressed to (None: any), set by make_server once bound
         self.hosts: HostPolicy | None = None
 
     @property
