@@ -77,10 +77,17 @@ def may_see(request: Post, target: Post) -> bool:
     replier). For a followers-only or direct post the bot cannot list who follows whom, so it
     trusts the author, the accounts the post mentions where that puts them in its audience
     (Mastodon, not X), and a reply from an account of its own server, which that server accepts
-    only to a post the account may see.
+    only to a post the account may see. A post its server keeps local is for that server's
+    accounts only, whatever its visibility.
     """
     requester = request.account
-    if target.visibility in ("public", "unlisted") or requester.id == target.account.id:
+    if requester.id == target.account.id:
+        return True
+    if target.local_only and not requester.local:
+        # Its server shows it to its own accounts only; a remote reply to it came through a
+        # server that should never have had it.
+        return False
+    if target.visibility in ("public", "unlisted"):
         return True
     if target.mentions_see and target.addresses(requester):
         return True
@@ -255,8 +262,7 @@ class MentionHandler:
         visibility = reply_visibility(target, request)
         if not may_see(request, target):
             # Only the bot's rights reached this post: a copy would widen its audience.
-            self._answer(job, request, messages.NOT_YOURS, visibility, key)
-            return "not_visible"
+            return self._decline(job, request, messages.NOT_YOURS, visibility, key, "not_visible")
         if opted_out(target.account):
             return self._decline(job, request, messages.NOBOT, visibility, key, "opted_out")
         if self.store.taken_down(job.platform, target.id):

@@ -18,7 +18,7 @@ from typing import Callable
 
 from .handler import Job
 from .platforms.base import Event, Platform, PlatformError, RateLimited
-from .takedown import commands_deletion
+from .takedown import asks_deletion, commands_deletion, names_a_post
 from .store import Store
 
 log = logging.getLogger("bot.listener")
@@ -32,15 +32,20 @@ def job_for(event: Event, my_id: str = "") -> Job:
     A direct message without images that replies to nothing, or replies to one of the bot's
     own posts, is a takedown request (the takedown flow tells "please delete this" from
     "thanks!", and leaves talk under the bot's other messages unanswered); so is a public
-    answer to the bot's post that is a command to delete.
+    answer to the bot's post that is a command to delete. Anywhere else in a thread (under the
+    original photo, under someone's request), a message that asks for deletion and names what
+    to delete by link or id is one too: answering it with a fresh copy of the photo would hand
+    the person asking for its removal another copy, and leave the one they named up.
     """
     post = event.post
     answers_me = bool(my_id) and post.in_reply_to_account_id == my_id
+    direct = post.visibility == "direct"
     if event.kind == "hashtag":
         kind = "hashtag"
     elif not post.images and (
-        (post.visibility == "direct" and (post.in_reply_to_id is None or answers_me))
+        (direct and (post.in_reply_to_id is None or answers_me))
         or (answers_me and commands_deletion(post.text))
+        or ((asks_deletion(post.text) if direct else commands_deletion(post.text)) and names_a_post(post.text))
     ):
         kind = "takedown"
     else:

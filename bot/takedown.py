@@ -70,6 +70,15 @@ def references(text: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+#: a link to an account's profile, which names no post ("https://server/@bot@bot.server")
+_PROFILE = re.compile(r"/@[\w.\-]+(?:@[\w.\-]+)?/?$")
+
+
+def names_a_post(text: str) -> bool:
+    """Whether a message names a post by link or id (a profile link names none)."""
+    return any(not _PROFILE.search(ref) for ref in references(text))
+
+
 @dataclass
 class Deleted:
     """What one takedown removed, over all its attempts."""

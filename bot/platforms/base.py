@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Protocol
+from urllib.parse import ParseResult, urlparse
 
 #: from the narrowest audience to the widest
 VISIBILITIES = ("direct", "private", "unlisted", "public")
@@ -185,6 +186,17 @@ class Platform(Protocol):
     def post_id_from_reference(self, reference: str) -> str | None:
         """A post id from a URL or id in a message, if it names a post on this platform."""
         ...
+
+
+def web_link(reference: str) -> ParseResult | None:
+    """``reference`` parsed as an http(s) link, or None: text from a message ("http://[oops")
+    may be no URL at all, and one bad link must not stop the others in the same message."""
+    try:
+        parsed = urlparse(reference)
+        parsed.port  # noqa: B018 - raises on a port that is no number or out of range
+    except ValueError:
+        return None
+    return parsed if parsed.scheme in ("http", "https") else None
 
 
 def narrowest(*visibilities: Visibility) -> Visibility:

@@ -25,6 +25,7 @@ import requests
 from anonymiser.int_settings import is_decimal
 
 from .base import (
+    VISIBILITIES,
     Account,
     Event,
     Media,
@@ -37,6 +38,7 @@ from .base import (
     ServerError,
     StreamUnavailable,
     known_visibility,
+    web_link,
 )
 
 log = logging.getLogger("bot.mastodon")
@@ -238,7 +240,11 @@ class MastodonPlatform:
             media=media,
             tags=tuple(t.get("name", "").lower() for t in data.get("tags", [])),
             addressed=tuple(str(m["id"]) for m in data.get("mentions") or [] if m.get("id")),
-            local_only=bool(data.get("local_only")),
+            # Akkoma's "local" visibility is glitch-soc's local-only flag under another name.
+            local_only=bool(data.get("local_only")) or data.get("visibility") == "local",
+            # Who sees a post of a visibility the bot does not know ("list", "local") is not
+            # known either: being mentioned in it proves nothing.
+            mentions_see=data.get("visibility") in VISIBILITIES,
         )
 
     # -- the Platform interface -------------------------------------------------------------
@@ -465,8 +471,8 @@ class MastodonPlatform:
         reference = reference.strip().rstrip(".,;:!?)>")
         if is_decimal(reference):
             return reference
-        parsed = urlparse(reference)
-        if parsed.scheme not in ("http", "https"):
+        parsed = web_link(reference)
+        if parsed is None:
             return None
         if parsed.netloc.lower() == self.host:
             match = _STATUS_PATH.match(parsed.path)
@@ -474,6 +480,8 @@ class MastodonPlatform:
         # A post on another server: ask ours to resolve it to a local id.
         try:
             found = self._json("GET", "/api/v2/search", params={"q": reference, "type": "statuses", "resolve": "true", "limit": 1})
+        except (RateLimited, ServerError):
+            raise  # the lookup failed, not the link: "not a copy of mine" would be untrue
         except PlatformError:
             return None
         statuses = found.get("statuses") or []

@@ -40,7 +40,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
-from urllib.parse import urlparse
 
 import requests
 import tweepy
@@ -61,6 +60,7 @@ from .base import (
     ReplyDraft,
     ServerError,
     StreamUnavailable,
+    web_link,
 )
 
 log = logging.getLogger("bot.platforms.x")
@@ -162,8 +162,8 @@ def _expand(text: str, entities: dict[str, Any] | None) -> str:
         short = url.get("url")
         if not short:
             continue
-        expanded = urlparse(str(url.get("expanded_url") or ""))
-        dm_media = (expanded.hostname or "").lower() in _HOSTS and expanded.path.startswith("/messages/media/")
+        expanded = web_link(str(url.get("expanded_url") or ""))
+        dm_media = expanded is not None and (expanded.hostname or "").lower() in _HOSTS and expanded.path.startswith("/messages/media/")
         if url.get("media_key") or dm_media or str(url.get("display_url", "")).startswith(("pic.x.com", "pic.twitter.com")):
             text = text.replace(short, "")
         elif url.get("expanded_url"):
@@ -837,8 +837,8 @@ class XPlatform:
         reference = reference.strip().rstrip(".,;:!?)>")
         if is_decimal(reference):
             return reference
-        parsed = urlparse(reference)
-        if parsed.scheme not in ("http", "https") or (parsed.hostname or "").lower() not in _HOSTS:
+        parsed = web_link(reference)
+        if parsed is None or (parsed.hostname or "").lower() not in _HOSTS:
             return None
         match = _STATUS_PATH.match(parsed.path)
         return match.group(1) if match else None

@@ -193,6 +193,8 @@ class FakeMastodon:
             self.idempotency: dict[tuple[str, str], str] = {}
             self.injections: list[Injection] = []
             self.followers: dict[str, set[str]] = {}
+            #: links under which other servers show a status (see :meth:`seen_from`)
+            self.remote_links: dict[str, str] = {}
             #: Mastodon 4.3+'s notification policy of the bot's account, with its defaults
             self.notification_policy = {"for_not_following": "accept", "for_not_followers": "accept",
                                         "for_new_accounts": "accept", "for_private_mentions": "filter",
@@ -644,12 +646,25 @@ class FakeMastodon:
             return False
         if status["visibility"] in ("public", "unlisted"):
             return True
+        if status["visibility"] == "local":  # Akkoma's: every account of this server
+            return "@" not in account["acct"]
         if status["account"]["id"] == account["id"] or any(m["id"] == account["id"] for m in status["mentions"]):
             return True
         return status["visibility"] == "private" and account["id"] in self.followers.get(status["account"]["id"], set())
 
     def visible_to_bot(self, status: dict[str, Any]) -> bool:
         return self.visible_to(self.bot, status)
+
+    def seen_from(self, status: dict[str, Any], server: str) -> str:
+        """The link to ``status`` on another server's web page (``/@user@host/<that server's
+        id>``), the one a person there copies; searching it with ``resolve`` finds the status,
+        as Mastodon does by fetching that page."""
+        host = self.base_url.split("://", 1)[1]
+        acct = status["account"]["acct"]
+        link = f"https://{server}/@{acct if '@' in acct else acct + '@' + host}/{int(status['id']) * 7 + 3}"
+        with self.lock:
+            self.remote_links[link] = status["id"]
+        return link
 
 
 def _page(items: list[dict[str, Any]], query: dict[str, list[str]], default_limit: int, max_limit: int) -> list[dict[str, Any]]:
@@ -1007,7 +1022,8 @@ class _Handler(BaseHTTPRequestHandler):
         statuses = []
         if kind in ("", "statuses") and q.startswith(("http://", "https://")):
             for status in fake.statuses.values():
-                if q in (status["url"], status["uri"]) and fake.visible_to_bot(status):
+                seen_as = q in (status["url"], status["uri"]) or (resolve and fake.remote_links.get(q) == status["id"])
+                if seen_as and fake.visible_to_bot(status):
                     local = not ("@" in status["account"]["acct"])
                     if local or resolve:
                         statuses.append(status)

@@ -97,6 +97,76 @@ def answered_privately(world: World) -> tuple[dict, dict, dict]:
 # -- takedowns --------------------------------------------------------------------------------
 
 
+def answered_publicly(world: World, author_domain: str | None = None) -> tuple[dict, dict, dict]:
+    """dave's public photo, bob's request under it and the bot's public copy."""
+    fake = world.fake
+    dave, bob = fake.add_account("dave", domain=author_domain), fake.add_account("bob")
+    original = fake.post(dave, "Crowd at the square", media=[fake.media(jpeg(64))])
+    request = fake.mention(bob, "cover the faces please", in_reply_to=original)
+    assert world.run(request) == "replied"
+    [copy] = fake.bot_posts()
+    return original, request, copy
+
+
+@pytest.mark.parametrize("visibility", ["direct", "public"])
+@pytest.mark.parametrize("under", ["original", "request"])
+def test_a_deletion_asked_in_the_thread_by_link_is_a_takedown(world: World, under: str, visibility: str) -> None:
+    """Asked under the photo, it used to get the asker a fresh copy (and leave the named one up);
+    asked under someone's request, it went unanswered."""
+    fake = world.fake
+    original, request, copy = answered_publicly(world)
+    carol = fake.add_account("carol")
+    parent = original if under == "original" else request
+    ask = fake.mention(carol, f"please delete {copy['url']}, I am in this photo", in_reply_to=parent, visibility=visibility)
+    assert world.job(ask).kind == "takedown"
+
+    assert world.run(ask) == "deleted"
+    assert fake.deleted == [copy["id"]]
+    assert world.anonymiser.calls == 1, "no new copy for the person asking for its removal"
+    assert world.said()[-1] == "@carol " + messages.TAKEDOWN_DONE.format(count=1)
+
+
+def test_in_the_thread_only_a_named_post_makes_a_deletion_word_a_takedown(world: World) -> None:
+    """"remove the faces" under a photo asks for a copy; so does a link the message does not
+    ask to delete, and a profile link names no post."""
+    fake = world.fake
+    original, _, copy = answered_publicly(world)
+    carol = fake.add_account("carol")
+    for text, visibility in [
+        ("please remove the faces", "direct"),
+        (f"cover this one too, like {copy['url']}", "direct"),
+        (f"please remove the faces, {fake.base_url}/@protestbot", "direct"),
+        (f"I saw {copy['url']}, please delete nothing", "public"),  # public: not a command
+    ]:
+        assert world.job(fake.mention(carol, text, in_reply_to=original, visibility=visibility)).kind == "mention", text
+    assert fake.deleted == []
+
+
+def test_a_failed_lookup_of_a_remote_link_is_retried_not_answered_as_unknown(world: World) -> None:
+    """A link to a post on another server needs the bot's server to look it up; a 503 there
+    said "not a copy of mine" and closed the request, leaving the copy up."""
+    fake = world.fake
+    _, _, copy = answered_publicly(world)
+    carol = fake.add_account("carol", domain="their.example")
+    ask = fake.mention(carol, f"please delete {fake.seen_from(copy, 'their.example')}", visibility="direct")
+    fake.fail("GET", "/api/v2/search", 503)
+    with pytest.raises(ServerError):
+        world.run(ask)
+    assert fake.deleted == [] and world.said()[1:] == []
+
+    assert world.run(ask) == "deleted"  # the task's retry
+    assert fake.deleted == [copy["id"]]
+
+
+def test_a_malformed_link_does_not_stop_the_others_in_a_takedown(world: World) -> None:
+    fake = world.fake
+    _, _, copy = answered_publicly(world)
+    carol = fake.add_account("carol")
+    ask = fake.mention(carol, f"delete http://[oops and {copy['url']} and http://x.example:port/1", visibility="direct")
+    assert world.run(ask) == "deleted"
+    assert fake.deleted == [copy["id"]]
+
+
 def test_thanks_answering_the_copy_does_not_delete_it(world: World) -> None:
     fake = world.fake
     _, _, copy = answered_privately(world)
@@ -346,6 +416,19 @@ def test_the_note_after_a_takedown_follows_the_audience_rules(world: World) -> N
     assert world.said()[-1] == "@eve " + messages.NOT_YOURS
 
 
+def test_a_hashtag_post_under_a_photo_its_author_may_not_see_gets_no_answer(world: World) -> None:
+    """Its author asked nothing: like every other refusal to a hashtag post, this one is silent."""
+    fake = world.fake
+    alice = fake.add_account("alice")
+    fake.follow(fake.bot, alice)
+    private = fake.post(alice, "for my followers", media=[fake.media(jpeg(64))], visibility="private")
+    bob = fake.add_account("bob", domain="elsewhere.example")
+    tagged = fake.post(bob, "what a day #protest", in_reply_to=private)
+    job = Job(platform="mastodon", post_id=tagged["id"], requester_id=bob["id"], kind="hashtag")
+    assert MentionHandler(world.platform(), world.store, world.anonymiser, world.config).handle(job) == "not_visible"
+    assert fake.bot_posts() == []
+
+
 def test_a_hashtag_post_taken_down_is_not_copied_again_and_nothing_is_said(world: World) -> None:
     fake = world.fake
     bob = fake.add_account("bob")
@@ -491,6 +574,26 @@ def test_a_local_followers_only_post_is_never_reposted_in_public(world: World) -
     status["local_only"] = True
     assert world.run(status) == "replied"
     assert fake.bot_posts()[0]["visibility"] == "direct"
+
+
+@pytest.mark.parametrize("marked", ["local_only", "akkoma_local"])
+def test_a_post_kept_on_its_server_is_never_copied_for_a_remote_account(world: World, marked: str) -> None:
+    """Its server shows it to its own accounts only (even when mentioned, a remote account never
+    receives it), so a remote request for it came through a server that should not have it."""
+    fake = world.fake
+    alice = fake.add_account("alice")
+    mallory = fake.add_account("mallory", domain="elsewhere.example")
+    post = fake.post(alice, "for this server only @mallory@elsewhere.example", media=[fake.media(jpeg(64))])
+    if marked == "local_only":
+        post["local_only"] = True
+    else:
+        post["visibility"] = "local"
+    post["mentions"] = [{"id": mallory["id"], "acct": mallory["acct"], "username": "mallory", "url": mallory["url"]}]
+    assert world.run(fake.mention(mallory, "cover it", in_reply_to=post)) == "not_visible"
+    assert [p for p in fake.bot_posts() if p["media_attachments"]] == []
+    bob = fake.add_account("bob")  # an account of the same server may ask
+    assert world.run(fake.mention(bob, "cover it", in_reply_to=post)) == "replied"
+    assert [p["visibility"] for p in fake.bot_posts() if p["media_attachments"]] == ["direct"]
 
 
 def test_an_unknown_visibility_counts_as_direct(world: World) -> None:

@@ -69,13 +69,19 @@ def test_author_with_nobot_gets_no_repost_and_the_requester_an_explanation(world
     assert world.images_of(answer) == []
 
 
-def test_takedown_by_direct_message_deletes_the_copy_and_confirms(world: Any, bot: Pipeline) -> None:
-    dave, bob, carol = world.person("dave"), world.person("bob"), world.person("carol")
+def answered(world: Any, bot: Pipeline) -> tuple[dict[str, Any], dict[str, Any]]:
+    """dave's photo post and the bot's copy for bob."""
+    dave, bob = world.person("dave"), world.person("bob")
     original = world.photo_post(dave, "Crowd at the square", [jpeg(256)])
     request = world.mention(bob, "cover the faces please", in_reply_to=original)
     assert bot.run_all() == ["replied"]
     [reply] = world.replies_to(request)
+    return original, reply
 
+
+def test_takedown_by_direct_message_deletes_the_copy_and_confirms(world: Any, bot: Pipeline) -> None:
+    original, reply = answered(world, bot)
+    carol = world.person("carol")
     world.direct_message(carol, f"I am in this photo, please delete {world.url_of(reply)}")
     assert bot.run_all() == ["deleted"]
     assert world.deleted() == [reply["id"]]
@@ -85,6 +91,15 @@ def test_takedown_by_direct_message_deletes_the_copy_and_confirms(world: Any, bo
     assert bot.run_all() == ["nothing_deleted"]
     assert messages.TAKEDOWN_ALREADY in world.dms_to(carol)[-1]
     assert len(world.dms_to(carol)) == 2 and world.public_posts_by_bot() == []
+
+
+def test_a_malformed_link_does_not_stop_a_takedown(world: Any, bot: Pipeline) -> None:
+    """"http://[oops" is no URL to the parser: it used to end the job with an error, so the copy
+    the same message names stayed up and the sender heard "try again later", for ever."""
+    _, reply = answered(world, bot)
+    world.direct_message(world.person("carol"), f"please delete {world.url_of(reply)} (see also http://[oops )")
+    assert bot.run_all() == ["deleted"]
+    assert world.deleted() == [reply["id"]]
 
 
 def test_after_a_takedown_a_new_request_gets_a_note_not_a_copy(world: Any, bot: Pipeline) -> None:
