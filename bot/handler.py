@@ -274,7 +274,7 @@ class MentionHandler:
                 self._notice(job, request, messages.RATE_LIMITED, visibility, key, f"{job.platform}:{job.requester_id}")
             return "rate_limited"
 
-        results, failures = self._anonymise_all(target)
+        results, copied, failures = self._anonymise_all(target)
         if not results:
             return self._decline(job, request, messages.failed_all(failures), visibility, key, "failed")
         heads = sum(r.report.heads_covered for r in results)
@@ -295,7 +295,7 @@ class MentionHandler:
             )
         )
         self.store.record_reply(job.platform, target.id, job.requester_id, posted.id,
-                                [posted.url, posted.uri, target.url, target.uri], visibility)
+                                [posted.url, posted.uri, target.url, target.uri], visibility, copied)
         if self.store.taken_down(job.platform, target.id):
             # A takedown ran while this copy was being made: it marked the original before
             # reading its copies, and this copy was recorded before this look, so one of the two
@@ -312,8 +312,10 @@ class MentionHandler:
         self.store.check_again(self.platform.name, original_id, time.time())
         delete_copy(self.platform, self.store, original_id, copy)
 
-    def _anonymise_all(self, target: Post) -> tuple[list[Result], list[str]]:
+    def _anonymise_all(self, target: Post) -> tuple[list[Result], list[str], list[str]]:
+        """The anonymised images, the ids of the attachments they copy, and what failed."""
         results: list[Result] = []
+        copied: list[str] = []
         failures: list[str] = []
         images = target.images[: self.config.max_images]
         caps = self.platform.media_limits()
@@ -334,6 +336,7 @@ class MentionHandler:
                 failures.append(f"image {index}: {messages.failure_reason(exc)}")
                 log.info("image_failed", extra={"post_id": target.id, "media_id": media.id, "error": type(exc).__name__, "s": timer()})
                 continue
+            copied.append(media.id)
             log.info("image_done", extra={"post_id": target.id, "media_id": media.id, "heads": results[-1].report.heads_covered, "s": timer()})
         if len(target.images) > self.config.max_images:
             failures.append(f"only the first {self.config.max_images} images were processed")
@@ -341,4 +344,4 @@ class MentionHandler:
         if others:
             # Say so: a reader must not take the copy for the whole post.
             failures.append(f"{others} video, audio or other attachment{'s' if others > 1 else ''} (only photos are anonymised)")
-        return results, failures
+        return results, copied, failures

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import redis
 
@@ -89,6 +89,10 @@ def _visibility_key(platform: str, reply_id: str) -> str:
     return f"{PREFIX}:visibility:{platform}:{reply_id}"
 
 
+def _media_key(platform: str, reply_id: str) -> str:
+    return f"{PREFIX}:copied_media:{platform}:{reply_id}"
+
+
 def _watch_key(platform: str) -> str:
     """The originals watched for withdrawal, scored by when each is checked next."""
     return f"{PREFIX}:watch:{platform}"
@@ -150,10 +154,11 @@ class Store:
         return self.r.get(f"{PREFIX}:done:{platform}:{original_id}:{requester_id}")
 
     def record_reply(self, platform: str, original_id: str, requester_id: str, reply_id: str, urls: list[str],
-                     visibility: str = "public") -> None:
+                     visibility: str = "public", media_ids: Sequence[str] = ()) -> None:
         """Remember a copy: whose request it answered, which original it copies (also by the
-        original's URLs, for takedown links), its ``visibility``, and that the original is now
-        watched for withdrawal (one transaction: a copy is never recorded unwatched)."""
+        original's URLs, for takedown links), its ``visibility``, the ids of the original's
+        attachments it copies, and that the original is now watched for withdrawal (one
+        transaction: a copy is never recorded unwatched)."""
         now = time.time()
         pipe = self.r.pipeline()
         done_key = f"{PREFIX}:done:{platform}:{original_id}:{requester_id}"
@@ -165,12 +170,20 @@ class Store:
             if url:
                 pipe.set(f"{PREFIX}:url:{platform}:{url}", original_id, ex=DONE_TTL_S)
         pipe.set(_visibility_key(platform, reply_id), visibility, ex=DONE_TTL_S)
+        if media_ids:
+            pipe.set(_media_key(platform, reply_id), " ".join(media_ids), ex=DONE_TTL_S)
         self._watch(pipe, platform, original_id, now)
         pipe.execute()
 
     def copy_visibility(self, platform: str, reply_id: str) -> str | None:
         """The visibility a copy was posted with (None for copies recorded before it was kept)."""
         return self.r.get(_visibility_key(platform, reply_id))
+
+    def copied_media(self, platform: str, reply_id: str) -> set[str] | None:
+        """The ids of the original's attachments a copy shows (None for copies recorded before
+        they were kept)."""
+        ids = self.r.get(_media_key(platform, reply_id))
+        return set(ids.split()) if ids else None
 
     def remember_visibility(self, platform: str, reply_id: str, visibility: str) -> None:
         """Keep a copy's visibility once read (a copy recorded before it was kept)."""
@@ -294,7 +307,7 @@ class Store:
         pipe = self.r.pipeline()
         if done_key:
             pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
-        pipe.delete(_visibility_key(platform, reply_id))
+        pipe.delete(_visibility_key(platform, reply_id), _media_key(platform, reply_id))
         pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
         pipe.execute()
 

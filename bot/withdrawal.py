@@ -9,6 +9,8 @@ copied original on a schedule (:data:`STEPS_S` after its first copy, then weekly
 
 - every copy, when the original is gone (deleted, or hidden from the bot), its author opted out,
   or a takedown removed its copies (one made while that ran);
+- the copies of a photo the author edited out of the post (Mastodon keeps an attachment's id
+  through edits, so a copy showing an id the post no longer has shows a withdrawn photo);
 - the copies more public than a copy may be now, when the author narrowed the audience.
 
 Where nothing changed, an original's copies are not even read.
@@ -71,19 +73,28 @@ def doomed_copies(platform: Platform, store: Store, original_id: str, my_id: str
     if reason:
         return list(own_copies(platform, store, original_id, my_id)), reason
     allowed = reply_visibility(original, original)
-    # Only the copies recorded as wider than that (or recorded before visibilities were kept)
-    # are read: where the audience did not narrow, a check costs the original's read alone.
-    known = {r: store.copy_visibility(platform.name, r) for r in store.replies_of(platform.name, original_id)}
+    replies = store.replies_of(platform.name, original_id)
+    still_shown = {m.id for m in original.images}
+    edited_out = {r for r in replies if not (store.copied_media(platform.name, r) or set()) <= still_shown}
+    # Only those and the copies recorded as wider than allowed (or recorded before visibilities
+    # were kept) are read: where nothing changed, a check costs the original's read alone.
+    known = {r: store.copy_visibility(platform.name, r) for r in replies - edited_out}
     suspects = [r for r, seen in known.items() if _wider(seen or "public", allowed)]
-    if not suspects:
+    if not suspects and not edited_out:
         return [], ""
-    narrowed = []
-    for copy in own_copies(platform, store, original_id, my_id, only=suspects):
+    doomed: list[Post] = []
+    reason = ""
+    for copy in own_copies(platform, store, original_id, my_id, only=[*edited_out, *suspects]):
+        if copy.id in edited_out:
+            doomed.append(copy)
+            reason = "edited_out"
+            continue
         if known[copy.id] is None:  # recorded before visibilities were kept: now it is
             store.remember_visibility(platform.name, copy.id, copy.visibility)
         if _wider(copy.visibility, allowed):
-            narrowed.append(copy)
-    return narrowed, "narrowed" if narrowed else ""
+            doomed.append(copy)
+            reason = reason or "narrowed"
+    return doomed, reason
 
 
 def sweep(platform: Platform, store: Store, now: float | None = None, limit: int = PER_ROUND) -> int:

@@ -7,6 +7,7 @@ what the bot says and how many posts it makes, not the image work the end-to-end
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -19,11 +20,12 @@ from bot.handler import Job, MentionHandler
 from bot.listener import Listener, job_for
 from bot.platforms.base import Event, NotFound, RateLimited, ServerError
 from bot.platforms.mastodon import MastodonPlatform, html_to_text
-from bot.store import Store
+from bot.store import FIRST_CHECK_S, Store
 from bot.takedown import TakedownHandler, asks_deletion, commands_deletion
+from bot.withdrawal import sweep
 from bot_harness import RedisServer
 from bot_helpers import jpeg
-from fake_mastodon import TOKEN, FakeMastodon
+from fake_mastodon import TOKEN, FakeMastodon, iso
 
 
 class StandIn:
@@ -601,6 +603,32 @@ def test_an_unknown_visibility_counts_as_direct(world: World) -> None:
     assert MastodonPlatform.parse_post(status).visibility == "direct"
     del status["visibility"]  # a server or relay that leaves it out
     assert MastodonPlatform.parse_post(status).visibility == "direct"
+
+
+def test_a_copy_of_a_photo_edited_out_of_its_post_is_withdrawn(world: World) -> None:
+    """Removing a photo from a post (Mastodon lets an author edit attachments) takes it back as
+    much as deleting the post; copies of the photos still shown stay, and no copy is read."""
+    fake = world.fake
+    dave = fake.add_account("dave")
+    kept, removed = fake.media(jpeg(64)), fake.media(jpeg(64))
+    original = fake.post(dave, "two photos from the square", media=[kept, removed])
+    assert world.run(fake.mention(fake.add_account("bob"), "cover", in_reply_to=original)) == "replied"
+    [both] = fake.bot_posts()
+    start = time.time()
+
+    assert sweep(world.platform(), world.store, start + FIRST_CHECK_S + 1) == 0, "nothing changed"
+    assert fake.deleted == []
+    original["media_attachments"] = [a for a in original["media_attachments"] if a["id"] == kept["id"]]
+    original["edited_at"] = iso(time.time())
+    assert world.run(fake.mention(fake.add_account("erin"), "cover", in_reply_to=original)) == "replied"
+    only_kept = fake.bot_posts()[-1]
+    reads = len(fake.requests)
+
+    assert sweep(world.platform(), world.store, start + 6 * 3600 + 1) == 1
+    assert fake.deleted == [both["id"]]
+    read = [r.path for r in fake.requests[reads:] if r.method == "GET"]
+    assert only_kept["id"] not in " ".join(read), "a copy of photos still shown is not even read"
+    assert world.store.replies_of("mastodon", original["id"]) == {only_kept["id"]}
 
 
 def test_the_reply_says_which_attachments_were_not_anonymised(world: World) -> None:
