@@ -17,6 +17,7 @@ from PIL import Image, ImageCms, ImageFile
 
 from .errors import AnimatedImage, CorruptImage, EmptyImage, ImageTooLarge, ImageTooNarrow, UnsupportedImage
 from .limits import Limits
+from .icc import tame_profile
 
 try:  # HEIC/HEIF support is optional at import time but installed by default
     import pillow_heif
@@ -40,6 +41,17 @@ _DECODERS = {"jpeg": ["JPEG"], "png": ["PNG"], "gif": ["GIF"], "webp": ["WEBP"],
 #: progressive JPEG scans in the primary image: encoders write about 10, and each extra scan is
 #: another pass over the whole picture, so thousands of tiny scans make a 3 MB file take minutes
 MAX_JPEG_SCANS = 100
+#: Pillow reads every segment before the first scan in Python (about 30 µs each) and keeps a
+#: list entry for each: 45 MB of empty APP1 segments took 23 s and 1.6 GB. A photo has a
+#: dozen; an ICC profile split into its most chunks (255), a long XMP and 100 scans' tables fit
+#: well within this
+MAX_JPEG_SEGMENTS = 2000
+#: 0xFF fill bytes, which Pillow also skips one by one in Python (45 MB of them: 35 s); encoders
+#: write none or a few
+MAX_JPEG_FILL = 65536
+#: PNG chunks: Pillow handles each in Python (3.9 million empty ones in 45 MB: 11 s, 0.5 GB);
+#: encoders write image data in chunks of 8 KiB or more, so a 50 MB PNG has a few thousand
+MAX_PNG_CHUNKS = 100_000
 _VIDEO_BRANDS = {b"isom", b"iso2", b"mp41", b"mp42", b"qt  ", b"M4V ", b"3gp4", b"3gp5", b"3gp6", b"3g2a", b"avc1", b"dash", b"f4v "}
 
 
@@ -119,11 +131,8 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
     fmt = sniff(data)
     if fmt == "heif" and not HEIF_AVAILABLE:  # pragma: no cover
         raise UnsupportedImage("HEIC/HEIF support is not installed on this server.")
-    if fmt == "jpeg" and (scans := jpeg_scan_count(data)) > MAX_JPEG_SCANS:
-        raise UnsupportedImage(
-            f"The JPEG file is split into {scans:,} progressive scans; at most {MAX_JPEG_SCANS} are "
-            "accepted (cameras and editors write about 10). Please re-save it as a normal JPEG."
-        )
+    if fmt == "jpeg" and (problem := jpeg_layout(data).problem()):
+        raise UnsupportedImage(problem)
     if fmt == "png":
         data = without_png_text(data)
     try:
@@ -187,12 +196,20 @@ def without_png_text(data: bytes) -> bytes:
     (editors embed XMP packets that large), which made a sound photo "damaged"; its XMP would
     also turn the photo by an orientation that viewers ignore. Walks the chunk headers only;
     returns ``data`` itself when there is nothing to drop or the layout is not understood
-    (Pillow then says what is wrong)."""
+    (Pillow then says what is wrong). ``UnsupportedImage`` for a file of more than
+    :data:`MAX_PNG_CHUNKS` chunks."""
     keep: list[memoryview] = []
     view = memoryview(data)
     start = pos = 8
     dropped = False
+    chunks = 0
     while pos + 12 <= len(data):
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise UnsupportedImage(
+                f"The PNG file is cut into more than {MAX_PNG_CHUNKS:,} pieces (chunks), which no "
+                "camera or editor writes. Please re-save it as a normal PNG."
+            )
         length = int.from_bytes(data[pos:pos + 4], "big")
         kind = bytes(data[pos + 4:pos + 8])
         end = pos + 12 + length
@@ -209,8 +226,32 @@ def without_png_text(data: bytes) -> bytes:
     return b"".join([view[:8], *keep, view[start:]])
 
 
-def jpeg_scan_count(data: bytes) -> int:
-    """How many scans (SOS markers) the primary image of a JPEG has, counted without decoding.
+@dataclass(frozen=True)
+class JpegLayout:
+    """What the marker walk of a JPEG found, each count stopping one past its limit."""
+
+    #: scans (SOS markers) of the primary image
+    scans: int
+    #: marker segments with a length (APPn, COM, tables, frame and scan headers)
+    segments: int
+    #: 0xFF fill bytes before markers, between segments and inside entropy-coded data
+    fill: int
+
+    def problem(self) -> str | None:
+        """Why the file is refused before decoding, or None."""
+        if self.scans > MAX_JPEG_SCANS:
+            return (f"The JPEG file is split into more than {MAX_JPEG_SCANS} progressive scans (cameras "
+                    "and editors write about 10). Please re-save it as a normal JPEG.")
+        if self.segments > MAX_JPEG_SEGMENTS or self.fill > MAX_JPEG_FILL:
+            return ("The JPEG file is padded with thousands of empty header segments or filler bytes, "
+                    "which no camera or editor writes. Please re-save it as a normal JPEG.")
+        return None
+
+
+def jpeg_layout(data: bytes) -> JpegLayout:
+    """The scans, segments and fill bytes of a JPEG's primary image, counted without decoding;
+    the walk stops as soon as one count is past its limit, so a file of millions of tiny
+    segments costs as little as a normal one.
 
     Walks the marker structure as libjpeg reads it: segments are skipped by their lengths (so
     an EXIF thumbnail or a COM payload is never mistaken for markers), bytes that are not a
@@ -218,8 +259,14 @@ def jpeg_scan_count(data: bytes) -> int:
     next marker that is not stuffing or a restart, and the walk ends at the first EOI (images
     appended after it, such as MPF depth maps, are never decoded).
     """
-    n, pos, scans = len(data), 2, 0
+    n, pos, scans, segments, fill = len(data), 2, 0, 0, 0
+
+    def layout() -> JpegLayout:
+        return JpegLayout(scans, segments, fill)
+
     while pos + 1 < n:
+        if scans > MAX_JPEG_SCANS or segments > MAX_JPEG_SEGMENTS or fill > MAX_JPEG_FILL:
+            break
         if data[pos] != 0xFF:  # junk between segments: libjpeg warns and skips it
             pos = data.find(b"\xff", pos)
             if pos < 0:
@@ -227,6 +274,7 @@ def jpeg_scan_count(data: bytes) -> int:
             continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
+            fill += 1
             pos += 1
             continue
         if marker == 0xD9:
@@ -236,22 +284,29 @@ def jpeg_scan_count(data: bytes) -> int:
             continue
         if pos + 4 > n:
             break
+        segments += 1
         pos += 2 + max(2, int.from_bytes(data[pos + 2 : pos + 4], "big"))
         if marker != 0xDA:
             continue
         scans += 1
-        while True:  # entropy-coded data up to the next real marker
+        while fill <= MAX_JPEG_FILL:  # entropy-coded data up to the next real marker
             pos = data.find(b"\xff", pos)
             if pos < 0 or pos + 1 >= n:
-                return scans
+                return layout()
             follower = data[pos + 1]
             if follower == 0x00 or 0xD0 <= follower <= 0xD7:
                 pos += 2
             elif follower == 0xFF:
+                fill += 1
                 pos += 1
             else:
                 break
-    return scans
+    return layout()
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """How many scans (SOS markers) the primary image of a JPEG has (see :func:`jpeg_layout`)."""
+    return jpeg_layout(data).scans
 
 
 def _exif_orientation(image: Image.Image) -> int:
@@ -356,6 +411,7 @@ _SRGB = ImageCms.createProfile("sRGB")
 
 def _convert_colour(image: Image.Image, icc: bytes | None) -> Image.Image:
     """Convert to sRGB through the embedded ICC profile when there is one."""
+    icc = tame_profile(icc) if icc else None
     if icc:
         try:
             source = ImageCms.ImageCmsProfile(io.BytesIO(icc))

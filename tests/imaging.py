@@ -359,8 +359,10 @@ def _s15(value: float) -> bytes:
 
 
 def icc_rgb_profile(red: tuple[float, float, float], green: tuple[float, float, float],
-                    blue: tuple[float, float, float], gamma: float = 2.2) -> bytes:
-    """A minimal ICC v2 RGB matrix/TRC display profile with the given D50 colorants."""
+                    blue: tuple[float, float, float], gamma: float = 2.2,
+                    extra_tags: tuple[tuple[bytes, bytes], ...] = (), version: int = 2) -> bytes:
+    """A minimal ICC RGB matrix/TRC display profile (v2 unless told) with the given D50
+    colorants, and any ``extra_tags``."""
 
     def xyz(x: float, y: float, z: float) -> bytes:
         return b"XYZ \x00\x00\x00\x00" + _s15(x) + _s15(y) + _s15(z)
@@ -378,6 +380,7 @@ def icc_rgb_profile(red: tuple[float, float, float], green: tuple[float, float, 
         (b"rTRC", curve),
         (b"gTRC", curve),
         (b"bTRC", curve),
+        *extra_tags,
     ]
     offset = 128 + 4 + 12 * len(tags)
     table, body = b"", b""
@@ -387,11 +390,22 @@ def icc_rgb_profile(red: tuple[float, float, float], green: tuple[float, float, 
         body += data
     size = 128 + 4 + len(table) + len(body)
     header = (
-        struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + b"\x00" * 12
+        struct.pack(">I", size) + b"lcms" + bytes([version, 0x10, 0, 0]) + b"mntrRGB XYZ " + b"\x00" * 12
         + b"acspAPPL" + b"\x00" * 24 + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + b"\x00" * 48
     )
     assert len(header) == 128
     return header + struct.pack(">I", len(tags)) + table + body
+
+
+def chained_float_tag(elements: int, value: float = 0.5) -> bytes:
+    """A ``multiProcessElementType`` (``mpet``) tag chaining ``elements`` copies of one 2x2x2
+    CLUT stage that maps every colour to ``value`` grey; every entry of its position table
+    points at the same bytes, so the tag stays small however long the chain."""
+    clut = (b"clut\x00\x00\x00\x00" + struct.pack(">HH", 3, 3) + bytes([2, 2, 2] + [0] * 13)
+            + struct.pack(">24f", *[value] * 24))
+    head = b"mpet\x00\x00\x00\x00" + struct.pack(">HHI", 3, 3, elements)
+    position = struct.pack(">II", len(head) + 8 * elements, len(clut))
+    return head + position * elements + clut
 
 
 #: sRGB's D50-adapted colorants

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import resource
 import time
+import zlib
 from functools import lru_cache
 
 import numpy as np
@@ -13,7 +14,18 @@ import pytest
 from PIL import Image, PngImagePlugin, features
 
 from anonymiser import errors
-from anonymiser.decode import FLATTEN_BACKGROUND, MAX_JPEG_SCANS, decode, jpeg_scan_count, sniff, without_png_text
+from anonymiser.decode import (
+    FLATTEN_BACKGROUND,
+    MAX_JPEG_FILL,
+    MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    MAX_PNG_CHUNKS,
+    decode,
+    jpeg_layout,
+    jpeg_scan_count,
+    sniff,
+    without_png_text,
+)
 from anonymiser.limits import Limits
 
 from imaging import (
@@ -22,7 +34,12 @@ from imaging import (
     exif_block,
     gif_bytes,
     grey_jpeg_bytes,
+    SRGB_BLUE,
+    SRGB_GREEN,
+    SRGB_RED,
+    chained_float_tag,
     heic_bytes,
+    icc_rgb_profile,
     jpeg_bytes,
     jpeg_with_metadata,
     orient_expected,
@@ -158,6 +175,34 @@ def test_icc_profile_is_applied(fmt: str) -> None:
     assert np.abs(rgb[4, 4] - (0, 255, 0)).max() <= 3
     assert np.abs(rgb[4, 12] - (255, 0, 0)).max() <= 3
     assert np.abs(rgb[4, 20] - (0, 0, 255)).max() <= 3
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_a_profiles_chained_float_tags_are_never_run(fmt: str) -> None:
+    """A ``D2B0`` tag chains processing elements without a bound, and LittleCMS runs the
+    whole chain at 33³ points while building a transform, preferring it to the matrix: 10,000
+    elements in an 81 KB JPEG took 10 s to decode, 100,000 six minutes. The profile's matrix and
+    curves describe the colours instead (here: red and green swapped, as the float chain's flat
+    grey would not)."""
+    chained = icc_rgb_profile(SRGB_GREEN, SRGB_RED, SRGB_BLUE, version=4,
+                              extra_tags=((b"D2B0", chained_float_tag(200)),))
+    stored = np.zeros((8, 16, 3), np.uint8)
+    stored[:, :8] = (255, 0, 0)
+    stored[:, 8:] = (0, 255, 0)
+    image = Image.fromarray(stored)
+    data = (save(image, "PNG", icc_profile=chained) if fmt == "png"
+            else save(image, "JPEG", quality=100, subsampling=0, icc_profile=chained))
+    rgb = decode(data).rgb.astype(int)
+    assert np.abs(rgb[4, 4] - (0, 255, 0)).max() <= 3
+    assert np.abs(rgb[4, 12] - (255, 0, 0)).max() <= 3
+
+
+def test_a_profile_with_an_unreadable_tag_table_is_not_used() -> None:
+    """A tag table running past the profile's end: converted as if there were no profile."""
+    broken = bytearray(swapped_icc_profile())
+    broken[128:132] = (10_000).to_bytes(4, "big")
+    data = save(Image.fromarray(PATTERN), "PNG", icc_profile=bytes(broken))
+    assert mean_error(decode(data).rgb, PATTERN) < 1.5
 
 
 def test_srgb_icc_profile_leaves_pixels_alone() -> None:
@@ -433,8 +478,43 @@ def test_progressive_jpeg_scans_are_counted_before_decoding() -> None:
     assert jpeg_scan_count(within) == MAX_JPEG_SCANS
     assert decode(within).rgb.shape == PATTERN.shape
     hostile = _with_repeated_last_scan(progressive, 5000)
-    with pytest.raises(errors.UnsupportedImage, match="5,0.. progressive scans"):
+    with pytest.raises(errors.UnsupportedImage, match=f"more than {MAX_JPEG_SCANS} progressive scans"):
         decode(hostile)
+
+
+def _padded(jpeg: bytes, segment: bytes, copies: int) -> bytes:
+    return jpeg[:2] + segment * copies + jpeg[2:]
+
+
+@pytest.mark.parametrize("padding", ["app1", "com", "fill"])
+def test_a_jpeg_padded_with_empty_segments_is_refused_before_decoding(padding: str) -> None:
+    """Pillow reads each header segment and fill byte in Python: 45 MB of empty APP1 segments
+    took 23 s and 1.6 GB to open, of fill bytes 35 s. As many as a photo carries still decode
+    (an ICC profile in its most chunks, 255, and more)."""
+    segment, limit = {
+        "app1": (b"\xff\xe1\x00\x02", MAX_JPEG_SEGMENTS),
+        "com": (b"\xff\xfe\x00\x03x", MAX_JPEG_SEGMENTS),
+        "fill": (b"\xff", MAX_JPEG_FILL),
+    }[padding]
+    plain = jpeg_bytes(PATTERN)
+    ordinary = _padded(plain, segment, 300)
+    assert decode(ordinary).rgb.shape == PATTERN.shape
+    assert jpeg_layout(_padded(plain, segment, limit - 20)).problem() is None
+    hostile = _padded(plain, segment, 500_000)
+    layout = jpeg_layout(hostile)
+    assert max(layout.segments, layout.fill) == limit + 1, "the walk stops just past the limit"
+    with pytest.raises(errors.UnsupportedImage, match="padded with thousands"):
+        decode(hostile)
+
+
+def test_a_png_cut_into_a_million_chunks_is_refused_before_decoding() -> None:
+    """3.9 million empty private chunks in 45 MB took Pillow 11 s and 0.5 GB."""
+    plain = png_bytes(PATTERN)
+    empty = (0).to_bytes(4, "big") + b"prVt" + zlib.crc32(b"prVt").to_bytes(4, "big")
+    ihdr_end = 8 + 25
+    assert decode(plain[:ihdr_end] + empty * 1000 + plain[ihdr_end:]).rgb.shape == PATTERN.shape
+    with pytest.raises(errors.UnsupportedImage, match="more than 100,000 pieces"):
+        decode(plain[:ihdr_end] + empty * (MAX_PNG_CHUNKS + 1) + plain[ihdr_end:])
 
 
 def test_scans_of_an_exif_thumbnail_are_not_counted() -> None:
