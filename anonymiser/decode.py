@@ -9,6 +9,7 @@ can let a covered head show through an alpha channel.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -179,7 +180,10 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
         raise
     except Image.DecompressionBombError as exc:  # pragma: no cover - our check comes first
         raise ImageTooLarge(str(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning,
+            # what Pillow's plugins raise on some cut or damaged headers (a GIF cut inside its
+            # second frame's header: struct.error or IndexError while counting frames)
+            struct.error, IndexError, KeyError, TypeError) as exc:
         raise CorruptImage(f"The {fmt.upper()} file is damaged or truncated and cannot be read.") from exc
     except (MemoryError, RuntimeError) as exc:
         raise CorruptImage(f"The {fmt.upper()} file cannot be decoded.") from exc

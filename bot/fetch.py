@@ -187,7 +187,9 @@ def _download(url: str, max_bytes: int, timeout_s: float, allow_private: bool, h
             # Images need no compression, and a decoder is one more place for bytes to pile up.
             response = http.get(url, stream=True, timeout=timeout_s, allow_redirects=False,
                                 headers={"Accept-Encoding": "identity"})
-        except requests.RequestException as exc:
+        except (requests.RequestException, ValueError) as exc:
+            # ValueError: requests parses a redirect's Location while answering, and
+            # "http://[::1/x" is no address at all
             raise FetchError(f"the media could not be downloaded ({type(exc).__name__})") from None
         with response:
             if response.is_redirect:

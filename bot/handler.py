@@ -295,7 +295,10 @@ class MentionHandler:
             )
         )
         self.store.record_reply(job.platform, target.id, job.requester_id, posted.id,
-                                [posted.url, posted.uri, target.url, target.uri], visibility, copied)
+                                [posted.url, posted.uri, target.url, target.uri], visibility, copied,
+                                # a redelivery finding the original gone (deleted, its photos
+                                # edited out) must still see that this request has its answer
+                                answered=f"note:{key}")
         if self.store.taken_down(job.platform, target.id):
             # A takedown ran while this copy was being made: it marked the original before
             # reading its copies, and this copy was recorded before this look, so one of the two

@@ -80,11 +80,13 @@ class Listener:
         self.resync_s = max(10 * poll_interval_s, 2.0)
         self.stop = threading.Event()
         self.enqueued = 0
+        #: channels whose last poll stopped before an event claimed elsewhere
+        self.held: dict[str, bool] = {}
 
-    def handle(self, channel: str, event: Event) -> bool:
-        """Enqueue the event's job once, then move the channel's cursor past it. False (the
-        cursor left before it) while another claim on the event is pending: if that one fails,
-        a later poll must still find the event."""
+    def handle(self, channel: str, event: Event, move_cursor: bool = True) -> bool:
+        """Enqueue the event's job once, then move the channel's cursor past it (unless told
+        not to). False (the cursor left before it) while another claim on the event is pending:
+        if that one fails, a later poll must still find the event."""
         me = self.platform.me()
         post = event.post
         if not event.skip and post.account.id != me.id and not post.account.bot:
@@ -108,7 +110,8 @@ class Listener:
                 log.info("enqueued", extra={"channel": channel, "post_id": job.post_id, "kind": job.kind})
         # The cursor moves only after the job is safely in the queue: at-least-once, and the
         # first-sighting key turns that into exactly once.
-        self.store.set_cursor(self.platform.name, channel, event.id)
+        if move_cursor:
+            self.store.set_cursor(self.platform.name, channel, event.id)
         return True
 
     def catch_up(self, channel: str) -> int:
@@ -128,8 +131,10 @@ class Listener:
             self.store.set_cursor(self.platform.name, channel, start)
             log.info("cursor_initialised", extra={"channel": channel, "cursor": start})
             return 0
+        self.held[channel] = False
         for event in events:
             if not self.handle(channel, event):
+                self.held[channel] = True
                 break  # the next poll starts from here again
         return len(events)
 
@@ -171,7 +176,11 @@ class Listener:
                             # moves the cursor past it.
                             self.catch_up(channel)
                             caught_up = True
-                        self.handle(channel, event)
+                        # While an earlier event's claim is pending, a streamed one is queued
+                        # but must not move the cursor past that event: if the claim dies with
+                        # the process that made it, only a poll from before it finds it again.
+                        if not self.handle(channel, event, move_cursor=not self.held.get(channel)):
+                            self.held[channel] = True
                         backoff = max(1.0, self.poll_interval_s)
                         if self.stop.is_set():
                             return

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+#: a URL's path, query and fragment, after its scheme and host
+_URL_REST = re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://[^/\s?#'\"<>]+)[^\s'\"<>)]*")
+
+
+def without_url_paths(text: str) -> str:
+    """``text`` with every URL cut back to its scheme and host: a library's own log line (urllib3
+    warns "Failed to parse headers (url=...)" with the whole media URL) must not carry a
+    capability link into the log."""
+    return _URL_REST.sub(r"\1/…", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,11 +27,12 @@ class JsonFormatter(logging.Formatter):
             "t": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": without_url_paths(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+                value = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+                entry[key] = without_url_paths(value) if isinstance(value, str) else value
         if record.exc_info and record.exc_info[0] is not None:
             entry["error"] = record.exc_info[0].__name__
         return json.dumps(entry)

@@ -89,6 +89,10 @@ def _visibility_key(platform: str, reply_id: str) -> str:
     return f"{PREFIX}:visibility:{platform}:{reply_id}"
 
 
+def _finished_key(key: str) -> str:
+    return f"{PREFIX}:finished:{key}"
+
+
 def _media_key(platform: str, reply_id: str) -> str:
     return f"{PREFIX}:copied_media:{platform}:{reply_id}"
 
@@ -154,11 +158,12 @@ class Store:
         return self.r.get(f"{PREFIX}:done:{platform}:{original_id}:{requester_id}")
 
     def record_reply(self, platform: str, original_id: str, requester_id: str, reply_id: str, urls: list[str],
-                     visibility: str = "public", media_ids: Sequence[str] = ()) -> None:
+                     visibility: str = "public", media_ids: Sequence[str] = (), answered: str = "") -> None:
         """Remember a copy: whose request it answered, which original it copies (also by the
         original's URLs, for takedown links), its ``visibility``, the ids of the original's
-        attachments it copies, and that the original is now watched for withdrawal (one
-        transaction: a copy is never recorded unwatched)."""
+        attachments it copies, that the job ``answered`` (keyed by the request) is done, and
+        that the original is now watched for withdrawal (one transaction: a copy is never
+        recorded unwatched, nor its request left looking unanswered)."""
         now = time.time()
         pipe = self.r.pipeline()
         done_key = f"{PREFIX}:done:{platform}:{original_id}:{requester_id}"
@@ -172,6 +177,8 @@ class Store:
         pipe.set(_visibility_key(platform, reply_id), visibility, ex=DONE_TTL_S)
         if media_ids:
             pipe.set(_media_key(platform, reply_id), " ".join(media_ids), ex=DONE_TTL_S)
+        if answered:
+            pipe.set(_finished_key(answered), reply_id, ex=DONE_TTL_S)
         self._watch(pipe, platform, original_id, now)
         pipe.execute()
 
@@ -322,10 +329,10 @@ class Store:
 
     def done(self, key: str) -> str | None:
         """What was recorded when the job ``key`` finished (e.g. the id of the bot's answer)."""
-        return self.r.get(f"{PREFIX}:finished:{key}")
+        return self.r.get(_finished_key(key))
 
     def mark_done(self, key: str, value: str) -> None:
-        self.r.set(f"{PREFIX}:finished:{key}", value, ex=DONE_TTL_S)
+        self.r.set(_finished_key(key), value, ex=DONE_TTL_S)
 
     def once(self, key: str, ttl_s: int) -> bool:
         """True the first time ``key`` is claimed within ``ttl_s`` seconds, False after that."""

@@ -205,6 +205,25 @@ def test_a_profile_with_an_unreadable_tag_table_is_not_used() -> None:
     assert mean_error(decode(data).rgb, PATTERN) < 1.5
 
 
+@pytest.mark.parametrize("kind", ["animated gif", "gif", "png", "jpeg", "webp"])
+def test_every_cut_of_a_file_decodes_or_is_a_typed_error(kind: str) -> None:
+    """Cut anywhere, a file is a photo or a typed error, never another exception: a GIF cut in
+    its second frame's header raised struct.error or IndexError, which sank the whole post."""
+    small = PATTERN[:24, :24]
+    data = {
+        "animated gif": lambda: animated_bytes("GIF"),
+        "gif": lambda: gif_bytes(small),
+        "png": lambda: png_bytes(small),
+        "jpeg": lambda: jpeg_bytes(small),
+        "webp": lambda: webp_bytes(small),
+    }[kind]()
+    for cut in range(len(data)):
+        try:
+            decode(data[:cut])
+        except errors.AnonymiserError:
+            pass
+
+
 def test_srgb_icc_profile_leaves_pixels_alone() -> None:
     """An embedded sRGB profile is (nearly) an identity conversion."""
     data = save(Image.fromarray(PATTERN), "PNG", icc_profile=srgb_icc_profile())

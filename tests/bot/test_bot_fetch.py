@@ -3,6 +3,9 @@ or local addresses (checked again on every redirect hop)."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import shutil
 import socket
 import ssl
@@ -19,6 +22,7 @@ import responses
 
 from bot import fetch as fetching
 from bot.fetch import FetchError, MediaTooLarge, fetch
+from bot.logs import JsonFormatter
 from fake_mastodon import FakeMastodon
 
 PUBLIC = {"photos.example": "93.184.216.34", "cdn.example": "151.101.1.140"}
@@ -133,6 +137,17 @@ def test_non_http_urls_are_refused(dns: None, url: str) -> None:
     with pytest.raises(FetchError, match="not http"):
         fetch(url, 1024, 5.0)
     assert len(responses.calls) == 0
+
+
+@pytest.mark.parametrize("location", ["http://[::1/x.jpg", "http://[abc]/x.jpg", "//[zz]/x.jpg"])
+@responses.activate
+def test_a_redirect_to_a_malformed_address_fails_that_image_only(dns: None, location: str) -> None:
+    """``urljoin`` raised ValueError, which no caller expects: the whole post was dead-lettered
+    (its other photos never anonymised) and the requester heard only "try again later"."""
+    responses.get("https://photos.example/a.jpg", status=302, headers={"Location": location})
+    with pytest.raises(FetchError, match="could not be downloaded") as caught:
+        fetch("https://photos.example/a.jpg", 1024, 5.0)
+    assert location not in str(caught.value)
 
 
 @responses.activate
@@ -306,10 +321,8 @@ def test_no_trickle_outlasts_the_deadline(head: bytes) -> None:
     assert time.monotonic() - started < 2.5
 
 
-def test_a_length_in_odd_digits_is_no_crash() -> None:
-    """HTTP headers are decoded as Latin-1, so a server can declare its length as "²", which
-    ``str.isdigit`` accepts and ``int()`` refuses (a ValueError that dead-lettered the job): the
-    declared length is ignored and the body read under the cap, as without one."""
+def answer_once(response: bytes) -> int:
+    """A loopback server that answers one request with the raw ``response``; its port."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -323,12 +336,41 @@ def test_a_length_in_odd_digits_is_no_crash() -> None:
                 if not chunk:
                     return
                 request += chunk
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\n\xff\xd8\xff")
+            conn.sendall(response)
         listener.close()
 
     threading.Thread(target=serve, daemon=True).start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/photo.jpg"
+    return listener.getsockname()[1]
+
+
+def test_a_length_in_odd_digits_is_no_crash() -> None:
+    """HTTP headers are decoded as Latin-1, so a server can declare its length as "²", which
+    ``str.isdigit`` accepts and ``int()`` refuses (a ValueError that dead-lettered the job): the
+    declared length is ignored and the body read under the cap, as without one."""
+    port = answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\n\xff\xd8\xff")
+    url = f"http://127.0.0.1:{port}/photo.jpg"
     assert fetch(url, 1024, 5.0, allow_private=True) == b"\xff\xd8\xff"
+
+
+def test_a_librarys_warning_about_a_media_server_does_not_log_its_url() -> None:
+    """urllib3 warns "Failed to parse headers (url=...)" with the whole URL when a header line
+    has no colon: in the worker's JSON log, the path and query (a capability link) are cut."""
+    port = answer_once(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nno colon here\r\n"
+                       b"Content-Length: 3\r\nConnection: close\r\n\r\nabc")
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        fetch(f"http://127.0.0.1:{port}/media/7f3c9a1e-capability/photo.jpg?token=s3cr3t", 1024, 5.0, allow_private=True)
+    except FetchError:
+        pass
+    finally:
+        root.removeHandler(handler)
+    [warning] = [json.loads(line) for line in written.getvalue().splitlines()]
+    assert warning["msg"].startswith(f"Failed to parse headers (url=http://127.0.0.1:{port}/…")
+    assert "capability" not in written.getvalue() and "s3cr3t" not in written.getvalue()
 
 
 def test_body_of_exactly_the_cap_is_accepted(server: FakeMastodon) -> None:

@@ -7,6 +7,7 @@ what the bot says and how many posts it makes, not the image work the end-to-end
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -18,7 +19,7 @@ from bot import messages
 from bot.config import BotConfig
 from bot.handler import Job, MentionHandler
 from bot.listener import Listener, job_for
-from bot.platforms.base import Event, NotFound, RateLimited, ServerError
+from bot.platforms.base import Account, Event, NotFound, Post, RateLimited, ServerError
 from bot.platforms.mastodon import MastodonPlatform, html_to_text
 from bot.store import FIRST_CHECK_S, Store
 from bot.takedown import TakedownHandler, asks_deletion, commands_deletion
@@ -443,8 +444,8 @@ def test_a_hashtag_post_taken_down_is_not_copied_again_and_nothing_is_said(world
     assert world.run(fake.mention(carol, f"delete {copy['url']}", visibility="direct")) == "deleted"
     posts_before = len(fake.bot_posts())
 
-    # the same post seen again (a second listener, the first sighting expired)
-    assert handler.handle(job) == "taken_down"
+    # the same post seen again (a second listener, the first sighting expired): it was answered
+    assert handler.handle(job) == "already_done"
     assert len(fake.bot_posts()) == posts_before, "silent: the author of a hashtag post asked nothing"
     assert world.anonymiser.calls == 1
 
@@ -631,6 +632,23 @@ def test_a_copy_of_a_photo_edited_out_of_its_post_is_withdrawn(world: World) -> 
     assert world.store.replies_of("mastodon", original["id"]) == {only_kept["id"]}
 
 
+@pytest.mark.parametrize("change", ["deleted", "photos edited out"])
+def test_a_redelivered_job_whose_original_changed_does_not_answer_again(world: World, change: str) -> None:
+    """The copy was posted and recorded, then the worker died before its ack; by the time the
+    job comes back the original is gone. The copy's record is keyed by the original, which the
+    job can no longer find: it used to post a "gone" or "no photo" note as a second answer."""
+    fake = world.fake
+    original = fake.post(fake.add_account("dave"), "the square", media=[fake.media(jpeg(64))])
+    request = fake.mention(fake.add_account("bob"), "cover", in_reply_to=original)
+    assert world.run(request) == "replied"
+    if change == "deleted":
+        fake.deleted.append(original["id"])
+    else:
+        original["media_attachments"] = []
+    assert world.run(request) == "already_done"
+    assert len(fake.bot_posts()) == 1
+
+
 def test_the_reply_says_which_attachments_were_not_anonymised(world: World) -> None:
     fake = world.fake
     alice = fake.add_account("alice")
@@ -731,6 +749,56 @@ def test_a_mention_whose_enqueue_failed_is_queued_by_the_next_poll(world: World)
         listener.catch_up("mentions")
     assert listener.catch_up("mentions") == 1
     assert [j.post_id for j in queued] == [request["id"]]
+
+
+class _Streaming:
+    """A platform whose poll returns ``history`` and whose stream delivers ``streamed``, then
+    stops the listener."""
+
+    name = "mastodon"
+    watches_hashtags = False
+
+    def __init__(self, history: list[Event], streamed: list[Event], stop: threading.Event) -> None:
+        self.history, self.streamed, self.stop = history, streamed, stop
+
+    def me(self) -> Account:
+        return Account(id="bot", acct="bot")
+
+    def mentions_since(self, since: str | None) -> list[Event]:
+        return [e for e in self.history if since is None or (len(e.id), e.id) > (len(since), since)]
+
+    def stream(self, channel: str) -> Iterator[Event | None]:
+        yield from self.streamed
+        self.stop.set()
+        yield None
+
+
+def test_a_streamed_mention_does_not_move_the_cursor_past_one_claimed_elsewhere(world: World) -> None:
+    """A listener claimed mention 11 and was killed before queueing it. The next listener's poll
+    stops before it, as it should; a streamed mention 12 then moved the cursor past it, so once
+    the dead claim expired no poll ever looked at 11 again."""
+    store = world.store
+    store.set_cursor("mastodon", "mentions", "10")
+
+    def mention(event_id: str, who: str) -> Event:
+        return Event("mention", event_id, Post(id=f"p{event_id}", account=Account(id=who, acct=who), text="@bot"))
+
+    earlier, later = mention("11", "alice"), mention("12", "bob")
+    assert store.first_sighting("mastodon", "p11", "alice") == "new"  # the dead listener's claim
+    stop = threading.Event()
+    platform = _Streaming([earlier], [later], stop)
+    queued: list[Job] = []
+    listener = Listener(platform, store, queued.append, poll_interval_s=0.05)  # type: ignore[arg-type]
+    listener.stop = stop
+    listener.run_channel("mentions")
+    assert [j.post_id for j in queued] == ["p12"]
+    assert store.cursor("mastodon", "mentions") == "10"
+
+    store.unsee("mastodon", "p11", "alice")  # the dead claim expires
+    platform.history = [earlier, later]
+    listener.catch_up("mentions")
+    assert [j.post_id for j in queued] == ["p12", "p11"], "11 found again, 12 not queued twice"
+    assert store.cursor("mastodon", "mentions") == "12"
 
 
 def test_a_mention_is_not_lost_when_redis_fails_between_claim_and_enqueue(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
