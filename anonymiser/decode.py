@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile
 
 from .errors import AnimatedImage, CorruptImage, EmptyImage, ImageTooLarge, ImageTooNarrow, UnsupportedImage
-from .limits import Limits
 from .icc import tame_profile
+from .isobmff import primary_layout
+from .limits import Limits
 
 try:  # HEIC/HEIF support is optional at import time but installed by default
     import pillow_heif
@@ -136,6 +137,9 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
         raise UnsupportedImage(problem)
     if fmt == "png":
         data = without_png_text(data)
+    # What the decoders' size reports hide: the pixels a derived (grid) image is built from, and
+    # an AVIF's clean aperture, which Pillow does not apply (libheif does, for HEIF).
+    layout = primary_layout(data) if fmt in ("heif", "avif") else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -147,8 +151,18 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
                     f"The image is {width}x{height} = {width * height:,} pixels; "
                     f"the limit is {limits.max_input_pixels:,} pixels."
                 )
+            if layout is not None and layout.decoded_pixels > limits.max_input_pixels:
+                raise ImageTooLarge(
+                    f"The image is {width}x{height}, but it is assembled from "
+                    f"{layout.decoded_pixels:,} pixels; the limit is {limits.max_input_pixels:,} pixels."
+                )
             if width <= 0 or height <= 0:
                 raise CorruptImage("The image has no pixels.")
+            crop = layout.crop if fmt == "avif" and layout is not None else None
+            if crop is not None:
+                if crop[2] > width or crop[3] > height:
+                    raise CorruptImage("The AVIF file crops its image to an area outside the picture.")
+                width, height = crop[2] - crop[0], crop[3] - crop[1]
             if max(width, height) > limits.max_aspect_ratio * min(width, height):
                 # Named as viewers show it: a phone strip stored sideways is shown upright.
                 shown = (height, width) if _exif_orientation(image) in _SIDEWAYS else (width, height)
@@ -169,6 +183,10 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
                 )
             image.load()
             turn = _exif_orientation(image)
+            if crop is not None:
+                # Before turning: the aperture is given in the coded frame, which is what
+                # Pillow returns (the turn comes as an EXIF orientation).
+                image = image.crop(crop)
             # pillow-heif rotates HEIC pixels itself and resets the tag, keeping the original here.
             orientation = int(image.info.get("original_orientation") or turn)
             image = _upright(image, turn)
