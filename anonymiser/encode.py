@@ -17,6 +17,9 @@ from PIL import Image
 from .errors import OutputTooLarge
 
 JPEG_QUALITIES = (90, 82, 72, 60)
+#: libjpeg's largest side: reachable by a 50:1 strip once ANON_MAX_OUTPUT_PIXELS is raised past
+#: about 86 MP, where Pillow's untyped OSError would read as an internal error
+JPEG_MAX_SIDE = 65500
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ def encode(rgb: np.ndarray, fmt: str, max_bytes: int) -> Encoded:
         data = _save(image, "png", 0)
         if len(data) <= max_bytes:
             return Encoded(data, "png", "image/png")
+    if max(image.size) > JPEG_MAX_SIDE:
+        raise OutputTooLarge(
+            f"The anonymised image is {image.width}x{image.height}; a JPEG cannot be wider or taller "
+            f"than {JPEG_MAX_SIDE:,} pixels (lower ANON_MAX_OUTPUT_PIXELS)."
+        )
     for quality in JPEG_QUALITIES:
         data = _save(image, "jpeg", quality)
         if len(data) <= max_bytes:

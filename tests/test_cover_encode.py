@@ -11,7 +11,7 @@ from PIL import Image
 
 from anonymiser import emoji
 from anonymiser.cover import STYLES, CoverStyle, cover, covered_mask
-from anonymiser.encode import JPEG_QUALITIES, encode, output_format, output_size
+from anonymiser.encode import JPEG_MAX_SIDE, JPEG_QUALITIES, encode, output_format, output_size
 from anonymiser.errors import OutputTooLarge
 
 from imaging import assert_clean_output, decode_output, jpeg_segments, png_chunks
@@ -334,3 +334,12 @@ def test_large_fists_are_not_kept_after_use() -> None:
     kept = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert kept < 5_000_000, f"{kept:,} bytes still held after drawing ten 1500-px fists"
+
+
+def test_a_jpeg_beyond_libjpegs_largest_side_is_a_typed_error() -> None:
+    """A 50:1 strip past about 86 MP of output (ANON_MAX_OUTPUT_PIXELS raised) is wider than
+    libjpeg can write: Pillow's OSError read as an internal error."""
+    strip = np.zeros((2, JPEG_MAX_SIDE + 1, 3), np.uint8)
+    with pytest.raises(OutputTooLarge, match="cannot be wider or taller than 65,500 pixels"):
+        encode(strip, "jpeg", 10**8)
+    assert encode(strip[:, :JPEG_MAX_SIDE], "jpeg", 10**8).format == "jpeg"
