@@ -139,8 +139,9 @@ def _header(data: bytes, pos: int, end: int) -> tuple[bytes, int, int] | None:
     return kind, pos + header, pos + size
 
 
-def _children(data: bytes, start: int, end: int, what: str, limit: int = MAX_CHILD_BOXES):
-    """Yield (type, payload start, end) of the boxes inside ``data[start:end]``.
+def _children(data: bytes, start: int, end: int, what: str, limit: int = MAX_CHILD_BOXES, beyond_limit: str = "refuse"):
+    """Yield (type, payload start, end) of the boxes inside ``data[start:end]``, at most
+    ``limit`` of them: more is corruption, unless ``beyond_limit`` is ``"ignore"``.
 
     Fewer than 8 bytes left over at the end are ignored (no box fits in them); a box that
     overruns its parent, or a header smaller than itself, is corruption: walking on from
@@ -154,7 +155,7 @@ def _children(data: bytes, start: int, end: int, what: str, limit: int = MAX_CHI
             raise CorruptImage(f"The image file is damaged: a box inside its {what} is malformed or cut short.")
         yield header
         pos = header[2]
-    if end - pos >= 8:
+    if end - pos >= 8 and beyond_limit != "ignore":
         raise CorruptImage(f"The image file's {what} holds more than {limit} boxes.")
 
 
@@ -271,15 +272,8 @@ class _Meta:
                     raise CorruptImage("The image file is damaged: it has two property containers ('ipco').")
                 seen_ipco = True
                 # Properties past MAX_PROPERTIES cannot be associated with anything: not read.
-                pos = payload
-                for _ in range(MAX_PROPERTIES):
-                    if box_end - pos < 8:
-                        break
-                    header = _header(data, pos, box_end)
-                    if header is None or header[2] > box_end:
-                        raise CorruptImage("The image file is damaged: an image property is malformed or cut short.")
-                    self.properties.append(header)
-                    pos = header[2]
+                self.properties.extend(_children(data, payload, box_end, "image properties ('ipco')",
+                                                 MAX_PROPERTIES, beyond_limit="ignore"))
             elif kind == b"ipma":
                 self._ipma(payload, box_end)
 
