@@ -388,8 +388,8 @@ def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def
     that fails is acknowledged (``task_acks_on_failure``, on by default; off, it is rejected
     without requeueing), and ``Task.retry`` turns a retry it cannot publish into
     ``Reject(requeue=False)``. So a Redis that went away during a run (a restart, a failover)
-    or refused the retry (``maxmemory`` reached) and answered the acknowledgement lost the job
-    without a dead letter or a word. ``Reject(requeue=True)`` puts it back in its queue; while
+    or refused the retry or a write of the run (``maxmemory`` reached, see :func:`redis_refused`)
+    and answered the acknowledgement lost the job without a dead letter or a word. ``Reject(requeue=True)`` puts it back in its queue; while
     Redis cannot even take that, the delivery stays unacknowledged and the visibility timeout
     brings it back.
     """
@@ -400,9 +400,21 @@ def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def
             raise
         log.warning("requeued", extra={"reason": "retry_not_published", "error": repr(exc.reason)[:200]})
         raise Reject(exc.reason, requeue=True) from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except redis.RedisError as exc:
+        if not redis_refused(exc):
+            raise
         log.warning("requeued", extra={"reason": "redis_unavailable", "error": type(exc).__name__})
         raise Reject(exc, requeue=True) from None
+
+
+def redis_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis being unreachable or refusing writes (at ``maxmemory``, a
+    replica after a failover, a failed snapshot with ``stop-writes-on-bgsave-error``): a state
+    of the server that passes, which says nothing about the job that met it."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError,
+                        redis.exceptions.ReadOnlyError)):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("MISCONF")
 
 
 def _handle(self: Any, payload: dict[str, Any]) -> str:
@@ -452,6 +464,8 @@ def _run(self: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any], time
         _apologise(job)
         return "dead_letter"
     except Exception as exc:  # a bug or an unexpected input must not kill the worker
+        if redis_refused(exc):
+            raise  # handle() puts the job back in its queue: it may well be answered already
         store().dead_letter(payload, f"{type(exc).__name__}: {exc}")
         log.exception("dead_letter", extra=ids | {"error": type(exc).__name__})
         _apologise(job)

@@ -868,6 +868,89 @@ def test_a_run_that_redis_fails_goes_back_to_its_queue(monkeypatch: pytest.Monke
     assert isinstance(rejected, Reject) and rejected.requeue is True, rejected
 
 
+@pytest.mark.parametrize("refusal", [
+    "connection",  # a restart or failover mid-run, and Redis back before the dead letter
+    "OOM command not allowed when used memory > 'maxmemory'.",
+    "READONLY You can't write against a read only replica.",
+    "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+])
+def test_a_run_redis_refuses_is_requeued_not_dead_lettered(monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
+    """Redis going away or refusing writes in the middle of a job (recording the reply, taking
+    a claim) says nothing about the job: it goes back to its queue, without a dead letter or an
+    apology. Dead-lettering it would tell the requester we gave up on a photo that may even have
+    been answered; and under maxmemory the dead letter itself is refused while the late
+    acknowledgement (a deletion) is not, so the job was lost without a trace."""
+    import redis
+    from celery.exceptions import Reject
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError
+
+    from bot import tasks
+
+    if refusal == "connection":
+        error: Exception = redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+    elif refusal.startswith("OOM"):
+        error = OutOfMemoryError(refusal)
+    elif refusal.startswith("READONLY"):
+        error = ReadOnlyError(refusal)
+    else:
+        error = redis.ResponseError(refusal)
+
+    def run_job(job: Any) -> str:
+        raise error
+
+    dead: list[Any] = []
+    apologies: list[Any] = []
+
+    def dead_letter(payload: Any, reason: str) -> None:
+        if refusal != "connection":  # refused like every other write
+            raise error
+        dead.append(reason)
+
+    fake_store = SimpleNamespace(run_started=lambda task_id, ttl_s: 1, run_finished=lambda task_id: None,
+                                 dead_letter=dead_letter)
+    monkeypatch.setattr(tasks, "run_job", run_job)
+    monkeypatch.setattr(tasks, "store", lambda: fake_store)
+    monkeypatch.setattr(tasks, "_apologise", apologies.append)
+    monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5, max_worker_losses=2))
+    payload = {"platform": "mastodon", "post_id": "1", "requester_id": "2", "kind": "mention"}
+    tasks.handle.push_request(id="t1", retries=0, called_directly=False, is_eager=False, headers={},
+                              delivery_info={"exchange": "", "routing_key": CPU_QUEUE})
+    try:
+        outcome: Any = tasks.handle.run(payload)
+    except Exception as exc:
+        outcome = exc
+    finally:
+        tasks.handle.pop_request()
+    assert isinstance(outcome, Reject) and outcome.requeue is True, outcome
+    assert dead == [] and apologies == []
+
+
+def test_a_redis_error_that_is_not_a_refusal_is_still_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command Redis rejects for what it is (a bug: WRONGTYPE, a script error) would fail the
+    same way on every run: it is dead-lettered once, not requeued for ever."""
+    import redis
+
+    from bot import tasks
+
+    def run_job(job: Any) -> str:
+        raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    dead: list[str] = []
+    fake_store = SimpleNamespace(run_started=lambda task_id, ttl_s: 1, run_finished=lambda task_id: None,
+                                 dead_letter=lambda payload, reason: dead.append(reason))
+    monkeypatch.setattr(tasks, "run_job", run_job)
+    monkeypatch.setattr(tasks, "store", lambda: fake_store)
+    monkeypatch.setattr(tasks, "_apologise", lambda job: None)
+    monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5, max_worker_losses=2))
+    tasks.handle.push_request(id="t2", retries=0, called_directly=False, is_eager=False, headers={},
+                              delivery_info={"exchange": "", "routing_key": CPU_QUEUE})
+    try:
+        outcome = tasks.handle.run({"platform": "mastodon", "post_id": "1", "requester_id": "2", "kind": "mention"})
+    finally:
+        tasks.handle.pop_request()
+    assert outcome == "dead_letter" and dead and dead[0].startswith("ResponseError: WRONGTYPE")
+
+
 def test_parked_jobs_survive_a_failed_release(redis_server: Any) -> None:
     """Jobs taken out of the parked set are put back when publishing them fails (the broker
     hiccups): the next drain queues them, none is lost."""
