@@ -327,7 +327,8 @@ def parse_regions(text: str) -> list[tuple[int, int, int, int]]:
             item = item.get("box")
         if not isinstance(item, list) or len(item) != 4:
             raise bad("each box has four numbers")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= 1e6 for v in item):
+        # abs() first: a JSON integer past a float's range makes math.isfinite raise OverflowError
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e6 and math.isfinite(v) for v in item):
             raise bad("each coordinate is a finite number")
         x1, y1, x2, y2 = (int(round(v)) for v in item)
         if x2 <= x1 or y2 <= y1:

@@ -828,3 +828,11 @@ def test_serve_command_line_checks() -> None:
     assert exposure_warning("127.0.0.1") is None
     warning = exposure_warning("0.0.0.0")
     assert warning and "WARNING" in warning and "unencrypted" in warning
+
+
+def test_a_coordinate_too_long_for_a_float_is_a_400_not_a_500() -> None:
+    """JSON integers have no size limit; one past a float's range made ``math.isfinite`` raise
+    OverflowError, which the server answered as an internal error."""
+    with pytest.raises(HttpError) as caught:
+        parse_regions("[[" + "9" * 400 + ", 0, 10, 10]]")
+    assert caught.value.status == 400 and caught.value.code == "bad_regions"
