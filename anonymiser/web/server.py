@@ -964,6 +964,9 @@ def main(argv: Sequence[str]) -> int:
     if args.max_concurrent < 1 or args.queue < 0:
         print("anonymise serve: --max-concurrent must be >= 1 and --queue >= 0", file=sys.stderr)
         return 2
+    if not 0 <= args.port <= 65535:  # bind() raises OverflowError for it, not OSError
+        print("anonymise serve: --port must be between 0 and 65535", file=sys.stderr)
+        return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     LOG.addHandler(handler)

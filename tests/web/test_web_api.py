@@ -836,3 +836,13 @@ def test_a_coordinate_too_long_for_a_float_is_a_400_not_a_500() -> None:
     with pytest.raises(HttpError) as caught:
         parse_regions("[[" + "9" * 400 + ", 0, 10, 10]]")
     assert caught.value.status == 400 and caught.value.code == "bad_regions"
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_refused_before_anything_loads(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """bind() raises OverflowError, not OSError, for such a port: after loading every model the
+    command died with a traceback instead of saying what was wrong."""
+    from anonymiser.web.server import main
+
+    assert main(["--port", port]) == 2
+    assert "--port" in capsys.readouterr().err
