@@ -337,6 +337,16 @@ def parse_regions(text: str) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
+def split_url(url: str) -> tuple[str, str, str] | None:
+    """``(netloc, path, query)`` of a request target or an Origin; None when it is not a URL
+    (``urlsplit`` raises ValueError on a broken IPv6 address such as ``http://[::1/x``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return parts.netloc, parts.path, parts.query
+
+
 def result_json(result: Result) -> dict[str, Any]:
     """The JSON form of a result: the report, the image as base64 and the covered regions."""
     report = result.report
@@ -553,7 +563,7 @@ class Handler(BaseHTTPRequestHandler):
             started = time.perf_counter()
             self._bytes_in = int(declared)
             self._send_error_json(self._too_large(int(declared)))
-            self._log(self.command or "-", urlsplit(self.path).path, started)
+            self._log(self.command or "-", (split_url(self.path) or ("", "-", ""))[1], started)
             return False
         return super().handle_expect_100()
 
@@ -603,9 +613,13 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.stop()  # the headers are in; a body gets its own deadline
         started = time.perf_counter()
         self._status, self._bytes_in, self._bytes_out, self._heads = 500, 0, 0, None
-        path = urlsplit(self.path).path
+        target = split_url(self.path)
+        path = target[1] if target else "-"
         answer: HttpError | None = None
         try:
+            if target is None:
+                raise HttpError(400, "bad_request_target", "The request's target is not a valid URL.",
+                                close=self._has_body())
             self._check_host()
             methods = self._routes().get(path)
             if methods is None:
@@ -653,7 +667,8 @@ class Handler(BaseHTTPRequestHandler):
                             "(its operator can allow another name with --allow-host).", close=self._has_body())
         origin = self.headers.get("Origin")
         if origin is not None and self.command not in ("GET", "HEAD"):
-            if urlsplit(origin).netloc.lower() != host:
+            sender = split_url(origin)
+            if sender is None or sender[0].lower() != host:
                 raise HttpError(403, "forbidden_origin", "Requests from other web sites are refused.",
                                 close=self._has_body())
 
@@ -751,7 +766,7 @@ class Handler(BaseHTTPRequestHandler):
     def _options(self, form: dict[str, multipart.Part]) -> tuple[bytes, CoverStyle, bool]:
         """The image, the style and whether JSON was asked for, from the form and the query."""
         try:
-            query = parse_qs(urlsplit(self.path).query, max_num_fields=16)
+            query = parse_qs((split_url(self.path) or ("", "", ""))[2], max_num_fields=16)
         except ValueError:
             raise HttpError(400, "bad_parameter", "Too many query parameters.") from None
 

@@ -846,3 +846,19 @@ def test_a_port_out_of_range_is_refused_before_anything_loads(port: str, capsys:
 
     assert main(["--port", port]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_a_target_or_origin_that_is_not_a_url_gets_an_answer(web: RunningServer) -> None:
+    """urlsplit raises ValueError on a broken IPv6 address: an absolute-form target such as
+    'http://[::1/api/health' got no answer at all (the connection was dropped), and such an
+    Origin a 500 internal_error."""
+    response = raw_exchange(web.port, f"GET http://[::1/api/health HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n\r\n".encode())
+    assert response.status == 400 and json.loads(response.body)["error"] == "bad_request_target"
+    response = raw_exchange(web.port, (f"POST http://[::1/api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+                                       "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 99999999999\r\n"
+                                       "Expect: 100-continue\r\n\r\n").encode())
+    assert response.status == 413
+    response = raw_exchange(web.port, (f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+                                       "Origin: http://[::1\r\nContent-Length: 0\r\n\r\n").encode())
+    assert response.status == 403 and json.loads(response.body)["error"] == "forbidden_origin"
+    assert requests.get(f"{web.url}/api/health", timeout=10).status_code == 200
