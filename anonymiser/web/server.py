@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import socket
 import sys
@@ -93,6 +94,8 @@ SOCKET_TIMEOUT_S = 30.0
 #: so that closing the socket does not reset the connection before the client reads our answer
 LINGER_S = 2.0
 READ_CHUNK = 1024 * 1024
+# a chunk's size line: at most 16 hex digits (more would only ever be a lie or an attack)
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 CSP = (
     "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; "
@@ -678,6 +681,11 @@ class Handler(BaseHTTPRequestHandler):
         """The whole body in memory, refused (413) from its declared size before it is read."""
         limit = self.app.max_request_bytes
         if self.headers.get("Transfer-Encoding") is not None:
+            if self.headers.get("Content-Length") is not None:
+                # Two framings: a proxy in front may pick the other one, and what it takes for
+                # the next request we would read as this body, or the reverse (smuggling).
+                raise HttpError(400, "bad_framing", "A request cannot have both Content-Length and "
+                                "Transfer-Encoding.", close=True)
             if self.headers["Transfer-Encoding"].strip().lower() != "chunked":
                 raise HttpError(501, "unsupported_transfer_encoding", "Only chunked transfer encoding is supported.", close=True)
             return self._read_chunked(limit)
@@ -732,12 +740,13 @@ class Handler(BaseHTTPRequestHandler):
             line = self.rfile.readline(1024)
             if not line.endswith(b"\n"):
                 raise HttpError(400, "bad_chunk", "A chunk header is malformed or the body is truncated.", close=True)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise HttpError(400, "bad_chunk", "A chunk size is not a hexadecimal number.", close=True) from None
-            if size < 0:
-                raise HttpError(400, "bad_chunk", "A chunk size is negative.", close=True)
+            # Hex digits only (RFC 9112 7.1), then optional whitespace before extensions: int(x, 16)
+            # alone also takes "0x", "_", a sign and leading spaces, which a stricter proxy in front
+            # would frame differently.
+            digits = line.split(b";", 1)[0].rstrip(b"\r\n").rstrip(b" \t")
+            if not CHUNK_SIZE.fullmatch(digits):
+                raise HttpError(400, "bad_chunk", "A chunk size is not a hexadecimal number.", close=True)
+            size = int(digits, 16)
             if size == 0:
                 for _ in range(64):  # trailer fields, up to the empty line
                     if self.rfile.readline(1024) in (b"\r\n", b"\n", b""):

@@ -325,6 +325,40 @@ def test_chunked_upload_within_the_limit_works(web: RunningServer, astronaut_jpe
     assert response.status == 200 and response.body[:3] == b"\xff\xd8\xff"
 
 
+@pytest.mark.parametrize("size", [b"0x10", b"1_0", b"+10", b" 10", b"10 x"])
+def test_a_chunk_size_that_is_not_plain_hex_is_refused(web: RunningServer, size: bytes) -> None:
+    """RFC 9112's chunk-size is hex digits only. Python's int(..., 16) also takes "0x", "_",
+    a sign and spaces: a proxy in front that reads the size strictly would frame the body
+    differently from us, and the bytes one of us counts as the next request the other does not
+    (request smuggling)."""
+    response = raw_exchange(web.port, (
+        f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+        + size + b"\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n")
+    assert response.status == 400 and json.loads(response.body)["error"] == "bad_chunk"
+    assert response.headers.get("connection") == "close"
+
+
+def test_a_request_with_both_content_length_and_chunked_is_refused_and_closed(web: RunningServer) -> None:
+    """Content-Length beside Transfer-Encoding is the classic smuggling frame: RFC 9112 (6.1)
+    lets a server refuse it and requires it to close the connection after answering, so that
+    nothing after the body is ever read as a request of its own."""
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+        sock.sendall((
+            f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+            "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 5\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode()
+            + f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n\r\n".encode())
+        response = read_response(sock)
+        assert response.status == 400 and json.loads(response.body)["error"] == "bad_framing"
+        assert response.headers.get("connection") == "close"
+        sock.settimeout(5)
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        assert b"HTTP/1." not in rest  # the smuggled request got no answer
+
+
 # --------------------------------------------------------------------------- methods, paths, headers
 
 
