@@ -10,7 +10,8 @@ from ..limits import Limits
 
 #: status codes an API call can answer with, and what they mean here
 ERROR_RESPONSES: dict[str, str] = {
-    "400": "Malformed request: broken multipart body, no 'file' field, a bad parameter or bad regions.",
+    "400": "Malformed request: broken multipart body, no 'file' field, a bad parameter or bad regions, a target "
+           "that is not a URL, a chunk size that is not hex digits, or both Content-Length and Transfer-Encoding.",
     "403": "The request came from another web site (Origin) or named another host (Host).",
     "405": "Wrong method.",
     "408": "The body was not received in time.",
@@ -18,6 +19,9 @@ ERROR_RESPONSES: dict[str, str] = {
     "413": "The request or the image is larger than the limits; refused before the body is read.",
     "415": "Not a supported image (SVG, PDF, video, HTML, random bytes...), or the request is not multipart/form-data.",
     "422": "An image that cannot be used: empty, truncated or damaged, animated, or its result too large.",
+    "431": "More than 64 KiB of request headers.",
+    "500": "A fault in the server; the photo was not kept.",
+    "501": "A transfer encoding other than chunked.",
     "503": "The server is busy: too many photos are being processed or waiting. Retry after Retry-After seconds.",
 }
 
