@@ -77,7 +77,7 @@ class Event:
     post: Post
     tag: str = ""
     #: nothing for the bot to answer, listed only so that the cursor moves past it (a message
-    #: in a group conversation on X)
+    #: in a group conversation on X, a retweet of a mention)
     skip: bool = False
 
 

@@ -529,13 +529,19 @@ class XPlatform:
         return items, includes
 
     def mentions_since(self, since_id: str | None) -> list[Event]:
+        """Mentions of the bot newer than ``since_id``, oldest first.
+
+        Retweets of a tweet that mentions the bot are listed too, marked ``skip``: nobody asked
+        anything, but the cursor must move past them, or a first page of nothing but retweets
+        would start the channel at "0" and have the next poll answer the whole history.
+        """
         me = self.me()
         tweets, includes = self._pages(
             "GET /2/users/:id/mentions", self.client.get_users_mentions, since_id, me.id,
             expansions=EXPANSIONS, tweet_fields=TWEET_FIELDS, media_fields=MEDIA_FIELDS,
             user_fields=USER_FIELDS, user_auth=True,
         )
-        return [Event("mention", str(t["id"]), self.parse_tweet(t, includes)) for t in tweets if not self._retweet(t)]
+        return [Event("mention", str(t["id"]), self.parse_tweet(t, includes), skip=self._retweet(t)) for t in tweets]
 
     def dms_since(self, since_id: str | None) -> list[Event]:
         """Direct messages to (and from) the bot newer than ``since_id``, oldest first.

@@ -18,7 +18,7 @@ from bot import messages
 from bot.handler import Job
 from bot.listener import Listener
 from bot.platforms.base import PlatformError, RateLimited, ReplyDraft, ServerError, StreamUnavailable
-from bot.platforms.x import XPlatform
+from bot.platforms.x import FIRST_PAGE, XPlatform
 from bot.store import Store
 from bot_helpers import assert_anonymised, astronaut, face_box, jpeg, truncated_jpeg
 
@@ -186,6 +186,26 @@ def test_listener_streams_on_a_tier_that_allows_it(fake: FakeX, x: XPlatform, st
     with pytest.raises(StreamUnavailable):
         list(x.stream("mentions"))  # a second connection reuses the rule; this stream just ends
     assert len(fake.rules) == 1
+
+
+def test_retweets_of_a_mention_move_the_cursor_and_never_bring_back_history(
+        fake: FakeX, x: XPlatform, store: Store, anonymiser: Any) -> None:
+    """The mentions timeline lists retweets of a tweet that mentions the bot ("RT @alice: ...
+    @protestbot"). They are not requests, but they must move the cursor: at the first start a
+    page of nothing but retweets used to leave the cursor at "0" (no history at all), and the
+    next poll then answered every old request in the account's history."""
+    alice = fake.add_user("alice")
+    old = fake.tweet(alice, "@protestbot please cover the faces", media=[fake.photo(jpeg(64))])
+    retweets = [fake.retweet(fake.add_user(f"fan{n}"), old) for n in range(FIRST_PAGE)]
+    pipeline = Pipeline(x, store, anonymiser, make_config(platforms=("x",)))
+    pipeline.start()
+    assert pipeline.poll() == [], "history before the first start is not answered"
+    assert store.cursor("x", "mentions") == retweets[-1]["id"]
+    later = fake.retweet(fake.add_user("latecomer"), old)
+    assert pipeline.poll() == []
+    assert store.cursor("x", "mentions") == later["id"], "moved past the retweet, so not read again"
+    new = fake.tweet(alice, "@protestbot and this one", media=[fake.photo(jpeg(64))])
+    assert [(j.kind, j.post_id) for j in pipeline.poll()] == [("mention", new["id"])]
 
 
 def _until_end(stream: Any) -> list[Any]:
