@@ -56,7 +56,8 @@ class Post:
     #: whether the accounts it mentions are in its audience: on Mastodon a followers-only post
     #: is delivered to them; on X a protected tweet reaches approved followers only, mentioned or not
     mentions_see: bool = True
-    #: a post its server keeps from federating (glitch-soc, Hometown): never repost it in public
+    #: a post its server keeps from federating (glitch-soc, Hometown), or one X withholds in some
+    #: countries: never repost it in public
     local_only: bool = False
 
     @property

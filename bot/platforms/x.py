@@ -79,11 +79,11 @@ PENDING_TTL_S = 900
 
 TWEET_FIELDS = [
     "attachments", "author_id", "conversation_id", "created_at", "entities", "in_reply_to_user_id",
-    "note_tweet", "possibly_sensitive", "referenced_tweets",
+    "note_tweet", "possibly_sensitive", "referenced_tweets", "withheld",
 ]
 EXPANSIONS = ["author_id", "attachments.media_keys"]
 MEDIA_FIELDS = ["media_key", "type", "url", "alt_text"]
-USER_FIELDS = ["description", "name", "protected", "username"]
+USER_FIELDS = ["description", "name", "protected", "username", "withheld"]
 DM_FIELDS = ["id", "event_type", "text", "sender_id", "dm_conversation_id", "created_at", "entities", "attachments",
              "referenced_tweets"]
 
@@ -453,6 +453,10 @@ class XPlatform:
             # X's mention entities name users by username only.
             addressed=tuple(str(m.get("username", "")).lower() for m in (entities.get("mentions") or []) if m.get("username")),
             mentions_see=False,
+            # X withholds a tweet, or a whole account, in some countries (a legal demand, a
+            # copyright claim) and still serves it to the API: a public copy would show the photo
+            # exactly where X hides it, so it is never reposted in public.
+            local_only=bool(tweet.get("withheld") or user.get("withheld")),
         )
 
     @classmethod

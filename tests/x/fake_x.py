@@ -95,10 +95,14 @@ class FakeX:
         return str(next(self._ids))
 
     def add_user(self, username: str, name: str = "", description: str = "", protected: bool = False,
-                 bot_follows: bool = True) -> dict[str, Any]:
-        """A user; a protected one's tweets are readable by the bot only if ``bot_follows``."""
+                 bot_follows: bool = True, withheld_in: list[str] = ()) -> dict[str, Any]:
+        """A user; a protected one's tweets are readable by the bot only if ``bot_follows``;
+        ``withheld_in``: the countries where X withholds the whole account (its ``withheld``
+        field), whose tweets the API still serves, without a ``withheld`` of their own."""
         user = {"id": self.new_id(), "username": username, "name": name or username.title(),
                 "description": description, "protected": protected}
+        if withheld_in:
+            user["withheld"] = {"country_codes": list(withheld_in)}
         if not bot_follows:
             self.hidden_from_bot.add(user["id"])
         self.users[user["id"]] = user
@@ -120,7 +124,9 @@ class FakeX:
         return key
 
     def tweet(self, author: dict[str, Any], text: str, media: list[str] = (), in_reply_to: dict[str, Any] | None = None,
-              quote: dict[str, Any] | None = None, sensitive: bool = False) -> dict[str, Any]:
+              quote: dict[str, Any] | None = None, sensitive: bool = False, withheld_in: list[str] = ()) -> dict[str, Any]:
+        """A tweet; ``withheld_in``: the countries where X withholds it (by a legal demand; "XY"
+        for a copyright claim), which the API still serves it with a ``withheld`` field."""
         tweet_id = self.new_id()
         tweet: dict[str, Any] = {
             "id": tweet_id, "text": text, "author_id": author["id"], "edit_history_tweet_ids": [tweet_id],
@@ -136,6 +142,8 @@ class FakeX:
                 "start": len(text) + 1, "end": len(text) + 1 + len(short), "url": short,
                 "expanded_url": f"https://x.com/{author['username']}/status/{tweet_id}/photo/1",
                 "display_url": "pic.x.com/abcdef", "media_key": media[0]})
+        if withheld_in:
+            tweet["withheld"] = {"copyright": "XY" in withheld_in, "country_codes": list(withheld_in), "scope": "tweet"}
         referenced = []
         if in_reply_to:
             referenced.append({"type": "replied_to", "id": in_reply_to["id"]})
@@ -325,8 +333,12 @@ class FakeX:
         fields = set(query.get("user.fields", "").split(",")) | {"id", "name", "username"}
         return {k: v for k, v in user.items() if k in fields}
 
-    def _visible(self, tweet: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in tweet.items()}
+    @staticmethod
+    def _visible(tweet: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
+        """The tweet with the fields asked for: ``id``, ``text`` and ``edit_history_tweet_ids``
+        always, the others only when named in ``tweet.fields``, as X answers."""
+        fields = set(query.get("tweet.fields", "").split(",")) | {"id", "text", "edit_history_tweet_ids"}
+        return {k: v for k, v in tweet.items() if k in fields}
 
     def _me(self, request: Any, query: dict[str, str]) -> tuple[int, dict[str, str], str]:
         return self._answer(200, {"data": self._user(self.bot, query)})
@@ -343,7 +355,7 @@ class FakeX:
                 "value": tweet_id, "detail": f"Sorry, you are not authorized to see the Tweet with id: [{tweet_id}].",
                 "title": "Authorization Error", "resource_type": "tweet", "parameter": "id", "resource_id": tweet_id,
                 "type": "https://api.twitter.com/2/problems/not-authorized-for-resource"}]})
-        body: dict[str, Any] = {"data": self._visible(tweet)}
+        body: dict[str, Any] = {"data": self._visible(tweet, query)}
         includes = self._includes([tweet], query)
         if includes:
             body["includes"] = includes
@@ -370,7 +382,7 @@ class FakeX:
             meta["next_token"] = str(start + max_results)
         body: dict[str, Any] = {"meta": meta}
         if page:
-            body["data"] = [self._visible(t) for t in page]
+            body["data"] = [self._visible(t, query) for t in page]
             includes = self._includes(page, query)
             if includes:
                 body["includes"] = includes
@@ -415,7 +427,7 @@ class FakeX:
             tweet = self.tweets[tweet_id]
             tags = [r for r in self.rules if self._rule_matches(r["value"], tweet)]
             if tags:
-                payload = {"data": tweet, "includes": self._includes([tweet], query),
+                payload = {"data": self._visible(tweet, query), "includes": self._includes([tweet], query),
                            "matching_rules": [{"id": r["id"], "tag": r["tag"]} for r in tags]}
                 lines.append(json.dumps(payload))
             lines.append("")  # keep-alive

@@ -19,7 +19,8 @@ from bot.handler import Job
 from bot.listener import Listener
 from bot.platforms.base import PlatformError, RateLimited, ReplyDraft, ServerError, StreamUnavailable
 from bot.platforms.x import FIRST_PAGE, XPlatform
-from bot.store import Store
+from bot.store import FIRST_CHECK_S, Store
+from bot.withdrawal import sweep
 from bot_helpers import assert_anonymised, astronaut, face_box, jpeg, truncated_jpeg
 
 from fake_x import BEARER, KEYS, FakeX, problem
@@ -435,6 +436,30 @@ def test_protected_authors_photo_is_answered_by_dm_never_in_public(fake: FakeX, 
     # how many copies went to other people's inboxes
     [confirmation] = fake.bot_dms(to=carol)
     assert confirmation["text"].startswith(messages.TAKEDOWN_DONE_UNCOUNTED + " " + messages.TAKEDOWN_ONE_SIDED_OTHERS)
+
+
+@pytest.mark.parametrize("withheld", ["tweet", "account"])
+def test_a_photo_x_withholds_in_some_countries_is_answered_by_dm_never_in_public(
+        fake: FakeX, bot: Pipeline, withheld: str) -> None:
+    """X withholds a tweet (or a whole account) in a country on a legal demand and still serves
+    it to the API with a ``withheld`` field. A public copy would show the photo exactly where X
+    hides it: the copy goes to the requester alone, as for a protected account."""
+    dave = fake.add_user("dave", withheld_in=["DE"] if withheld == "account" else [])
+    bob = fake.add_user("bob")
+    original = fake.tweet(dave, "Crowd at the square", media=[fake.photo(jpeg(256))],
+                          withheld_in=["DE"] if withheld == "tweet" else [])
+    fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    assert fake.bot_tweets() == [], "never a public tweet"
+    [copy] = fake.bot_dms(to=bob)
+    assert copy["text"].startswith("Here is an anonymised copy (1 image")
+
+
+def test_a_public_copy_goes_when_x_withholds_its_original_later(fake: FakeX, bot: Pipeline) -> None:
+    dave, original, request, reply = answered(fake, bot)
+    fake.tweets[original["id"]]["withheld"] = {"copyright": False, "country_codes": ["DE"], "scope": "tweet"}
+    assert sweep(bot.platform, bot.store, time.time() + FIRST_CHECK_S + 1) == 1
+    assert fake.deleted == [reply["id"]]
 
 
 def test_a_private_answer_to_someone_who_takes_no_dms_ends_quietly(fake: FakeX, bot: Pipeline) -> None:
