@@ -82,6 +82,10 @@ class Listener:
         self.enqueued = 0
         #: channels whose last poll stopped before an event claimed elsewhere
         self.held: dict[str, bool] = {}
+        #: whether a streamed event may move a cursor: not where the stream carries only part of
+        #: what the poll lists (X's filtered stream never carries a protected account's tweets),
+        #: or the cursor would pass the events only a poll finds, and every later poll miss them
+        self.stream_moves_cursor = getattr(platform, "stream_complete", True)
 
     def handle(self, channel: str, event: Event, move_cursor: bool = True) -> bool:
         """Enqueue the event's job once, then move the channel's cursor past it (unless told
@@ -179,7 +183,8 @@ class Listener:
                         # While an earlier event's claim is pending, a streamed one is queued
                         # but must not move the cursor past that event: if the claim dies with
                         # the process that made it, only a poll from before it finds it again.
-                        if not self.handle(channel, event, move_cursor=not self.held.get(channel)):
+                        move = self.stream_moves_cursor and not self.held.get(channel)
+                        if not self.handle(channel, event, move_cursor=move):
                             self.held[channel] = True
                         backoff = max(1.0, self.poll_interval_s)
                         if self.stop.is_set():

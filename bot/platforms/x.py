@@ -265,6 +265,10 @@ class XPlatform:
     #: anyone mentioning a keyword"), and since 23 Feb 2026 its API refuses a reply unless the
     #: author mentioned or quoted the replying account: on X the bot answers mentions only.
     watches_hashtags = False
+    #: the filtered stream never carries a protected account's tweets, which the mentions
+    #: timeline lists: a streamed mention must not move the cursor past them (the listener's
+    #: catch-ups move it)
+    stream_complete = False
 
     def __init__(
         self,

@@ -82,6 +82,8 @@ class FakeX:
         self.stream_lines: list[str] = []  # ids of tweets the next stream connection delivers
         #: the newest N of the bot's tweets are not yet listed on its timeline (eventual consistency)
         self.timeline_lag = 0
+        #: tweets the mentions timeline does not list yet (X's timelines are eventually consistent)
+        self.unlisted: set[str] = set()
         #: protected users the bot does not follow: their tweets answer "Authorization Error"
         self.hidden_from_bot: set[str] = set()
         self.bot = self.add_user("protestbot", name="Protest privacy bot")
@@ -391,7 +393,8 @@ class FakeX:
     def _mentions(self, request: Any, query: dict[str, str], user_id: str) -> tuple[int, dict[str, str], str]:
         user = self.users[user_id]
         mentioning = [t for t in self.tweets.values()
-                      if any(m["id"] == user["id"] for m in t["entities"].get("mentions", [])) and t["author_id"] != user_id]
+                      if any(m["id"] == user["id"] for m in t["entities"].get("mentions", [])) and t["author_id"] != user_id
+                      and t["id"] not in self.unlisted]
         return self._timeline(mentioning, query)
 
     def _user_tweets(self, request: Any, query: dict[str, str], user_id: str) -> tuple[int, dict[str, str], str]:

@@ -209,6 +209,41 @@ def test_retweets_of_a_mention_move_the_cursor_and_never_bring_back_history(
     assert [(j.kind, j.post_id) for j in pipeline.poll()] == [("mention", new["id"])]
 
 
+def test_a_protected_accounts_mention_is_not_lost_while_streaming(
+        fake: FakeX, x: XPlatform, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """X's filtered stream never carries a protected account's tweets: only the poll lists them.
+    A public mention streamed after one from a protected account used to move the cursor past
+    it, and every later poll (the catch-up after the stream, the periodic one) started after it."""
+    fake.tier = "pro"
+    alice, carol = fake.add_user("alice"), fake.add_user("carol", protected=True)
+    jobs: list[Job] = []
+    listener = Listener(x, store, jobs.append, stream=True, poll_interval_s=0.05)
+    listener.catch_up("mentions")  # first start: the cursor begins now
+    first = fake.tweet(alice, "@protestbot one", media=[fake.photo(jpeg(64))])
+    protected = fake.tweet(carol, "@protestbot mine, for my followers", media=[fake.photo(jpeg(64))])
+    second = fake.tweet(alice, "@protestbot two", media=[fake.photo(jpeg(64))])
+    fake.unlisted = {protected["id"], second["id"]}  # posted after the first was streamed
+    fake.stream_lines = [first["id"], second["id"]]
+    stream = x.stream
+
+    def posted_meanwhile(channel: str) -> Any:
+        for event in stream(channel):
+            yield event
+            fake.unlisted.clear()  # the listener has polled and handled the first: now they come
+
+    monkeypatch.setattr(x, "stream", posted_meanwhile)
+    thread = threading.Thread(target=listener.run_channel, args=("mentions",), daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 5
+        while len(jobs) < 3 and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        listener.stop.set()
+        thread.join(10)
+    assert sorted(j.post_id for j in jobs) == sorted([first["id"], protected["id"], second["id"]])
+
+
 def _until_end(stream: Any) -> list[Any]:
     """Everything a stream yields until it ends (the fake's streams end after their lines)."""
     out: list[Any] = []
