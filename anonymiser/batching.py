@@ -88,7 +88,7 @@ _CPU_LIMITS = (DEFAULT_MAX_TILE_PIXELS, 4_000_000)
 
 #: default ``timeout_s`` on CUDA: far above a batch's fraction of a second, and above a first
 #: ``torch.compile`` of a new shape, which runs on the device thread
-_CUDA_TIMEOUT_S = 300.0
+CUDA_TIMEOUT_S = 300.0
 
 #: how often a waiting caller checks that the device thread still runs
 _LIVENESS_CHECK_S = 1.0
@@ -493,7 +493,7 @@ class LSCCNNEngine:
             max_batch_pixels=max_batch_pixels,
             # Repeating shapes let cuDNN autotune each once and torch.compile trace each once.
             shape_stable=(options.compile or cuda) if options.shape_stable is None else options.shape_stable,
-            timeout_s=(_CUDA_TIMEOUT_S if cuda else 0.0) if options.timeout_s is None else options.timeout_s,
+            timeout_s=(CUDA_TIMEOUT_S if cuda else 0.0) if options.timeout_s is None else options.timeout_s,
         )
         options.validate()
         self.options = options

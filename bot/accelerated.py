@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from anonymiser.batching import EngineOptions, load_batched_locator
+from anonymiser.batching import CUDA_TIMEOUT_S, EngineOptions, load_batched_locator
 from anonymiser.errors import DeviceFailure
 from anonymiser.locators.base import BoxKind, Detections, HeadLocator
 from anonymiser.locators.registry import REGISTRY, default_weights_dir, resolve_names
@@ -49,11 +49,13 @@ def build_anonymiser(
     names = resolve_names(settings.locators, weights)
     options = EngineOptions.from_env()  # ValueError names every bad ANON_LSCCNN_* variable
     on_success = None if "lsccnn" in names else on_success
+    # The GPU's answer is awaited as long for an ONNX call as for an LSC-CNN batch.
+    timeout_s = CUDA_TIMEOUT_S if options.timeout_s is None else options.timeout_s
 
     def load(name: str, folder: Path) -> HeadLocator:
         if name == "lsccnn":
             return load_batched_locator(folder, options, on_batch=on_batch)
-        return on_device(REGISTRY[name].load(folder), on_success)
+        return on_device(REGISTRY[name].load(folder), on_success, timeout_s)
 
     # The residual pass's CenterFace comes from ``load`` too, so it is guarded like the others.
     return Anonymiser(settings, weights_dir=weights, load=load)
@@ -92,11 +94,14 @@ class OnDeviceLocator:
         return found
 
 
-def on_device(locator: Any, on_success: Callable[[], None] | None = None) -> Any:
+def on_device(locator: Any, on_success: Callable[[], None] | None = None, timeout_s: float = 0.0) -> Any:
     """``locator`` as :class:`OnDeviceLocator` when it holds an ONNX Runtime session on the
-    CUDA provider; unchanged otherwise (LSC-CNN's batcher raises DeviceFailure itself, and on
-    the CPU an ONNX Runtime error is not a device failure)."""
+    CUDA provider, its calls waiting at most ``timeout_s`` for the GPU (0: no limit); unchanged
+    otherwise (LSC-CNN's batcher raises DeviceFailure itself, and on the CPU an ONNX Runtime
+    error is not a device failure)."""
     session = getattr(locator, "_session", None)
     if session is not None and "CUDAExecutionProvider" in session.get_providers():
+        if hasattr(session, "timeout_s"):  # an onnx_models.Session
+            session.timeout_s = timeout_s
         return OnDeviceLocator(locator, on_success)
     return locator

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
-from contextlib import AbstractContextManager, nullcontext
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ import onnx.helper
 import onnx.numpy_helper
 import onnxruntime as ort
 
+from ..errors import DeviceFailure
 from ..int_settings import IntSetting, range_problems, read_ints
 
 log = logging.getLogger(__name__)
@@ -170,23 +172,64 @@ def session_options(options: OnnxOptions, cuda: bool) -> ort.SessionOptions:
 
 
 class Session:
-    """An ONNX Runtime session whose calls on the CUDA provider pass a gate of
-    ``OnnxOptions.gpu_runs`` at a time, so its memory arena is bounded by that, not by how many
-    threads call it. On the CPU there is no gate: memory there is the host's, and each call
-    already spreads over ONNX Runtime's own threads."""
+    """An ONNX Runtime session whose calls on the CUDA provider are made by ``gpu_runs`` threads
+    of its own, so its memory arena is bounded by that, not by how many threads call it; a caller
+    waits at most ``timeout_s`` for its answer (0: no limit), then gets a
+    :class:`~anonymiser.errors.DeviceFailure`. On the CPU the caller runs it: memory there is the
+    host's, each call already spreads over ONNX Runtime's own threads, and a CPU does not hang.
 
-    def __init__(self, inner: ort.InferenceSession, gpu_runs: int, uint8_input: bool = False) -> None:
+    Why threads of its own: a call on a hung GPU never returns (its copy back waits for ever on
+    the device), and in a GPU worker CenterFace runs before LSC-CNN, so the task threads would
+    all hang here, before LSC-CNN's own timeout could fail them over, while the worker's
+    heartbeat kept it in rotation. A caller that stops waiting leaves the hung call to its
+    daemon thread, whatever the call is doing.
+    """
+
+    def __init__(self, inner: ort.InferenceSession, gpu_runs: int, uint8_input: bool = False,
+                 timeout_s: float = 0.0) -> None:
         self.inner = inner
         #: whether the model takes ``[N, H, W, 3]`` uint8 (:func:`take_uint8_hwc`)
         self.uint8_input = uint8_input
-        on_gpu = "CUDAExecutionProvider" in inner.get_providers()
-        self._gate: AbstractContextManager[object] = threading.BoundedSemaphore(gpu_runs) if on_gpu else nullcontext()
+        #: seconds a call on the GPU waits for its answer (0: no limit); a GPU worker sets it
+        self.timeout_s = timeout_s
+        self._runs = gpu_runs if "CUDAExecutionProvider" in inner.get_providers() else 0
+        self._calls: "queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]]" = queue.SimpleQueue()
+        self._runners_lock = threading.Lock()
+        self._runners: list[threading.Thread] = []
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """``InferenceSession.run``, waiting its turn on the GPU (ONNX Runtime frees the GIL
-        while it runs, so the waiting threads cost nothing)."""
-        with self._gate:
+        """``InferenceSession.run``; on the GPU made by the session's threads, in turn (ONNX
+        Runtime frees the GIL while it runs, so the waiting callers cost nothing)."""
+        if not self._runs:
             return self.inner.run(output_names, feeds)
+        self._start_runners()
+        future: Future[list[np.ndarray]] = Future()
+        self._calls.put((lambda: self.inner.run(output_names, feeds), future))
+        try:
+            return future.result(timeout=self.timeout_s or None)
+        except TimeoutError:
+            if future.done():  # the call's own error happened to be a TimeoutError
+                raise
+            future.cancel()  # still queued: never run it; running: left to its thread
+            raise DeviceFailure(f"ONNX Runtime on CUDA gave no answer within {self.timeout_s:g} s") from None
+
+    def _start_runners(self) -> None:
+        with self._runners_lock:
+            while len(self._runners) < self._runs:
+                runner = threading.Thread(target=self._serve, name=f"onnx-gpu-run-{len(self._runners)}", daemon=True)
+                runner.start()
+                self._runners.append(runner)
+
+    def _serve(self) -> None:
+        while True:
+            call, future = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up while it waited
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # the caller re-raises it
+                future.set_exception(exc)
+            del call, future  # nothing of a finished call (its tiles) stays with an idle thread
 
     def get_inputs(self) -> list[ort.NodeArg]:
         """The model's inputs."""

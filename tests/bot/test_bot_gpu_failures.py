@@ -3,6 +3,8 @@ locators on ONNX Runtime's CUDA provider, and warm-up errors that are not Runtim
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,55 @@ def test_onnx_successes_do_not_hide_an_lsccnn_that_always_fails(monkeypatch: pyt
             anonymiser.locate(np.zeros((32, 32, 3), np.uint8))
         counts.append(health.failed())
     assert counts == [1, 2, 3]
+
+
+class _HungSession:
+    """Stands for an ONNX Runtime session on a GPU that stopped answering: a run never returns
+    (until the test lets it)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def get_providers(self) -> list[str]:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def run(self, names: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.release.wait(30)
+        return [np.zeros(1, np.float32)]
+
+
+def test_an_onnx_run_on_a_hung_gpu_fails_over_within_the_timeout(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """CenterFace runs before LSC-CNN: on a GPU that hangs, its ONNX Runtime call never returns,
+    and without a limit of its own every task thread would wait there for ever (LSC-CNN's
+    timeout is never reached) while the heartbeat kept the worker in rotation. Every caller,
+    those inside a run and those waiting for one, gets a DeviceFailure within the timeout."""
+    from anonymiser.locators.onnx_models import Session
+
+    hung = _HungSession()
+    locator = _OnnxLocator("CUDAExecutionProvider", None)
+    locator._session = Session(hung, gpu_runs=1)  # type: ignore[assignment]
+    locator.locate = lambda rgb: (locator._session.run(None, {"x": rgb}), Detections())[1]  # type: ignore[method-assign]
+    monkeypatch.setenv("ANON_LSCCNN_TIMEOUT_S", "0.3")
+    anonymiser = _gpu_anonymiser(monkeypatch, tmp_path, locator)
+    outcomes: list[BaseException | None] = []
+
+    def job() -> None:
+        try:
+            anonymiser.locate(np.zeros((32, 32, 3), np.uint8))
+            outcomes.append(None)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=job, daemon=True) for _ in range(3)]  # one runs, two wait
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    waited = time.monotonic() - started
+    hung.release.set()
+    assert len(outcomes) == 3, "a task thread still waits for the hung GPU"
+    assert all(isinstance(o, DeviceFailure) for o in outcomes), outcomes
+    assert "no answer within 0.3 s" in str(outcomes[0])
+    assert waited < 5
