@@ -195,8 +195,10 @@ class EngineOptions:
             problems.append(("cpu_threads", f"cpu_threads must be at least 1, got {self.cpu_threads}"))
         if not 0.0 <= self.max_wait_s <= 10.0:
             problems.append(("max_wait_s", f"max_wait_s must be between 0 and 10 s, got {self.max_wait_s}"))
-        if self.timeout_s is not None and not self.timeout_s >= 0.0:
-            problems.append(("timeout_s", f"timeout_s must be 0 (no limit) or a positive number of seconds, got {self.timeout_s}"))
+        # Python's waits refuse anything past threading.TIMEOUT_MAX (OverflowError), "inf" included.
+        if self.timeout_s is not None and not 0.0 <= self.timeout_s <= threading.TIMEOUT_MAX:
+            problems.append(("timeout_s", "timeout_s must be 0 (no limit) or a positive number of seconds up to "
+                                          f"{threading.TIMEOUT_MAX:.0f}, got {self.timeout_s}"))
         return problems
 
     def validate(self) -> None:

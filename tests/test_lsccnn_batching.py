@@ -717,3 +717,13 @@ def test_device_timeout_defaults_and_setting() -> None:
         EngineOptions.from_env({"ANON_LSCCNN_TIMEOUT_S": "-1"})
     engine = LSCCNNEngine(LSCCNN(), EngineOptions(device="cpu"))
     assert engine.options.timeout_s == 0.0  # CPU: large batches legitimately take minutes
+
+
+@pytest.mark.parametrize("raw", ["inf", "1e10"])
+def test_a_timeout_too_long_to_wait_for_is_refused_at_start(raw: str) -> None:
+    """Python's locks wait at most ``threading.TIMEOUT_MAX`` (about 292 years): past it (an
+    operator writing ``inf`` for "no limit"), every wait raised OverflowError, so every photo
+    failed as a device failure, and the warm-up stopped the worker as if its GPU had failed."""
+    with pytest.raises(ValueError, match="ANON_LSCCNN_TIMEOUT_S.*0 \\(no limit\\)"):
+        EngineOptions.from_env({"ANON_LSCCNN_TIMEOUT_S": raw})
+    assert EngineOptions.from_env({"ANON_LSCCNN_TIMEOUT_S": "86400"}).timeout_s == 86400.0
