@@ -892,8 +892,10 @@ class MicroBatcher:
             try:
                 return future.result(timeout=wait)
             except TimeoutError:
-                if future.done():  # the piece's own error happened to be a TimeoutError
-                    raise
+                if future.done():
+                    # Answered as the wait ran out (or the piece's own error is a TimeoutError):
+                    # the answer, not this wait's timeout.
+                    return future.result()
                 if not self._thread.is_alive() and not future.done():
                     raise RuntimeError("the batcher is closed") from None
 

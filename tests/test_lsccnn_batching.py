@@ -727,3 +727,27 @@ def test_a_timeout_too_long_to_wait_for_is_refused_at_start(raw: str) -> None:
     with pytest.raises(ValueError, match="ANON_LSCCNN_TIMEOUT_S.*0 \\(no limit\\)"):
         EngineOptions.from_env({"ANON_LSCCNN_TIMEOUT_S": raw})
     assert EngineOptions.from_env({"ANON_LSCCNN_TIMEOUT_S": "86400"}).timeout_s == 86400.0
+
+
+def test_logits_that_arrive_as_a_wait_runs_out_are_taken(model) -> None:
+    """A caller polls its piece's future every second; when the device thread answers just as one
+    poll runs out, the caller takes the answer instead of failing its photo as a timeout (a
+    false device failure: the job handed over, the worker one step nearer leaving rotation)."""
+    from concurrent.futures import Future
+
+    class AnsweredAsTheWaitEnds(Future):  # type: ignore[type-arg]
+        def result(self, timeout=None):  # type: ignore[no-untyped-def]
+            if timeout is not None and not self.done():
+                self.set_result(("batch", 0))  # the device thread, between the wait and the check
+                raise TimeoutError()
+            return super().result(timeout)
+
+    batcher = MicroBatcher(_engine(model, precision="fp32"))
+    try:
+        assert batcher._result(AnsweredAsTheWaitEnds(), time.monotonic() + 30) == ("batch", 0)
+        failed: Future = Future()  # type: ignore[type-arg]
+        failed.set_exception(TimeoutError("the piece's own error"))
+        with pytest.raises(TimeoutError, match="own error"):
+            batcher._result(failed, None)
+    finally:
+        batcher.close()
