@@ -1,7 +1,8 @@
 """Downloading a post's images into memory only, with caps and address checks.
 
 http(s) only; every address the host resolves to must be public (no loopback, private,
-link-local, multicast or reserved ranges) unless a test setting allows it; redirects are
+link-local, multicast or reserved ranges, nor an IPv6 address that leads to such an IPv4 one
+through NAT64, 6to4 or IPv4-compatible form) unless a test setting allows it; redirects are
 followed by hand so each hop is checked again; the body is read in chunks and abandoned as
 soon as it exceeds the byte cap. Nothing touches the disk.
 
@@ -40,6 +41,35 @@ class MediaTooLarge(FetchError):
     pass
 
 
+#: NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 address a gateway reaches
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: IPv6 ranges that lead into a local network, which Python's ``is_global`` (3.11) calls global:
+#: NAT64's local-use prefix (RFC 8215) and the deprecated site-local one
+_LOCAL_V6 = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one is a way to reach (NAT64, 6to4, IPv4-compatible), if any."""
+    if address in _NAT64 or int(address) >> 32 == 0:  # ::a.b.c.d, deprecated, still tunnelled
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour or address.ipv4_mapped
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``address`` reaches the public internet only: an IPv6 address that carries an
+    IPv4 one reaches that one too (a NAT64 gateway in an IPv6-only cloud network turns
+    64:ff9b::a9fe:a9fe into the metadata service at 169.254.169.254)."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if any(address in network for network in _LOCAL_V6):
+            return False
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return _is_public(embedded)
+    return True
+
+
 def _check_address(host: str, allow_private: bool) -> str:
     """Resolve ``host`` once; refuse it if any address is not public; return the first one."""
     try:
@@ -55,7 +85,7 @@ def _check_address(host: str, allow_private: bool) -> str:
         address = ipaddress.ip_address(info[4][0])
         if allow_private:
             continue
-        if not address.is_global or address.is_multicast:
+        if not _is_public(address):
             raise FetchError("the media URL points to a private or local network address")
     return str(infos[0][4][0])
 

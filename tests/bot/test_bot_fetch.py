@@ -84,6 +84,35 @@ def test_private_and_local_addresses_are_refused(dns: None, url: str) -> None:
     assert url not in str(caught.value)
 
 
+@pytest.mark.parametrize("address", [
+    "64:ff9b::a9fe:a9fe",  # NAT64 (RFC 6052): a gateway translates it to 169.254.169.254
+    "64:ff9b::a00:5",  # ... and this one to 10.0.0.5, inside the gateway's network
+    "64:ff9b::7f00:1",
+    "64:ff9b:1::a00:5",  # NAT64 local-use prefix (RFC 8215)
+    "2002:a9fe:a9fe::1",  # 6to4: the IPv4 relay is 169.254.169.254
+    "::a9fe:a9fe",  # IPv4-compatible (deprecated; Linux's sit tunnel sends it to the IPv4 address)
+    "fec0::1",  # site-local (deprecated, still routed inside some networks)
+])
+@responses.activate
+def test_ipv6_addresses_that_reach_a_private_ipv4_one_are_refused(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    """Python's ``is_global`` calls these global (a NAT64 address is, as far as IPv6 goes), but
+    in an IPv6-only network with NAT64 (AWS, Google Cloud) they reach the IPv4 address they
+    embed: the cloud's metadata service and the private network behind the gateway. Whether
+    the media URL names the address or a name answers it (an AAAA record) makes no difference."""
+    _answers(monkeypatch, "nat64.example", [address])
+    for url in (f"http://[{address}]/photo.jpg", "http://nat64.example/photo.jpg"):
+        with pytest.raises(FetchError, match="private or local network address"):
+            fetch(url, 1024, 5.0)
+    assert len(responses.calls) == 0
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::5db8:d822", "2002:5db8:d822::1", "2606:2800:220:1::1"])
+def test_ipv6_addresses_of_public_servers_are_allowed(address: str) -> None:
+    """An IPv6-only worker reaches an IPv4-only media server through NAT64 (and 6to4): the
+    public IPv4 address it embeds (93.184.216.34) passes."""
+    fetching.check_url(f"http://[{address}]/photo.jpg", allow_private=False)
+
+
 def test_loopback_server_is_refused_unless_allowed(server: FakeMastodon) -> None:
     url = server.add_file(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(FetchError, match="private or local"):
