@@ -169,7 +169,11 @@ class Store:
         done_key = f"{PREFIX}:done:{platform}:{original_id}:{requester_id}"
         pipe.set(done_key, reply_id, ex=DONE_TTL_S)
         pipe.set(f"{PREFIX}:done_key_of:{platform}:{reply_id}", done_key, ex=DONE_TTL_S)
-        pipe.sadd(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
+        replies_key = f"{PREFIX}:replies:{platform}:{original_id}"
+        pipe.sadd(replies_key, reply_id)
+        # Kept as long as its newest copy's records: without it, every original ever copied
+        # left a set behind for good.
+        pipe.expire(replies_key, DONE_TTL_S)
         pipe.set(f"{PREFIX}:original_of:{platform}:{reply_id}", original_id, ex=DONE_TTL_S)
         for url in urls:
             if url:

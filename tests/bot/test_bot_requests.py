@@ -872,3 +872,22 @@ def test_a_spent_upload_budget_does_not_block_takedowns(world: World) -> None:
     mine = platform.direct_message(platform.parse_account(fake.add_account("carol")), "still talking")
     assert platform.delete_post(mine.id) is True
     assert fake.deleted == [mine.id]
+
+
+#: the keys kept without a time to live, each with what bounds it
+UNEXPIRING = (
+    "ppb:watch:",  # one entry per original copied in the last 90 days: the sweep drops the rest
+    "ppb:cursor:",  # one per channel
+)
+
+
+def test_every_record_of_a_copy_expires(world: World) -> None:
+    """A bot answering a viral hashtag for years must not fill Redis: each key a copy leaves
+    behind expires (a year for the reply records), however many originals it copied. The set of
+    an original's copies had no time to live, and outlived every other record of them."""
+    _two_copies(world)
+    lasting = {k: world.store.r.ttl(k) for k in world.store.r.scan_iter(count=1000)}
+    assert lasting, "the copies were recorded"
+    forever = sorted(k for k, ttl in lasting.items() if ttl == -1 and not k.startswith(UNEXPIRING))
+    assert forever == []
+    assert all(ttl <= 365 * 24 * 3600 for ttl in lasting.values())
