@@ -5,6 +5,7 @@ Never image bytes or media URLs: only post ids, account ids and short reasons.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -80,6 +81,10 @@ SEEN_TTL_S = 14 * 24 * 3600
 CLAIM_TTL_S = 120
 Sighting = Literal["new", "claimed", "queued"]
 DONE_TTL_S = 365 * 24 * 3600
+#: dead letters kept, the newest: an operator reads them, and a year of hostile photos (each
+#: dead-lettered after it killed its workers) must not fill Redis; alerts count the workers'
+#: ``ppb_job_failures_total``, not the list
+DEAD_LETTERS_KEPT = 10_000
 #: how long an original's copies are kept in step with it (see ``bot.withdrawal``), and its first check
 WATCH_FOR_S = 90 * 24 * 3600
 FIRST_CHECK_S = 3600
@@ -401,8 +406,15 @@ class Store:
         self.r.delete(f"{PREFIX}:running:{task_id}")
 
     def dead_letter(self, job: dict[str, Any], reason: str) -> None:
+        """Keep ``job`` (ids only) with why it was given up; the oldest beyond
+        :data:`DEAD_LETTERS_KEPT` go."""
         entry = {"job": job, "reason": reason[:500], "at": time.time()}
         self.r.rpush(f"{PREFIX}:dead", json.dumps(entry))
+        # Apart from the push, which alone decides whether the dead letter was kept (an error
+        # puts the job back in its queue, see bot.tasks.redis_refused): a trim that fails must
+        # not have a kept dead letter written again, and the next one trims the list.
+        with contextlib.suppress(redis.RedisError):
+            self.r.ltrim(f"{PREFIX}:dead", -DEAD_LETTERS_KEPT, -1)
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.r.lrange(f"{PREFIX}:dead", 0, -1)]

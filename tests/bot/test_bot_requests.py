@@ -891,3 +891,15 @@ def test_every_record_of_a_copy_expires(world: World) -> None:
     forever = sorted(k for k, ttl in lasting.items() if ttl == -1 and not k.startswith(UNEXPIRING))
     assert forever == []
     assert all(ttl <= 365 * 24 * 3600 for ttl in lasting.values())
+
+
+def test_the_dead_letter_list_keeps_the_newest(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dead letters are for an operator to read, and a year of hostile photos (each one
+    dead-lettered after it killed its workers) must not fill Redis: the oldest go first. The
+    alert counts them from the workers' counter, not from the list's length."""
+    from bot import store as store_module
+
+    monkeypatch.setattr(store_module, "DEAD_LETTERS_KEPT", 3, raising=False)
+    for n in range(5):
+        world.store.dead_letter({"post_id": str(n)}, "WorkerLost")
+    assert [d["job"]["post_id"] for d in world.store.dead_letters()] == ["2", "3", "4"]
