@@ -3,6 +3,7 @@ or local addresses (checked again on every redirect hop)."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -12,6 +13,8 @@ import ssl
 import subprocess
 import threading
 import time
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -422,3 +425,23 @@ def test_http_errors_and_timeouts_become_safe_messages(server: FakeMastodon) -> 
     finally:
         server.release_media()
     assert slow not in str(caught.value)
+
+
+def test_a_compression_bomb_is_cut_at_the_cap_without_decompressing_it_all() -> None:
+    """A server may send a compressed body though the fetch asks for none. 1 KB of gzip inside
+    gzip ("Content-Encoding: gzip, gzip") unpacks to 256 MB: urllib3 before 2.6 decoded all
+    that a read brought at once, and more layers (it had no limit on them) reach any size, so
+    one post could take a worker's memory. The cap must stop it while its memory stays small."""
+    inner = zlib.compressobj(9, zlib.DEFLATED, 31)
+    layer = b"".join(inner.compress(bytes(1024 * 1024)) for _ in range(256)) + inner.flush()
+    body = gzip.compress(layer, 9)
+    port = answer_once(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Encoding: gzip, gzip\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    tracemalloc.start()
+    try:
+        with pytest.raises(MediaTooLarge):
+            fetch(f"http://127.0.0.1:{port}/photo.jpg", 1024 * 1024, 10.0, allow_private=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024
