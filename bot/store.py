@@ -76,6 +76,14 @@ if redis.call('SCARD', KEYS[1]) == 0 then
 end
 return 0
 """
+#: claim the sighting KEYS[1] for ARGV[1] seconds, or say what holds it: one script, so a
+#: claim that lapses (or is undone) between the two is never read as "queued"
+_SIGHT = """
+if redis.call('SET', KEYS[1], 'claimed', 'NX', 'EX', ARGV[1]) then
+  return 'new'
+end
+return redis.call('GET', KEYS[1])
+"""
 SEEN_TTL_S = 14 * 24 * 3600
 #: how long a sighting stays claimed before its enqueue is confirmed (an enqueue takes a moment)
 CLAIM_TTL_S = 120
@@ -141,10 +149,8 @@ class Store:
         A claim that neither confirms nor is undone (Redis went away between the claim and the
         enqueue) expires, so the event is queued on a later poll instead of being skipped for
         the two weeks a confirmed sighting is kept."""
-        key = self._seen(platform, post_id, requester_id)
-        if self.r.set(key, "claimed", nx=True, ex=CLAIM_TTL_S):
-            return "new"
-        return "claimed" if self.r.get(key) == "claimed" else "queued"
+        held = self.r.eval(_SIGHT, 1, self._seen(platform, post_id, requester_id), CLAIM_TTL_S)
+        return "new" if held == "new" else "claimed" if held == "claimed" else "queued"
 
     def queued(self, platform: str, post_id: str, requester_id: str) -> None:
         """Confirm a :meth:`first_sighting` claim: the job is in the queue."""

@@ -903,3 +903,42 @@ def test_the_dead_letter_list_keeps_the_newest(world: World, monkeypatch: pytest
     for n in range(5):
         world.store.dead_letter({"post_id": str(n)}, "WorkerLost")
     assert [d["job"]["post_id"] for d in world.store.dead_letters()] == ["2", "3", "4"]
+
+
+def test_a_claim_that_lapses_while_another_listener_looks_is_not_taken_for_queued(world: World) -> None:
+    """Two listeners of one platform share the cursor. Listener A claimed a mention and died
+    before queueing it; its claim expires (or A undoes it) just as listener B looks: B's claim
+    failed because A's was there, and its read of the claim found nothing. B took that for
+    "queued" and moved the shared cursor past a mention nobody queued: it was never answered."""
+    fake = world.fake
+    queued: list[Job] = []
+    listener = Listener(world.platform(), world.store, queued.append, stream=False)
+    listener.catch_up("mentions")  # the cursor starts now
+    request = fake.mention(fake.add_account("alice"), "cover", media=[fake.media(jpeg(64))])
+    later = fake.mention(fake.add_account("bob"), "cover", media=[fake.media(jpeg(64))])
+    key = f"ppb:seen:mastodon:{request['id']}:{request['account']['id']}"
+    real = world.store.r
+
+    class ClaimLapses:
+        """The Redis client, with A's claim expiring between B's two commands."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def set(self, *args: Any, **kwargs: Any) -> Any:
+            if args[0] == key and kwargs.get("nx") and not real.exists(key):
+                real.set(key, "claimed", ex=120)  # listener A's claim, from just before
+            return real.set(*args, **kwargs)
+
+        def get(self, name: str) -> Any:
+            if name == key:
+                real.delete(key)  # ... which lapses now
+            return real.get(name)
+
+    world.store.r = ClaimLapses()  # type: ignore[assignment]
+    try:
+        listener.catch_up("mentions")
+    finally:
+        world.store.r = real
+    listener.catch_up("mentions")
+    assert [j.post_id for j in queued] == [request["id"], later["id"]]
