@@ -3,9 +3,10 @@
 Rate limits: every response's ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset`` are honoured;
 when a budget is spent the client refuses further calls of that budget until the reset instead
 of hammering the server, and a 429 becomes ``RateLimited`` with the server's reset time. Mastodon
-keeps separate budgets for media uploads and for deletions (30 each per 30 minutes) beside the
-general one, and its headers describe whichever budget of the request is closest to running out,
-so the client keeps one block per budget: a spent upload budget must not stop takedowns.
+keeps separate budgets for media uploads and for deletions (30 each per 30 minutes) and for
+posting (300 statuses per 3 hours) beside the general one, and its headers describe whichever
+budget of the request is closest to running out, so the client keeps one block per budget: a
+spent upload or posting budget must not stop takedowns or the polls.
 Posting uses Mastodon's ``Idempotency-Key`` header, so a retried reply is never posted twice.
 """
 
@@ -47,6 +48,8 @@ PAGE = 40
 #: Mastodon's own throttles beside the general API budget (``config/initializers/rack_attack.rb``)
 _MEDIA_UPLOAD = re.compile(r"^/api/v[12]/media$")
 _STATUS_DELETE = re.compile(r"^/api/v1/statuses/[^/]+$")
+#: posting (``RateLimiter`` family ``statuses``: 300 per 3 hours), whose headers a post carries
+_STATUS_POST = re.compile(r"^/api/v1/statuses(?:/[^/]+)?$")
 _STATUS_PATH = re.compile(r"^/(?:@[^/]+|users/[^/]+/statuses|web/statuses|web/@[^/]+|notice)/(\d+)/?$")
 #: a stock server's limit on a status: its text and its content warning together (a server
 #: publishes its own in its instance API)
@@ -157,6 +160,10 @@ class MastodonPlatform:
             return "media"
         if method == "DELETE" and _STATUS_DELETE.match(path):
             return "delete"
+        if method in ("POST", "PUT") and _STATUS_POST.match(path):
+            # A spent posting budget is announced for hours: it must not stop the polls that
+            # read mentions and takedown requests, nor the look-ups a takedown needs.
+            return "statuses"
         return "api"
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:

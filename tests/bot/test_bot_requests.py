@@ -942,3 +942,24 @@ def test_a_claim_that_lapses_while_another_listener_looks_is_not_taken_for_queue
         world.store.r = real
     listener.catch_up("mentions")
     assert [j.post_id for j in queued] == [request["id"], later["id"]]
+
+
+def test_a_spent_posting_budget_does_not_block_reading(world: World) -> None:
+    """Mastodon limits posting to 300 statuses per 3 hours (``RateLimiter`` family
+    ``statuses``), and its headers on a post describe that budget when it is the closer one:
+    the 300th reply must stop the bot's posting until the reset, not its polls and look-ups
+    (mentions and takedown requests go on being read, copies go on being deleted)."""
+    fake = world.fake
+    platform = world.platform()
+    platform.me()
+    alice = fake.add_account("alice")
+    request = fake.mention(alice, "cover")
+    fake.exhaust("POST", "/api/v1/statuses", reset_in_s=3 * 3600)
+    mine = platform.direct_message(platform.parse_account(alice), "the 300th")
+    with pytest.raises(RateLimited) as refused:
+        platform.direct_message(platform.parse_account(alice), "the 301st")
+    assert refused.value.retry_after_s > 3 * 3600 - 100
+    assert sum(1 for r in fake.log() if r.path == "/api/v1/statuses") == 1, "refused without asking the server"
+    assert platform.get_post(request["id"]).id == request["id"]
+    assert [e.post.id for e in platform.mentions_since("0")] == [request["id"]]
+    assert platform.delete_post(mine.id) is True
