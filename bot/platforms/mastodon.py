@@ -139,6 +139,11 @@ class MastodonPlatform:
 
     name = "mastodon"
     watches_hashtags = True
+    #: what a notification policy filters (Mastodon 4.3+: a stranger's direct message where
+    #: ``prepare`` could not change the policy, a mention from an account a moderator limited)
+    #: is never streamed, only listed with ``include_filtered``: a streamed mention must not
+    #: move the cursor past it (the listener's catch-ups move it)
+    stream_complete = False
 
     def __init__(self, base_url: str, token: str, timeout_s: float = 20.0, session: requests.Session | None = None) -> None:
         self.base_url = base_url.rstrip("/")

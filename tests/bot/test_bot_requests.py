@@ -857,6 +857,32 @@ def test_strangers_direct_messages_reach_the_bot(world: World) -> None:
     assert [(j.post_id, j.kind) for j in queued] == [(early["id"], "takedown"), (late["id"], "takedown")]
 
 
+def test_a_filtered_message_is_not_passed_by_the_stream(world: World) -> None:
+    """What a notification policy filters (a stranger's direct message where the policy could
+    not be changed, a mention from an account a moderator limited) is listed with
+    ``include_filtered`` but never streamed: a streamed mention after it must not move the
+    cursor past it, or no poll would ever find that request."""
+    fake = world.fake
+    queued: list[Job] = []
+    listener = Listener(world.platform(), world.store, queued.append, stream=True, poll_interval_s=0.2)
+    listener.catch_up("mentions")
+    runner = threading.Thread(target=listener.run_channel, args=("mentions",), daemon=True)
+    runner.start()
+    try:
+        fake.wait_streaming()
+        first = fake.mention(fake.add_account("alice"), "cover")
+        fake.wait_for(lambda: len(queued) == 1, 10, what="the first streamed mention")
+        hidden = fake.mention(fake.add_account("carol"), "delete 1234567", visibility="direct")
+        assert fake.filtered == {fake.notifications[-1]["id"]}, "the fake filters it like Mastodon does"
+        streamed = fake.mention(fake.add_account("bob"), "cover")
+        fake.wait_for(lambda: {j.post_id for j in queued} == {first["id"], hidden["id"], streamed["id"]}, 10,
+                      what="every mention, the filtered one too")
+    finally:
+        listener.stop.set()
+        fake.drop_streams()
+        runner.join(10)
+
+
 def test_a_spent_upload_budget_does_not_block_takedowns(world: World) -> None:
     """Mastodon's media uploads have their own budget (30 per 30 minutes); its headers on an
     upload describe that budget."""
