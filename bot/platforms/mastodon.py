@@ -374,6 +374,9 @@ class MastodonPlatform:
         if response.status_code != 200 or "text/event-stream" not in response.headers.get("Content-Type", ""):
             response.close()
             raise StreamUnavailable(f"streaming refused: HTTP {response.status_code}", response.status_code)
+        # Server-sent events are UTF-8 whatever the headers say; Mastodon names no charset, and
+        # requests would read "text/..." as ISO-8859-1 ("löschen" as "lÃ¶schen").
+        response.encoding = "utf-8"
         name, data = "", []
         try:
             for line in response.iter_lines(decode_unicode=True):

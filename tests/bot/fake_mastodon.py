@@ -607,7 +607,9 @@ class FakeMastodon:
     # -- streaming ------------------------------------------------------------------------------
 
     def _push(self, kind: str, tag: str, event: str, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload)
+        # Mastodon's payloads are Rails' JSON, passed on as they are: UTF-8 text, not \u escapes
+        # (under a Content-Type that names no charset)
+        data = json.dumps(payload, ensure_ascii=False)
         for subscriber in list(self._subscribers):
             if subscriber.kind == kind and (kind != "hashtag" or subscriber.tag == tag):
                 subscriber.queue.put((event, data))

@@ -857,6 +857,28 @@ def test_strangers_direct_messages_reach_the_bot(world: World) -> None:
     assert [(j.post_id, j.kind) for j in queued] == [(early["id"], "takedown"), (late["id"], "takedown")]
 
 
+def test_a_streamed_request_is_read_as_utf8(world: World) -> None:
+    """Server-sent events are UTF-8 whatever the headers say, and Mastodon's name no charset
+    (``text/event-stream``), for which ``requests`` assumes ISO-8859-1: "Löschen!" under the
+    bot's copy read as "LÃ¶schen!" is no command, and the takedown became a mention."""
+    fake = world.fake
+    platform = world.platform()
+    alice = fake.add_account("alice")
+    photo = fake.post(alice, "crowd", media=[fake.media(jpeg(64))])
+    copy = fake.post(fake.bot, "@alice covered", in_reply_to=photo, notify=False)
+    events = platform.stream("mentions")
+
+    def answer() -> None:
+        fake.wait_streaming()
+        fake.mention(alice, "@ppbot Löschen! ✊", in_reply_to=copy)
+
+    threading.Thread(target=answer, daemon=True).start()
+    event = next(e for e in events if e is not None)
+    events.close()
+    assert event.post.text == "@ppbot Löschen! ✊"
+    assert job_for(event, platform.me().id).kind == "takedown"
+
+
 def test_a_filtered_message_is_not_passed_by_the_stream(world: World) -> None:
     """What a notification policy filters (a stranger's direct message where the policy could
     not be changed, a mention from an account a moderator limited) is listed with
