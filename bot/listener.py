@@ -85,7 +85,7 @@ class Listener:
         #: whether a streamed event may move a cursor: not where the stream carries only part of
         #: what the poll lists (X's filtered stream never carries a protected account's tweets),
         #: or the cursor would pass the events only a poll finds, and every later poll miss them
-        self.stream_moves_cursor = getattr(platform, "stream_complete", True)
+        self.stream_moves_cursor = platform.stream_complete
 
     def handle(self, channel: str, event: Event, move_cursor: bool = True) -> bool:
         """Enqueue the event's job once, then move the channel's cursor past it (unless told

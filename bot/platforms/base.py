@@ -144,6 +144,9 @@ class Platform(Protocol):
     name: str
     #: whether the bot may answer posts of a watched hashtag, whose authors never asked it
     watches_hashtags: bool
+    #: whether the stream carries every event the polls list; where not (both platforms today:
+    #: filtered notifications, protected accounts), only the polls move a channel's cursor
+    stream_complete: bool
 
     def me(self) -> Account: ...
 
