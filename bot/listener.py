@@ -83,8 +83,9 @@ class Listener:
         #: channels whose last poll stopped before an event claimed elsewhere
         self.held: dict[str, bool] = {}
         #: whether a streamed event may move a cursor: not where the stream carries only part of
-        #: what the poll lists (X's filtered stream never carries a protected account's tweets),
-        #: or the cursor would pass the events only a poll finds, and every later poll miss them
+        #: what the poll lists (Mastodon never streams filtered notifications, X's filtered stream
+        #: never carries a protected account's tweets), or the cursor would pass the events only a
+        #: poll finds, and every later poll miss them
         self.stream_moves_cursor = platform.stream_complete
 
     def handle(self, channel: str, event: Event, move_cursor: bool = True) -> bool:

@@ -389,9 +389,9 @@ def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def
     without requeueing), and ``Task.retry`` turns a retry it cannot publish into
     ``Reject(requeue=False)``. So a Redis that went away during a run (a restart, a failover)
     or refused the retry or a write of the run (``maxmemory`` reached, see :func:`redis_refused`)
-    and answered the acknowledgement lost the job without a dead letter or a word. ``Reject(requeue=True)`` puts it back in its queue; while
-    Redis cannot even take that, the delivery stays unacknowledged and the visibility timeout
-    brings it back.
+    and answered the acknowledgement lost the job without a dead letter or a word.
+    ``Reject(requeue=True)`` puts it back in its queue; while Redis cannot even take that, the
+    delivery stays unacknowledged and the visibility timeout brings it back.
     """
     try:
         return _handle(self, payload)
