@@ -134,6 +134,15 @@ def _parse_reset(value: str | None) -> float | None:
         return None
 
 
+def _body(method: str, path: str, response: requests.Response) -> Any:
+    """The answer's JSON. A proxy's maintenance or login page in its place means the server is
+    not answering as Mastodon for now: a ServerError, retried like a 5xx (not taken for a bug)."""
+    try:
+        return response.json()
+    except ValueError:
+        raise ServerError(f"{method} {path}: the answer is not JSON", response.status_code) from None
+
+
 class MastodonPlatform:
     """A Mastodon account the bot acts as."""
 
@@ -198,9 +207,10 @@ class MastodonPlatform:
     @staticmethod
     def _error_text(response: requests.Response) -> str:
         try:
-            return str(response.json().get("error", ""))[:200]
+            body = response.json()
         except ValueError:
             return ""
+        return str(body.get("error", ""))[:200] if isinstance(body, dict) else ""
 
     def _note_rate_limit(self, budget: str, response: requests.Response) -> None:
         remaining = response.headers.get("X-RateLimit-Remaining")
@@ -209,7 +219,7 @@ class MastodonPlatform:
             self._blocked_until[budget] = reset
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._request(method, path, **kwargs).json()
+        return _body(method, path, self._request(method, path, **kwargs))
 
     # -- parsing ----------------------------------------------------------------------------
 
@@ -408,7 +418,7 @@ class MastodonPlatform:
             data={"description": description},
             timeout=max(self.timeout_s, 60),
         )
-        media = response.json()
+        media = _body("POST", "/api/v2/media", response)
         media_id = str(media["id"])
         # 202 means the server is still processing; the status cannot be posted before it is done.
         deadline = time.time() + 60
@@ -417,7 +427,7 @@ class MastodonPlatform:
                 raise ServerError("media processing did not finish in 60 s")
             time.sleep(0.5)
             response = self._request("GET", f"/api/v1/media/{media_id}")
-            media = response.json()
+            media = _body("GET", "/api/v1/media/:id", response)
         return media_id
 
     def _server_configuration(self) -> dict[str, Any]:

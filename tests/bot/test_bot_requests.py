@@ -19,7 +19,7 @@ from bot import messages
 from bot.config import BotConfig
 from bot.handler import Job, MentionHandler
 from bot.listener import Listener, job_for
-from bot.platforms.base import Account, Event, NotFound, Post, RateLimited, ServerError
+from bot.platforms.base import Account, Event, NotFound, PlatformError, Post, RateLimited, ServerError
 from bot.platforms.mastodon import MastodonPlatform, html_to_text
 from bot.store import FIRST_CHECK_S, Store
 from bot.takedown import TakedownHandler, asks_deletion, commands_deletion
@@ -1014,3 +1014,22 @@ def test_a_spent_posting_budget_does_not_block_reading(world: World) -> None:
     assert platform.get_post(request["id"]).id == request["id"]
     assert [e.post.id for e in platform.mentions_since("0")] == [request["id"]]
     assert platform.delete_post(mine.id) is True
+
+
+@pytest.mark.parametrize("status, body", [
+    (200, "<html><body>Down for maintenance</body></html>"),  # a proxy's page, answered 200
+    (422, "[]"),  # JSON, but not the {"error": ...} object Mastodon sends
+    (403, "null"),
+])
+def test_an_answer_that_is_not_mastodons_json_is_a_platform_error(status: int, body: str) -> None:
+    """What a reverse proxy or a broken server puts in place of Mastodon's JSON must end as a
+    PlatformError under the worker's rules (a 200 page: a server error, retried), not as a
+    ValueError or AttributeError, which the worker takes for a bug and gives up on at once."""
+    import responses
+
+    platform = MastodonPlatform("https://m.example", TOKEN)
+    with responses.RequestsMock() as http:
+        http.get("https://m.example/api/v1/statuses/1", body=body, status=status)
+        with pytest.raises(ServerError if status == 200 else PlatformError) as raised:
+            platform.get_post("1")
+    assert raised.value.status == status
