@@ -326,11 +326,6 @@ def jpeg_layout(data: bytes) -> JpegLayout:
     return layout()
 
 
-def jpeg_scan_count(data: bytes) -> int:
-    """How many scans (SOS markers) the primary image of a JPEG has (see :func:`jpeg_layout`)."""
-    return jpeg_layout(data).scans
-
-
 def _exif_orientation(image: Image.Image) -> int:
     """The orientation tag of the image's EXIF block, 1 if none or broken.
 

@@ -102,6 +102,11 @@ def _visibility_key(platform: str, reply_id: str) -> str:
     return f"{PREFIX}:visibility:{platform}:{reply_id}"
 
 
+def _replies_key(platform: str, original_id: str) -> str:
+    """The set of the bot's copies of one original."""
+    return f"{PREFIX}:replies:{platform}:{original_id}"
+
+
 def _finished_key(key: str) -> str:
     return f"{PREFIX}:finished:{key}"
 
@@ -180,7 +185,7 @@ class Store:
         done_key = f"{PREFIX}:done:{platform}:{original_id}:{requester_id}"
         pipe.set(done_key, reply_id, ex=DONE_TTL_S)
         pipe.set(f"{PREFIX}:done_key_of:{platform}:{reply_id}", done_key, ex=DONE_TTL_S)
-        replies_key = f"{PREFIX}:replies:{platform}:{original_id}"
+        replies_key = _replies_key(platform, original_id)
         pipe.sadd(replies_key, reply_id)
         # Kept as long as its newest copy's records: without it, every original ever copied
         # left a set behind for good.
@@ -237,7 +242,7 @@ class Store:
         if self.r.exists(marker):
             return 0
         started = 0
-        prefix = f"{PREFIX}:replies:{platform}:"
+        prefix = _replies_key(platform, "")
         for key in self.r.scan_iter(match=f"{prefix}*", count=1000):
             original_id = key[len(prefix):]
             if self.r.zscore(_watch_key(platform), original_id) is not None:
@@ -291,7 +296,7 @@ class Store:
     def unwatch_if_no_copies(self, platform: str, original_id: str) -> bool:
         """Stop checking ``original_id`` if it has no copies left; atomic, so a copy recorded at
         the same moment keeps it watched. True when the watch ended."""
-        keys = [f"{PREFIX}:replies:{platform}:{original_id}", _watch_key(platform),
+        keys = [_replies_key(platform, original_id), _watch_key(platform),
                 _since_key(platform, original_id)]
         return bool(self.r.eval(_UNWATCH, 3, *keys, original_id))
 
@@ -305,7 +310,7 @@ class Store:
         original = self.r.get(f"{PREFIX}:original_of:{platform}:{post_id}")
         if original:
             return original
-        return post_id if self.r.exists(f"{PREFIX}:replies:{platform}:{post_id}") else None
+        return post_id if self.r.exists(_replies_key(platform, post_id)) else None
 
     def requester_of(self, platform: str, reply_id: str) -> str | None:
         """The account whose request the reply answered, while its record lasts."""
@@ -316,7 +321,7 @@ class Store:
         return self.r.get(f"{PREFIX}:url:{platform}:{url}")
 
     def replies_of(self, platform: str, original_id: str) -> set[str]:
-        return set(self.r.smembers(f"{PREFIX}:replies:{platform}:{original_id}"))
+        return set(self.r.smembers(_replies_key(platform, original_id)))
 
     def forget_reply(self, platform: str, original_id: str, reply_id: str) -> None:
         """After a takedown: the reply is gone (no new copy is made: see :meth:`mark_taken_down`).
@@ -330,7 +335,7 @@ class Store:
         if done_key:
             pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
         pipe.delete(_visibility_key(platform, reply_id), _media_key(platform, reply_id))
-        pipe.srem(f"{PREFIX}:replies:{platform}:{original_id}", reply_id)
+        pipe.srem(_replies_key(platform, original_id), reply_id)
         pipe.execute()
 
     def mark_taken_down(self, platform: str, original_id: str) -> None:

@@ -22,7 +22,6 @@ from anonymiser.decode import (
     MAX_PNG_CHUNKS,
     decode,
     jpeg_layout,
-    jpeg_scan_count,
     sniff,
     without_png_text,
 )
@@ -490,11 +489,11 @@ def test_progressive_jpeg_scans_are_counted_before_decoding() -> None:
     """Every extra progressive scan is another pass over the whole picture: 20,000 tiny scans
     made a 3 MB file take over two minutes. Ordinary progressive files still decode."""
     progressive = jpeg_bytes(PATTERN, progressive=True)
-    assert jpeg_scan_count(progressive) == progressive.count(b"\xff\xda") >= 5
-    assert jpeg_scan_count(jpeg_bytes(PATTERN)) == 1
+    assert jpeg_layout(progressive).scans == progressive.count(b"\xff\xda") >= 5
+    assert jpeg_layout(jpeg_bytes(PATTERN)).scans == 1
     assert decode(progressive).rgb.shape == PATTERN.shape
-    within = _with_repeated_last_scan(progressive, MAX_JPEG_SCANS - jpeg_scan_count(progressive))
-    assert jpeg_scan_count(within) == MAX_JPEG_SCANS
+    within = _with_repeated_last_scan(progressive, MAX_JPEG_SCANS - jpeg_layout(progressive).scans)
+    assert jpeg_layout(within).scans == MAX_JPEG_SCANS
     assert decode(within).rgb.shape == PATTERN.shape
     hostile = _with_repeated_last_scan(progressive, 5000)
     with pytest.raises(errors.UnsupportedImage, match=f"more than {MAX_JPEG_SCANS} progressive scans"):
@@ -544,7 +543,7 @@ def test_scans_of_an_exif_thumbnail_are_not_counted() -> None:
     baseline = jpeg_bytes(PATTERN)
     data = baseline[:2] + app1 + baseline[2:]
     assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
-    assert jpeg_scan_count(data) == 1
+    assert jpeg_layout(data).scans == 1
 
 
 def _disguised(jpeg: bytes, trick: str) -> bytes:
@@ -562,7 +561,7 @@ def test_scan_count_is_not_fooled_by_what_libjpeg_skips(trick: str) -> None:
     """Both files decode in libjpeg with every scan; they took 27-38 s for 3 MP past the limit."""
     progressive = jpeg_bytes(PATTERN, progressive=True)
     ordinary = _disguised(progressive, trick)
-    assert jpeg_scan_count(ordinary) == progressive.count(b"\xff\xda")
+    assert jpeg_layout(ordinary).scans == progressive.count(b"\xff\xda")
     assert decode(ordinary).rgb.shape == PATTERN.shape
     hostile = _disguised(_with_repeated_last_scan(progressive, 5000), trick)
     with pytest.raises(errors.UnsupportedImage, match="progressive scans"):

@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from .. import emoji  # importing the package switches ONNX Runtime telemetry off first
 from ..cover import STYLES, CoverStyle
@@ -340,14 +340,13 @@ def parse_regions(text: str) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def split_url(url: str) -> tuple[str, str, str] | None:
-    """``(netloc, path, query)`` of a request target or an Origin; None when it is not a URL
+def split_url(url: str) -> SplitResult | None:
+    """A request target or an Origin split into its parts; None when it is not a URL
     (``urlsplit`` raises ValueError on a broken IPv6 address such as ``http://[::1/x``)."""
     try:
-        parts = urlsplit(url)
+        return urlsplit(url)
     except ValueError:
         return None
-    return parts.netloc, parts.path, parts.query
 
 
 def result_json(result: Result) -> dict[str, Any]:
@@ -566,7 +565,7 @@ class Handler(BaseHTTPRequestHandler):
             started = time.perf_counter()
             self._bytes_in = int(declared)
             self._send_error_json(self._too_large(int(declared)))
-            self._log(self.command or "-", (split_url(self.path) or ("", "-", ""))[1], started)
+            self._log(self.command or "-", getattr(split_url(self.path), "path", "-"), started)
             return False
         return super().handle_expect_100()
 
@@ -617,7 +616,7 @@ class Handler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         self._status, self._bytes_in, self._bytes_out, self._heads = 500, 0, 0, None
         target = split_url(self.path)
-        path = target[1] if target else "-"
+        path = target.path if target else "-"
         answer: HttpError | None = None
         try:
             if target is None:
@@ -671,7 +670,7 @@ class Handler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         if origin is not None and self.command not in ("GET", "HEAD"):
             sender = split_url(origin)
-            if sender is None or sender[0].lower() != host:
+            if sender is None or sender.netloc.lower() != host:
                 raise HttpError(403, "forbidden_origin", "Requests from other web sites are refused.",
                                 close=self._has_body())
 
@@ -775,7 +774,7 @@ class Handler(BaseHTTPRequestHandler):
     def _options(self, form: dict[str, multipart.Part]) -> tuple[bytes, CoverStyle, bool]:
         """The image, the style and whether JSON was asked for, from the form and the query."""
         try:
-            query = parse_qs((split_url(self.path) or ("", "", ""))[2], max_num_fields=16)
+            query = parse_qs(getattr(split_url(self.path), "query", ""), max_num_fields=16)
         except ValueError:
             raise HttpError(400, "bad_parameter", "Too many query parameters.") from None
 
