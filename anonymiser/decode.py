@@ -137,8 +137,8 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
         raise UnsupportedImage(problem)
     if fmt == "png":
         data = without_png_text(data)
-    # What the decoders' size reports hide: the pixels a derived (grid) image is built from, and
-    # an AVIF's clean aperture, which Pillow does not apply (libheif does, for HEIF).
+    # What the decoders' size reports hide: the pixels a derived (grid) image is built from, an
+    # AV1 frame larger than the size stated for it, and an AVIF's clean aperture, which Pillow does not apply (libheif does, for HEIF).
     layout = primary_layout(data) if fmt in ("heif", "avif") else None
     try:
         with warnings.catch_warnings():
@@ -153,7 +153,7 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
                 )
             if layout is not None and layout.decoded_pixels > limits.max_input_pixels:
                 raise ImageTooLarge(
-                    f"The image is {width}x{height}, but it is assembled from "
+                    f"The image is {width}x{height}, but decoding it takes "
                     f"{layout.decoded_pixels:,} pixels; the limit is {limits.max_input_pixels:,} pixels."
                 )
             if width <= 0 or height <= 0:

@@ -6,6 +6,10 @@ Two things the decoders' size reports hide:
 * An image may mark only part of its coded picture for display (a clean aperture, ``clap``).
   Viewers crop to it and libheif does for HEIF, but Pillow's AVIF plugin does not, so an AVIF
   would come out with a border that nobody who saw the photo could see.
+* An AV1 item's coded frame can be larger than its ``ispe`` says: libavif decodes the whole
+  frame and then scales it to the ``ispe``, so a 3 KB file stating 300x200 made the decoder
+  allocate a 16384x16384 frame (1 GB). The largest frame an AV1 stream may code is in its
+  sequence header, at the start of the item's data; that is what is counted.
 * A derived image (``grid``, ``iovl``, ``iden``) is assembled from other items while it is
   decoded. Pillow and pillow-heif report its ``ispe`` (or its clean aperture), while the decoder
   allocates the canvas its descriptor asks for and decodes every input it references, as often
@@ -46,6 +50,12 @@ MAX_ASSOCIATIONS = 1 << 18
 #: grid of iden of iovl... : real files nest two deep
 MAX_DERIVATION_DEPTH = 8
 
+#: OBUs read at the start of an AV1 item's data before its first frame, and bytes they may take:
+#: encoders write a sequence header, perhaps a metadata OBU or two, then the frame
+MAX_AV1_OBUS_BEFORE_FRAME = 16
+AV1_HEAD_BYTES = 1 << 16
+_OBU_SEQUENCE_HEADER, _OBU_FRAME_HEADER, _OBU_TILE_GROUP, _OBU_FRAME = 1, 3, 4, 6
+
 #: derived images whose item data describes a canvas the decoder allocates whatever the inputs
 _CANVAS_TYPES = (b"grid", b"iovl")
 #: properties that change the geometry after decoding (HEIF/MIAF order: clap, irot, imir)
@@ -59,8 +69,8 @@ _UNIQUE_META_BOXES = (b"pitm", b"iloc", b"iinf", b"iref", b"iprp", b"idat")
 class PrimaryLayout:
     """What the ``meta`` box says about the primary image, before anything is decoded."""
 
-    #: The largest picture the decoder builds for the primary image: the item's ``ispe`` area
-    #: (which for a ``grid``/``iovl`` must be the canvas its descriptor asks for, or the file
+    #: The largest picture the decoder builds for the primary image: the item's ``ispe`` area,
+    #: or for AV1 the largest frame its sequence header allows when that is larger (which for a ``grid``/``iovl`` must be the canvas its descriptor asks for, or the file
     #: is refused), for any item with ``dimg`` inputs at least the sum over them (recursively,
     #: each counted as often as it is referenced), and an auxiliary (alpha) image of the
     #: primary when that is larger.
@@ -381,6 +391,112 @@ def _ispe(file: _Meta, item: int, properties: list[tuple[bytes, int, int]]) -> l
     return sizes
 
 
+class _Bits:
+    """Most-significant-bit-first reader over an AV1 OBU's payload; reading past it is damage."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def f(self, n: int) -> int:
+        """The next ``n`` bits as an unsigned number (the AV1 spec's f(n))."""
+        if self.pos + n > 8 * len(self.data):
+            raise CorruptImage("The image file is damaged: its AV1 sequence header is cut short.")
+        value = 0
+        for _ in range(n):
+            value = (value << 1) | (self.data[self.pos >> 3] >> (7 - (self.pos & 7)) & 1)
+            self.pos += 1
+        return value
+
+    def uvlc(self) -> int:
+        """The AV1 spec's uvlc(): leading zeros, a one, then that many bits."""
+        zeros = 0
+        while not self.f(1):
+            zeros += 1
+            if zeros >= 32:
+                return (1 << 32) - 1
+        return self.f(zeros) + (1 << zeros) - 1
+
+
+def _av1_max_frame(payload: bytes) -> tuple[int, int]:
+    """(max_frame_width, max_frame_height) from a sequence header OBU's payload (AV1 5.5)."""
+    bits = _Bits(payload)
+    bits.f(3)  # seq_profile
+    bits.f(1)  # still_picture
+    if bits.f(1):  # reduced_still_picture_header
+        bits.f(5)  # seq_level_idx[0]
+    else:
+        decoder_model_info = False
+        delay_bits = 0
+        if bits.f(1):  # timing_info_present_flag
+            bits.f(32), bits.f(32)  # num_units_in_display_tick, time_scale
+            if bits.f(1):  # equal_picture_interval
+                bits.uvlc()  # num_ticks_per_picture_minus_1
+            decoder_model_info = bool(bits.f(1))
+            if decoder_model_info:
+                delay_bits = bits.f(5) + 1  # buffer_delay_length_minus_1
+                bits.f(32), bits.f(5), bits.f(5)  # decoding tick, removal and presentation time lengths
+        initial_display_delay = bits.f(1)
+        for _ in range(bits.f(5) + 1):  # operating_points_cnt_minus_1
+            bits.f(12)  # operating_point_idc
+            if bits.f(5) > 7:  # seq_level_idx
+                bits.f(1)  # seq_tier
+            if decoder_model_info and bits.f(1):  # decoder_model_present_for_this_op
+                bits.f(delay_bits), bits.f(delay_bits), bits.f(1)  # buffer delays, low_delay_mode_flag
+            if initial_display_delay and bits.f(1):
+                bits.f(4)  # initial_display_delay_minus_1
+    width_bits, height_bits = bits.f(4) + 1, bits.f(4) + 1
+    return bits.f(width_bits) + 1, bits.f(height_bits) + 1
+
+
+def _leb128(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of an AV1 leb128 number, at most 8 bytes."""
+    value = 0
+    for i in range(8):
+        if pos + i >= len(data):
+            raise CorruptImage("The image file is damaged: its AV1 data is cut short.")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise CorruptImage("The image file is damaged: its AV1 data has an impossible OBU size.")
+
+
+def _av1_frame_limit(file: _Meta, item: int) -> tuple[int, int] | None:
+    """The largest frame the sequence headers before an AV1 item's first frame allow, or None
+    when there is none (the decoder then has nothing to decode with and refuses the file).
+
+    Every sequence header before the first frame counts (a later one would replace an
+    earlier one in the decoder); a file that puts more than a few OBUs or 64 KB before its
+    first frame is refused rather than read further."""
+    head = file.item_head(item, AV1_HEAD_BYTES)
+    largest: tuple[int, int] | None = None
+    pos = 0
+    for _ in range(MAX_AV1_OBUS_BEFORE_FRAME):
+        if pos >= len(head):
+            if len(head) < AV1_HEAD_BYTES:
+                return largest  # the item ends without a frame: the decoder refuses it
+            break
+        header = head[pos]
+        kind, extension, has_size = header >> 3 & 15, header >> 2 & 1, header >> 1 & 1
+        pos += 1 + extension
+        if has_size:
+            size, pos = _leb128(head, pos)
+        else:
+            size = len(head) - pos  # the last OBU of the data
+        if kind in (_OBU_FRAME_HEADER, _OBU_TILE_GROUP, _OBU_FRAME):
+            return largest
+        if kind == _OBU_SEQUENCE_HEADER:
+            if pos + size > len(head):
+                raise CorruptImage("The image file is damaged: its AV1 sequence header is cut short.")
+            width, height = _av1_max_frame(head[pos : pos + size])
+            if largest is None or width * height > largest[0] * largest[1]:
+                largest = (width, height)
+        pos += size
+    raise CorruptImage(
+        f"The image file's AV1 data has more than {MAX_AV1_OBUS_BEFORE_FRAME} pieces or "
+        f"{AV1_HEAD_BYTES // 1024} KB before its first frame.")
+
+
 def _canvas(file: _Meta, item: int) -> tuple[int, int] | None:
     """The canvas a ``grid`` or ``iovl`` item's descriptor asks the decoder to allocate."""
     kind = file.types.get(item)
@@ -427,7 +543,9 @@ def _pixels(file: _Meta, item: int, memo: dict[int, int], path: set[int], need_s
         raise CorruptImage("The image file states the size of its image in two different ways.")
     inputs = sum(count * _pixels(file, child, memo, path) for child, count in Counter(file.dimg.get(item, ())).items())
     path.discard(item)
-    pixels = max([w * h for w, h in sizes] + [canvas[0] * canvas[1] if canvas else 0, inputs])
+    frame = _av1_frame_limit(file, item) if file.types.get(item) == b"av01" else None
+    pixels = max([w * h for w, h in sizes] + [canvas[0] * canvas[1] if canvas else 0, inputs,
+                                               frame[0] * frame[1] if frame else 0])
     if pixels == 0 and need_size:
         raise CorruptImage(f"The image file is damaged: it does not say how large image item {item} is.")
     memo[item] = pixels

@@ -23,7 +23,8 @@ from PIL import Image, ImageOps
 
 from anonymiser.decode import decode
 from anonymiser.errors import CorruptImage, ImageTooLarge, ImageTooNarrow
-from anonymiser.isobmff import MAX_TOP_LEVEL_BOXES, PrimaryLayout, primary_layout
+from anonymiser.isobmff import AV1_HEAD_BYTES, MAX_AV1_OBUS_BEFORE_FRAME, MAX_TOP_LEVEL_BOXES, PrimaryLayout, primary_layout
+from anonymiser.limits import Limits
 
 pillow_heif.register_heif_opener()
 
@@ -707,7 +708,149 @@ def test_decode_refuses_a_grid_built_from_more_pixels_than_the_budget_before_dec
     """pillow-heif reports the 1000x1000 aperture; libheif built the whole 32768x32768 grid
     (1.5 GB) to crop it."""
     data = grid("HEIF", big_tile(), 16, 16, (32768, 32768), extra=[(clap_at_origin((32768, 32768), (1000, 1000)), True)])
-    with pytest.raises(ImageTooLarge, match="assembled from 1,073,741,824 pixels"):
+    with pytest.raises(ImageTooLarge, match="decoding it takes 1,073,741,824 pixels"):
         decode(data)
     with pytest.raises(CorruptImage):
         decode(grid("HEIF", big_tile(), 16, 16, (32768, 32768), claimed=(1000, 1000)))
+
+
+# --- AV1 frames larger than their stated size -------------------------------------------------
+
+
+class Bits:
+    """Most-significant-bit-first writer for AV1 syntax (the spec's f(n) and uvlc())."""
+
+    def __init__(self) -> None:
+        self.bits: list[int] = []
+
+    def f(self, n: int, value: int) -> "Bits":
+        self.bits += [(value >> (n - 1 - i)) & 1 for i in range(n)]
+        return self
+
+    def uvlc(self, value: int) -> "Bits":
+        zeros = (value + 1).bit_length() - 1
+        return self.f(zeros, 0).f(zeros + 1, value + 1)
+
+    def payload(self) -> bytes:
+        bits = self.bits + [1] + [0] * (-(len(self.bits) + 1) % 8)  # trailing_bits()
+        return bytes(int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8))
+
+
+def leb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def obu(kind: int, payload: bytes, extension: bool = False) -> bytes:
+    header = bytes([kind << 3 | int(extension) << 2 | 2]) + (b"\x00" if extension else b"")
+    return header + leb128(len(payload)) + payload
+
+
+def sequence_header(width: int, height: int, *, reduced: bool = False, timing: bool = False,
+                    decoder_model: bool = False, display_delay: bool = False, points: int = 1,
+                    extension: bool = False) -> bytes:
+    """A sequence header OBU allowing frames up to ``width`` x ``height``, exercising the optional
+    parts of the syntax that come before the frame size (AV1 5.5.1)."""
+    bits = Bits().f(3, 0).f(1, 1).f(1, int(reduced))
+    if reduced:
+        bits.f(5, 8)
+    else:
+        bits.f(1, int(timing))
+        if timing:
+            bits.f(32, 1001).f(32, 30000).f(1, 1).uvlc(6)
+            bits.f(1, int(decoder_model))
+            if decoder_model:
+                bits.f(5, 9).f(32, 90000).f(5, 31).f(5, 22)
+        bits.f(1, int(display_delay)).f(5, points - 1)
+        for point in range(points):
+            level = 12 if point % 2 else 4  # above 7 a tier bit follows
+            bits.f(12, 0x101 + point).f(5, level)
+            if level > 7:
+                bits.f(1, 1)
+            if decoder_model:
+                bits.f(1, 1).f(10, 500).f(10, 300).f(1, 0)  # buffer delays of 9 + 1 bits
+            if display_delay:
+                bits.f(1, 1).f(4, 9)
+    width_bits, height_bits = max(width - 1, 1).bit_length(), max(height - 1, 1).bit_length()
+    bits.f(4, width_bits - 1).f(4, height_bits - 1).f(width_bits, width - 1).f(height_bits, height - 1)
+    bits.f(1, 0).f(1, 0).f(1, 0)  # frame_id_numbers_present_flag, use_128x128_superblock, ... (not read)
+    return obu(1, bits.payload(), extension)
+
+
+def av1_file(data: bytes, claimed: tuple[int, int] = (64, 48)) -> bytes:
+    """A one-item AVIF whose item data is ``data``, stating ``claimed`` as its size."""
+    real = coded("AVIF", 64, 48)
+    return assemble(b"avif", [Item(1, b"av01", data, [*real.props, (ispe(*claimed), False)])], 1)
+
+
+def real_frame() -> bytes:
+    """The OBUs of a real 64x48 AV1 picture from its first frame on (libavif writes a temporal
+    delimiter and the sequence header before it)."""
+    data = coded("AVIF", 64, 48).data
+    pos, kinds = 0, []
+    while data[pos] >> 3 & 15 not in (3, 6):
+        kinds.append(data[pos] >> 3 & 15)
+        assert data[pos] & 2 and data[pos + 1] < 0x80  # sized, one-byte sizes: short OBUs
+        pos += 2 + data[pos + 1]
+    assert kinds == [2, 1], kinds
+    return data[pos:]
+
+
+@pytest.mark.parametrize("size", [(64, 48), (300, 200), (1000, 3)])
+def test_the_sequence_header_libavif_writes_gives_the_frame_size(size):
+    data = encoded("AVIF", *size)
+    assert primary_layout(data).decoded_pixels == size[0] * size[1]
+
+
+@pytest.mark.parametrize("options", [
+    dict(reduced=True),
+    dict(),
+    dict(timing=True),
+    dict(timing=True, decoder_model=True),
+    dict(display_delay=True, points=3),
+    dict(timing=True, decoder_model=True, display_delay=True, points=4),
+])
+def test_every_form_of_sequence_header_gives_its_largest_frame(options):
+    data = av1_file(sequence_header(9000, 7001, **options) + real_frame())
+    assert primary_layout(data).decoded_pixels == 9000 * 7001
+
+
+def test_an_av1_frame_larger_than_its_stated_size_is_refused_before_decoding():
+    """libavif decoded the whole 16384x16384 frame of a 3 KB file stating 300x200 (1 GB of
+    memory, measured) and scaled it down; the pixel budget only saw 300x200."""
+    data = single("AVIF", 640, 480, claimed=(64, 48))
+    assert primary_layout(data).decoded_pixels == 640 * 480
+    tight = Limits(max_input_pixels=100_000)
+    with pytest.raises(ImageTooLarge, match="The image is 64x48, but decoding it takes 307,200 pixels"):
+        decode(data, tight)
+    assert decode(data).rgb.shape == (48, 64, 3)  # within the budget, the decoder's scaled picture
+    assert decode(single("AVIF", 64, 48), tight).rgb.shape == (48, 64, 3)
+
+
+def test_every_sequence_header_before_the_frame_counts():
+    """The decoder takes the last one before the frame; a small first one must not hide it."""
+    data = sequence_header(64, 48) + obu(5, b"\x01" * 40) + sequence_header(20000, 20000) + real_frame()
+    assert primary_layout(av1_file(data)).decoded_pixels == 20000 * 20000
+    extended = obu(15, b"") + sequence_header(5000, 4000, extension=True)
+    assert primary_layout(av1_file(extended + real_frame())).decoded_pixels == 5000 * 4000
+
+
+def test_a_sequence_header_after_the_first_frame_is_not_read():
+    data = sequence_header(64, 48) + real_frame() + sequence_header(20000, 20000)
+    assert primary_layout(av1_file(data)).decoded_pixels == 64 * 48
+
+
+@pytest.mark.parametrize("data, message", [
+    (obu(15, b"") * MAX_AV1_OBUS_BEFORE_FRAME + sequence_header(20000, 20000), "more than 16 pieces"),
+    (obu(5, b"\0" * AV1_HEAD_BYTES) + sequence_header(20000, 20000), "64 KB before its first frame"),
+    (bytes([1 << 3 | 2]) + leb128(0x3FFF) + b"\0" * 4, "sequence header is cut short"),  # past the item
+    (obu(1, b"\x00"), "sequence header is cut short"),  # its fields run past its own size
+    (bytes([1 << 3 | 2]) + b"\xff" * 9, "impossible OBU size"),
+], ids=["many pieces", "64 KB", "past the item", "past its size", "size of 9 bytes"])
+def test_av1_data_that_hides_its_sequence_header_is_refused(data, message):
+    with pytest.raises(CorruptImage, match=message):
+        primary_layout(av1_file(data + real_frame()))
