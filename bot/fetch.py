@@ -11,13 +11,20 @@ connection resolves the name once, checks every address, and connects to a check
 server that answers "public" to a first lookup and "private" to the next (rebinding) gains
 nothing. (Through an HTTP proxy from the environment the proxy connects instead, and only the
 check before the request applies.)
+
+The download's deadline covers the name lookups too: ``getaddrinfo`` cannot be interrupted and
+a resolver that does not answer holds it for its own timeouts (5 s a try, per name server, per
+redirect hop), so each lookup runs on a thread of its own, which is left to finish alone when
+the deadline passes first.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
 import threading
+import time
 from socket import SHUT_RDWR
 from functools import lru_cache
 from urllib.parse import urljoin, urlparse
@@ -70,10 +77,34 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
+def _lookup(host: str) -> list[tuple]:  # type: ignore[type-arg]
+    """``host``'s addresses, within the current download's deadline when there is one."""
+    watch: _Watch | None = getattr(_watched, "watch", None)
+    if watch is None:
+        return socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    answer: queue.SimpleQueue[tuple[bool, object]] = queue.SimpleQueue()
+
+    def resolve() -> None:
+        try:
+            answer.put((True, socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)))
+        except BaseException as exc:  # handed to the caller, who raises it
+            answer.put((False, exc))
+
+    threading.Thread(target=resolve, name="media-dns", daemon=True).start()
+    try:
+        found, value = answer.get(timeout=max(0.0, watch.deadline - time.monotonic()))
+    except queue.Empty:
+        watch.cut()
+        raise FetchError("deadline") from None
+    if not found:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
+
+
 def _check_address(host: str, allow_private: bool) -> str:
     """Resolve ``host`` once; refuse it if any address is not public; return the first one."""
     try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        infos = _lookup(host)
     except socket.gaierror:
         raise FetchError("the media server's name does not resolve") from None
     except (UnicodeError, ValueError):
@@ -93,7 +124,9 @@ def _check_address(host: str, allow_private: bool) -> str:
 class _Watch:
     """The sockets of one download, shut down together when its deadline passes."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        #: ``time.monotonic()`` at which the download must be over
+        self.deadline = deadline
         self.expired = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -182,13 +215,13 @@ def check_url(url: str, allow_private: bool) -> None:
 
 def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = False, session: requests.Session | None = None) -> bytes:
     """The body at ``url``, in memory, at most ``max_bytes``, within ``timeout_s`` for the whole
-    download, redirects included.
+    download, redirects and name lookups included.
 
     A per-read timeout alone would let a server that sends a byte a second hold a worker for as
     long as it likes, and a read can be kept waiting by bytes that never complete anything (a
     header line, a chunk-size line, a gzip header's file name): at the deadline a watchdog shuts
     the download's sockets down, which ends any read at once."""
-    watch = _Watch()
+    watch = _Watch(time.monotonic() + timeout_s)
     watchdog = threading.Timer(timeout_s, watch.cut)
     watchdog.daemon = True
     _watched.watch = watch

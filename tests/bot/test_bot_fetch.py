@@ -445,3 +445,43 @@ def test_a_compression_bomb_is_cut_at_the_cap_without_decompressing_it_all() -> 
     finally:
         tracemalloc.stop()
     assert peak < 32 * 1024 * 1024
+
+
+@pytest.fixture
+def slow_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """``slow.example`` answers (with a public address) only after 10 s or when the test ends;
+    the n-th lookup of it is slow when ``n`` is listed in the returned dict's ``"slow"``."""
+    real = socket.getaddrinfo
+    released = threading.Event()
+    state: dict = {"lookups": 0, "slow": {1}}
+
+    def getaddrinfo(host: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if host != "slow.example":
+            return real(host, *args, **kwargs)
+        state["lookups"] += 1
+        if state["lookups"] in state["slow"]:
+            released.wait(10)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("93.184.216.34", 0))]
+
+    monkeypatch.setattr(fetching.socket, "getaddrinfo", getaddrinfo)
+    yield state
+    released.set()
+
+
+@pytest.mark.parametrize("slow_lookup", [1, 2], ids=["before the request", "as the connection opens"])
+def test_a_name_lookup_that_hangs_ends_at_the_download_deadline(slow_dns: dict, slow_lookup: int) -> None:
+    """A resolver that does not answer held the worker for its own timeouts (5 s a try, per
+    name server, per redirect hop), outside the download's deadline."""
+    slow_dns["slow"] = {slow_lookup}
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="took longer than 0.5 s"):
+        fetch("http://slow.example/photo.jpg", 1024, 0.5)
+    assert time.monotonic() - started < 3
+    assert slow_dns["lookups"] == slow_lookup
+
+
+def test_a_failed_lookup_inside_the_deadline_is_still_its_own_error(dns: None) -> None:
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="does not resolve"):
+        fetch("https://nowhere.example/a.jpg", 1024, 30.0)
+    assert time.monotonic() - started < 3
