@@ -16,7 +16,7 @@ from typing import Any
 from anonymiser.errors import AnonymiserError
 from anonymiser.pipeline import Anonymiser, Result
 
-from . import messages
+from . import messages, soft_limit
 from .config import BotConfig
 from .copies import delete_copy
 from .fetch import FetchError, fetch
@@ -163,15 +163,16 @@ class MentionHandler:
 
     def _answer(self, job: Job, request: Post, text: str, visibility: Visibility, key: str) -> str:
         """A text-only answer in the thread, recorded so it is never sent twice."""
-        posted = self._reply(
-            ReplyDraft(
-                in_reply_to=request,
-                text=f"@{request.account.acct} {text}",
-                visibility=visibility,
-                idempotency_key=f"ppb-note-{key}",
+        with soft_limit.held("answer"):
+            posted = self._reply(
+                ReplyDraft(
+                    in_reply_to=request,
+                    text=f"@{request.account.acct} {text}",
+                    visibility=visibility,
+                    idempotency_key=f"ppb-note-{key}",
+                )
             )
-        )
-        self.store.mark_done(f"note:{key}", posted.id)
+            self.store.mark_done(f"note:{key}", posted.id)
         return posted.id
 
     def _decline(self, job: Job, request: Post, text: str, visibility: Visibility, key: str, outcome: str) -> str:
@@ -281,24 +282,27 @@ class MentionHandler:
         media_ids = [
             self.platform.upload_image(r.data, r.mime, messages.alt_text(r.report.heads_covered)) for r in results
         ]
-        posted = self._reply(
-            ReplyDraft(
-                in_reply_to=request,
-                text=f"@{requester.acct} " + messages.reply_text(heads, len(results), failures),
-                visibility=visibility,
-                media_ids=media_ids,
-                sensitive=target.sensitive,
-                spoiler_text=target.spoiler_text,
-                # Keyed by the request too: after a takedown, a new request must not get the
-                # deleted reply back from the server's idempotency cache.
-                idempotency_key=f"ppb-reply-{self._key(job, target.id)}:{request.id}",
+        # Posted and recorded in one go: a copy posted but not recorded could not be taken down
+        # by direct message, and its requester would be sent an apology too.
+        with soft_limit.held("reply"):
+            posted = self._reply(
+                ReplyDraft(
+                    in_reply_to=request,
+                    text=f"@{requester.acct} " + messages.reply_text(heads, len(results), failures),
+                    visibility=visibility,
+                    media_ids=media_ids,
+                    sensitive=target.sensitive,
+                    spoiler_text=target.spoiler_text,
+                    # Keyed by the request too: after a takedown, a new request must not get the
+                    # deleted reply back from the server's idempotency cache.
+                    idempotency_key=f"ppb-reply-{self._key(job, target.id)}:{request.id}",
+                )
             )
-        )
-        self.store.record_reply(job.platform, target.id, job.requester_id, posted.id,
-                                [posted.url, posted.uri, target.url, target.uri], visibility, copied,
-                                # a redelivery finding the original gone (deleted, its photos
-                                # edited out) must still see that this request has its answer
-                                answered=f"note:{key}")
+            self.store.record_reply(job.platform, target.id, job.requester_id, posted.id,
+                                    [posted.url, posted.uri, target.url, target.uri], visibility, copied,
+                                    # a redelivery finding the original gone (deleted, its photos
+                                    # edited out) must still see that this request has its answer
+                                    answered=f"note:{key}")
         if self.store.taken_down(job.platform, target.id):
             # A takedown ran while this copy was being made: it marked the original before
             # reading its copies, and this copy was recorded before this look, so one of the two

@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from . import messages
+from . import messages, soft_limit
 from .copies import delete_copy, own_copies
 from .handler import Job
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post
@@ -212,11 +212,12 @@ class TakedownHandler:
             raise
 
     def _confirm(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
-        try:
-            sent_id = self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=f"ppb-{done_key}").id
-        except MessagesRefused:
-            # What was asked is done, and a retry would only be refused again.
-            log.warning("confirmation_refused", extra={"dm_id": dm.id, "outcome": outcome})
-            sent_id = "confirmation-refused"
-        self.store.mark_done(done_key, sent_id)
+        with soft_limit.held("confirmation"):  # sent and recorded in one go (bot/soft_limit.py)
+            try:
+                sent_id = self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=f"ppb-{done_key}").id
+            except MessagesRefused:
+                # What was asked is done, and a retry would only be refused again.
+                log.warning("confirmation_refused", extra={"dm_id": dm.id, "outcome": outcome})
+                sent_id = "confirmation-refused"
+            self.store.mark_done(done_key, sent_id)
         return outcome

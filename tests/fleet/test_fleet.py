@@ -535,12 +535,13 @@ def test_clean_shutdown_withdraws_at_once_and_finishes_running_jobs(fleet: Any, 
 def faulty_worker(fleet: Any, fake: Any, redis_server: Any, tmp_path: Any, preload: str, queue: str,
                   **env: str) -> tuple[Any, Any]:
     """A clean world and one prefork worker on ``queue`` with a fault-injection ``preload``
-    (``crash_jobs``, ``stuck_jobs``); returns it and the file listing the posts it trips on."""
+    (``crash_jobs``, ``stuck_jobs``, ``late_replies``); returns it and the file listing the posts it trips on."""
     redis_server.clean()
     fake.reset()
     posts = tmp_path / f"{preload}-posts"
     posts.write_text("")
-    variable = {"crash_jobs": "PPB_TEST_CRASH_POSTS", "stuck_jobs": "PPB_TEST_STUCK_POSTS"}[preload]
+    variable = {"crash_jobs": "PPB_TEST_CRASH_POSTS", "stuck_jobs": "PPB_TEST_STUCK_POSTS",
+                "late_replies": "PPB_TEST_LATE_POSTS"}[preload]
     worker = fleet.launch(preload, queues=queue, pool="prefork", concurrency=1, preload=preload, **{variable: str(posts)}, **env)
     fleet.ready(worker)
     return worker, posts
@@ -639,6 +640,37 @@ def test_a_job_killed_by_the_hard_time_limit_is_counted_as_a_loss_not_dropped(
     [dead] = Store.from_url(redis_server.url).dead_letters()
     assert dead["job"]["post_id"] == stuck["id"] and dead["reason"].startswith("WorkerLost:")
     assert worker.log().count(f"stuck_job_started {stuck['id']}") == 1, "given up without a second run"
+    assert worker.alive()
+    worker.stop()
+
+
+def test_the_soft_time_limit_passing_between_reply_and_record_cuts_neither(
+        fleet: Any, fake: Any, redis_server: Any, client_app: Any, tmp_path: Any) -> None:
+    """Celery's soft time limit raises wherever the run is. Between posting the copy and
+    recording it, that left a copy the takedown flow could not find, a dead letter, and an
+    apology by direct message to someone who had just been answered."""
+    from bot import messages
+    from bot.store import Store
+
+    queue = "ppb.late-test"
+    worker, late_list = faulty_worker(fleet, fake, redis_server, tmp_path, "late_replies", queue, PPB_TEST_LATE_S="5")
+    warm, late = mention(fake, "erin", side=96), mention(fake, "dora", side=96)
+    # The first job loads the models (10-20 s here): under the default limit.
+    client_app.send_task("bot.handle", args=[E2E.job(warm)], queue=queue)
+    one_reply_each(fake, [warm], timeout=120)
+    late_list.write_text(late["id"])
+    # A soft limit of 3 s for this job alone passes during the 5 s its reply takes to come back.
+    client_app.send_task("bot.handle", args=[E2E.job(late)], queue=queue, soft_time_limit=3, time_limit=40)
+
+    [reply] = fake.wait_for(lambda: fake.replies_to(late["id"]), 60, what="the reply")
+    assert reply["media_attachments"]
+    store = Store.from_url(redis_server.url)
+    wait_until(lambda: store.reply_for("mastodon", late["id"], late["account"]["id"]) == reply["id"], 20,
+               "the reply to be recorded")
+    time.sleep(1)
+    assert fake.replies_to(late["id"]) == [reply], "no apology"
+    assert store.dead_letters() == []
+    assert "late_reply_posted" in worker.log() and "Hard time limit" not in worker.log()
     assert worker.alive()
     worker.stop()
 
