@@ -69,9 +69,10 @@ _UNIQUE_META_BOXES = (b"pitm", b"iloc", b"iinf", b"iref", b"iprp", b"idat")
 class PrimaryLayout:
     """What the ``meta`` box says about the primary image, before anything is decoded."""
 
-    #: The largest picture the decoder builds for the primary image: the item's ``ispe`` area,
-    #: or for AV1 the largest frame its sequence header allows when that is larger (which for a ``grid``/``iovl`` must be the canvas its descriptor asks for, or the file
-    #: is refused), for any item with ``dimg`` inputs at least the sum over them (recursively,
+    #: The largest picture the decoder builds for the primary image: the item's ``ispe`` area
+    #: (which for a ``grid``/``iovl`` must be the canvas its descriptor asks for, or the file
+    #: is refused; for AV1, the largest frame its sequence header allows when that is larger),
+    #: for any item with ``dimg`` inputs at least the sum over them (recursively,
     #: each counted as often as it is referenced), and an auxiliary (alpha) image of the
     #: primary when that is larger.
     decoded_pixels: int
