@@ -113,6 +113,11 @@ class MessagesRefused(PlatformError):
     nothing may be sent more publicly instead."""
 
 
+class RepliesClosed(PlatformError):
+    """The platform refuses a reply in this conversation (X: its first post's author limits who
+    may reply); the answer may still be sent privately."""
+
+
 class StreamUnavailable(PlatformError):
     """Streaming is refused or unsupported here; the listener falls back to polling."""
 

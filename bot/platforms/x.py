@@ -15,6 +15,10 @@ What maps how (see README, "X"):
   The upload is deferred to ``reply()``: DM media needs ``media_category=dm_image`` and tweet
   media ``tweet_image``, and only ``reply()`` knows which. Until then ``upload_image`` keeps
   the anonymised bytes (never an original) in memory under a local handle.
+- **Reply settings**: a conversation whose first tweet limits who may reply (mentioned accounts,
+  accounts its author follows, verified accounts) refuses the bot's reply with 403 ("Reply to
+  this conversation is not allowed ..."): ``RepliesClosed``, after which ``reply()`` keeps the
+  draft's images pending, so the handler can send the same draft as a DM.
 - **Idempotency**: X has no Idempotency-Key. Every post ends with a short marker derived from
   the job's key (``ref 1a2b3c4d5e``); before posting, the bot's own tweets newer than the
   tweet it answers (or its DMs with that person) are searched for the marker, and a found post
@@ -57,6 +61,7 @@ from .base import (
     PlatformError,
     Post,
     RateLimited,
+    RepliesClosed,
     ReplyDraft,
     ServerError,
     StreamUnavailable,
@@ -726,6 +731,13 @@ class XPlatform:
         with self._lock:
             return [self._pending.pop(m) if m in self._pending else m for m in media_ids]
 
+    def _put_back(self, media_ids: list[str], items: list[_Pending | str]) -> None:
+        """Undo ``_take_pending`` for a reply X refused, so the same handles can go by DM."""
+        with self._lock:
+            for handle, item in zip(media_ids, items):
+                if isinstance(item, _Pending):
+                    self._pending[handle] = item
+
     def media_limits(self) -> MediaLimits:
         return MediaLimits(max_bytes=IMAGE_BYTES)
 
@@ -737,7 +749,13 @@ class XPlatform:
             if text.startswith(f"@{to.acct} "):
                 text = text[len(to.acct) + 2:]
             return self._send_dms(to, _with_cw(text, draft.spoiler_text), items, draft.idempotency_key, draft.sensitive)
-        return self._tweet_reply(draft, items)
+        try:
+            return self._tweet_reply(draft, items)
+        except RepliesClosed:
+            # The caller may send this answer by DM instead: keep the images' bytes for it (their
+            # tweet_image uploads cannot be attached to a DM, which needs dm_image).
+            self._put_back(draft.media_ids, items)
+            raise
 
     def _own_reply(self, in_reply_to_id: str, code: str) -> Post | None:
         """The bot's tweet answering ``in_reply_to_id`` that carries ``code``, if any."""
@@ -777,6 +795,10 @@ class XPlatform:
                 media_ids=media_ids or None, user_auth=True,
             )
         except PlatformError as exc:
+            if exc.status == 403 and "reply to this conversation is not allowed" in str(exc).lower():
+                # The conversation's first tweet limits who may reply ("Who can reply?": accounts
+                # its author mentions, follows, or verified ones), and the bot is not among them.
+                raise RepliesClosed(f"POST /2/tweets: replies in the conversation of {target} are limited", 403) from None
             if exc.status == 403 and "deleted or not visible" in str(exc):
                 # X's answer to a reply whose tweet is gone (or hidden): what NotFound means here.
                 raise NotFound(f"POST /2/tweets: the tweet {target} is deleted or not visible", 403) from None

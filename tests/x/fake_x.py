@@ -7,7 +7,8 @@ headers on every answer, a tweet's t.co links in ``entities.urls`` but a DM even
 level (``urls``, ``mentions``, ``hashtags``, as X's DmEvent schema has them, for the
 ``entities`` field), a post shared into a DM as the event's ``referenced_tweets``, and the refusals X is known for
 (duplicate text 403, the filtered stream's 403 ``client-not-enrolled`` on lower tiers, one
-attachment per DM, DM media uploaded with ``media_category=dm_image``). Both API hosts are
+attachment per DM, DM media uploaded with ``media_category=dm_image``, a reply in a conversation
+whose first tweet's ``reply_settings`` leave the bot out). Both API hosts are
 served (tweepy 4.17 calls api.twitter.com, the bot's own requests go to api.x.com), and
 photos are served from ``pbs.twimg.com``.
 """
@@ -33,6 +34,9 @@ KEYS = dict(api_key="test-consumer-key", api_secret="test-consumer-secret",
             access_token="1-test-access-token", access_token_secret="test-access-secret")
 #: routes that take app-only auth (the bearer token); every other one takes OAuth 1.0a
 APP_ONLY = ("/2/tweets/search/stream",)
+#: X's 403 to a reply in a conversation whose first tweet limits who may reply
+REPLIES_LIMITED = ("Reply to this conversation is not allowed because you have not been mentioned or otherwise "
+                   "engaged by the author of the post you are replying to.")
 
 
 def problem(status: int, title: str, detail: str, kind: str = "about:blank", **extra: Any) -> dict[str, Any]:
@@ -86,6 +90,7 @@ class FakeX:
         self.unlisted: set[str] = set()
         #: protected users the bot does not follow: their tweets answer "Authorization Error"
         self.hidden_from_bot: set[str] = set()
+        self.follows: dict[str, set[str]] = {}  # user id -> the ids of the users they follow
         self.bot = self.add_user("protestbot", name="Protest privacy bot")
         for method in ("GET", "POST", "DELETE"):
             mock.add_callback(method, API, callback=self._dispatch)
@@ -126,15 +131,18 @@ class FakeX:
         return key
 
     def tweet(self, author: dict[str, Any], text: str, media: list[str] = (), in_reply_to: dict[str, Any] | None = None,
-              quote: dict[str, Any] | None = None, sensitive: bool = False, withheld_in: list[str] = ()) -> dict[str, Any]:
+              quote: dict[str, Any] | None = None, sensitive: bool = False, withheld_in: list[str] = (),
+              reply_settings: str = "everyone") -> dict[str, Any]:
         """A tweet; ``withheld_in``: the countries where X withholds it (by a legal demand; "XY"
-        for a copyright claim), which the API still serves it with a ``withheld`` field."""
+        for a copyright claim), which the API still serves it with a ``withheld`` field;
+        ``reply_settings`` ("Who can reply?": "everyone", "mentionedUsers", "following",
+        "verified") counts for the whole conversation when the tweet starts one."""
         tweet_id = self.new_id()
         tweet: dict[str, Any] = {
             "id": tweet_id, "text": text, "author_id": author["id"], "edit_history_tweet_ids": [tweet_id],
             "conversation_id": in_reply_to["conversation_id"] if in_reply_to else tweet_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "possibly_sensitive": sensitive,
-            "entities": self._entities(text),
+            "entities": self._entities(text), "reply_settings": reply_settings,
         }
         if media:
             short = f"https://t.co/m{tweet_id[-6:]}"
@@ -169,6 +177,9 @@ class FakeX:
             "referenced_tweets": [{"type": "retweeted", "id": tweet["id"]}],
         }
         return self.tweets[retweet_id]
+
+    def follow(self, follower: dict[str, Any], followed: dict[str, Any]) -> None:
+        self.follows.setdefault(follower["id"], set()).add(followed["id"])
 
     def _entities(self, text: str) -> dict[str, Any]:
         entities: dict[str, Any] = {}
@@ -536,6 +547,8 @@ class FakeX:
             # Since 23 Feb 2026 (@XDevelopers) self-serve tiers may reply only where the author
             # mentioned or quoted the replying account. The exact wording is not documented.
             return self._answer(403, problem(403, "Forbidden", "Reply to this conversation is not allowed: the author did not mention or quote you."))
+        if parent is not None and not self._may_reply(self.tweets.get(parent["conversation_id"]), self.bot["id"]):
+            return self._answer(403, problem(403, "Forbidden", REPLIES_LIMITED))
         tweet = self.tweet(self.bot, text, in_reply_to=parent)
         tweet["text"] = text  # no t.co for uploaded media in this fake: the text stays as sent
         if media_ids:
@@ -553,6 +566,23 @@ class FakeX:
             return True
         quoted = [r["id"] for r in parent.get("referenced_tweets", []) if r["type"] == "quoted"]
         return any(self.tweets.get(q, {}).get("author_id") == self.bot["id"] for q in quoted)
+
+    def _may_reply(self, root: dict[str, Any] | None, user_id: str) -> bool:
+        """Whether the conversation's first tweet (X reads its ``reply_settings``, not the
+        replied-to tweet's) lets ``user_id`` reply: its author and the accounts it mentions
+        always may; "following" adds the accounts its author follows, "verified" verified ones."""
+        if root is None:
+            return True  # a conversation whose first tweet is gone: not refused here
+        setting = root.get("reply_settings", "everyone")
+        if setting == "everyone" or root["author_id"] == user_id:
+            return True
+        if any(m["id"] == user_id for m in root["entities"].get("mentions", [])):
+            return True
+        if setting == "following":
+            return user_id in self.follows.get(root["author_id"], set())
+        if setting == "verified":
+            return bool(self.users[user_id].get("verified"))
+        return False
 
     def _delete_tweet(self, request: Any, query: dict[str, str], tweet_id: str) -> tuple[int, dict[str, str], str]:
         tweet = self.tweets.get(tweet_id)

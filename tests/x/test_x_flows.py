@@ -7,6 +7,7 @@ import io
 import re
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 from bot import messages
 from bot.handler import Job
 from bot.listener import Listener
-from bot.platforms.base import PlatformError, RateLimited, ReplyDraft, ServerError, StreamUnavailable
+from bot.platforms.base import PlatformError, RateLimited, RepliesClosed, ReplyDraft, ServerError, StreamUnavailable
 from bot.platforms.x import FIRST_PAGE, XPlatform
 from bot.store import FIRST_CHECK_S, Store
 from bot.withdrawal import sweep
@@ -660,3 +661,36 @@ def test_sensitive_protected_original_answered_by_dm_keeps_the_warning(fake: Fak
     uploads = [u for dm in dms for u in fake.media_of(dm)]
     assert len(uploads) == 2 and all(u["category"] == "dm_image" for u in uploads)
     assert all(u["metadata"]["sensitive_media_warning"] == {"other": True} for u in uploads)
+
+
+# --------------------------------------------------------------------------- reply settings
+
+
+def limited_conversation(fake: FakeX, setting: str = "mentionedUsers") -> tuple[dict, dict, dict]:
+    """dave's photo, whose replies he limits to the accounts he mentions (bob) or follows (bob
+    again), never the bot, and bob's request under it; returns (bob, original, request)."""
+    dave, bob = fake.add_user("dave"), fake.add_user("bob")
+    fake.follow(dave, bob)
+    original = fake.tweet(dave, "Crowd at the square, @bob was there", media=[fake.photo(jpeg(256))], reply_settings=setting)
+    request = fake.tweet(bob, "@protestbot cover the faces please", in_reply_to=original)
+    return bob, original, request
+
+
+def test_a_refused_reply_keeps_its_images_for_the_dm(fake: FakeX, x: XPlatform) -> None:
+    """``reply()`` takes the images handed over with ``upload_image``; when X refuses the reply
+    in that conversation they stay pending, so the same draft can go by DM."""
+    bob, _, request = limited_conversation(fake)
+    image = jpeg(64)
+    handle = x.upload_image(image, "image/jpeg", "a covered head")
+    draft = ReplyDraft(in_reply_to=x.get_post(request["id"]), text="@bob here", visibility="public",
+                       media_ids=[handle], idempotency_key="ppb-reply-test")
+    with pytest.raises(RepliesClosed) as refused:
+        x.reply(draft)
+    assert refused.value.status == 403 and not refused.value.retryable
+    assert fake.bot_tweets() == []
+    posted = x.reply(replace(draft, visibility="direct"))
+    [dm] = fake.bot_dms(to=bob)
+    assert posted.id == f"dm:{dm['id']}" and posted.visibility == "direct"
+    [upload] = fake.media_of(dm)
+    assert (upload["category"], upload["data"], upload["alt_text"]) == ("dm_image", image, "a covered head")
+    assert x._pending == {}, "sent: the bytes are out of memory again"
