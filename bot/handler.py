@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from anonymiser.errors import AnonymiserError
@@ -21,7 +21,7 @@ from .config import BotConfig
 from .copies import delete_copy
 from .fetch import FetchError, fetch
 from .logs import Timer
-from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post, ReplyDraft, Visibility, narrowest
+from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post, RepliesClosed, ReplyDraft, Visibility, narrowest
 from .store import Store
 
 log = logging.getLogger("bot.handler")
@@ -195,6 +195,18 @@ class MentionHandler:
         })
 
     def _reply(self, draft: ReplyDraft) -> Post:
+        """Post ``draft``; by direct message to the requester, saying why, where the platform
+        refuses a reply in that conversation (X's reply settings): the answer was asked for, and
+        a retry or an apology would meet the same refusal. The idempotency key stays, so a
+        redelivered job finds the message sent before."""
+        try:
+            return self._post(draft)
+        except RepliesClosed:
+            log.info("replies_closed_dm", extra={"post_id": draft.in_reply_to.id,
+                                                 "requester_id": draft.in_reply_to.account.id})
+            return self._post(replace(draft, visibility="direct", text=f"{draft.text} {messages.REPLIES_CLOSED}"))
+
+    def _post(self, draft: ReplyDraft) -> Post:
         """Post ``draft``; ``_RequestGone`` if the request it answers was deleted meanwhile
         (a "delete & re-draft" while its photos were being anonymised), which no retry mends."""
         try:
@@ -299,7 +311,9 @@ class MentionHandler:
                 )
             )
             self.store.record_reply(job.platform, target.id, job.requester_id, posted.id,
-                                    [posted.url, posted.uri, target.url, target.uri], visibility, copied,
+                                    [posted.url, posted.uri, target.url, target.uri],
+                                    # as sent: a reply the platform refused went by direct message
+                                    narrowest(visibility, posted.visibility), copied,
                                     # a redelivery finding the original gone (deleted, its photos
                                     # edited out) must still see that this request has its answer
                                     answered=f"note:{key}")

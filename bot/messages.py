@@ -78,6 +78,8 @@ APOLOGY = (
     "Sorry, something went wrong and I could not complete your request. Nothing was kept. "
     "You can try again later."
 )
+#: added to an answer sent by direct message because the platform refused it as a reply
+REPLIES_CLOSED = "The platform does not let me reply in that conversation, so I am sending this to you privately."
 RATE_LIMITED = "I am handling too many requests right now; please ask again in an hour."
 TAKEDOWN_HELP = (
     "To delete a copy I posted, send me a direct message with the link (or id) of my reply or "

@@ -676,6 +676,55 @@ def limited_conversation(fake: FakeX, setting: str = "mentionedUsers") -> tuple[
     return bob, original, request
 
 
+@pytest.mark.parametrize("setting", ["mentionedUsers", "following"])
+def test_a_conversation_that_limits_replies_gets_its_copy_by_dm(
+        fake: FakeX, bot: Pipeline, setting: str, caplog: pytest.LogCaptureFixture) -> None:
+    """X refuses the bot's reply under a tweet whose author limits who may reply (X reads the
+    conversation's first tweet): bob asked, so the copy goes to him by DM, saying why, instead
+    of a dead letter, an apology and a lost copy."""
+    bob, original, request = limited_conversation(fake, setting)
+    with caplog.at_level("INFO", logger="bot.handler"):
+        assert bot.run_all() == ["replied"]
+    assert fake.bot_tweets() == [] and fake.count("POST", "/2/tweets") == 1, "tried once, refused, nothing public"
+    [copy] = fake.bot_dms(to=bob)
+    assert copy["text"].startswith("Here is an anonymised copy (1 image")
+    assert messages.REPLIES_CLOSED in copy["text"]
+    [upload] = fake.media_of(copy)
+    assert upload["category"] == "dm_image" and heads_in(upload["alt_text"]) >= 1
+    assert_anonymised(upload["data"], astronaut(256), face_box(256))
+    # recorded as the DM it is, so takedowns and the withdrawal check treat it as one
+    assert bot.store.reply_for("x", original["id"], bob["id"]) == f"dm:{copy['id']}"
+    assert bot.store.copy_visibility("x", f"dm:{copy['id']}") == "direct"
+    assert bot.store.dead_letters() == [] and not any(messages.APOLOGY in dm["text"] for dm in fake.bot_dms())
+    [line] = [r for r in caplog.records if r.msg == "replies_closed_dm"]
+    assert line.post_id == request["id"] and line.requester_id == bob["id"]
+
+
+def test_a_limited_conversation_whose_requester_takes_no_dms_ends_quietly(fake: FakeX, bot: Pipeline) -> None:
+    bob, original, _ = limited_conversation(fake)
+    fake.fail("POST /2/dm_conversations/with/:id/messages", 403,
+              problem(403, "Forbidden", "You cannot send messages to this user."))
+    assert bot.run_all() == ["dm_refused"]
+    assert fake.bot_tweets() == [] and fake.bot_dms() == []
+    assert bot.store.dead_letters() == [] and bot.store.reply_for("x", original["id"], bob["id"]) is None
+
+
+def test_a_redelivered_job_does_not_send_its_dm_copy_twice(fake: FakeX, bot: Pipeline,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    bob, original, _ = limited_conversation(fake)
+    [job] = bot.poll()
+    _fail_once(monkeypatch, "record_reply")
+    with pytest.raises(redis.ConnectionError):
+        bot.run(job)
+    [copy] = fake.bot_dms(to=bob)  # the first run did send it
+    sent = fake.count("POST", r"/2/dm_conversations/with/\d+/messages")
+    assert bot.run(job) == "replied"  # refused as a reply again, then the DM is found by its marker
+    assert bot.run(job) == "already_done"
+    assert fake.bot_dms(to=bob) == [copy] and fake.count("POST", r"/2/dm_conversations/with/\d+/messages") == sent
+    assert fake.bot_tweets() == []
+    assert bot.store.reply_for("x", original["id"], bob["id"]) == f"dm:{copy['id']}"
+
+
 def test_a_refused_reply_keeps_its_images_for_the_dm(fake: FakeX, x: XPlatform) -> None:
     """``reply()`` takes the images handed over with ``upload_image``; when X refuses the reply
     in that conversation they stay pending, so the same draft can go by DM."""
