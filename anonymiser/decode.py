@@ -138,7 +138,8 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
     if fmt == "png":
         data = without_png_text(data)
     # What the decoders' size reports hide: the pixels a derived (grid) image is built from, an
-    # AV1 frame larger than the size stated for it, and an AVIF's clean aperture, which Pillow does not apply (libheif does, for HEIF).
+    # AV1 frame larger than the size stated for it, and an AVIF's clean aperture, which Pillow
+    # does not apply (libheif does, for HEIF).
     layout = primary_layout(data) if fmt in ("heif", "avif") else None
     try:
         with warnings.catch_warnings():

@@ -208,8 +208,10 @@ class Session:
         try:
             return future.result(timeout=self.timeout_s or None)
         except TimeoutError:
-            if future.done():  # the call's own error happened to be a TimeoutError
-                raise
+            if future.done():
+                # Answered as the wait ran out (or the call's own error is a TimeoutError): the
+                # answer, not this wait's timeout, as in the LSC-CNN batcher.
+                return future.result()
             future.cancel()  # still queued: never run it; running: left to its thread
             raise DeviceFailure(f"ONNX Runtime on CUDA gave no answer within {self.timeout_s:g} s") from None
 

@@ -187,3 +187,32 @@ def test_an_onnx_run_on_a_hung_gpu_fails_over_within_the_timeout(monkeypatch: py
     assert all(isinstance(o, DeviceFailure) for o in outcomes), outcomes
     assert "no answer within 0.3 s" in str(outcomes[0])
     assert waited < 5
+
+
+def test_an_onnx_answer_arriving_as_the_wait_runs_out_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait can time out just as the GPU's answer lands: that answer is the call's result,
+    not a bare TimeoutError (which a task takes for a bug: a dead letter and an apology)."""
+    from concurrent.futures import Future
+
+    from anonymiser.locators import onnx_models
+
+    class LateFuture(Future):  # type: ignore[type-arg]
+        """Its first timed wait gives up only once the answer is in: the race, every time."""
+
+        timed_out = False
+
+        def result(self, timeout: float | None = None) -> Any:
+            if timeout is not None and not self.timed_out:
+                self.timed_out = True
+                super().result()  # the answer lands...
+                raise TimeoutError()  # ...as the wait gives up
+            return super().result(timeout)
+
+    class Answering(_HungSession):
+        def run(self, names: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return [np.ones(1, np.float32)]
+
+    monkeypatch.setattr(onnx_models, "Future", LateFuture)
+    session = onnx_models.Session(Answering(), gpu_runs=1, timeout_s=5.0)
+    [out] = session.run(None, {"x": np.zeros(1, np.float32)})
+    assert out.tolist() == [1.0]
