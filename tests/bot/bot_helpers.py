@@ -63,8 +63,13 @@ def jpeg(side: int = 512, quality: int = 92, exif: bool = True) -> bytes:
 
 
 def png(side: int = 512) -> bytes:
+    """The astronaut as a PNG, compressed at zlib level 1: written like the bot's own PNGs (level
+    6), a copy whose rows below the covered head are the original's (as they should be) could
+    compress to the same bytes there, and 64 of them (a leak scan's window) matched in about one
+    covered copy in ten, a false leak that depended on where the fist's edge fell. Level 1 is
+    another deflate strategy: 0 in 300 covered variants share a window."""
     buffer = io.BytesIO()
-    Image.fromarray(astronaut(side)).save(buffer, "PNG")
+    Image.fromarray(astronaut(side)).save(buffer, "PNG", compress_level=1)
     return buffer.getvalue()
 
 
