@@ -68,7 +68,8 @@ def listen(config: BotConfig | None = None, stop: threading.Event | None = None)
     def enqueue(job) -> None:  # type: ignore[no-untyped-def]
         publish(dict(job.to_dict(), enqueued_at=round(time.time(), 3)))  # enqueued_at: latency metric
 
-    listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s)
+    listener = Listener(platform, store, enqueue, config.hashtags, config.stream, config.poll_interval_s,
+                        late_window_s=config.late_window_s)
     listener.stop = stop
     threading.Thread(target=router.run, args=(listener.stop,), name="drain", daemon=True).start()
     # Copies follow their originals: deleted when the author deletes, locks or opts out (with

@@ -176,6 +176,8 @@ class BotConfig:
     #: times is dead-lettered instead of being handed to the next worker to kill
     max_worker_losses: int = 2
     poll_interval_s: float = 30.0
+    #: how far below a hashtag's cursor each poll looks for posts that federated late (0: off)
+    late_window_s: float = 900.0
     stream: bool = True
     visibility_timeout_s: int = 900
     #: Celery's soft time limit per task run (prefork workers; the thread pool enforces none)
@@ -248,6 +250,7 @@ class BotConfig:
         number("BOT_MAX_ATTEMPTS", "max_attempts", int, 1)
         number("BOT_MAX_WORKER_LOSSES", "max_worker_losses", int, 1)
         number("BOT_POLL_INTERVAL", "poll_interval_s", float, 0.05)
+        number("BOT_LATE_WINDOW", "late_window_s", float, 0, 7 * 24 * 3600)
         number("BOT_VISIBILITY_TIMEOUT", "visibility_timeout_s", int, 1)
         number("BOT_TASK_TIME_LIMIT", "task_time_limit_s", int, 1)
         for name, key in (("BOT_ALLOW_PRIVATE_ADDRESSES", "allow_private_addresses"), ("BOT_STREAM", "stream")):

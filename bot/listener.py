@@ -64,6 +64,7 @@ class Listener:
         hashtags: tuple[str, ...] = (),
         stream: bool = True,
         poll_interval_s: float = 30.0,
+        late_window_s: float = 900.0,
     ) -> None:
         self.platform = platform
         self.store = store
@@ -87,6 +88,10 @@ class Listener:
         #: never carries a protected account's tweets), or the cursor would pass the events only a
         #: poll finds, and every later poll miss them
         self.stream_moves_cursor = platform.stream_complete
+        #: how far below a hashtag cursor each poll looks for posts that reached the server late
+        #: (0: not at all); only platforms whose ids follow publish time need it (``hashtag_late``)
+        self.late_window_s = late_window_s
+        self._watched_since: dict[str, float] = {}
 
     def handle(self, channel: str, event: Event, move_cursor: bool = True) -> bool:
         """Enqueue the event's job once, then move the channel's cursor past it (unless told
@@ -133,6 +138,8 @@ class Listener:
             # history at all, "0" marks the channel as started so that the next poll answers
             # what arrives from now on instead of taking it for history too.
             start = events[-1].id if events else "0"
+            if channel.startswith("tag:"):
+                self._since(channel)  # what was published before now is history, however late it arrives
             self.store.set_cursor(self.platform.name, channel, start)
             log.info("cursor_initialised", extra={"channel": channel, "cursor": start})
             return 0
@@ -141,7 +148,28 @@ class Listener:
             if not self.handle(channel, event):
                 self.held[channel] = True
                 break  # the next poll starts from here again
+        return len(events) + self._late(channel, cursor)
+
+    def _late(self, channel: str, cursor: str) -> int:
+        """Handle the posts of a hashtag that sort below ``cursor`` but were not there when it
+        was polled (a server dates a federated post by its publish time, so one that arrives
+        late is never listed above the cursor again); returns how many were listed.
+
+        They never move the cursor, which is past them, and the first-sighting keys make the
+        ones already handled cost nothing. A post whose claim is pending elsewhere is left to
+        that claim, or to a later scan if the claim dies."""
+        scan = getattr(self.platform, "hashtag_late", None)
+        if scan is None or not channel.startswith("tag:") or self.late_window_s <= 0:
+            return 0
+        events = scan(channel[4:], cursor, self.late_window_s, self._since(channel))
+        for event in events:
+            self.handle(channel, event, move_cursor=False)
         return len(events)
+
+    def _since(self, channel: str) -> float:
+        if channel not in self._watched_since:
+            self._watched_since[channel] = self.store.watched_since(self.platform.name, channel, time.time())
+        return self._watched_since[channel]
 
     def _sleep(self, seconds: float) -> None:
         self.stop.wait(seconds)

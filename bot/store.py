@@ -146,6 +146,14 @@ class Store:
         if current is None or (len(value), value) > (len(current), current):
             self.r.set(key, value)
 
+    def watched_since(self, platform: str, channel: str, now: float) -> float:
+        """When the listener first watched ``channel`` (``now`` the first time it asks): a post
+        published before that is history, however late it reaches the server. A channel whose
+        cursor predates this record counts from the first time it is asked about."""
+        key = f"{PREFIX}:watched_since:{platform}:{channel}"
+        self.r.set(key, repr(now), nx=True)
+        return float(self.r.get(key) or now)
+
     def first_sighting(self, platform: str, post_id: str, requester_id: str) -> Sighting:
         """``"new"`` exactly once per (post, requester) (the stream and the poll may both see
         it), claimed for :data:`CLAIM_TTL_S` until :meth:`queued` confirms it; ``"queued"`` once

@@ -144,7 +144,12 @@ class ReplyDraft:
 
 
 class Platform(Protocol):
-    """What the listener, the tasks and the takedown flow need from a social network."""
+    """What the listener, the tasks and the takedown flow need from a social network.
+
+    Two methods are optional, for what only some networks have; the listener uses them where
+    present: ``dms_since(since_id)``, direct messages that are not mentions (X), and
+    ``hashtag_late(tag, cursor, window_s, not_before)``, hashtag posts that reached the server
+    after a poll had passed their place (Mastodon, whose ids follow publish time)."""
 
     name: str
     #: whether the bot may answer posts of a watched hashtag, whose authors never asked it

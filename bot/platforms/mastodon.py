@@ -45,6 +45,12 @@ from .base import (
 log = logging.getLogger("bot.mastodon")
 
 PAGE = 40
+#: pages a late-arrivals scan reads at most per poll (the newest part of its window first)
+LATE_PAGES = 3
+#: a status id is a snowflake: milliseconds since 1970 above 16 bits of sequence
+#: (``lib/mastodon/snowflake.rb``); ids below this (before 2017) are not snowflakes
+_SNOWFLAKE_SHIFT = 16
+_SNOWFLAKE_MIN = 1_483_228_800_000 << _SNOWFLAKE_SHIFT
 #: Mastodon's own throttles beside the general API budget (``config/initializers/rack_attack.rb``)
 _MEDIA_UPLOAD = re.compile(r"^/api/v[12]/media$")
 _STATUS_DELETE = re.compile(r"^/api/v1/statuses/[^/]+$")
@@ -319,6 +325,40 @@ class MastodonPlatform:
 
     def hashtag_since(self, tag: str, since_id: str | None) -> list[Event]:
         found = self._pages(f"/api/v1/timelines/tag/{tag}", {}, since_id)
+        return [Event("hashtag", str(s["id"]), self.parse_post(s), tag=tag) for s in found]
+
+    def hashtag_late(self, tag: str, cursor: str, window_s: float, not_before: float) -> list[Event]:
+        """Public posts with ``tag`` that a poll from ``cursor`` no longer lists because they
+        arrived after it: oldest first, published at most ``window_s`` before the cursor's post
+        and not before the Unix time ``not_before``.
+
+        A server gives a status from another server an id made from its publish time, not its
+        arrival (a backdated snowflake), so a post that federates late sorts below posts already
+        polled. Only remote posts can arrive late (``remote=true``), and the scan reads back
+        from the cursor, newest first, at most ``LATE_PAGES`` pages: on a busy tag it covers
+        the most recent part of the window, where most late posts land, and costs no more."""
+        try:
+            top = int(cursor)
+        except ValueError:
+            return []
+        if top < _SNOWFLAKE_MIN:
+            return []  # "0" (a channel that started empty) or an id that is no snowflake
+        start_ms = max((top >> _SNOWFLAKE_SHIFT) - int(window_s * 1000), int(not_before * 1000))
+        since = start_ms << _SNOWFLAKE_SHIFT
+        if since >= top:
+            return []
+        found: list[dict[str, Any]] = []
+        upper = cursor
+        for _ in range(LATE_PAGES):
+            page = self._json("GET", f"/api/v1/timelines/tag/{tag}",
+                              params={"remote": "true", "max_id": upper, "since_id": str(since), "limit": PAGE})
+            if not page:
+                break
+            found.extend(page)
+            # A short page is no sign of the end: the server drops what the bot may not see
+            # (blocked, muted) after reading a page, so only an empty one ends the scan.
+            upper = min((str(item["id"]) for item in page), key=_sort_key)
+        found.sort(key=lambda item: _sort_key(str(item["id"])))
         return [Event("hashtag", str(s["id"]), self.parse_post(s), tag=tag) for s in found]
 
     def stream(self, channel: str) -> Iterator[Event | None]:

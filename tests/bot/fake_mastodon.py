@@ -177,6 +177,7 @@ class FakeMastodon:
         """Forget everything (between tests); the port stays the same."""
         with self.lock:
             self._ids = itertools.count(1)
+            self._last_id = 0
             self._notification_ids = itertools.count(1)
             self.accounts: dict[str, dict[str, Any]] = {}
             self.statuses: dict[str, dict[str, Any]] = {}
@@ -250,9 +251,16 @@ class FakeMastodon:
 
     # -- ids and accounts ---------------------------------------------------------------------
 
-    def _next_status_id(self) -> str:
-        # Snowflake-like ids: numeric strings that grow with time, all 18 digits long.
-        return str(113_500_000_000_000_000 + next(self._ids) * 1_000)
+    def _next_status_id(self, at: float | None = None) -> str:
+        """A snowflake as Mastodon makes them: milliseconds since 1970 above 16 bits of
+        sequence. Made now they only grow; ``at`` (a time in the past) backdates one, as the
+        server does for a status from another server, dated by its publish time
+        (``Mastodon::Snowflake``'s callback on create)."""
+        sequence = next(self._ids) & 0xFFFF
+        if at is not None:
+            return str((int(at * 1000) << 16) | sequence)
+        self._last_id = max(self._last_id + 1, (int(time.time() * 1000) << 16) | sequence)
+        return str(self._last_id)
 
     def add_account(self, username: str, *, domain: str | None = None, display_name: str = "", bot: bool = False,
                     locked: bool = False, note: str = "", fields: list[tuple[str, str]] | tuple = ()) -> dict[str, Any]:
@@ -442,24 +450,28 @@ class FakeMastodon:
 
     def post(self, author: dict[str, Any], text: str, *, media: list[dict[str, Any]] | tuple = (), visibility: str = "public",
              in_reply_to: dict[str, Any] | None = None, sensitive: bool = False, spoiler_text: str = "",
-             notify: bool = True) -> dict[str, Any]:
+             notify: bool = True, published: float | None = None) -> dict[str, Any]:
         """A status by ``author`` as the server would store it. Mentions of the bot in ``text``
         create a ``mention`` notification (pushed to live streams), public posts with tags are
-        pushed to hashtag streams."""
+        pushed to hashtag streams. ``published``: a remote status that reaches this server only
+        now, published at that (earlier) time; its id and ``created_at`` are from then."""
+        if published is not None and "@" not in author["acct"]:
+            raise ValueError("only a status from another server arrives after it was published")
         with self.lock:
             if in_reply_to is not None and "@" not in author["acct"] and not self.visible_to(author, in_reply_to):
                 # Mastodon's StatusesController authorises the thread: a local account cannot
                 # reply to a post it may not see (404). Other servers' replies arrive regardless.
                 raise ValueError(f"{author['acct']} may not see the post it replies to")
             status = self._make_status(author, text, list(media), visibility, in_reply_to["id"] if in_reply_to else None,
-                                       sensitive or bool(spoiler_text), spoiler_text)
+                                       sensitive or bool(spoiler_text), spoiler_text, published)
             if notify:
                 self._deliver(status)
             return status
 
     def _make_status(self, author: dict[str, Any], text: str, media: list[dict[str, Any]], visibility: str,
-                     in_reply_to_id: str | None, sensitive: bool, spoiler_text: str) -> dict[str, Any]:
-        status_id = self._next_status_id()
+                     in_reply_to_id: str | None, sensitive: bool, spoiler_text: str,
+                     published: float | None = None) -> dict[str, Any]:
+        status_id = self._next_status_id(published)
         content, mentioned, tags = self.render(text)
         remote_domain = author["acct"].split("@", 1)[1] if "@" in author["acct"] else None
         if remote_domain:
@@ -470,7 +482,7 @@ class FakeMastodon:
             url = f"{self.base_url}/@{author['username']}/{status_id}"
             uri = f"{self.base_url}/users/{author['username']}/statuses/{status_id}"
         parent = self.statuses.get(in_reply_to_id) if in_reply_to_id else None
-        now = time.time()
+        now = time.time() if published is None else published
         status = {
             "id": status_id,
             "uri": uri,
@@ -953,6 +965,11 @@ class _Handler(BaseHTTPRequestHandler):
         tag = tag.lower()
         items = [s for s in fake.statuses.values()
                  if s["visibility"] == "public" and s["id"] not in fake.deleted and any(t["name"] == tag for t in s["tags"])]
+        # ``local`` / ``remote``: only this server's statuses / only other servers'; both, or
+        # neither, filter nothing (``PublicFeed#local_only?`` / ``#remote_only?``)
+        local, remote = (self._truthy((query.get(name) or ["false"])[0]) for name in ("local", "remote"))
+        if local != remote:
+            items = [s for s in items if ("@" in s["account"]["acct"]) == remote]
         page = _page(items, query, 20, 40)
         return 200, page, self._link(f"/api/v1/timelines/tag/{tag}", query, page)
 

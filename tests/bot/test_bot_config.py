@@ -64,6 +64,12 @@ def test_every_invalid_variable_is_listed_in_one_error() -> None:
     for bad in ("-1", "5000", "some"):
         with pytest.raises(ConfigError, match="BOT_WITHDRAWAL_CHECKS"):
             BotConfig.from_env(base | {"BOT_WITHDRAWAL_CHECKS": bad})
+    assert BotConfig.from_env(base).late_window_s == 900
+    assert BotConfig.from_env(base | {"BOT_LATE_WINDOW": "0"}).late_window_s == 0  # off
+    assert BotConfig.from_env(base | {"BOT_LATE_WINDOW": "3600"}).late_window_s == 3600
+    for bad in ("-1", "700000", "an hour", "inf"):
+        with pytest.raises(ConfigError, match="BOT_LATE_WINDOW"):
+            BotConfig.from_env(base | {"BOT_LATE_WINDOW": bad})
 
 
 def test_valid_configuration_is_parsed() -> None:

@@ -4,6 +4,7 @@ suite means something): paging, idempotency, form posts, rate-limit headers, str
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime
 from typing import Iterator
 
@@ -12,8 +13,8 @@ import requests
 import responses
 
 from bot.platforms.base import MediaLimits
-from bot.platforms.mastodon import MastodonPlatform, countable_length, fit_status
-from fake_mastodon import TOKEN, FakeMastodon
+from bot.platforms.mastodon import LATE_PAGES, PAGE, MastodonPlatform, countable_length, fit_status
+from fake_mastodon import TOKEN, FakeMastodon, iso
 
 
 @pytest.fixture
@@ -262,3 +263,53 @@ def test_post_references_in_other_digits_are_not_post_ids() -> None:
     assert platform.post_id_from_reference("109876543210.") == "109876543210"
     assert platform.post_id_from_reference("\u0661\u0662\u0663") is None
     assert platform.post_id_from_reference("\u00b2") is None
+
+
+def test_status_ids_are_snowflakes_and_a_late_remote_status_is_dated_by_its_publishing(fake: FakeMastodon) -> None:
+    carol, dana = fake.add_account("carol"), fake.add_account("dana", domain="slow.example")
+    published = time.time() - 60
+    first = fake.post(carol, "one #demo")
+    late = fake.post(dana, "two #demo", published=published)
+    third = fake.post(carol, "three #demo")
+    assert abs((int(first["id"]) >> 16) - time.time() * 1000) < 5000
+    assert int(late["id"]) >> 16 == int(published * 1000) and late["created_at"].startswith(iso(published)[:19])
+    assert int(first["id"]) < int(third["id"]) and int(late["id"]) < int(first["id"])
+    with pytest.raises(ValueError):
+        fake.post(carol, "a local status arrives when it is made", published=published)
+    ids = lambda **params: [s["id"] for s in get(fake, "/api/v1/timelines/tag/demo", **params).json()]  # noqa: E731
+    assert ids() == [third["id"], first["id"], late["id"]]
+    assert ids(remote="true") == [late["id"]]
+    assert ids(local="true") == [third["id"], first["id"]]
+    assert ids(local="true", remote="true") == ids()
+
+
+def test_the_late_arrivals_scan_reads_below_the_cursor_within_its_window(fake: FakeMastodon) -> None:
+    """``hashtag_late`` lists remote posts below the cursor, no older than the window or the
+    time the channel was first watched, newest first from the cursor, at most LATE_PAGES pages."""
+    carol, dana = fake.add_account("carol"), fake.add_account("dana", domain="slow.example")
+    now = time.time()
+    too_old = fake.post(dana, "outside the window #demo", published=now - 120)
+    in_window = [fake.post(dana, f"late {i} #demo", published=now - 50 + i * 0.01) for i in range(2 * PAGE + 5)]
+    fake.post(carol, "local, never late #demo", published=None)
+    cursor = fake.post(carol, "the cursor #demo")["id"]
+    above = fake.post(dana, "above the cursor: the ordinary poll's #demo")
+    platform = MastodonPlatform(fake.base_url, TOKEN)
+
+    found = platform.hashtag_late("demo", cursor, 60, 0)
+    assert [e.id for e in found] == [s["id"] for s in in_window]  # oldest first, nothing local, nothing above
+    assert all(e.kind == "hashtag" and e.tag == "demo" for e in found)
+    scans = [r for r in fake.log() if r.path == "/api/v1/timelines/tag/demo"]
+    assert len(scans) == 3 and all(r.query["remote"] == ["true"] for r in scans)  # two full pages, one empty
+    assert too_old["id"] not in {e.id for e in found} and above["id"] not in {e.id for e in found}
+    # first watched 20 s ago: what was published before is history
+    assert [e.id for e in platform.hashtag_late("demo", cursor, 60, now - 20)] == []
+    assert [e.id for e in platform.hashtag_late("demo", cursor, 60, now - 49.995)] == [s["id"] for s in in_window[1:]]
+    # a window wider than the page cap: the newest LATE_PAGES pages below the cursor
+    many = [fake.post(dana, f"busy {i} #demo", published=now - 10 + i * 0.001) for i in range(LATE_PAGES * PAGE + 7)]
+    cursor = fake.post(carol, "a newer cursor #demo")["id"]
+    # (the earlier post "above the cursor" is below this one, and newer than all of them)
+    assert [e.id for e in platform.hashtag_late("demo", cursor, 60, 0)] == [s["id"] for s in many[8:] + [above]]
+    # nothing to scan below a channel that started empty, a window of 0, or an id that is no snowflake
+    assert platform.hashtag_late("demo", "0", 60, 0) == []
+    assert platform.hashtag_late("demo", cursor, 0, 0) == []
+    assert platform.hashtag_late("demo", "12345", 60, 0) == []

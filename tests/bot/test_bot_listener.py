@@ -155,6 +155,84 @@ def test_hashtag_stream_refused_polling_answers(e2e: E2E) -> None:
     answered(e2e, [post])
 
 
+def tag_scans(e2e: E2E) -> int:
+    """Scans for posts that reached the server late: remote-only reads of the tag timeline."""
+    return sum(1 for r in e2e.fake.log() if r.path == "/api/v1/timelines/tag/demo" and r.query.get("remote") == ["true"])
+
+
+def test_hashtag_post_federated_late_is_answered_when_polling(e2e: E2E) -> None:
+    """A post from another server carries an id from its publish time, so when it reaches the
+    server after a newer post was polled, it sorts below the cursor: only the scan below the
+    cursor lists it, and it must not move the cursor back."""
+    fake = e2e.fake
+    fake.stream_refuse = 404
+    carol, dana = fake.add_account("carol"), fake.add_account("dana", domain="slow.example")
+    e2e.listen(hashtags=("demo",))
+    fake.wait_for(lambda: any(r.path == "/api/v1/timelines/tag/demo" for r in fake.log()), 10, what="a tag poll")
+    published = time.time()
+    time.sleep(0.05)  # dana's post is older than carol's by its publish time
+    local = fake.post(carol, "here now #demo", media=[fake.media(jpeg(256))])
+    e2e.reply_to(local)
+    cursor = e2e.store.cursor("mastodon", "tag:demo")
+    assert cursor == local["id"]
+    late = fake.post(dana, "from a backlogged server #demo", media=[fake.media(jpeg(256))], published=published)
+    assert int(late["id"]) < int(local["id"])
+    answered(e2e, [local, late])
+    assert e2e.store.cursor("mastodon", "tag:demo") == cursor, "a late post never moves the cursor back"
+    scans_before = tag_scans(e2e)
+    fake.wait_for(lambda: tag_scans(e2e) >= scans_before + 3, 10, what="more scans")
+    e2e.settle()
+    assert len(fake.replies_to(late["id"])) == 1, "scanned again, answered once"
+
+
+def test_hashtag_post_published_before_the_first_start_is_history_however_late(e2e: E2E) -> None:
+    fake = e2e.fake
+    fake.stream_refuse = 404
+    carol, dana = fake.add_account("carol"), fake.add_account("dana", domain="slow.example")
+    before_start = time.time() - 5
+    fake.post(carol, "an old post #demo", media=[fake.media(jpeg(256))])
+    e2e.listen(hashtags=("demo",))
+    fake.wait_for(lambda: any(r.path == "/api/v1/timelines/tag/demo" for r in fake.log()), 10, what="a tag poll")
+    after_start = time.time()
+    time.sleep(0.05)
+    local = fake.post(carol, "here now #demo", media=[fake.media(jpeg(256))])
+    e2e.reply_to(local)
+    history = fake.post(dana, "published before the bot watched #demo", media=[fake.media(jpeg(256))], published=before_start)
+    late = fake.post(dana, "published after #demo", media=[fake.media(jpeg(256))], published=after_start)
+    scans = tag_scans(e2e)
+    fake.wait_for(lambda: tag_scans(e2e) >= scans + 3, 10, what="scans below the cursor")
+    answered(e2e, [local, late])
+    assert not fake.replies_to(history["id"])
+
+
+def test_a_cursor_from_before_the_late_scan_counts_history_from_the_upgrade(e2e: E2E) -> None:
+    """A channel whose cursor an older listener set has no record of when it was first
+    watched: the first scan records it, so an upgrade answers nothing published before it,
+    and restarts keep that record."""
+    fake = e2e.fake
+    fake.stream_refuse = 404
+    carol, dana = fake.add_account("carol"), fake.add_account("dana", domain="slow.example")
+    before_upgrade = time.time() - 5
+    old = fake.post(carol, "handled by the old version #demo", media=[fake.media(jpeg(256))])
+    e2e.store.set_cursor("mastodon", "tag:demo", old["id"])
+    running = e2e.listen(hashtags=("demo",))
+    key = "ppb:watched_since:mastodon:tag:demo"
+    fake.wait_for(lambda: e2e.store.r.exists(key), 10, what="the first scan")
+    watched = e2e.store.watched_since("mastodon", "tag:demo", time.time() + 1000)
+    assert before_upgrade < watched <= time.time()
+    time.sleep(0.05)
+    new = fake.post(carol, "after the upgrade #demo", media=[fake.media(jpeg(256))])
+    e2e.reply_to(new)  # the cursor is past the upgrade now, so the scans read below it
+    history = fake.post(dana, "published before the upgrade #demo", media=[fake.media(jpeg(256))], published=before_upgrade)
+    running.stop()
+    e2e.listen(hashtags=("demo",))
+    scans = tag_scans(e2e)
+    fake.wait_for(lambda: tag_scans(e2e) >= scans + 3, 10, what="scans after the restart")
+    e2e.settle()
+    assert not fake.replies_to(history["id"]) and not fake.replies_to(old["id"])
+    assert e2e.store.watched_since("mastodon", "tag:demo", time.time()) == watched
+
+
 def test_listener_enqueues_only_ids(e2e: E2E) -> None:
     fake = e2e.fake
     alice, bob = fake.add_account("alice"), fake.add_account("bob")
