@@ -499,14 +499,30 @@ class XPlatform:
         """Nothing to set up: X has no filter that could hide mentions or DMs from the bot."""
 
     def get_post(self, post_id: str) -> Post:
+        """The post ``post_id`` names, as its author shows it now.
+
+        An edit on X is a new tweet, and a lookup of an earlier version answers that version,
+        photos and all: a photo the author edited out would still be copied, and its copy never
+        withdrawn. So where the tweet's ``edit_history_tweet_ids`` (oldest first, every version)
+        ends in another id, the latest version's text and media are read, under the id asked
+        for: the records, replies and takedowns keyed by it stay valid."""
         if post_id.startswith("dm:"):
             return self._get_dm(post_id[3:])
+        tweet, includes = self._tweet(post_id)
+        versions = [str(v) for v in tweet.get("edit_history_tweet_ids") or []]
+        if versions and versions[-1] != str(tweet["id"]):
+            latest, includes = self._tweet(versions[-1])
+            log.info("tweet_edited", extra={"post_id": post_id, "versions": len(versions)})
+            tweet = dict(latest, id=tweet["id"])
+        return self.parse_tweet(tweet, includes)
+
+    def _tweet(self, tweet_id: str) -> tuple[dict[str, Any], _Includes]:
         route = "GET /2/tweets/:id"
         body = self._call(
-            route, self.client.get_tweet, post_id, expansions=EXPANSIONS, tweet_fields=TWEET_FIELDS,
+            route, self.client.get_tweet, tweet_id, expansions=EXPANSIONS, tweet_fields=TWEET_FIELDS,
             media_fields=MEDIA_FIELDS, user_fields=USER_FIELDS, user_auth=True,
         )
-        return self.parse_tweet(self._data(route, body), _Includes().add(body.get("includes")))
+        return self._data(route, body), _Includes().add(body.get("includes"))
 
     def _pages(self, route: str, method: Callable[..., Any], since_id: str | None, *args: Any,
                stop_at: str | None = None, **params: Any) -> tuple[list[dict[str, Any]], _Includes]:

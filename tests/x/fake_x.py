@@ -165,6 +165,23 @@ class FakeX:
         self.tweets[tweet_id] = tweet
         return tweet
 
+    def edit(self, tweet: dict[str, Any], text: str, media: list[str] | None = None) -> dict[str, Any]:
+        """The author's edit of ``tweet`` (the latest version of its chain): a new tweet, as X
+        makes one, whose id ends every version's ``edit_history_tweet_ids`` (oldest first);
+        each earlier version still answers its own lookup with its own text and media. A photo
+        kept through the edit keeps its media key (an assumption: X documents none)."""
+        chain = list(tweet["edit_history_tweet_ids"])
+        assert chain[-1] == tweet["id"], "only the latest version can be edited"
+        author = self.users[tweet["author_id"]]
+        in_reply_to = next((self.tweets[r["id"]] for r in tweet.get("referenced_tweets", []) if r["type"] == "replied_to"), None)
+        keys = (tweet.get("attachments") or {}).get("media_keys", []) if media is None else media
+        latest = self.tweet(author, text, media=keys, in_reply_to=in_reply_to, sensitive=tweet["possibly_sensitive"],
+                            reply_settings=tweet.get("reply_settings", "everyone"))
+        latest["conversation_id"] = tweet["conversation_id"]
+        for version in [*chain, latest["id"]]:
+            self.tweets[version]["edit_history_tweet_ids"] = [*chain, latest["id"]]
+        return latest
+
     def retweet(self, user: dict[str, Any], tweet: dict[str, Any]) -> dict[str, Any]:
         """``user``'s retweet of ``tweet``: "RT @author: text", mentioning whom the tweet does,
         so the mentions timeline lists it (X's tweet lookup shape for a retweet)."""

@@ -498,6 +498,40 @@ def test_a_public_copy_goes_when_x_withholds_its_original_later(fake: FakeX, bot
     assert fake.deleted == [reply["id"]]
 
 
+def test_a_photo_edited_out_of_a_tweet_is_neither_copied_nor_left_up(fake: FakeX, bot: Pipeline, x: XPlatform) -> None:
+    """An edit on X is a new tweet, and a lookup of an earlier version answers that version:
+    the bot used to copy a photo its author had edited out, and kept every copy of it up."""
+    dave, bob, erin = fake.add_user("dave"), fake.add_user("bob"), fake.add_user("erin")
+    kept, removed = fake.photo(jpeg(256)), fake.photo(jpeg(256))
+    original = fake.tweet(dave, "Two photos from the square", media=[kept, removed])
+    fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    [both] = fake.bot_tweets()
+    assert len(fake.media_of(both)) == 2
+    start = time.time()
+
+    typo = fake.edit(original, "Two photos from the square, fixed")  # the text only: both photos stay
+    assert sweep(x, bot.store, start + FIRST_CHECK_S + 1) == 0
+    fake.edit(typo, "Only the one without faces", media=[kept])
+    request = fake.tweet(erin, "@protestbot cover please", in_reply_to=original)  # under the first version
+    assert bot.run_all() == ["replied"]
+    [only_kept] = fake.replies_to(request["id"])
+    assert len(fake.media_of(only_kept)) == 1, "a copy of what the author shows now"
+    assert sweep(x, bot.store, start + 6 * 3600 + 1) == 1
+    assert fake.deleted == [both["id"]]
+    assert bot.store.replies_of("x", original["id"]) == {only_kept["id"]}
+
+
+def test_a_tweet_edited_to_no_photos_gets_no_copy(fake: FakeX, bot: Pipeline) -> None:
+    dave, bob = fake.add_user("dave"), fake.add_user("bob")
+    original = fake.tweet(dave, "The square", media=[fake.photo(jpeg(256))])
+    fake.edit(original, "Photo removed: there were faces in it", media=[])
+    request = fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    assert bot.run_all() == ["no_image"]
+    [note] = fake.replies_to(request["id"])
+    assert not fake.media_of(note)
+
+
 def test_a_private_answer_to_someone_who_takes_no_dms_ends_quietly(fake: FakeX, bot: Pipeline) -> None:
     """The copy of a protected account's photo may only go by DM; when the requester takes no
     DMs from the bot, the job ends there: not a public tweet instead, not a dead letter with
