@@ -249,14 +249,14 @@ class MentionHandler:
         # Text-only answers are keyed by the request, so asking again later gets a fresh answer;
         # an anonymised copy is keyed by (original, requester), so it is never posted twice.
         key = self._key(job, request.id)
-        copied = self.store.reply_for(job.platform, target.id, job.requester_id) if target is not None else None
-        if copied and target is not None and self.store.taken_down(job.platform, target.id):
+        copied = self.store.reply_for(job.platform, target.key, job.requester_id) if target is not None else None
+        if copied and target is not None and self.store.taken_down(job.platform, target.key):
             # A retry of a run whose copy was overtaken by a takedown and could not be deleted
             # then (the deletion budget the takedown spent, a worker lost): delete it now.
             try:
-                self._take_back(target.id, self.platform.get_post(copied))
+                self._take_back(target.key, self.platform.get_post(copied))
             except NotFound:
-                self.store.forget_reply(job.platform, target.id, copied)  # gone already
+                self.store.forget_reply(job.platform, target.key, copied)  # gone already
             return "taken_down"
         if self.store.done(f"note:{key}") or copied:
             return "already_done"
@@ -278,11 +278,11 @@ class MentionHandler:
             return self._decline(job, request, messages.NOT_YOURS, visibility, key, "not_visible")
         if opted_out(target.account):
             return self._decline(job, request, messages.NOBOT, visibility, key, "opted_out")
-        if self.store.taken_down(job.platform, target.id):
+        if self.store.taken_down(job.platform, target.key):
             # Someone (often a person in the photo) had the copies deleted: a new copy for the
             # next requester would undo that. Said privately: a public note would point at the photo.
             return self._decline(job, request, messages.TAKEN_DOWN, "direct", key, "taken_down")
-        if not self._admitted(job, self._key(job, target.id)):
+        if not self._admitted(job, self._key(job, target.key)):
             if job.kind != "hashtag":
                 self._notice(job, request, messages.RATE_LIMITED, visibility, key, f"{job.platform}:{job.requester_id}")
             return "rate_limited"
@@ -307,24 +307,24 @@ class MentionHandler:
                     spoiler_text=target.spoiler_text,
                     # Keyed by the request too: after a takedown, a new request must not get the
                     # deleted reply back from the server's idempotency cache.
-                    idempotency_key=f"ppb-reply-{self._key(job, target.id)}:{request.id}",
+                    idempotency_key=f"ppb-reply-{self._key(job, target.key)}:{request.id}",
                 )
             )
-            self.store.record_reply(job.platform, target.id, job.requester_id, posted.id,
+            self.store.record_reply(job.platform, target.key, job.requester_id, posted.id,
                                     [posted.url, posted.uri, target.url, target.uri],
                                     # as sent: a reply the platform refused went by direct message
                                     narrowest(visibility, posted.visibility), copied,
                                     # a redelivery finding the original gone (deleted, its photos
                                     # edited out) must still see that this request has its answer
                                     answered=f"note:{key}")
-        if self.store.taken_down(job.platform, target.id):
+        if self.store.taken_down(job.platform, target.key):
             # A takedown ran while this copy was being made: it marked the original before
             # reading its copies, and this copy was recorded before this look, so one of the two
             # always sees the other and the copy never outlives the takedown.
-            self._take_back(target.id, posted)
-            log.info("copy_taken_down", extra={"job": self._key(job, target.id), "reply_id": posted.id})
+            self._take_back(target.key, posted)
+            log.info("copy_taken_down", extra={"job": self._key(job, target.key), "reply_id": posted.id})
             return "taken_down"
-        log.info("replied", extra={"job": self._key(job, target.id), "reply_id": posted.id, "images": len(results), "heads": heads})
+        log.info("replied", extra={"job": self._key(job, target.key), "reply_id": posted.id, "images": len(results), "heads": heads})
         return "replied"
 
     def _take_back(self, original_id: str, copy: Post) -> None:

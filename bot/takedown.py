@@ -105,7 +105,20 @@ class TakedownHandler:
         if original:
             return original
         post_id = self.platform.post_id_from_reference(reference)
-        return self.store.original_for(name, post_id) if post_id else None
+        if not post_id:
+            return None
+        original = self.store.original_for(name, post_id)
+        if original is None and getattr(self.platform, "edits_make_new_ids", False):
+            # A version of an edited post (the one X shows now, say) whose copies are recorded
+            # under its first version: one read finds that. Only links the bot has no record
+            # of cost a read.
+            try:
+                post = self.platform.get_post(post_id)
+            except NotFound:
+                return None
+            if post.key != post_id:
+                original = self.store.original_for(name, post.key)
+        return original
 
     def handle(self, job: Job) -> str:
         me = self.platform.me()

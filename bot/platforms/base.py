@@ -59,10 +59,19 @@ class Post:
     #: a post its server keeps from federating (glitch-soc, Hometown), or one X withholds in some
     #: countries: never repost it in public
     local_only: bool = False
+    #: every id of the post's versions, oldest first, where an edit makes a new post (X's
+    #: ``edit_history_tweet_ids``, when edited); empty where an edit keeps the id (Mastodon)
+    versions: tuple[str, ...] = ()
 
     @property
     def images(self) -> tuple[Media, ...]:
         return tuple(m for m in self.media if m.type == "image")
+
+    @property
+    def key(self) -> str:
+        """The id the bot's records of this post use: its first version's, so that requests,
+        copies and takedowns naming any version of an edited post meet in one record."""
+        return self.versions[0] if self.versions else self.id
 
     def addresses(self, account: Account) -> bool:
         """Whether the post mentions ``account``."""
@@ -146,10 +155,12 @@ class ReplyDraft:
 class Platform(Protocol):
     """What the listener, the tasks and the takedown flow need from a social network.
 
-    Two methods are optional, for what only some networks have; the listener uses them where
-    present: ``dms_since(since_id)``, direct messages that are not mentions (X), and
+    Some members are optional, for what only some networks have, and are used where present:
+    ``dms_since(since_id)``, direct messages that are not mentions (X);
     ``hashtag_late(tag, cursor, window_s, not_before)``, hashtag posts that reached the server
-    after a poll had passed their place (Mastodon, whose ids follow publish time)."""
+    after a poll had passed their place (Mastodon, whose ids follow publish time); and
+    ``edits_make_new_ids = True`` where an edit is a new post (X), so that a takedown naming a
+    version the bot has no record of reads the post to find its first version (``Post.key``)."""
 
     name: str
     #: whether the bot may answer posts of a watched hashtag, whose authors never asked it

@@ -274,6 +274,8 @@ class XPlatform:
     #: timeline lists: a streamed mention must not move the cursor past them (the listener's
     #: catch-ups move it)
     stream_complete = False
+    #: an edit is a new tweet with an id of its own (``Post.versions``)
+    edits_make_new_ids = True
 
     def __init__(
         self,
@@ -445,6 +447,7 @@ class XPlatform:
         entities = (note.get("entities") if note.get("text") else None) or tweet.get("entities") or {}
         tags = [h.get("tag", "").lower() for h in entities.get("hashtags", []) or []]
         url = f"https://x.com/{account.acct}/status/{tweet['id']}"
+        versions = tuple(str(v) for v in tweet.get("edit_history_tweet_ids") or [])
         return Post(
             id=str(tweet["id"]),
             account=account,
@@ -466,6 +469,7 @@ class XPlatform:
             # copyright claim) and still serves it to the API: a public copy would show the photo
             # exactly where X hides it, so it is never reposted in public.
             local_only=bool(tweet.get("withheld") or user.get("withheld")),
+            versions=versions if len(versions) > 1 else (),
         )
 
     @classmethod

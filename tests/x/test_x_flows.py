@@ -297,6 +297,34 @@ def test_takedown_by_sharing_the_copy_or_the_original_into_a_dm(fake: FakeX, bot
     assert confirmation["text"].split("\n\nref ")[0] == messages.TAKEDOWN_DONE.format(count=1), "no link it did not know"
 
 
+def test_the_versions_of_an_edited_tweet_are_one_post_for_copies_and_takedowns(fake: FakeX, bot: Pipeline) -> None:
+    """Each edit is a new tweet: a request under the newest version, a takedown naming the
+    version X shows now, and a request under a version made after the takedown all meet in the
+    record of the first version; none of them used to."""
+    dave, original, request, reply = answered(fake, bot)
+    second = fake.edit(original, "Crowd at the square (edited)")
+    erin = fake.add_user("erin")
+    later = fake.tweet(erin, "@protestbot cover please", in_reply_to=second)
+    assert bot.run_all() == ["replied"]
+    [erins] = fake.replies_to(later["id"])
+    assert bot.store.replies_of("x", original["id"]) == {reply["id"], erins["id"]}
+    assert bot.run_all() == [], "one record: bob's request is not taken for a new one"
+
+    third = fake.edit(second, "Crowd at the square (edited again)")  # a version no record names
+    carol = fake.add_user("carol")
+    fake.dm(carol, "I am in this photo, please delete https://t.co/Ed1t", links={"https://t.co/Ed1t": f"https://x.com/dave/status/{third['id']}"})
+    assert bot.run_all() == ["deleted"]
+    assert sorted(fake.deleted) == sorted([reply["id"], erins["id"]])
+    [confirmation] = fake.bot_dms(to=carol)
+    assert confirmation["text"].startswith(messages.TAKEDOWN_DONE.format(count=2))
+
+    fourth = fake.edit(third, "Crowd at the square (edited after the takedown)")
+    for version in (original, second, third, fourth):
+        fake.tweet(fake.add_user(f"asker{version['id'][-5:]}"), "@protestbot cover please", in_reply_to=version)
+    assert bot.run_all() == ["taken_down"] * 4
+    assert not [t for t in fake.bot_tweets() if fake.media_of(t)], "no new copy under any version"
+
+
 def test_takedown_without_a_reference_gets_help(fake: FakeX, bot: Pipeline) -> None:
     carol = fake.add_user("carol")
     fake.dm(carol, "hello, how does this work?")
