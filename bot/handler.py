@@ -248,7 +248,7 @@ class MentionHandler:
             return "ignored_incidental"
         # Text-only answers are keyed by the request, so asking again later gets a fresh answer;
         # an anonymised copy is keyed by (original, requester), so it is never posted twice.
-        key = self._key(job, request.id)
+        key = self._key(job, request.key)
         copied = self.store.reply_for(job.platform, target.key, job.requester_id) if target is not None else None
         if copied and target is not None and self.store.taken_down(job.platform, target.key):
             # A retry of a run whose copy was overtaken by a takedown and could not be deleted

@@ -325,6 +325,19 @@ def test_the_versions_of_an_edited_tweet_are_one_post_for_copies_and_takedowns(f
     assert not [t for t in fake.bot_tweets() if fake.media_of(t)], "no new copy under any version"
 
 
+def test_an_edited_request_is_not_answered_again(fake: FakeX, bot: Pipeline) -> None:
+    """The mentions timeline lists each version of an edited mention: a typo fixed is not a
+    second request, for a copy or for a note."""
+    alice = fake.add_user("alice")
+    question = fake.tweet(alice, "@protestbot what do you do?")
+    photo = fake.tweet(alice, "@protestbot cover these", media=[fake.photo(jpeg(256))])
+    assert sorted(bot.run_all()) == ["no_image", "replied"]
+    fake.edit(question, "@protestbot what do you do exactly?")
+    fake.edit(photo, "@protestbot cover these please")
+    assert bot.run_all() == ["already_done", "already_done"]
+    assert len(fake.bot_tweets()) == 2
+
+
 def test_takedown_without_a_reference_gets_help(fake: FakeX, bot: Pipeline) -> None:
     carol = fake.add_user("carol")
     fake.dm(carol, "hello, how does this work?")
