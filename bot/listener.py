@@ -127,6 +127,10 @@ class Listener:
     def catch_up(self, channel: str) -> int:
         """Poll everything newer than the channel's cursor; returns how many events were seen."""
         cursor = self.store.cursor(self.platform.name, channel)
+        if cursor is None and channel.startswith("tag:"):
+            # Taken before the first listing: a post published before it is history, however
+            # late it reaches the server, and one published after it is not.
+            self._since(channel)
         if channel == "mentions":
             events = self.platform.mentions_since(cursor)
         elif channel == "dms":
@@ -138,8 +142,6 @@ class Listener:
             # history at all, "0" marks the channel as started so that the next poll answers
             # what arrives from now on instead of taking it for history too.
             start = events[-1].id if events else "0"
-            if channel.startswith("tag:"):
-                self._since(channel)  # what was published before now is history, however late it arrives
             self.store.set_cursor(self.platform.name, channel, start)
             log.info("cursor_initialised", extra={"channel": channel, "cursor": start})
             return 0

@@ -47,10 +47,13 @@ log = logging.getLogger("bot.mastodon")
 PAGE = 40
 #: pages a late-arrivals scan reads at most per poll (the newest part of its window first)
 LATE_PAGES = 3
-#: a status id is a snowflake: milliseconds since 1970 above 16 bits of sequence
+#: a Mastodon status id is a snowflake: milliseconds since 1970 above 16 bits of sequence
 #: (``lib/mastodon/snowflake.rb``); ids below this (before 2017) are not snowflakes
 _SNOWFLAKE_SHIFT = 16
 _SNOWFLAKE_MIN = 1_483_228_800_000 << _SNOWFLAKE_SHIFT
+#: GoToSocial's ids are ULIDs: 26 characters of Crockford base32, the first 10 the milliseconds
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ULID = re.compile(f"^[{_CROCKFORD}]{{26}}$")
 #: Mastodon's own throttles beside the general API budget (``config/initializers/rack_attack.rb``)
 _MEDIA_UPLOAD = re.compile(r"^/api/v[12]/media$")
 _STATUS_DELETE = re.compile(r"^/api/v1/statuses/[^/]+$")
@@ -124,6 +127,24 @@ def fit_status(text: str, spoiler_text: str, limit: int = MAX_CHARS) -> tuple[st
     mention = _LEADING_MENTION.match(text)
     head = mention.group(0) if mention else ""
     return head + _shorten(text[len(head):], limit - len(spoiler_text) - countable_length(head), countable_length), spoiler_text
+
+
+def id_time_ms(item_id: str) -> int | None:
+    """When a status with this id was made (or, from another server, published), in Unix
+    milliseconds: from a snowflake (Mastodon) or a ULID (GoToSocial); None for other ids."""
+    if item_id.isdigit():
+        value = int(item_id)
+        return value >> _SNOWFLAKE_SHIFT if value >= _SNOWFLAKE_MIN else None
+    if _ULID.match(item_id):
+        return sum(_CROCKFORD.index(c) << (5 * (9 - i)) for i, c in enumerate(item_id[:10]))
+    return None
+
+
+def id_at(ms: int, like: str) -> str:
+    """The lowest id of ``like``'s kind made at ``ms``: every status made later sorts above it."""
+    if like.isdigit():
+        return str(ms << _SNOWFLAKE_SHIFT)
+    return "".join(_CROCKFORD[(ms >> (5 * (9 - i))) & 31] for i in range(10)) + "0" * 16
 
 
 def _sort_key(item_id: str) -> tuple[int, str]:
@@ -337,21 +358,17 @@ class MastodonPlatform:
         polled. Only remote posts can arrive late (``remote=true``), and the scan reads back
         from the cursor, newest first, at most ``LATE_PAGES`` pages: on a busy tag it covers
         the most recent part of the window, where most late posts land, and costs no more."""
-        try:
-            top = int(cursor)
-        except ValueError:
-            return []
-        if top < _SNOWFLAKE_MIN:
-            return []  # "0" (a channel that started empty) or an id that is no snowflake
-        start_ms = max((top >> _SNOWFLAKE_SHIFT) - int(window_s * 1000), int(not_before * 1000))
-        since = start_ms << _SNOWFLAKE_SHIFT
-        if since >= top:
+        top_ms = id_time_ms(cursor)
+        if top_ms is None:
+            return []  # "0" (a channel that started empty) or an id that tells no time
+        since = id_at(max(top_ms - int(window_s * 1000), int(not_before * 1000)), cursor)
+        if _sort_key(since) >= _sort_key(cursor):
             return []
         found: list[dict[str, Any]] = []
         upper = cursor
         for _ in range(LATE_PAGES):
             page = self._json("GET", f"/api/v1/timelines/tag/{tag}",
-                              params={"remote": "true", "max_id": upper, "since_id": str(since), "limit": PAGE})
+                              params={"remote": "true", "max_id": upper, "since_id": since, "limit": PAGE})
             if not page:
                 break
             found.extend(page)

@@ -13,7 +13,7 @@ import requests
 import responses
 
 from bot.platforms.base import MediaLimits
-from bot.platforms.mastodon import LATE_PAGES, PAGE, MastodonPlatform, countable_length, fit_status
+from bot.platforms.mastodon import LATE_PAGES, PAGE, MastodonPlatform, countable_length, fit_status, id_at, id_time_ms
 from fake_mastodon import TOKEN, FakeMastodon, iso
 
 
@@ -313,3 +313,29 @@ def test_the_late_arrivals_scan_reads_below_the_cursor_within_its_window(fake: F
     assert platform.hashtag_late("demo", "0", 60, 0) == []
     assert platform.hashtag_late("demo", cursor, 0, 0) == []
     assert platform.hashtag_late("demo", "12345", 60, 0) == []
+
+
+def test_status_ids_tell_their_time_as_snowflakes_and_as_ulids() -> None:
+    # the ULID spec's example (github.com/ulid/spec), and a Mastodon snowflake
+    assert id_time_ms("01ARYZ6S41TSV4RRFFQ69G5FAV") == 1469918176385
+    assert id_at(1469918176385, "01ARYZ6S41TSV4RRFFQ69G5FAV") == "01ARYZ6S41" + "0" * 16
+    assert id_time_ms(str((1_795_393_532_568 << 16) | 4242)) == 1_795_393_532_568
+    assert id_at(1_795_393_532_568, "1") == str(1_795_393_532_568 << 16)
+    for no_time in ("0", "12345", "9zL3eyZH2Mw1WKrk9s", "01ARYZ6S41TSV4RRFFQ69G5FA", "01ARYZ6S41TSV4RRFFQ69G5FAU"):
+        assert id_time_ms(no_time) is None, no_time  # too small, Pleroma's FlakeId, too short, no Crockford U
+
+
+def test_the_late_arrivals_scan_works_with_gotosocial_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    platform = MastodonPlatform("https://gts.example", TOKEN)
+    asked: list[dict] = []
+
+    def answer(method: str, path: str, params: dict) -> list:
+        asked.append(dict(params, path=path))
+        return []
+
+    monkeypatch.setattr(platform, "_json", answer)
+    cursor = id_at(1_795_393_532_568, "01ARYZ6S41TSV4RRFFQ69G5FAV")[:10] + "Q69G5FAVTSV4RRFF"
+    assert platform.hashtag_late("demo", cursor, 60, 0) == []
+    [query] = asked
+    assert query["path"] == "/api/v1/timelines/tag/demo" and query["max_id"] == cursor
+    assert query["since_id"] == id_at(1_795_393_532_568 - 60_000, cursor) < cursor
