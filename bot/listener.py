@@ -102,7 +102,10 @@ class Listener:
         if not event.skip and post.account.id != me.id and not post.account.bot:
             job = job_for(event, me.id)
             job.platform = self.platform.name
-            sighting = self.store.first_sighting(job.platform, job.post_id, job.requester_id)
+            # Sighted by its first version: X lists each edit of a mention as a new tweet, and
+            # a typo fixed is no second request.
+            seen = post.key
+            sighting = self.store.first_sighting(job.platform, seen, job.requester_id)
             if sighting == "claimed":
                 return False
             if sighting == "new":
@@ -113,9 +116,9 @@ class Listener:
                     # find it marked as already queued. (If Redis itself is gone, the claim
                     # expires instead.)
                     with contextlib.suppress(Exception):
-                        self.store.unsee(job.platform, job.post_id, job.requester_id)
+                        self.store.unsee(job.platform, seen, job.requester_id)
                     raise
-                self.store.queued(job.platform, job.post_id, job.requester_id)
+                self.store.queued(job.platform, seen, job.requester_id)
                 self.enqueued += 1
                 log.info("enqueued", extra={"channel": channel, "post_id": job.post_id, "kind": job.kind})
         # The cursor moves only after the job is safely in the queue: at-least-once, and the
