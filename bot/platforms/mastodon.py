@@ -354,10 +354,11 @@ class MastodonPlatform:
         and not before the Unix time ``not_before``.
 
         A server gives a status from another server an id made from its publish time, not its
-        arrival (a backdated snowflake), so a post that federates late sorts below posts already
-        polled. Only remote posts can arrive late (``remote=true``), and the scan reads back
-        from the cursor, newest first, at most ``LATE_PAGES`` pages: on a busy tag it covers
-        the most recent part of the window, where most late posts land, and costs no more."""
+        arrival (a backdated snowflake or ULID), so a post that federates late sorts below
+        posts already polled. Only remote posts can arrive late (``remote=true``), and the scan
+        reads back from the cursor, newest first, at most ``LATE_PAGES`` pages: on a busy tag it
+        covers the most recent part of the window, where most late posts land, and costs no
+        more."""
         top_ms = id_time_ms(cursor)
         if top_ms is None:
             return []  # "0" (a channel that started empty) or an id that tells no time

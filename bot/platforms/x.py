@@ -509,7 +509,8 @@ class XPlatform:
         photos and all: a photo the author edited out would still be copied, and its copy never
         withdrawn. So where the tweet's ``edit_history_tweet_ids`` (oldest first, every version)
         ends in another id, the latest version's text and media are read, under the id asked
-        for: the records, replies and takedowns keyed by it stay valid."""
+        for (a reply still goes to that version; the bot's records use ``Post.key``, the first
+        version's id, whichever version was asked for)."""
         if post_id.startswith("dm:"):
             return self._get_dm(post_id[3:])
         tweet, includes = self._tweet(post_id)

@@ -312,7 +312,8 @@ def test_the_versions_of_an_edited_tweet_are_one_post_for_copies_and_takedowns(f
 
     third = fake.edit(second, "Crowd at the square (edited again)")  # a version no record names
     carol = fake.add_user("carol")
-    fake.dm(carol, "I am in this photo, please delete https://t.co/Ed1t", links={"https://t.co/Ed1t": f"https://x.com/dave/status/{third['id']}"})
+    fake.dm(carol, "I am in this photo, please delete https://t.co/Ed1t",
+            links={"https://t.co/Ed1t": f"https://x.com/dave/status/{third['id']}"})
     assert bot.run_all() == ["deleted"]
     assert sorted(fake.deleted) == sorted([reply["id"], erins["id"]])
     [confirmation] = fake.bot_dms(to=carol)
