@@ -225,6 +225,10 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 self.beat()
+                if self._stop.is_set():
+                    # A beat slower than stop()'s wait landed after its delete: take it back,
+                    # or listeners would route to a withdrawn worker until the key expired.
+                    self.client.delete(self.key)
             except redis.RedisError:
                 log.warning("heartbeat_failed", exc_info=True)
             self._stop.wait(self.settings.heartbeat_interval_s)
@@ -234,9 +238,9 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=wait_s)
         try:
             self.client.delete(self.key)
         except redis.RedisError:

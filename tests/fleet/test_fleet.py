@@ -62,6 +62,39 @@ def one_reply_each(fake: Any, statuses: list[dict[str, Any]], timeout: float = J
 # --------------------------------------------------------------------------- routing rules
 
 
+def test_a_heartbeat_landing_after_withdrawal_is_taken_back() -> None:
+    """A beat held up in Redis longer than ``stop`` waits for it used to land after the delete,
+    so listeners kept routing to the withdrawn worker until the key expired (15 s by default)."""
+    from bot.routing import Heartbeat
+
+    class SlowRedis:
+        def __init__(self) -> None:
+            self.keys: dict[str, str] = {}
+            self.hold = threading.Event()
+            self.held = threading.Event()
+            self.beats = 0
+
+        def set(self, key: str, value: str, px: int) -> None:
+            self.beats += 1
+            if self.beats > 1:  # the first beat (at start) goes through
+                self.held.set()
+                self.hold.wait(5)
+            self.keys[key] = value
+
+        def delete(self, key: str) -> None:
+            self.keys.pop(key, None)
+
+    client = SlowRedis()
+    heartbeat = Heartbeat(client, "gpu-1", lambda: {"role": "gpu"}, FleetSettings(heartbeat_interval_s=0.01)).start()  # type: ignore[arg-type]
+    assert client.keys and client.held.wait(5), "the second beat is in flight"
+    heartbeat.stop(wait_s=0.05)
+    assert client.keys == {}, "withdrawn"
+    client.hold.set()  # the slow beat lands now
+    heartbeat._thread.join(5)
+    assert not heartbeat._thread.is_alive()
+    assert client.keys == {}, "and still withdrawn after the late beat"
+
+
 def test_router_follows_heartbeats_and_queue_depths(redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import bot.routing as routing
 
