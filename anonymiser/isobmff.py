@@ -503,18 +503,13 @@ def _canvas(file: _Meta, item: int) -> tuple[int, int] | None:
     kind = file.types.get(item)
     if kind not in _CANVAS_TYPES:
         return None
-    if kind == b"grid":  # version, flags, rows - 1, columns - 1, width, height
-        head = file.item_head(item, 12)
-        wide = len(head) >= 2 and head[1] & 1
-        need = 12 if wide else 8
-        fields = ">II" if wide else ">HH"
-        at = 4
-    else:  # iovl: version, flags, four 16-bit fill values, width, height, offsets
-        head = file.item_head(item, 18)
-        wide = len(head) >= 2 and head[1] & 1
-        need = 18 if wide else 14
-        fields = ">II" if wide else ">HH"
-        at = 10
+    # grid: version, flags, rows - 1, columns - 1, width, height; iovl: version, flags, four
+    # 16-bit fill values, width, height, offsets. Flag bit 0: 32-bit width and height.
+    at = 4 if kind == b"grid" else 10
+    head = file.item_head(item, at + 8)
+    wide = len(head) >= 2 and head[1] & 1
+    need = at + (8 if wide else 4)
+    fields = ">II" if wide else ">HH"
     if len(head) < need:
         raise CorruptImage(f"The image file is damaged: the layout of its '{kind.decode()}' image is cut short.")
     if head[0] != 0:

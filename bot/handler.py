@@ -287,7 +287,7 @@ class MentionHandler:
                 self._notice(job, request, messages.RATE_LIMITED, visibility, key, f"{job.platform}:{job.requester_id}")
             return "rate_limited"
 
-        results, copied, failures = self._anonymise_all(target)
+        results, copied_media, failures = self._anonymise_all(target)
         if not results:
             return self._decline(job, request, messages.failed_all(failures), visibility, key, "failed")
         heads = sum(r.report.heads_covered for r in results)
@@ -313,7 +313,7 @@ class MentionHandler:
             self.store.record_reply(job.platform, target.key, job.requester_id, posted.id,
                                     [posted.url, posted.uri, target.url, target.uri],
                                     # as sent: a reply the platform refused went by direct message
-                                    narrowest(visibility, posted.visibility), copied,
+                                    narrowest(visibility, posted.visibility), copied_media,
                                     # a redelivery finding the original gone (deleted, its photos
                                     # edited out) must still see that this request has its answer
                                     answered=f"note:{key}")

@@ -10,7 +10,8 @@ copied original on a schedule (:data:`STEPS_S` after its first copy, then weekly
 - every copy, when the original is gone (deleted, or hidden from the bot), its author opted out,
   or a takedown removed its copies (one made while that ran);
 - the copies of a photo the author edited out of the post (Mastodon keeps an attachment's id
-  through edits, so a copy showing an id the post no longer has shows a withdrawn photo);
+  through edits, and an X lookup answers the latest version, so a copy showing an id the post
+  no longer has shows a withdrawn photo);
 - the copies more public than a copy may be now, when the author narrowed the audience.
 
 Where nothing changed, an original's copies are not even read.
