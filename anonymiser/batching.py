@@ -24,6 +24,11 @@ same detections:
   switched off, since cuDNN would otherwise use it), channels-last activations, cuDNN autotuning on CUDA, optional ``torch.compile``
   (``mode="reduce-overhead"`` adds CUDA graphs). On CUDA batches are padded to their bucket's size
   and batch counts rounded up (1, 2, 3, 4, 6, 8, 12, ...) so that shapes repeat.
+* **Checked arithmetic.** Below float32, one photo in ``check_every`` (the first one included)
+  also runs in IEEE float32 and is answered with those boxes; when the reduced precision leaves a
+  float32 head uncovered, or its identical boxes fall under 99 %, the engine runs in float32 from
+  then on (:meth:`LSCCNNEngine.finish`). How well fp16 agrees depends on the checkpoint: the
+  checks find out on the photos the worker really gets.
 * **Copies.** Pieces travel as uint8 (4x less than float) from pinned host memory with
   ``non_blocking`` copies; logits come back into pinned buffers, followed by a CUDA event, so the
   device thread queues the next batch while CPU threads decode the previous one.
@@ -138,9 +143,24 @@ def default_precision(device: torch.device) -> str:
     fp16 and bf16 run at the same tensor-core rate on current GPUs; fp16 keeps 3 more mantissa
     bits, so its detections are closer to the float32 reference (with random weights on CPU:
     98.5-99.4 % identical boxes against 94-95 % for bf16). Its narrow range is guarded: a piece
-    whose logits overflow is run again in float32 (see :meth:`DeviceBatch.logits`).
+    whose logits overflow is run again in float32 (see :meth:`DeviceBatch.logits`); and checks
+    against float32 switch the engine to float32 when fp16 would miss heads
+    (:meth:`LSCCNNEngine.finish`).
     """
     return "fp16" if device.type == "cuda" else "fp32"
+
+
+#: photos per float32 check when the precision is below float32 and ``check_every`` is not set:
+#: each check costs one float32 pass of one photo (``bench/gpu.py`` prints the share it takes)
+DEFAULT_CHECK_EVERY = 500
+
+#: the issue's bar for a reduced precision against the float32 reference: identical boxes (over
+#: all checks so far, once they hold this many reference boxes) and no reference head uncovered
+CHECK_MIN_IDENTICAL = 0.99
+CHECK_MIN_BOXES = 200
+
+#: what a failed check does: run in float32 from then on, or only report it
+CHECK_ACTIONS = ("fallback", "count")
 
 
 @dataclass(frozen=True)
@@ -171,6 +191,11 @@ class EngineOptions:
     #: must not hold a worker's task threads for ever: Celery's thread pool enforces no time
     #: limits), no limit on CPU, where a batch of large photos legitimately takes minutes.
     timeout_s: float | None = None
+    #: below float32, run one photo in this many (the first one included) also in IEEE float32
+    #: and compare (None: DEFAULT_CHECK_EVERY; 0: never; always 0 for fp32)
+    check_every: int | None = None
+    #: a failed check: "fallback" (float32 from then on) or "count" (reported only)
+    check_action: str = "fallback"
 
     def problems(self) -> list[tuple[str, str]]:
         """Each inconsistent option as ``(field, message)``."""
@@ -199,6 +224,10 @@ class EngineOptions:
         if self.timeout_s is not None and not 0.0 <= self.timeout_s <= threading.TIMEOUT_MAX:
             problems.append(("timeout_s", "timeout_s must be 0 (no limit) or a positive number of seconds up to "
                                           f"{threading.TIMEOUT_MAX:.0f}, got {self.timeout_s}"))
+        if self.check_every is not None and self.check_every < 0:
+            problems.append(("check_every", f"check_every must be 0 (never) or a number of photos, got {self.check_every}"))
+        if self.check_action not in CHECK_ACTIONS:
+            problems.append(("check_action", f"check_action must be fallback or count, got {self.check_action!r}"))
         return problems
 
     def validate(self) -> None:
@@ -215,7 +244,8 @@ class EngineOptions:
         tf32, bf16, fp16), ``ANON_LSCCNN_CHANNELS_LAST`` (0/1), ``ANON_LSCCNN_COMPILE`` (0/1),
         ``ANON_LSCCNN_COMPILE_MODE``, ``ANON_LSCCNN_MAX_BATCH``, ``ANON_LSCCNN_BATCH_MEGAPIXELS``,
         ``ANON_LSCCNN_TILE_MEGAPIXELS``, ``ANON_LSCCNN_BUCKET``, ``ANON_LSCCNN_CPU_THREADS``,
-        ``ANON_LSCCNN_BATCH_WAIT_MS``, ``ANON_LSCCNN_TIMEOUT_S``.
+        ``ANON_LSCCNN_BATCH_WAIT_MS``, ``ANON_LSCCNN_TIMEOUT_S``, ``ANON_LSCCNN_CHECK_EVERY``,
+        ``ANON_LSCCNN_CHECK_ACTION``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -271,6 +301,8 @@ class EngineOptions:
         read("ANON_LSCCNN_CPU_THREADS", "cpu_threads", int)
         read("ANON_LSCCNN_BATCH_WAIT_MS", "max_wait_s", lambda raw: float(raw) / 1000.0)
         read("ANON_LSCCNN_TIMEOUT_S", "timeout_s", float)
+        read("ANON_LSCCNN_CHECK_EVERY", "check_every", int)
+        read("ANON_LSCCNN_CHECK_ACTION", "check_action", str.lower)
         values.update(overrides)
         options = cls(**values)
         for key, message in options.problems():
@@ -328,15 +360,23 @@ class Prepared:
         self.net_hw = self.net_rgb.shape[:2]
         tiles = plan_tiles(self.net_hw[0], self.net_hw[1], max_tile_pixels, tile_margin)
         self.pieces = [Piece(self, k, t) for k, t in enumerate(tiles)]
-        self._logits: list[list[np.ndarray] | None] = [None] * len(tiles)
-        self._remaining = len(tiles)
         self._lock = threading.Lock()
+        self.restart()
 
-    def accept(self, piece: Piece, logits: list[np.ndarray]) -> bool:
-        """Store one piece's logits (``4 x h/d x w/d`` each); True once every piece is in."""
+    def restart(self) -> None:
+        """Forget every piece's logits (before the photo runs again, in float32)."""
+        self._logits: list[list[np.ndarray] | None] = [None] * len(self.pieces)
+        self._remaining = len(self.pieces)
+        #: whether some piece ran below float32
+        self.reduced = False
+
+    def accept(self, piece: Piece, logits: list[np.ndarray], reduced: bool = False) -> bool:
+        """Store one piece's logits (``4 x h/d x w/d`` each), computed below float32 when
+        ``reduced``; True once every piece is in."""
         with self._lock:
             self._logits[piece.index] = logits
             self._remaining -= 1
+            self.reduced = self.reduced or reduced
             return self._remaining == 0
 
     def logits(self) -> list[np.ndarray]:
@@ -363,14 +403,16 @@ class DeviceBatch:
     """Logits of one batch, on their way back from the device."""
 
     def __init__(self, engine: "LSCCNNEngine", pieces: list[Piece], outputs: list[torch.Tensor], event: Any,
-                 seconds: float, half: bool) -> None:
+                 seconds: float, precision: str) -> None:
         self.engine = engine
         self.pieces = pieces
         self._outputs = outputs
         self._event = event
         self._arrays: list[np.ndarray] | None = None
         self._lock = threading.Lock()
-        self._half = half
+        self._half = PRECISIONS[precision] is not None
+        #: whether the batch ran below IEEE float32 (fp16, bf16, tf32)
+        self.reduced = precision != "fp32"
         self._started = time.perf_counter() - seconds
         #: wall time the device thread spent issuing this batch (CPU: the whole forward pass)
         self.seconds = seconds
@@ -422,13 +464,8 @@ class DeviceBatch:
         piece = self.pieces[k]
         out = [a[k, :, : piece.h // d, : piece.w // d] for a, d in zip(self._arrays, OUTPUT_STRIDES)]
         if self._half and not all(np.isfinite(o).all() for o in out):
-            engine = self.engine
-            engine.overflows += 1
-            # Padded to its bucket when shapes must repeat (CUDA), like any batch: at its exact
-            # size every new photo size would cost a cuDNN autotuning of each layer, in float32,
-            # under the device lock that every other batch waits for.
-            hb, wb = engine.bucket_of(piece.h, piece.w) if engine.options.shape_stable else (piece.h, piece.w)
-            return engine.run_batch([piece], hb, wb, precision="fp32", deadline=deadline).logits(0, deadline)
+            self.engine.overflows += 1
+            return self.engine.run_float32(piece, deadline)
         return out
 
 
@@ -496,6 +533,8 @@ class LSCCNNEngine:
             # Repeating shapes let cuDNN autotune each once and torch.compile trace each once.
             shape_stable=(options.compile or cuda) if options.shape_stable is None else options.shape_stable,
             timeout_s=(CUDA_TIMEOUT_S if cuda else 0.0) if options.timeout_s is None else options.timeout_s,
+            check_every=0 if precision == "fp32" else (
+                DEFAULT_CHECK_EVERY if options.check_every is None else options.check_every),
         )
         options.validate()
         self.options = options
@@ -539,6 +578,15 @@ class LSCCNNEngine:
         self._device_lock = threading.Lock()
         #: pieces that overflowed in half precision and were run again in float32
         self.overflows = 0
+        # Checks of the reduced precision against float32 (see finish()).
+        self._check_lock = threading.Lock()
+        self._reduced_photos = 0
+        #: every check's agreement so far (reference: float32's boxes)
+        self.check_totals = Agreement(0, 0, 0, 0)
+        #: whether a failed check switched the engine to float32
+        self.fell_back = False
+        #: called with each :class:`PrecisionCheck` (metrics); its errors are logged, not raised
+        self.on_check: Callable[["PrecisionCheck"], None] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -632,8 +680,9 @@ class LSCCNNEngine:
     def _run_batch(self, pieces: Sequence[Piece], hb: int, wb: int, precision: str | None,
                    deadline: float | None) -> DeviceBatch:
         started = time.perf_counter()
-        dtype = self.autocast_dtype if precision is None else PRECISIONS[precision]
-        tf32 = (precision or self.precision) == "tf32"
+        ran = precision or self.precision  # read once: a check may switch the engine meanwhile
+        dtype = PRECISIONS[ran]
+        tf32 = ran == "tf32"
         n = len(pieces)
         slots = min(_slot_count(n), self.options.max_batch) if self.options.shape_stable else n
         slots = max(slots, n)
@@ -680,7 +729,7 @@ class LSCCNNEngine:
                 event = torch.cuda.Event(blocking=True)
                 event.record()
                 outputs = host_out
-        return DeviceBatch(self, list(pieces), outputs, event, time.perf_counter() - started, dtype is not None)
+        return DeviceBatch(self, list(pieces), outputs, event, time.perf_counter() - started, ran)
 
     def run_isolating(self, pieces: Sequence[Piece], hb: int, wb: int) -> list[tuple[list[Piece], DeviceBatch | Exception]]:
         """:meth:`run_batch`, but a failing batch never fails the pieces that would run alone.
@@ -745,9 +794,95 @@ class LSCCNNEngine:
         self.options = replace(self.options, max_batch_pixels=min(self._batch_pixels_cap, 2 * current))
         log.info("lsccnn_batch_limit_raised", extra={"max_batch_megapixels": round(self.options.max_batch_pixels / 1e6, 2)})  # type: ignore[operator]
 
-    def finish(self, prepared: Prepared) -> Detections:
-        """CPU stage 2: decode a photo whose pieces all have logits (any thread)."""
+    def run_float32(self, piece: Piece, deadline: float | None = None) -> list[np.ndarray]:
+        """One piece alone in IEEE float32, in the calling thread: the rerun after a half-precision
+        overflow, and the checks. Padded to its bucket when shapes must repeat (CUDA), like any
+        batch: at its exact size every new photo size would cost a cuDNN autotuning of each
+        layer, in float32, under the device lock that every other batch waits for."""
+        hb, wb = self.bucket_of(piece.h, piece.w) if self.options.shape_stable else (piece.h, piece.w)
+        return self.run_batch([piece], hb, wb, precision="fp32", deadline=deadline).logits(0, deadline)
+
+    def finish(self, prepared: Prepared, deadline: float | None = None) -> Detections:
+        """CPU stage 2: decode a photo whose pieces all have logits (any thread).
+
+        A photo computed below float32 is run again in IEEE float32, and answered with those
+        boxes, when a check is due (one photo in ``check_every``, the first one included:
+        :meth:`_check`), and always once a check has switched the engine to float32 (its logits
+        are from before the switch, which must not cost a head). A float32 pass that fails or
+        outlasts ``deadline`` raises :class:`~anonymiser.errors.DeviceFailure`.
+        """
+        if not prepared.reduced:
+            return prepared.detections(self.options.nms_threshold)
+        if self.fell_back:
+            return self._float32_detections(prepared, deadline)
+        detections = prepared.detections(self.options.nms_threshold)
+        if self._check_due():
+            return self._check(prepared, detections, deadline)
+        return detections
+
+    def _check_due(self) -> bool:
+        if not self.options.check_every:
+            return False
+        with self._check_lock:
+            due = self._reduced_photos % self.options.check_every == 0
+            self._reduced_photos += 1
+        return due
+
+    def _float32_detections(self, prepared: Prepared, deadline: float | None) -> Detections:
+        prepared.restart()
+        try:
+            for piece in prepared.pieces:
+                prepared.accept(piece, self.run_float32(piece, deadline))
+        except Exception as exc:
+            raise DeviceFailure(f"LSC-CNN's float32 pass on {self.device} failed: {type(exc).__name__}: {exc}") from exc
         return prepared.detections(self.options.nms_threshold)
+
+    def _check(self, prepared: Prepared, candidate: Detections, deadline: float | None) -> Detections:
+        """Run ``prepared`` in float32, compare, maybe fall back; returns float32's boxes."""
+        started = time.perf_counter()
+        checked = self.precision
+        reference = self._float32_detections(prepared, deadline)
+        found = agreement(reference, candidate, prepared.orig_hw)
+        with self._check_lock:
+            self.check_totals = totals = self.check_totals + found
+            failed = found.uncovered > 0 or (
+                totals.reference >= CHECK_MIN_BOXES and totals.identical_fraction < CHECK_MIN_IDENTICAL)
+            fell_back = failed and self.options.check_action == "fallback" and not self.fell_back
+            if fell_back:
+                self._fall_back()
+        check = PrecisionCheck(checked, found, time.perf_counter() - started, failed, fell_back)
+        fields = {
+            "precision": checked, "boxes": found.reference, "identical": found.identical,
+            "uncovered": found.uncovered, "seconds": round(check.seconds, 3),
+            "checked_boxes": totals.reference, "identical_share": round(totals.identical_fraction, 4),
+        }
+        if fell_back:
+            log.warning("lsccnn_precision_fallback", extra=fields)
+        else:
+            log.log(logging.WARNING if failed else logging.INFO, "lsccnn_precision_check", extra={**fields, "failed": failed})
+        if self.on_check is not None:
+            try:
+                self.on_check(check)
+            except Exception:  # metrics must never break inference
+                log.warning("on_check_failed", exc_info=True)
+        return reference
+
+    def _fall_back(self) -> None:
+        """Run in IEEE float32 from now on (called under the check lock).
+
+        The compiled graph was traced for the reduced precision, so the eager model runs. Float32
+        activations take twice the memory of half ones: the batch limits are halved to match
+        (never below one tile)."""
+        share = _BYTES_PER_PIXEL[self.precision] / _BYTES_PER_PIXEL["fp32"]
+        self._forward = self.model  # before the precision: a batch that reads fp32 runs eager
+        self.autocast_dtype = None
+        self.precision = "fp32"
+        self.fell_back = True
+        if share < 1:
+            tile = self.options.max_tile_pixels
+            assert tile is not None and self.options.max_batch_pixels is not None
+            self._batch_pixels_cap = max(tile, int(self._batch_pixels_cap * share))
+            self.options = replace(self.options, max_batch_pixels=max(tile, int(self.options.max_batch_pixels * share)))
 
     # -- whole pipeline -----------------------------------------------------------------------
 
@@ -784,7 +919,7 @@ class LSCCNNEngine:
 
         def finish_batch(batch: DeviceBatch) -> None:
             for k, piece in enumerate(batch.pieces):
-                if piece.owner.accept(piece, batch.logits(k)):
+                if piece.owner.accept(piece, batch.logits(k), batch.reduced):
                     results[owner_index[id(piece.owner)]].set_result(self.finish(piece.owner))
 
         def run(members: list[Piece], hb: int, wb: int) -> None:
@@ -875,12 +1010,12 @@ class MicroBatcher:
         try:
             for piece, future in futures:
                 batch, k = self._result(future, deadline)
-                prepared.accept(piece, batch.logits(k, deadline))
+                prepared.accept(piece, batch.logits(k, deadline), batch.reduced)
         except Exception as exc:
             # The piece failed even alone (run_isolating), or the device stalled: the device's
             # fault, not the photo's.
             raise DeviceFailure(f"LSC-CNN on {self.engine.device} failed: {type(exc).__name__}: {exc}") from exc
-        return self.engine.finish(prepared)
+        return self.engine.finish(prepared, deadline)
 
     def _result(self, future: "Future[tuple[DeviceBatch, int]]", deadline: float | None) -> tuple[DeviceBatch, int]:
         """The future's result; ``TimeoutError`` past ``deadline``, ``RuntimeError`` when the
@@ -1006,8 +1141,10 @@ def load_batched_locator(
     options: EngineOptions | None = None,
     on_batch: Callable[[int, float], None] | None = None,
     environ: Mapping[str, str] | None = None,
+    on_check: Callable[[PrecisionCheck], None] | None = None,
 ) -> BatchedLSCCNNLocator:
-    """The batched LSC-CNN locator with the checkpoint in ``weights_dir``.
+    """The batched LSC-CNN locator with the checkpoint in ``weights_dir``; ``on_batch`` and
+    ``on_check`` receive each batch and each precision check (metrics).
 
     The official checkpoint is verified by size and MD5 as usual. ``ANON_LSCCNN_MD5`` (with
     ``ANON_LSCCNN_SIZE``, optional) names the checksum of another file the operator vouches for
@@ -1019,6 +1156,7 @@ def load_batched_locator(
     md5, size = checkpoint_expectations(env)
     model = load_model(Path(weights_dir) / OFFICIAL_FILENAME, expected_size=size, expected_md5=md5)
     engine = LSCCNNEngine(model, options or EngineOptions.from_env(env))
+    engine.on_check = on_check
     return BatchedLSCCNNLocator(MicroBatcher(engine, on_batch=on_batch))
 
 
@@ -1044,6 +1182,17 @@ class Agreement:
     def __add__(self, other: "Agreement") -> "Agreement":
         return Agreement(self.reference + other.reference, self.candidate + other.candidate,
                          self.identical + other.identical, self.uncovered + other.uncovered)
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """One photo run in the engine's reduced precision and again in IEEE float32."""
+
+    precision: str  # the precision checked (fp16, bf16, tf32)
+    agreement: Agreement  # reference: float32's boxes; candidate: the reduced precision's
+    seconds: float  # the float32 pass, its decoding and the comparison
+    failed: bool  # below the bar: a head uncovered here, or the checks' identical share < 99 %
+    fell_back: bool  # this check switched the engine to float32
 
 
 def agreement(reference: Detections, candidate: Detections, image_hw: tuple[int, int]) -> Agreement:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from anonymiser.batching import CUDA_TIMEOUT_S, EngineOptions, load_batched_locator
+from anonymiser.batching import CUDA_TIMEOUT_S, EngineOptions, PrecisionCheck, load_batched_locator
 from anonymiser.errors import DeviceFailure
 from anonymiser.locators.base import BoxKind, Detections, HeadLocator
 from anonymiser.locators.registry import REGISTRY, default_weights_dir, resolve_names
@@ -37,10 +37,12 @@ def build_anonymiser(
     weights_dir: Path | None = None,
     on_batch: Callable[[int, float], None] | None = None,
     on_success: Callable[[], None] | None = None,
+    on_check: Callable[[PrecisionCheck], None] | None = None,
 ) -> Anonymiser:
     """An ``Anonymiser`` whose LSC-CNN locator (when its checkpoint is present) is batched.
 
-    ``on_batch`` is called after each LSC-CNN batch; ``on_success`` after each run of an ONNX
+    ``on_batch`` is called after each LSC-CNN batch, ``on_check`` after each check of its
+    reduced precision against float32; ``on_success`` after each run of an ONNX
     locator on the GPU, but only when LSC-CNN is not among the locators: both tell the worker
     its device works (its failures in a row end). With LSC-CNN, its batches alone do: the ONNX
     models run first in every job, and their successes would hide an LSC-CNN that fails on every
@@ -54,7 +56,7 @@ def build_anonymiser(
 
     def load(name: str, folder: Path) -> HeadLocator:
         if name == "lsccnn":
-            return load_batched_locator(folder, options, on_batch=on_batch)
+            return load_batched_locator(folder, options, on_batch=on_batch, on_check=on_check)
         return on_device(REGISTRY[name].load(folder), on_success, timeout_s)
 
     # The residual pass's CenterFace comes from ``load`` too, so it is guarded like the others.

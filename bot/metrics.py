@@ -17,6 +17,10 @@ Exported (all prefixed ``ppb_``):
 * ``job_seconds{kind}`` (processing time of one task run), ``job_latency_seconds`` (from the
   listener's enqueue to the end of the task that answered), ``photo_seconds``: histograms;
 * ``batch_size``, ``batch_seconds``: histograms of the GPU worker's LSC-CNN batches;
+* ``precision_checks_total{result}`` (``agreed`` / ``failed``), ``precision_check_boxes_total{kind}``
+  (``reference``, ``identical``, ``uncovered``) and ``precision_fallbacks_total``: the GPU
+  worker's checks of its reduced precision (fp16, bf16, tf32) against IEEE float32, one photo in
+  ``ANON_LSCCNN_CHECK_EVERY`` (``anonymiser.batching.LSCCNNEngine.finish``);
 * read from Redis at each scrape: ``queue_depth{queue}``, ``workers_alive{role}`` (from the
   heartbeats), ``dead_letters``, and ``worker_up{hostname, role}`` = 1.
 
@@ -36,7 +40,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 _OWN_DIR: str | None = None
 if os.environ.get("BOT_METRICS_PORT", "").strip() and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -50,6 +54,9 @@ from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 
 from anonymiser.errors import DeviceFailure  # noqa: E402
 
+if TYPE_CHECKING:
+    from anonymiser.batching import PrecisionCheck
+
 from .routing import CPU_QUEUE, GPU_QUEUE, LEGACY_QUEUE, ROLES, live_workers, queue_depth, settings_or_exit  # noqa: E402
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -62,12 +69,18 @@ LATENCY = Histogram("ppb_job_latency_seconds", "From the listener's enqueue to t
 PHOTO_SECONDS = Histogram("ppb_photo_seconds", "Time to anonymise one photo", buckets=_SECONDS)
 BATCH_SIZE = Histogram("ppb_batch_size", "Photos (or tiles) per LSC-CNN batch", buckets=(1, 2, 4, 8, 12, 16, 24, 32, 64))
 BATCH_SECONDS = Histogram("ppb_batch_seconds", "One LSC-CNN batch, from issuing it to its logits on the host", buckets=_SECONDS)
+CHECKS = Counter("ppb_precision_checks_total", "Photos run again in float32 to check the reduced precision", ["result"])
+CHECK_BOXES = Counter("ppb_precision_check_boxes_total",
+                      "Boxes of the checked photos: float32's (reference), equal in both, float32 heads left uncovered", ["kind"])
+FALLBACKS = Counter("ppb_precision_fallbacks_total", "Failed checks that switched the worker's LSC-CNN to float32")
 
 _started: dict[str, float] = {}
 
 #: label values whose series are created at 0 in every process (see the module docstring)
 FAILURE_REASONS = ("retry", "device", "dead_letter")
 PHOTO_RESULTS = ("ok", "failed")
+CHECK_RESULTS = ("agreed", "failed")
+CHECK_BOX_KINDS = ("reference", "identical", "uncovered")
 
 
 def _zero_series() -> None:
@@ -75,6 +88,10 @@ def _zero_series() -> None:
         FAILURES.labels(reason)
     for result in PHOTO_RESULTS:
         PHOTOS.labels(result)
+    for result in CHECK_RESULTS:
+        CHECKS.labels(result)
+    for kind in CHECK_BOX_KINDS:
+        CHECK_BOXES.labels(kind)
 
 
 _zero_series()
@@ -96,6 +113,16 @@ def _outcome(state: str | None, retval: Any) -> str:
 def observe_batch(size: int, seconds: float) -> None:
     BATCH_SIZE.observe(size)
     BATCH_SECONDS.observe(seconds)
+
+
+def observe_check(check: PrecisionCheck) -> None:
+    """Count one check of the reduced precision against float32."""
+    CHECKS.labels("failed" if check.failed else "agreed").inc()
+    found = check.agreement
+    for kind, value in zip(CHECK_BOX_KINDS, (found.reference, found.identical, found.uncovered)):
+        CHECK_BOXES.labels(kind).inc(value)
+    if check.fell_back:
+        FALLBACKS.inc()
 
 
 def instrument(anonymiser: Any) -> Any:

@@ -235,7 +235,8 @@ def _load_anonymiser() -> Anonymiser:
         from .accelerated import build_anonymiser
 
         return metrics.instrument(build_anonymiser(settings, config().weights_dir, on_batch=_on_batch,
-                                                   on_success=_device_health.succeeded))
+                                                   on_success=_device_health.succeeded,
+                                                   on_check=metrics.observe_check))
     return metrics.instrument(Anonymiser(settings, weights_dir=config().weights_dir))
 
 

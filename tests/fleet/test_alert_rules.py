@@ -61,6 +61,8 @@ MUTANTS = [
     ("PPBGpuHandsJobsOver", 'ppb_job_failures_total{reason="device"}', "ppb_job_failures_total"),
     # Only refused DMs count, not every finished job.
     ("PPBDirectMessagesRefused", 'ppb_jobs_total{outcome="dm_refused"}', "ppb_jobs_total"),
+    # Checks that agreed are no alarm.
+    ("PPBReducedPrecisionFailsCheck", 'ppb_precision_checks_total{result="failed"}', "ppb_precision_checks_total"),
 ]
 
 

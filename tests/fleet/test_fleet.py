@@ -374,13 +374,15 @@ def test_worker_serves_prometheus_metrics(fleet: Any, fake: Any, redis_server: A
 def test_gpu_worker_batches_lsccnn_calls_of_concurrent_jobs(fleet: Any, fake: Any, redis_server: Any, client_app: Any,
                                                               lsccnn_weights: Any) -> None:
     """Four jobs at once in a thread-pool GPU worker: their LSC-CNN calls share batches, and each
-    job is still its own task (one reply each; a redelivered job is not answered twice)."""
+    job is still its own task (one reply each; a redelivered job is not answered twice). In bf16,
+    every photo (the warm-up's too) is also checked in float32, and the checks are counted."""
     redis_server.clean()
     fake.reset()
     weights, md5 = lsccnn_weights
     worker = fleet.launch("batching", queues=GPU_QUEUE, pool="threads", concurrency=4, metrics=True, weights=weights,
                           BOT_WORKER_ROLE="gpu", ANON_LSCCNN_MD5=md5, ANON_LSCCNN_MAX_BATCH="4",
-                          ANON_LSCCNN_BATCH_WAIT_MS="1500", ANON_LSCCNN_DEVICE="cpu")
+                          ANON_LSCCNN_BATCH_WAIT_MS="1500", ANON_LSCCNN_DEVICE="cpu", ANON_LSCCNN_PRECISION="bf16",
+                          ANON_LSCCNN_CHECK_EVERY="1", ANON_LSCCNN_CHECK_ACTION="count")
     fleet.ready(worker)
     # It loaded and ran its models before announcing itself, so no job waits behind loading.
     log_text = worker.log()
@@ -397,6 +399,9 @@ def test_gpu_worker_batches_lsccnn_calls_of_concurrent_jobs(fleet: Any, fake: An
     batches = _metric(text, "ppb_batch_size_count") - 1  # the first batch was the warm-up's
     assert _metric(text, "ppb_batch_size_sum") == 1 + 4  # the warm-up, then every photo once
     assert batches < 4, "the four calls should have met in fewer than four batches"
+    assert _metric(text, "ppb_precision_checks_total") == 1 + 4
+    assert _metric(text, "ppb_precision_check_boxes_total", kind="reference") > 0  # random weights: many
+    assert _metric(text, "ppb_precision_fallbacks_total") == 0  # counted, not acted on
     for reply in (fake.replies_to(s["id"])[0] for s in statuses):
         assert len(reply["media_attachments"]) == 1
 
@@ -1060,3 +1065,22 @@ def test_parked_jobs_taken_by_a_listener_that_died_are_parked_again(redis_server
     assert sorted(published) == ["0", "1"]
     assert release_parked(store, lambda job, retries: published.append(job["post_id"]),
                           now=now + 3 * RELEASE_GRACE_S) == 0, "each published once"
+
+
+def test_precision_checks_are_counted_by_result_boxes_and_fallbacks() -> None:
+    from prometheus_client import REGISTRY
+
+    from anonymiser.batching import Agreement, PrecisionCheck
+    from bot import metrics
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    names = [("ppb_precision_checks_total", {"result": r}) for r in ("agreed", "failed")]
+    names += [("ppb_precision_check_boxes_total", {"kind": k}) for k in ("reference", "identical", "uncovered")]
+    names += [("ppb_precision_fallbacks_total", {})]
+    before = [sample(name, **labels) for name, labels in names]
+    metrics.observe_check(PrecisionCheck("fp16", Agreement(10, 10, 10, 0), 0.1, failed=False, fell_back=False))
+    metrics.observe_check(PrecisionCheck("fp16", Agreement(7, 8, 5, 2), 0.1, failed=True, fell_back=True))
+    after = [sample(name, **labels) for name, labels in names]
+    assert [a - b for a, b in zip(after, before)] == [1, 1, 17, 15, 2, 1]
