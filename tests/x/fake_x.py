@@ -185,15 +185,9 @@ class FakeX:
     def retweet(self, user: dict[str, Any], tweet: dict[str, Any]) -> dict[str, Any]:
         """``user``'s retweet of ``tweet``: "RT @author: text", mentioning whom the tweet does,
         so the mentions timeline lists it (X's tweet lookup shape for a retweet)."""
-        retweet_id = self.new_id()
-        text = f"RT @{self.users[tweet['author_id']]['username']}: {tweet['text']}"
-        self.tweets[retweet_id] = {
-            "id": retweet_id, "text": text, "author_id": user["id"], "edit_history_tweet_ids": [retweet_id],
-            "conversation_id": retweet_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-            "possibly_sensitive": False, "entities": self._entities(text),
-            "referenced_tweets": [{"type": "retweeted", "id": tweet["id"]}],
-        }
-        return self.tweets[retweet_id]
+        retweet = self.tweet(user, f"RT @{self.users[tweet['author_id']]['username']}: {tweet['text']}")
+        retweet["referenced_tweets"] = [{"type": "retweeted", "id": tweet["id"]}]
+        return retweet
 
     def follow(self, follower: dict[str, Any], followed: dict[str, Any]) -> None:
         self.follows.setdefault(follower["id"], set()).add(followed["id"])
