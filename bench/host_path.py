@@ -63,9 +63,9 @@ class ReplayedSession:
 
     @staticmethod
     def _key(feeds: dict[str, np.ndarray]) -> tuple[Any, ...]:
-        (x,) = feeds.values()
+        x, *rest = feeds.values()  # the pixels, then the upscale and padding of a graph taking bytes
         flat = x.reshape(-1)
-        return (x.shape, flat[:: max(1, flat.size // 4096)].tobytes())
+        return (x.shape, flat[:: max(1, flat.size // 4096)].tobytes(), *(r.tobytes() for r in rest))
 
     def run(self, names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         key = self._key(feeds)
@@ -79,6 +79,9 @@ class ReplayedSession:
 
     def get_inputs(self) -> Any:
         return self.real.get_inputs()
+
+    def feeds(self, batch: Any) -> dict[str, np.ndarray]:
+        return self.real.feeds(batch)
 
 
 def _annotated_heads(meta: dict[str, Any], sx: float, sy: float) -> tuple[np.ndarray, np.ndarray]:

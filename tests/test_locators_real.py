@@ -25,7 +25,7 @@ from anonymiser.locators.heads import HeadsLocator, letterbox
 from anonymiser.locators.nms import iou_matrix, nms
 from anonymiser.locators.registry import REGISTRY, available_names
 from anonymiser.locators.onnx_models import OnnxOptions
-from anonymiser.locators.tiling import Tile, balanced_tile, clip_and_suppress, planar_float32, run_batched, run_tiled, tile_origins, tile_windows, tiles
+from anonymiser.locators.tiling import NetInput, Tile, balanced_tile, clip_and_suppress, planar_float32, run_batched, run_tiled, tile_origins, tile_windows, tiles
 from anonymiser.pipeline import Anonymiser, Settings
 
 from imaging import ASTRONAUT_FACE, HEADS_FILE, load_eval, points_in_boxes
@@ -163,17 +163,20 @@ def test_batched_tiles_give_the_same_detections(
     uint8: bool,
 ) -> None:
     """Tiles run three at a time (as on the GPU, where the default is 8) give the same boxes and
-    scores as one tile per call, on real photos, also when the graph takes the tiles' bytes (as
-    on the GPU); and the calls really are batched."""
+    scores as one tile per call, on real photos, also when the graph takes the tiles' bytes and
+    upscales them (as on the GPU); and the calls really are batched, and with bytes the 2x
+    tiles really reach the graph at the photo's scale."""
     options = OnnxOptions(threads=0, tile_batch=3, uint8_input=int(uint8))
     batched = (CenterFaceLocator(onnx_options=options) if locator == "centerface"
                else HeadsLocator(heads_dir / HEADS_FILE, onnx_options=options))
     assert batched.tile_batch == 3
     sizes: list[int] = []
+    upscales: set[int] = set()
     infer = batched._infer
 
-    def counting(batch: np.ndarray) -> list:
-        sizes.append(len(batch))
+    def counting(batch: NetInput) -> list:
+        sizes.append(len(batch.pixels))
+        upscales.add(batch.upscale)
         return infer(batch)
 
     batched._infer = counting  # type: ignore[method-assign]
@@ -185,27 +188,34 @@ def test_batched_tiles_give_the_same_detections(
         np.testing.assert_allclose(together.boxes[order_t], alone.boxes[order_a], atol=1e-3)
         np.testing.assert_allclose(together.scores[order_t], alone.scores[order_a], atol=1e-5)
     assert max(sizes) == 3 and sum(sizes) > len(sizes)
+    assert upscales == ({1, 2} if uint8 else {1})
 
 
 def test_run_batched_groups_equal_shapes_only() -> None:
-    """Inputs of different shapes never share a batch (nothing is padded), no batch exceeds the
-    limit, and every input's output reaches its own finisher."""
+    """Inputs of different shapes, or that the graph would upscale or pad differently, never
+    share a batch (nothing is padded), no batch exceeds the limit, and every input's output
+    reaches its own finisher."""
     shapes = [(3, 32, 64), (3, 64, 32), (3, 32, 64), (3, 32, 64), (3, 64, 32), (3, 32, 64), (3, 32, 64)]
+    graph_steps = [(1, (0, 0))] * len(shapes) + [(2, (0, 0)), (2, (0, 0)), (2, (4, 0))]
+    shapes += [(3, 32, 64)] * 3
     jobs = []
-    for index, shape in enumerate(shapes):
+    for index, (shape, (upscale, pad)) in enumerate(zip(shapes, graph_steps)):
         blob = np.full(shape, index, np.float32)
-        jobs.append((blob, lambda value, i=index: Detections([[i, i, i + 1, i + 1]], [value])))
-    calls: list[tuple[int, ...]] = []
+        jobs.append((NetInput(blob, upscale, pad), lambda value, i=index: Detections([[i, i, i + 1, i + 1]], [value])))
+    calls: list[tuple[tuple[int, ...], int, tuple[int, int]]] = []
 
-    def infer(batch: np.ndarray) -> list[float]:
-        calls.append(batch.shape)
-        return [float(item.flat[0]) for item in batch]  # each input's own marker
+    def infer(batch: NetInput) -> list[float]:
+        calls.append((batch.pixels.shape, batch.upscale, batch.pad))
+        return [float(item.flat[0]) for item in batch.pixels]  # each input's own marker
 
     found = run_batched(iter(jobs), infer, batch=3)
     assert sorted(found.scores.tolist()) == list(range(len(shapes)))
     np.testing.assert_array_equal(found.boxes[:, 0], found.scores)  # output i went to finisher i
-    assert all(shape[0] <= 3 for shape in calls)
-    assert sorted(calls) == sorted([(3, 3, 32, 64), (2, 3, 32, 64), (2, 3, 64, 32)])
+    assert all(shape[0] <= 3 for shape, _, _ in calls)
+    assert sorted(calls) == sorted([
+        ((3, 3, 32, 64), 1, (0, 0)), ((2, 3, 32, 64), 1, (0, 0)), ((2, 3, 64, 32), 1, (0, 0)),
+        ((2, 3, 32, 64), 2, (0, 0)), ((1, 3, 32, 64), 2, (4, 0)),
+    ])
     with pytest.raises(ValueError):
         run_batched(iter(jobs), infer, batch=0)
 
@@ -660,11 +670,16 @@ def test_uint8_input_gives_bit_identical_detections(
     heads_dir: Path,
     locator: str,
 ) -> None:
-    """The graph that takes the tiles' bytes (what a GPU worker runs) finds exactly the boxes,
-    with exactly the scores, of the host-built float planes: every uint8 is exactly a float32."""
+    """The graph that takes the tiles' bytes and upscales them itself (what a GPU worker runs)
+    finds exactly the boxes, with exactly the scores, of the host's upscale and float planes:
+    every uint8 is exactly a float32, and both upscales are the same rounded bilinear. Also on
+    crops of awkward sizes: where the graph pads after upscaling (CenterFace's multiples of 32;
+    a 2x head tile narrower than the network) and where the host must upscale after all (a
+    head tile that letterboxing then resizes)."""
     options = OnnxOptions(threads=0, tile_batch=1, uint8_input=1)
-    on_bytes = (CenterFaceLocator(onnx_options=options) if locator == "centerface"
-                else HeadsLocator(heads_dir / HEADS_FILE, onnx_options=options))
+    make = {"centerface": lambda o: CenterFaceLocator(onnx_options=o),
+            "heads": lambda o: HeadsLocator(heads_dir / HEADS_FILE, onnx_options=o)}[locator]
+    on_bytes = make(options)
     assert on_bytes._session.uint8_input and on_bytes._session.get_inputs()[0].type == "tensor(uint8)"
     for name, (rgb, _meta, faces, heads) in photo_detections.items():
         planes = faces if locator == "centerface" else heads
@@ -673,47 +688,113 @@ def test_uint8_input_gives_bit_identical_detections(
         np.testing.assert_array_equal(found.boxes, planes.boxes, err_msg=name)
         np.testing.assert_array_equal(found.scores, planes.scores, err_msg=name)
 
+    on_planes = make(OnnxOptions(threads=0, tile_batch=1, uint8_input=0))
+    rgb = next(iter(photo_detections.values()))[0]
+    steps: dict[tuple[int, int], set[tuple[int, tuple[int, int]]]] = {}
+    infer = on_bytes._infer
+    for h, w in [(250, 1000), (400, 300), (200, 300), (307, 541)]:
+        crop = np.ascontiguousarray(rgb[100 : 100 + h, 50 : 50 + w])
+        seen = steps.setdefault((h, w), set())
+
+        def recording(batch: NetInput, seen: set = seen) -> list:
+            seen.add((batch.upscale, batch.pad))
+            return infer(batch)
+
+        on_bytes._infer = recording  # type: ignore[method-assign]
+        expected = on_planes.locate(crop)
+        found = on_bytes.locate(crop)
+        np.testing.assert_array_equal(found.boxes, expected.boxes, err_msg=f"{w}x{h}")
+        np.testing.assert_array_equal(found.scores, expected.scores, err_msg=f"{w}x{h}")
+    if locator == "centerface":
+        # 500 rows at 2x, padded to 512 by the graph
+        assert any(up == 2 and pad[0] == 12 for up, pad in steps[(250, 1000)])
+    else:
+        assert (2, (0, 40)) in steps[(400, 300)]  # a 2x tile 600 wide, padded to 640 by the graph
+        # 600x400 at 2x would be resized again to fit 640x480: the host upscales that tile.
+        assert all(up == 1 for up, _ in steps[(200, 300)])
+
 
 @pytest.mark.parametrize("bgr", [False, True], ids=["rgb", "bgr"])
-def test_a_graph_made_to_take_bytes_makes_the_planes_itself(bgr: bool) -> None:
-    """``take_uint8_hwc`` on a graph that returns its input: fed ``[N, H, W, 3]`` uint8, it
-    returns what ``planar_float32`` would have fed it, a valid ONNX model still."""
+@pytest.mark.parametrize("upscale,pad", [(1, (0, 0)), (1, (3, 5)), (2, (0, 0)), (2, (6, 0)), (4, (0, 7)), (8, (0, 0))])
+def test_a_graph_made_to_take_bytes_makes_the_planes_itself(bgr: bool, upscale: int, pad: tuple[int, int]) -> None:
+    """``take_uint8_hwc`` on a graph that returns its input (at opset 9, as CenterFace ships):
+    fed ``[N, h, w, 3]`` uint8 with an upscale and a padding, it returns bit for bit what the
+    host's upscale (``Tile.scaled``) and ``planar_float32`` would have fed it, a valid ONNX
+    model still."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
+    from skimage import data
 
-    from anonymiser.locators.onnx_models import take_uint8_hwc
+    from anonymiser.locators.onnx_models import PAD_INPUT, UPSCALE_INPUT, take_uint8_hwc
 
     model = helper.make_model(helper.make_graph(
         [helper.make_node("Identity", ["planes"], ["out"])], "identity",
         [helper.make_tensor_value_info("planes", TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-    ), opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    take_uint8_hwc(model, bgr)
+    ), opset_imports=[helper.make_opsetid("", 9)], ir_version=4)
+    model = take_uint8_hwc(model, bgr, fill=114)
     onnx.checker.check_model(model, full_check=True)
     run = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    tiles_ = np.random.default_rng(7).integers(0, 256, (2, 37, 64, 3), dtype=np.uint8)
-    (out,) = run.run(None, {run.get_inputs()[0].name: tiles_})
-    expected = np.stack([planar_float32(t, 37, 64, bgr=bgr) for t in tiles_])
+    rng = np.random.default_rng(7)
+    # Random bytes, and a real photo's smooth gradients and edges.
+    tiles_ = np.stack([rng.integers(0, 256, (37, 64, 3), dtype=np.uint8), data.astronaut()[200:237, 150:214]])
+    (out,) = run.run(None, {run.get_inputs()[0].name: tiles_, UPSCALE_INPUT: np.array([upscale], np.float32),
+                            PAD_INPUT: np.array(pad, np.int64)})
+    height, width = 37 * upscale + pad[0], 64 * upscale + pad[1]
+    expected = np.stack([planar_float32(Tile(t, 0, 0, upscale, upscale, upscale).scaled(), height, width, 114, bgr)
+                         for t in tiles_])
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, expected)
+
+
+def test_the_host_upscale_is_bilinear_rounded_half_up() -> None:
+    """What both sides compute: OpenCV's exact bilinear upscale is the half-pixel bilinear
+    value rounded half up (so a graph's Resize and Floor(x + 0.5) can match it bit for bit)."""
+    from skimage import data
+
+    tile = data.astronaut()[100:160, 300:380]
+
+    def along(a: np.ndarray, axis: int) -> np.ndarray:
+        # 2x with half-pixel centres: each output pixel is 3/4 of its nearest and 1/4 of the next.
+        n = a.shape[axis]
+        src = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        weight = (src - lo).reshape(shape)
+        return np.take(a, lo, axis) * (1 - weight) + np.take(a, hi, axis) * weight
+
+    exact = along(along(tile.astype(np.float64), 0), 1)
+    np.testing.assert_array_equal(Tile(tile, 0, 0, 2.0, 2.0, 2).scaled(), np.floor(exact + 0.5))
 
 
 @pytest.mark.parametrize("h,w,height,width", [(480, 640, 480, 640), (37, 91, 64, 96), (1, 5, 32, 32)])
 def test_network_input_as_bytes_is_the_padded_photo(h: int, w: int, height: int, width: int) -> None:
     """The bytes path pads with the fill and keeps RGB order (the graph reverses it), and an
-    unpadded contiguous tile is passed on without a copy."""
+    unpadded contiguous tile is passed on without a copy; an upscale is left to the graph with
+    the padding after it, the bytes as they are."""
     from anonymiser.locators.tiling import network_input
 
     rgb = np.random.default_rng(h + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
     canvas = np.full((height, width, 3), 114, np.uint8)
     canvas[:h, :w] = rgb
     blob = network_input(rgb, height, width, uint8=True, fill=114, bgr=True)
-    assert blob.dtype == np.uint8 and blob.flags.c_contiguous
-    np.testing.assert_array_equal(blob, canvas)
-    assert np.shares_memory(blob, rgb) == ((h, w) == (height, width))
-    np.testing.assert_array_equal(network_input(rgb, height, width, uint8=False, fill=114, bgr=True),
+    assert blob.pixels.dtype == np.uint8 and blob.pixels.flags.c_contiguous
+    assert (blob.upscale, blob.pad) == (1, (0, 0))
+    np.testing.assert_array_equal(blob.pixels, canvas)
+    assert np.shares_memory(blob.pixels, rgb) == ((h, w) == (height, width))
+    np.testing.assert_array_equal(network_input(rgb, height, width, uint8=False, fill=114, bgr=True).pixels,
                                   planar_float32(rgb, height, width, fill=114, bgr=True))
+    if 2 * h <= height and 2 * w <= width:
+        deferred = network_input(rgb, height, width, uint8=True, fill=114, bgr=True, upscale=2)
+        assert (deferred.upscale, deferred.pad) == (2, (height - 2 * h, width - 2 * w))
+        np.testing.assert_array_equal(deferred.pixels, rgb)
+    with pytest.raises(ValueError):
+        network_input(rgb, height, width, uint8=True, upscale=3 * max(height, width))  # does not fit
+    with pytest.raises(ValueError):
+        network_input(rgb, 2 * height, 2 * width, uint8=False, upscale=2)  # float planes: the host upscales
 
 
 @pytest.mark.parametrize("width,height", [(640, 480), (1280, 960), (300, 100), (100, 300), (2000, 900), (20000, 400), (400, 20000)])
@@ -724,7 +805,9 @@ def test_letterbox_is_bgr_and_maps_back(width: int, height: int) -> None:
     mx, my = width * 3 // 5, height * 2 // 5
     s = min(max(4, width // 40, height // 40), min(width, height) // 3)
     rgb[my : my + s, mx : mx + s] = (255, 0, 0)  # pure red
-    blob, factor = letterbox(rgb)
+    net, factor = letterbox(rgb)
+    assert (net.upscale, net.pad) == (1, (0, 0))
+    blob = net.pixels
     assert blob.shape == (3, 480, 640) and blob.dtype == np.float32
     assert factor == pytest.approx(max(width / 640, height / 480))
     nx, ny = int((mx + s / 2) / factor), int((my + s / 2) / factor)
@@ -759,9 +842,9 @@ def test_letterbox_of_a_strip_costs_what_the_strip_costs() -> None:
 
     strip = np.full((1, 200_000, 3), 200, np.uint8)
     tracemalloc.start()
-    blob, factor = letterbox(strip)
+    net, factor = letterbox(strip)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 50_000_000, f"letterbox of a 600 kB strip allocated {peak:,} bytes"
     assert factor == pytest.approx(200_000 / 640)
-    assert np.all(blob[:, 0, :] == 200) and np.all(blob[:, 1:, :] == 114)
+    assert np.all(net.pixels[:, 0, :] == 200) and np.all(net.pixels[:, 1:, :] == 114)

@@ -20,7 +20,7 @@ import onnx
 from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, drop_initializer_inputs, session
-from .tiling import Job, Tile, balanced_tile, clip_and_suppress, network_input, run_batched, tiles
+from .tiling import Job, NetInput, Tile, balanced_tile, clip_and_suppress, network_input, run_batched, tiles
 
 #: CenterFace's output stride
 STRIDE = 4
@@ -114,30 +114,29 @@ class CenterFaceLocator:
         self.nms_iou = nms_iou
         options = onnx_options or OnnxOptions.from_env()
         self._session = session(_load_model(path or model_path()), options)
-        self._input = self._session.get_inputs()[0].name
         self.tile_batch = options.batch_for(self._session)
         self._uint8_input = self._session.uint8_input
 
     def _job(self, tile: Tile, threshold: float) -> Job:
         # Each tile is padded on its own to a multiple of 32, exactly as it would be alone, so
         # tiles batch together only when their padded shapes are equal.
-        h, w = tile.image.shape[:2]
-        blob = network_input(tile.image, -(-h // 32) * 32, -(-w // 32) * 32, self._uint8_input)
+        h, w = tile.shape
+        blob = network_input(tile.image, -(-h // 32) * 32, -(-w // 32) * 32, self._uint8_input, upscale=tile.upscale)
         return blob, lambda maps: tile.to_source(decode_maps(maps[0][0], maps[1], maps[2], threshold))
 
     @staticmethod
-    def _tiles(rgb: np.ndarray, factor: float) -> Iterator[Tile]:
+    def _tiles(rgb: np.ndarray, factor: float, defer_upscale: bool = False) -> Iterator[Tile]:
         h, w = rgb.shape[:2]
         tile_w, tile_h = balanced_tile(max(1, round(w * factor)), max(1, round(h * factor)), OVERLAP, MAX_TILE_PIXELS)
-        return tiles(rgb, factor, tile_w, tile_h, OVERLAP)
+        return tiles(rgb, factor, tile_w, tile_h, OVERLAP, defer_upscale)
 
-    def _infer(self, batch: np.ndarray) -> list[tuple[np.ndarray, ...]]:
-        heatmap, scale, offset, _landmarks = self._session.run(None, {self._input: batch})
+    def _infer(self, batch: NetInput) -> list[tuple[np.ndarray, ...]]:
+        heatmap, scale, offset, _landmarks = self._session.run(None, self._session.feeds(batch))
         return list(zip(heatmap, scale, offset))
 
     def locate(self, rgb: np.ndarray) -> Detections:
         """Face boxes in pixels of ``rgb``, the union of all scales after NMS."""
         h, w = rgb.shape[:2]
         threshold = self.grey_threshold if is_greyscale(rgb) else self.threshold
-        jobs = (self._job(t, threshold) for f in self.scales for t in self._tiles(rgb, f))
+        jobs = (self._job(t, threshold) for f in self.scales for t in self._tiles(rgb, f, self._uint8_input))
         return clip_and_suppress(run_batched(jobs, self._infer, self.tile_batch), w, h, self.nms_iou)

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, session
-from .tiling import Job, Tile, clip_and_suppress, network_input, run_batched, tiles
+from .tiling import Job, NetInput, Tile, clip_and_suppress, network_input, run_batched, tiles
 
 FILE_NAME = "yolov9_n_wholebody25_post_0100_1x3x480x640.onnx"
 SHA256 = "f0592465de0c42a3a2ca6a423c6ae042e889c36bb1b4df28e18c5d4a5a9943af"
@@ -118,7 +118,7 @@ def _free_batch_axis(model: onnx.ModelProto, path: Path) -> None:
         graph.initializer.remove(init)
 
 
-def letterbox(rgb: np.ndarray, uint8: bool = False) -> tuple[np.ndarray, float]:
+def letterbox(rgb: np.ndarray, uint8: bool = False) -> tuple[NetInput, float]:
     """Resize to fit 640x480 (area when shrinking), keeping the aspect, and pad the right and
     bottom with grey.
 
@@ -161,13 +161,18 @@ class HeadsLocator:
         self.whole_image_pass = whole_image_pass
         options = onnx_options or OnnxOptions.from_env()
         # The graph's own score floor is the lower threshold; each photo's is applied afterwards.
-        self._session = session(_load_model(path, min(threshold, grey_threshold)), options, bgr=True)
-        self._input = self._session.get_inputs()[0].name
+        self._session = session(_load_model(path, min(threshold, grey_threshold)), options, bgr=True, fill=PAD_VALUE)
         self.tile_batch = options.batch_for(self._session)
         self._uint8_input = self._session.uint8_input
 
     def _job(self, tile: Tile, threshold: float) -> Job:
-        blob, factor = letterbox(tile.image, self._uint8_input)
+        h, w = tile.shape
+        if tile.upscale > 1 and max(w / NET_W, h / NET_H) == 1:
+            # Upscaled, it fits without letterboxing's resize (a 2x tile always does): the graph
+            # upscales and pads it.
+            blob, factor = network_input(tile.image, NET_H, NET_W, True, PAD_VALUE, bgr=True, upscale=tile.upscale), 1.0
+        else:
+            blob, factor = letterbox(tile.scaled(), self._uint8_input)
 
         def finish(out: np.ndarray) -> Detections:
             out = out[(out[:, 1] == HEAD_CLASS) & (out[:, 2] >= threshold)]
@@ -175,15 +180,15 @@ class HeadsLocator:
 
         return blob, finish
 
-    def _infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        (out,) = self._session.run(None, {self._input: batch})
-        return [out[out[:, 0] == index] for index in range(len(batch))]
+    def _infer(self, batch: NetInput) -> list[np.ndarray]:
+        (out,) = self._session.run(None, self._session.feeds(batch))
+        return [out[out[:, 0] == index] for index in range(len(batch.pixels))]
 
     def locate(self, rgb: np.ndarray) -> Detections:
         """Head boxes in pixels of ``rgb``."""
         h, w = rgb.shape[:2]
         # Lazily: a 50 MP photo has over a thousand 2x tiles.
-        regions: Iterable[Tile] = (t for f in self.scales for t in tiles(rgb, f, NET_W, NET_H, OVERLAP))
+        regions: Iterable[Tile] = (t for f in self.scales for t in tiles(rgb, f, NET_W, NET_H, OVERLAP, self._uint8_input))
         if self.whole_image_pass and (w > NET_W or h > NET_H):
             regions = itertools.chain(regions, [Tile(rgb, 0, 0, 1.0, 1.0)])
         threshold = self.grey_threshold if is_greyscale(rgb) else self.threshold

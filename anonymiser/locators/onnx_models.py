@@ -15,10 +15,12 @@ import numpy as np
 import onnx
 import onnx.helper
 import onnx.numpy_helper
+import onnx.version_converter
 import onnxruntime as ort
 
 from ..errors import DeviceFailure
 from ..int_settings import IntSetting, range_problems, read_ints
+from .tiling import NetInput
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,9 @@ class OnnxOptions:
     ``gpu_memory_mb``: a hard cap on each CUDA session's arena (None: no cap); a call that would
     pass it fails, and on the GPU that is a device failure, so it is a backstop, not the bound.
     ``uint8_input``: 1 feeds the network the tiles' own bytes and lets the graph turn them into
-    floats (see :func:`take_uint8_hwc`), 0 builds float planes on the host (None: 1 when the
-    CUDA provider is available, where that conversion is GPU work, 0 on the CPU).
+    floats, upscale and pad them (see :func:`take_uint8_hwc`), 0 upscales and builds float
+    planes on the host (None: 1 when the CUDA provider is available, where that work is GPU
+    work, 0 on the CPU).
     """
 
     threads: int = 0
@@ -120,34 +123,68 @@ class OnnxOptions:
         return CUDA_TILE_BATCH if "CUDAExecutionProvider" in session.get_providers() else 1
 
 
-def take_uint8_hwc(model: onnx.ModelProto, bgr: bool) -> None:
-    """Let a model that takes float ``[N, 3, H, W]`` planes take the tiles' own bytes,
-    ``[N, H, W, 3]`` uint8 in RGB order, and make the planes itself (Cast, Transpose, and for a
-    BGR network a Gather that reverses the channels).
+#: the graph inputs :func:`take_uint8_hwc` adds beside the bytes: the integer upscale factor
+#: (float32 ``[1]``) and the rows and columns of fill added after it (int64 ``[2]``)
+UPSCALE_INPUT, PAD_INPUT = "tile_upscale", "tile_pad"
+#: the opset the added nodes are written for (Resize and Pad take their sizes as inputs from
+#: opset 11 on); an older model is converted first (CenterFace ships at opset 9)
+PREPARE_OPSET = 13
+
+
+def take_uint8_hwc(model: onnx.ModelProto, bgr: bool, fill: float = 0.0) -> onnx.ModelProto:
+    """``model`` (float ``[N, 3, H, W]`` planes in) made to take the tiles' own bytes,
+    ``[N, h, w, 3]`` uint8 in RGB order, and to make its input itself: Cast and Transpose to
+    planes, an upscale by the integer in :data:`UPSCALE_INPUT` (bilinear, half-pixel, rounded
+    half up), the padding in :data:`PAD_INPUT` with ``fill`` at the bottom and right, and for a
+    BGR network a Gather that reverses the channels.
 
     On a GPU this moves the last per-pixel host work of the ONNX locators to the device: the
-    host no longer writes 12 bytes of float per pixel (about 40 MP of tiles per 1920x1088 photo,
-    counting both models, both scales and the residual pass), and the copy to the device is 4x
-    smaller. The values are the same: every uint8 is exactly a float32, so the network sees the
-    same numbers as from :func:`~anonymiser.locators.tiling.planar_float32` (tested).
+    host neither upscales tiles (most of their host time) nor writes 12 bytes of float per
+    pixel, and the copy to the device is 4x smaller (16x for a tile upscaled 2x). The values
+    are the same: every uint8 is exactly a float32, and the rounded upscale is bit for bit the
+    host's (:data:`~anonymiser.locators.tiling.UPSCALE_INTERPOLATION`; both tested).
     """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < PREPARE_OPSET:
+        # CenterFace's operators (convolutions, batch norm, ReLU, Add, Sigmoid) mean the same at
+        # opset 13: its outputs stay bit for bit the same (tested through the locator).
+        model = onnx.version_converter.convert_version(model, PREPARE_OPSET)
+        model.ir_version = max(model.ir_version, 7)
     graph = model.graph
     planes = graph.input[0]
     name = planes.name
-    raw, floats, transposed = f"{name}_uint8_hwc", f"{name}_float_hwc", f"{name}_rgb_planes"
-    nodes = [
-        onnx.helper.make_node("Cast", [raw], [floats], to=onnx.TensorProto.FLOAT, name="uint8_hwc/Cast"),
-        onnx.helper.make_node("Transpose", [floats], [transposed if bgr else name], perm=[0, 3, 1, 2],
-                              name="uint8_hwc/Transpose"),
-    ]
+    taken = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+    if taken & {UPSCALE_INPUT, PAD_INPUT}:
+        raise ValueError(f"the model already has an input named {UPSCALE_INPUT} or {PAD_INPUT}")
+
+    def tensor(value: np.ndarray, label: str) -> str:
+        graph.initializer.append(onnx.numpy_helper.from_array(value, f"{name}_{label}"))
+        return f"{name}_{label}"
+
+    def step(op: str, inputs: list[str], label: str, **attrs: Any) -> str:
+        out = f"{name}_{label}"
+        nodes.append(onnx.helper.make_node(op, inputs, [out], name=f"uint8_hwc/{op}_{label}", **attrs))
+        return out
+
+    nodes: list[onnx.NodeProto] = []
+    raw = f"{name}_uint8_hwc"
+    x = step("Cast", [raw], "float_hwc", to=onnx.TensorProto.FLOAT)
+    x = step("Transpose", [x], "planes", perm=[0, 3, 1, 2])
+    scales = step("Concat", [tensor(np.ones(2, np.float32), "unit_scales"), UPSCALE_INPUT, UPSCALE_INPUT], "scales", axis=0)
+    x = step("Resize", [x, "", scales], "upscaled", mode="linear", coordinate_transformation_mode="half_pixel")
+    x = step("Floor", [step("Add", [x, tensor(np.array(0.5, np.float32), "half")], "plus_half")], "rounded")
+    pads = step("Concat", [tensor(np.zeros(6, np.int64), "no_pads"), PAD_INPUT], "pads", axis=0)
+    x = step("Pad", [x, pads, tensor(np.array(fill, np.float32), "fill")], "padded", mode="constant")
     if bgr:
-        order = f"{name}_bgr_order"
-        graph.initializer.append(onnx.numpy_helper.from_array(np.array([2, 1, 0], np.int64), order))
-        nodes.append(onnx.helper.make_node("Gather", [transposed, order], [name], axis=1, name="uint8_hwc/Gather"))
+        x = step("Gather", [x, tensor(np.array([2, 1, 0], np.int64), "bgr_order")], "bgr", axis=1)
+    nodes[-1].output[0] = name  # the last step feeds the network's own input
     graph.input.remove(planes)
-    graph.input.insert(0, onnx.helper.make_tensor_value_info(raw, onnx.TensorProto.UINT8, ["N", "H", "W", 3]))
+    graph.input.insert(0, onnx.helper.make_tensor_value_info(raw, onnx.TensorProto.UINT8, ["N", "h", "w", 3]))
+    graph.input.insert(1, onnx.helper.make_tensor_value_info(UPSCALE_INPUT, onnx.TensorProto.FLOAT, [1]))
+    graph.input.insert(2, onnx.helper.make_tensor_value_info(PAD_INPUT, onnx.TensorProto.INT64, [2]))
     for node in reversed(nodes):
         graph.node.insert(0, node)
+    return model
 
 
 def drop_initializer_inputs(model: onnx.ModelProto) -> None:
@@ -188,7 +225,8 @@ class Session:
     def __init__(self, inner: ort.InferenceSession, gpu_runs: int, uint8_input: bool = False,
                  timeout_s: float = 0.0) -> None:
         self.inner = inner
-        #: whether the model takes ``[N, H, W, 3]`` uint8 (:func:`take_uint8_hwc`)
+        #: whether the model takes ``[N, h, w, 3]`` uint8 and upscales and pads it itself
+        #: (:func:`take_uint8_hwc`)
         self.uint8_input = uint8_input
         #: seconds a call on the GPU waits for its answer (0: no limit); a GPU worker sets it
         self.timeout_s = timeout_s
@@ -233,6 +271,16 @@ class Session:
                 future.set_exception(exc)
             del call, future  # nothing of a finished call (its tiles) stays with an idle thread
 
+    def feeds(self, batch: NetInput) -> dict[str, np.ndarray]:
+        """A batch of network inputs as this session's graph takes them."""
+        feeds = {self.inner.get_inputs()[0].name: batch.pixels}
+        if self.uint8_input:
+            feeds[UPSCALE_INPUT] = np.array([batch.upscale], np.float32)
+            feeds[PAD_INPUT] = np.array(batch.pad, np.int64)
+        elif (batch.upscale, batch.pad) != (1, (0, 0)):
+            raise ValueError("only a graph that takes the bytes upscales or pads them")
+        return feeds
+
     def get_inputs(self) -> list[ort.NodeArg]:
         """The model's inputs."""
         return self.inner.get_inputs()
@@ -242,10 +290,11 @@ class Session:
         return self.inner.get_providers()
 
 
-def session(model: onnx.ModelProto, options: OnnxOptions | None = None, bgr: bool = False) -> Session:
+def session(model: onnx.ModelProto, options: OnnxOptions | None = None, bgr: bool = False, fill: float = 0.0) -> Session:
     """An inference session for an in-memory model (weights never leave the process) that
     takes float ``[N, 3, H, W]`` planes, in BGR order when ``bgr``; or, with
-    ``options.uint8_input``, the tiles' bytes (:func:`take_uint8_hwc`, which changes ``model``)."""
+    ``options.uint8_input``, the tiles' bytes, which it upscales and pads with ``fill`` itself
+    (:func:`take_uint8_hwc`)."""
     options = options or OnnxOptions.from_env()
     chosen = providers()
     cuda = "CUDAExecutionProvider" in chosen
@@ -253,7 +302,7 @@ def session(model: onnx.ModelProto, options: OnnxOptions | None = None, bgr: boo
         _share_cuda_libraries()
     uint8_input = cuda if options.uint8_input is None else bool(options.uint8_input)
     if uint8_input:
-        take_uint8_hwc(model, bgr)
+        model = take_uint8_hwc(model, bgr, fill)
     created = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(options, cuda),
                                    providers=[(p, options.cuda_provider_options()) if p == "CUDAExecutionProvider" else p for p in chosen])
     if cuda and "CUDAExecutionProvider" not in created.get_providers():

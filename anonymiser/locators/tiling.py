@@ -83,41 +83,78 @@ def balanced_tile(width: int, height: int, overlap: int, max_pixels: int, align:
     return best[2], best[3]
 
 
+#: how tiles are upscaled on the host: bilinear, rounded half up, bit for bit what a graph's
+#: Resize (linear, half-pixel) and Floor(x + 0.5) compute (``onnx_models.take_uint8_hwc``), so a
+#: GPU worker that upscales on the device feeds the networks exactly a CPU worker's pixels.
+#: OpenCV's plain INTER_LINEAR rounds in fixed point and is 1 off in about a third of the pixels.
+UPSCALE_INTERPOLATION = cv2.INTER_LINEAR_EXACT
+#: factors a graph may upscale by: their bilinear weights (quarters, eighths, sixteenths) are
+#: exact in float32 and in OpenCV's fixed point, so both sides agree bit for bit (3x does not)
+GRAPH_UPSCALES = (2, 4, 8)
+
+
 @dataclass(frozen=True)
 class Tile:
-    """One window of a photo, resized to the detector's scale, and how to map boxes back."""
+    """One window of a photo, resized to the detector's scale, and how to map boxes back.
+
+    With ``upscale`` > 1 the window is still at the photo's scale: the network graph applies that
+    integer factor itself (:func:`tiles` with ``defer_upscale``), and :meth:`scaled` is the
+    host's equal of it.
+    """
 
     image: np.ndarray
     x0: int
     y0: int
     sx: float
     sy: float
+    upscale: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` at the detector's scale."""
+        h, w = self.image.shape[:2]
+        return h * self.upscale, w * self.upscale
+
+    def scaled(self) -> np.ndarray:
+        """The tile at the detector's scale (upscaled on the host where it was deferred)."""
+        if self.upscale == 1:
+            return self.image
+        h, w = self.shape
+        return cv2.resize(self.image, (w, h), interpolation=UPSCALE_INTERPOLATION)
 
     def to_source(self, found: Detections) -> Detections:
-        """Boxes found in ``image`` as pixels of the photo the tile was cut from."""
+        """Boxes found in the scaled tile as pixels of the photo the tile was cut from."""
         if not len(found):
             return found
         sx, sy = self.sx, self.sy
         return Detections(found.boxes / [sx, sy, sx, sy] + [self.x0, self.y0, self.x0, self.y0], found.scores)
 
 
-def tiles(rgb: np.ndarray, factor: float, tile_w: int, tile_h: int, overlap: int) -> Iterator[Tile]:
+def tiles(rgb: np.ndarray, factor: float, tile_w: int, tile_h: int, overlap: int,
+          defer_upscale: bool = False) -> Iterator[Tile]:
     """The tiles of ``rgb`` scaled by ``factor``, one at a time.
 
     Tiles are cut from the source image and resized individually, so a 2x pass over a 50 MP
     photo never holds a 200 MP copy in memory. ``tile_w``, ``tile_h`` and ``overlap`` are in
-    scaled (network) pixels.
+    scaled (network) pixels. With ``defer_upscale`` an integer ``factor`` above 1 is left to
+    the network graph (``Tile.upscale``) when it is one of :data:`GRAPH_UPSCALES`: on a GPU the
+    host then neither resizes nor copies 4x the pixels to the device; resizing was most of the
+    ONNX locators' host work.
     """
     h, w = rgb.shape[:2]
     src_tw, src_th = _source_side(w, tile_w, factor), _source_side(h, tile_h, factor)
     # Rounded up, so that the overlap in network pixels is never short of ``overlap``.
     src_overlap = math.ceil(overlap / factor)
     windows = tile_windows(w, h, src_tw, src_th, min(src_overlap, src_tw - 1), min(src_overlap, src_th - 1))
+    deferred = defer_upscale and factor in GRAPH_UPSCALES
     for x0, y0, x1, y1 in windows:
         crop = rgb[y0:y1, x0:x1]
+        if deferred:
+            yield Tile(np.ascontiguousarray(crop), x0, y0, float(factor), float(factor), int(factor))
+            continue
         if factor != 1.0:
             size = (max(1, round((x1 - x0) * factor)), max(1, round((y1 - y0) * factor)))
-            crop = cv2.resize(crop, size, interpolation=cv2.INTER_LINEAR if factor > 1 else cv2.INTER_AREA)
+            crop = cv2.resize(crop, size, interpolation=UPSCALE_INTERPOLATION if factor > 1 else cv2.INTER_AREA)
             sx, sy = size[0] / (x1 - x0), size[1] / (y1 - y0)
         else:
             sx = sy = 1.0
@@ -162,53 +199,85 @@ def planar_float32(rgb: np.ndarray, height: int, width: int, fill: float = 0.0, 
     return blob
 
 
-def network_input(rgb: np.ndarray, height: int, width: int, uint8: bool, fill: int = 0, bgr: bool = False) -> np.ndarray:
-    """``rgb`` padded to ``height x width`` with ``fill``, as the network takes it: float32
-    planes (:func:`planar_float32`), or with ``uint8`` the bytes as they are, ``[height, width,
-    3]`` RGB, for a graph that converts them itself (``onnx_models.take_uint8_hwc``; it also
-    puts the channels in BGR order where the network wants that). Without padding the bytes
-    are passed on uncopied."""
-    if not uint8:
-        return planar_float32(rgb, height, width, float(fill), bgr)
+@dataclass(frozen=True)
+class NetInput:
+    """A network input as the host hands it over, and what the graph still does to it.
+
+    ``pixels``: float32 planes ``[3, H, W]`` or the bytes ``[h, w, 3]`` (with a leading batch
+    axis once batched). For a graph that takes bytes (``onnx_models.take_uint8_hwc``),
+    ``upscale`` is the integer factor it applies and ``pad`` the ``(rows, columns)`` of fill it
+    then adds at the bottom and right.
+    """
+
+    pixels: np.ndarray
+    upscale: int = 1
+    pad: tuple[int, int] = (0, 0)
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Inputs with equal groups can share one network call."""
+        return (self.pixels.shape, self.upscale, self.pad)
+
+
+def network_input(rgb: np.ndarray, height: int, width: int, uint8: bool, fill: int = 0, bgr: bool = False,
+                  upscale: int = 1) -> NetInput:
+    """``rgb`` upscaled by ``upscale`` and padded to ``height x width`` with ``fill``, as the
+    network takes it: float planes (:func:`planar_float32`), or with ``uint8`` the bytes,
+    ``[height, width, 3]`` RGB, for a graph that converts them itself
+    (``onnx_models.take_uint8_hwc``; it also puts the channels in BGR order where the network
+    wants that). Without padding the bytes are passed on uncopied. An ``upscale`` above 1 is
+    left to that graph, and so is the padding after it: the bytes go as they are."""
     h, w = rgb.shape[:2]
+    if upscale > 1:
+        if not uint8:
+            raise ValueError("only a graph that takes the bytes upscales them")
+        pad = (height - h * upscale, width - w * upscale)
+        if min(pad) < 0:
+            raise ValueError(f"{w}x{h} upscaled {upscale}x does not fit {width}x{height}")
+        return NetInput(np.ascontiguousarray(rgb), upscale, pad)
+    if not uint8:
+        return NetInput(planar_float32(rgb, height, width, float(fill), bgr))
     if (h, w) == (height, width):
-        return np.ascontiguousarray(rgb)
+        return NetInput(np.ascontiguousarray(rgb))
     padded = np.full((height, width, 3), fill, np.uint8)
     padded[:h, :w] = rgb
-    return padded
+    return NetInput(padded)
 
 
-#: a network input (``[C, H, W]`` or ``[H, W, C]``) and what turns its raw output into boxes in photo pixels
-Job = tuple[np.ndarray, Callable[[Any], Detections]]
+#: a network input and what turns its raw output into boxes in photo pixels
+Job = tuple[NetInput, Callable[[Any], Detections]]
 
 
-def run_batched(jobs: Iterable[Job], infer: Callable[[np.ndarray], Sequence[Any]], batch: int) -> Detections:
+def run_batched(jobs: Iterable[Job], infer: Callable[[NetInput], Sequence[Any]], batch: int) -> Detections:
     """Run network inputs through ``infer`` in batches of up to ``batch`` inputs of equal shape.
 
-    ``infer`` takes the inputs stacked, ``[B, C, H, W]`` float planes or ``[B, H, W, 3]`` bytes
-    (:func:`network_input`), and returns one raw output per input. Inputs are grouped by
-    exact shape, never padded to each other, so every input gives the network exactly what it
-    would get alone (the batch changes throughput, not detections). Jobs are consumed lazily and
-    a group runs as soon as it is full, so at most ``batch`` inputs per shape are held at once.
+    ``infer`` takes the inputs stacked (``NetInput.pixels`` ``[B, C, H, W]`` float planes or
+    ``[B, h, w, 3]`` bytes, :func:`network_input`) and returns one raw output per input. Inputs
+    are grouped by exact shape and what the graph still does to them, never padded to each
+    other, so every input gives the network exactly what it would get alone (the batch changes
+    throughput, not detections). Jobs are consumed lazily and a group runs as soon as it is
+    full, so at most ``batch`` inputs per group are held at once.
     """
     if batch < 1:
         raise ValueError("batch must be at least 1")
-    pending: dict[tuple[int, ...], list[Job]] = {}
+    pending: dict[tuple[Any, ...], list[Job]] = {}
     parts: list[Detections] = []
 
-    def flush(shape: tuple[int, ...]) -> None:
-        group = pending.pop(shape)
+    def flush(key: tuple[Any, ...]) -> None:
+        group = pending.pop(key)
+        first = group[0][0]
         # A lone input needs no copy into a batch (one tile at a time is the CPU default).
-        outputs = infer(group[0][0][None] if len(group) == 1 else np.stack([blob for blob, _ in group]))
+        pixels = first.pixels[None] if len(group) == 1 else np.stack([net.pixels for net, _ in group])
+        outputs = infer(NetInput(pixels, first.upscale, first.pad))
         parts.extend(finish(out) for (_, finish), out in zip(group, outputs, strict=True))
 
-    for blob, finish in jobs:
-        group = pending.setdefault(blob.shape, [])
-        group.append((blob, finish))
+    for net, finish in jobs:
+        group = pending.setdefault(net.group, [])
+        group.append((net, finish))
         if len(group) >= batch:
-            flush(blob.shape)
-    for shape in list(pending):
-        flush(shape)
+            flush(net.group)
+    for key in list(pending):
+        flush(key)
     return Detections.concat(parts)
 
 
