@@ -18,7 +18,8 @@ Prints, on a CUDA device:
    the checks take at the default ``ANON_LSCCNN_CHECK_EVERY`` is printed with section 1;
 3. the ONNX locators (CenterFace, and the head model when its weights are present): photos per
    second at the same size with 1, 4, 8 and 16 tiles per ONNX Runtime call, and the provider
-   that ran them (CUDA with ``onnxruntime-gpu``);
+   that ran them (CUDA with ``onnxruntime-gpu``), with the tiles' bytes or float planes as
+   input, and whether each setting found the same boxes as the first;
 4. with ``--e2e``: one GPU worker (``BOT_WORKER_ROLE=gpu``, thread pool) behind a local fake
    Mastodon and a throw-away Redis: photos per second from enqueue to reply under a burst, then
    the p50 / p95 latency at half that rate.
@@ -372,10 +373,22 @@ def run_e2e(args: argparse.Namespace, smoke: bool) -> None:
             app.pool.force_close_all()
 
 
+def _same_detections(results: list[Any], reference: list[Any]) -> str:
+    """Whether two runs over the same photos found the same boxes and scores, and if not, how far apart."""
+    for a, b in zip(results, reference):
+        if len(a) != len(b):
+            return f"differ ({len(a)} against {len(b)} boxes in one photo)"
+    if all(np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores) for a, b in zip(results, reference)):
+        return "identical"
+    shift = max((float(np.abs(a.boxes - b.boxes).max()) for a, b in zip(results, reference) if len(a)), default=0.0)
+    return f"differ (the same number of boxes, up to {shift:.3g} px apart)"
+
+
 def run_onnx(args: argparse.Namespace, smoke: bool) -> None:
-    """ONNX locators: photos/s by tiles per call, with the tiles' bytes or host-built float
-    planes as input (detections are the same either way and at every batch size:
-    ``tests/test_locators_real.py``); then photos/s with many task threads at once, by how
+    """ONNX locators: photos/s by tiles per call, with the tiles' bytes (upscaled and padded by
+    the graph) or host-built float planes as input, and whether every setting found the first
+    one's boxes (on the CPU they are the same bit for bit: ``tests/test_locators_real.py``;
+    on a GPU this is where it shows); then photos/s with many task threads at once, by how
     many calls a CUDA session lets run together (``ANON_ONNX_GPU_RUNS``)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -404,15 +417,22 @@ def run_onnx(args: argparse.Namespace, smoke: bool) -> None:
         else:
             names.append(name)
     for name in names:
+        found: dict[tuple[str, int], list[Any]] = {}
         for uint8, inputs in ((1, "bytes"), (0, "float planes")):
             for batch in ([1, 2] if smoke else args.onnx_batches):
                 locator = load(name, OnnxOptions(threads=0, tile_batch=batch, uint8_input=uint8))
                 start = time.perf_counter()
-                for rgb in images:
-                    locator.locate(rgb)
+                found[inputs, batch] = [locator.locate(rgb) for rgb in images]
                 rate = len(images) / (time.perf_counter() - start)
                 provider = locator._session.get_providers()[0]
                 print(f"  {name:10s} {inputs:12s} tiles/call {batch:2d}: {rate:7.2f} photos/s ({provider})")
+        # The device's own arithmetic: the graph's upscale and the planes it makes should give the
+        # host path's boxes (bit for bit on the CPU, tested); cuDNN may pick other algorithms
+        # for other batch sizes, so differences there are reported, not failed.
+        (reference_key, reference), *others = found.items()
+        for key, results in others:
+            print(f"  {name:10s} {key[0]} at {key[1]} tiles/call against {reference_key[0]} at "
+                  f"{reference_key[1]}: {_same_detections(results, reference)}")
     threads = 2 if smoke else args.onnx_threads
     print(f"\nONNX locators, {threads} threads at once, default tiles per call, photos/s by calls let run together:")
     for name in names:
