@@ -141,7 +141,8 @@ def take_uint8_hwc(model: onnx.ModelProto, bgr: bool, fill: float = 0.0) -> onnx
     On a GPU this moves the last per-pixel host work of the ONNX locators to the device: the
     host neither upscales tiles (most of their host time) nor writes 12 bytes of float per
     pixel, and the copy to the device is 4x smaller (16x for a tile upscaled 2x). The values
-    are the same: every uint8 is exactly a float32, and the rounded upscale is bit for bit the
+    are the same: every uint8 is exactly a float32, and at the factors in
+    :data:`~anonymiser.locators.tiling.GRAPH_UPSCALES` the rounded upscale is bit for bit the
     host's (:data:`~anonymiser.locators.tiling.UPSCALE_INTERPOLATION`; both tested).
     """
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
