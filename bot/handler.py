@@ -282,7 +282,8 @@ class MentionHandler:
             # Someone (often a person in the photo) had the copies deleted: a new copy for the
             # next requester would undo that. Said privately: a public note would point at the photo.
             return self._decline(job, request, messages.TAKEN_DOWN, "direct", key, "taken_down")
-        if not self._admitted(job, self._key(job, target.key)):
+        copy_key = self._key(job, target.key)
+        if not self._admitted(job, copy_key):
             if job.kind != "hashtag":
                 self._notice(job, request, messages.RATE_LIMITED, visibility, key, f"{job.platform}:{job.requester_id}")
             return "rate_limited"
@@ -307,7 +308,7 @@ class MentionHandler:
                     spoiler_text=target.spoiler_text,
                     # Keyed by the request too: after a takedown, a new request must not get the
                     # deleted reply back from the server's idempotency cache.
-                    idempotency_key=f"ppb-reply-{self._key(job, target.key)}:{request.id}",
+                    idempotency_key=f"ppb-reply-{copy_key}:{request.id}",
                 )
             )
             self.store.record_reply(job.platform, target.key, job.requester_id, posted.id,
@@ -322,9 +323,9 @@ class MentionHandler:
             # reading its copies, and this copy was recorded before this look, so one of the two
             # always sees the other and the copy never outlives the takedown.
             self._take_back(target.key, posted)
-            log.info("copy_taken_down", extra={"job": self._key(job, target.key), "reply_id": posted.id})
+            log.info("copy_taken_down", extra={"job": copy_key, "reply_id": posted.id})
             return "taken_down"
-        log.info("replied", extra={"job": self._key(job, target.key), "reply_id": posted.id, "images": len(results), "heads": heads})
+        log.info("replied", extra={"job": copy_key, "reply_id": posted.id, "images": len(results), "heads": heads})
         return "replied"
 
     def _take_back(self, original_id: str, copy: Post) -> None:
