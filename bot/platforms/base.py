@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol
 from urllib.parse import ParseResult, urlparse
 
 #: from the narrowest audience to the widest
@@ -89,6 +90,37 @@ class Event:
     #: nothing for the bot to answer, listed only so that the cursor moves past it (a message
     #: in a group conversation on X, a retweet of a mention)
     skip: bool = False
+
+
+#: what a parser raises on a server's odd JSON: a key missing, or null, a number or a string
+#: where an object or a list belongs
+ODD_JSON = (KeyError, TypeError, AttributeError, ValueError, IndexError)
+
+
+def read_event(item: Any, read: Callable[[Any], Event], kind: Literal["mention", "hashtag"],
+               log: logging.Logger, tag: str = "") -> Event | None:
+    """``read(item)``, for one item a server listed or streamed. An item whose JSON is odd
+    becomes a ``skip`` event with the item's id: nothing is answered (the bot cannot tell who
+    asked, nor who may see an answer), but the cursor moves past it. Raised instead, the parser's
+    error would stop the channel at that item for good, since every poll lists it again, and no
+    later request on the channel would be answered. None for an item without an id to move the
+    cursor to."""
+    try:
+        return read(item)
+    except ODD_JSON as exc:
+        known = listed_id(item)
+        log.warning("unreadable_item", extra={"kind": kind, "item_id": known, "error": type(exc).__name__})
+        if known is None:
+            return None
+        return Event(kind, known, Post(id="", account=Account(id="", acct=""), text=""), tag=tag, skip=True)
+
+
+def listed_id(item: Any) -> str | None:
+    """A listed or streamed item's id, where it has one a cursor can move to."""
+    value = item.get("id") if isinstance(item, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+        return None
+    return str(value)
 
 
 class PlatformError(Exception):

@@ -38,7 +38,9 @@ from .base import (
     ReplyDraft,
     ServerError,
     StreamUnavailable,
+    listed_id,
     known_visibility,
+    read_event,
     web_link,
 )
 
@@ -145,6 +147,12 @@ def id_at(ms: int, like: str) -> str:
     if like.isdigit():
         return str(ms << _SNOWFLAKE_SHIFT)
     return "".join(_CROCKFORD[(ms >> (5 * (9 - i))) & 31] for i in range(10)) + "0" * 16
+
+
+def _objects(value: Any) -> list[dict[str, Any]]:
+    """The objects of a list in a server's JSON: null (some servers' "none") is an empty list,
+    and an entry that is not an object is no entry."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def _sort_key(item_id: str) -> tuple[int, str]:
@@ -254,41 +262,43 @@ class MastodonPlatform:
     def parse_account(data: dict[str, Any]) -> Account:
         """An Account entity; its ``fields`` are name/value pairs, the name plain text and the
         value HTML (https://docs.joinmastodon.org/entities/Account/#fields)."""
+        acct = str(data.get("acct") or "")
         return Account(
             id=str(data["id"]),
-            acct=data.get("acct", ""),
+            acct=acct,
             bot=bool(data.get("bot")),
-            note=html_to_text(data.get("note", "")),
+            note=html_to_text(str(data.get("note") or "")),
             fields=tuple((str(f.get("name") or ""), html_to_text(str(f.get("value") or "")))
-                         for f in data.get("fields") or [] if isinstance(f, dict)),
+                         for f in _objects(data.get("fields"))),
             locked=bool(data.get("locked")),
-            local="@" not in data.get("acct", ""),
+            local="@" not in acct,
         )
 
     @classmethod
     def parse_post(cls, data: dict[str, Any]) -> Post:
         media = tuple(
-            Media(id=str(m["id"]), type=m.get("type", "unknown"), url=m.get("url") or m.get("remote_url") or "", description=m.get("description") or "")
-            for m in data.get("media_attachments", [])
+            Media(id=str(m["id"]), type=str(m.get("type") or "unknown"), url=str(m.get("url") or m.get("remote_url") or ""),
+                  description=str(m.get("description") or ""))
+            for m in _objects(data.get("media_attachments"))
         )
         quote = data.get("quote") or {}
         quoted = quote.get("quoted_status") if isinstance(quote, dict) else None
         return Post(
             id=str(data["id"]),
             account=cls.parse_account(data["account"]),
-            text=html_to_text(data.get("content", "")),
+            text=html_to_text(str(data.get("content") or "")),
             # Missing counts as the narrowest, like an unknown word: it must never widen an audience.
             visibility=known_visibility(data.get("visibility")),
             sensitive=bool(data.get("sensitive")),
-            spoiler_text=data.get("spoiler_text", "") or "",
+            spoiler_text=str(data.get("spoiler_text") or ""),
             in_reply_to_id=str(data["in_reply_to_id"]) if data.get("in_reply_to_id") else None,
             in_reply_to_account_id=str(data["in_reply_to_account_id"]) if data.get("in_reply_to_account_id") else None,
             quote_id=str(quoted["id"]) if isinstance(quoted, dict) and quoted.get("id") else None,
-            url=data.get("url") or "",
-            uri=data.get("uri") or "",
+            url=str(data.get("url") or ""),
+            uri=str(data.get("uri") or ""),
             media=media,
-            tags=tuple(t.get("name", "").lower() for t in data.get("tags", [])),
-            addressed=tuple(str(m["id"]) for m in data.get("mentions") or [] if m.get("id")),
+            tags=tuple(str(t.get("name") or "").lower() for t in _objects(data.get("tags"))),
+            addressed=tuple(str(m["id"]) for m in _objects(data.get("mentions")) if m.get("id")),
             # Akkoma's "local" visibility is glitch-soc's local-only flag under another name.
             local_only=bool(data.get("local_only")) or data.get("visibility") == "local",
             # Who sees a post of a visibility the bot does not know ("list", "local") is not
@@ -325,7 +335,7 @@ class MastodonPlatform:
             query = dict(params, limit=PAGE)
             if cursor:
                 query["min_id"] = cursor
-            page = self._json("GET", path, params=query)
+            page = self._listing(path, query)
             if not page:
                 break
             page.sort(key=lambda item: _sort_key(str(item["id"])))
@@ -335,18 +345,33 @@ class MastodonPlatform:
                 break  # first start: only the newest page, never the whole history
         return items
 
+    def _listing(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """One page of a list: the items a cursor can move to (each an object with an id)."""
+        page = self._json("GET", path, params=params)
+        if not isinstance(page, list):
+            raise ServerError(f"GET {path}: the answer is not a list", 200)
+        kept = [item for item in page if listed_id(item) is not None]
+        if len(kept) < len(page):
+            log.warning("unreadable_item", extra={"path": path, "items": len(page) - len(kept), "error": "no id"})
+        return kept
+
+    def _mentions(self, items: list[dict[str, Any]]) -> list[Event]:
+        def read(notification: dict[str, Any]) -> Event:
+            return Event("mention", str(notification["id"]), self.parse_post(notification["status"]))
+        return [event for n in items if n.get("type") == "mention" and n.get("status")
+                if (event := read_event(n, read, "mention", log)) is not None]
+
+    def _tagged(self, tag: str, items: list[dict[str, Any]]) -> list[Event]:
+        def read(status: dict[str, Any]) -> Event:
+            return Event("hashtag", str(status["id"]), self.parse_post(status), tag=tag)
+        return [event for s in items if (event := read_event(s, read, "hashtag", log, tag)) is not None]
+
     def mentions_since(self, since_id: str | None) -> list[Event]:
         # include_filtered: also what the notification policy filtered (see ``prepare``).
-        found = self._pages("/api/v1/notifications", {"types[]": "mention", "include_filtered": "true"}, since_id)
-        return [
-            Event("mention", str(n["id"]), self.parse_post(n["status"]))
-            for n in found
-            if n.get("type") == "mention" and n.get("status")
-        ]
+        return self._mentions(self._pages("/api/v1/notifications", {"types[]": "mention", "include_filtered": "true"}, since_id))
 
     def hashtag_since(self, tag: str, since_id: str | None) -> list[Event]:
-        found = self._pages(f"/api/v1/timelines/tag/{tag}", {}, since_id)
-        return [Event("hashtag", str(s["id"]), self.parse_post(s), tag=tag) for s in found]
+        return self._tagged(tag, self._pages(f"/api/v1/timelines/tag/{tag}", {}, since_id))
 
     def hashtag_late(self, tag: str, cursor: str, window_s: float, not_before: float) -> list[Event]:
         """Public posts with ``tag`` that a poll from ``cursor`` no longer lists because they
@@ -368,8 +393,8 @@ class MastodonPlatform:
         found: list[dict[str, Any]] = []
         upper = cursor
         for _ in range(LATE_PAGES):
-            page = self._json("GET", f"/api/v1/timelines/tag/{tag}",
-                              params={"remote": "true", "max_id": upper, "since_id": since, "limit": PAGE})
+            page = self._listing(f"/api/v1/timelines/tag/{tag}",
+                                 {"remote": "true", "max_id": upper, "since_id": since, "limit": PAGE})
             if not page:
                 break
             found.extend(page)
@@ -377,7 +402,7 @@ class MastodonPlatform:
             # (blocked, muted) after reading a page, so only an empty one ends the scan.
             upper = min((str(item["id"]) for item in page), key=_sort_key)
         found.sort(key=lambda item: _sort_key(str(item["id"])))
-        return [Event("hashtag", str(s["id"]), self.parse_post(s), tag=tag) for s in found]
+        return self._tagged(tag, found)
 
     def stream(self, channel: str) -> Iterator[Event | None]:
         """Server-sent events of one channel: ``"mentions"`` or ``"tag:<name>"``; ``None`` for
@@ -398,11 +423,9 @@ class MastodonPlatform:
                 continue
             if name != wanted:
                 continue
-            if wanted == "notification":
-                if payload.get("type") == "mention" and payload.get("status"):
-                    yield Event("mention", str(payload["id"]), self.parse_post(payload["status"]))
-            else:
-                yield Event("hashtag", str(payload["id"]), self.parse_post(payload), tag=channel[4:])
+            items = [payload] if listed_id(payload) is not None else []
+            events = self._mentions(items) if wanted == "notification" else self._tagged(channel[4:], items)
+            yield from events
 
     def _streaming_base(self) -> str:
         """Where the server's streaming API lives.

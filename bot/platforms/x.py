@@ -65,6 +65,8 @@ from .base import (
     ReplyDraft,
     ServerError,
     StreamUnavailable,
+    listed_id,
+    read_event,
     web_link,
 )
 
@@ -252,10 +254,14 @@ class _Includes:
         self.media: dict[str, dict[str, Any]] = {}
 
     def add(self, includes: dict[str, Any] | None) -> "_Includes":
-        for user in (includes or {}).get("users", []) or []:
-            self.users[str(user["id"])] = user
-        for media in (includes or {}).get("media", []) or []:
-            self.media[str(media["media_key"])] = media
+        """Adds what ``includes`` holds; an entry without its id is no entry (a tweet whose
+        author is not included is read as a protected account's)."""
+        found = includes if isinstance(includes, dict) else {}
+        for key, into, name in (("users", self.users, "id"), ("media", self.media, "media_key")):
+            entries = found.get(key)
+            for entry in entries if isinstance(entries, list) else []:
+                if isinstance(entry, dict) and entry.get(name) is not None:
+                    into[str(entry[name])] = entry
         return self
 
 
@@ -547,7 +553,8 @@ class XPlatform:
             if token:
                 query["pagination_token"] = token
             body = self._call(route, method, *args, **query)
-            page = body.get("data") or []
+            # An item without an id could not move a cursor: none of X's, but it must not stop a poll.
+            page = [item for item in body.get("data") or [] if listed_id(item) is not None]
             includes.add(body.get("includes"))
             if stop_at is not None and since:
                 fresh = [item for item in page if _by_id(str(item["id"])) > _by_id(since)]
@@ -575,7 +582,9 @@ class XPlatform:
             expansions=EXPANSIONS, tweet_fields=TWEET_FIELDS, media_fields=MEDIA_FIELDS,
             user_fields=USER_FIELDS, user_auth=True,
         )
-        return [Event("mention", str(t["id"]), self.parse_tweet(t, includes), skip=self._retweet(t)) for t in tweets]
+        def read(tweet: dict[str, Any]) -> Event:
+            return Event("mention", str(tweet["id"]), self.parse_tweet(tweet, includes), skip=self._retweet(tweet))
+        return [event for t in tweets if (event := read_event(t, read, "mention", log)) is not None]
 
     def dms_since(self, since_id: str | None) -> list[Event]:
         """Direct messages to (and from) the bot newer than ``since_id``, oldest first.
@@ -590,11 +599,10 @@ class XPlatform:
             event_types="MessageCreate", dm_event_fields=DM_FIELDS, expansions=["sender_id"],
             user_fields=USER_FIELDS, user_auth=True,
         )
-        return [
-            Event("mention", str(e["id"]), self.parse_dm(e, includes), skip=not _one_to_one(e, me))
-            for e in events
-            if e.get("event_type", "MessageCreate") == "MessageCreate"
-        ]
+        def read(message: dict[str, Any]) -> Event:
+            return Event("mention", str(message["id"]), self.parse_dm(message, includes), skip=not _one_to_one(message, me))
+        return [event for e in events if e.get("event_type", "MessageCreate") == "MessageCreate"
+                if (event := read_event(e, read, "mention", log)) is not None]
 
     def _get_dm(self, event_id: str) -> Post:
         params = {"dm_event.fields": ",".join(DM_FIELDS), "expansions": "sender_id", "user.fields": ",".join(USER_FIELDS)}
@@ -689,8 +697,8 @@ class XPlatform:
                 if tag not in {r.get("tag") for r in payload.get("matching_rules", []) or []}:
                     yield None  # another channel's tweet on the same app's stream
                     continue
-                post = self.parse_tweet(payload["data"], _Includes().add(payload.get("includes")))
-                yield Event("mention", post.id, post)
+                yield read_event(payload["data"], lambda tweet: Event(
+                    "mention", str(tweet["id"]), self.parse_tweet(tweet, _Includes().add(payload.get("includes")))), "mention", log)
         except (requests.RequestException, ValueError) as exc:
             raise StreamUnavailable(f"stream dropped: {type(exc).__name__}") from None
         finally:

@@ -450,11 +450,14 @@ class FakeMastodon:
 
     def post(self, author: dict[str, Any], text: str, *, media: list[dict[str, Any]] | tuple = (), visibility: str = "public",
              in_reply_to: dict[str, Any] | None = None, sensitive: bool = False, spoiler_text: str = "",
-             notify: bool = True, published: float | None = None) -> dict[str, Any]:
+             notify: bool = True, published: float | None = None, odd: dict[str, Any] | None = None) -> dict[str, Any]:
         """A status by ``author`` as the server would store it. Mentions of the bot in ``text``
         create a ``mention`` notification (pushed to live streams), public posts with tags are
         pushed to hashtag streams. ``published``: a remote status that reaches this server only
-        now, published at that (earlier) time; its id and ``created_at`` are from then."""
+        now, published at that (earlier) time; its id and ``created_at`` are from then.
+        ``odd``: fields its notification lists and streams in place of the status's own, as a
+        server that does not quite follow Mastodon's API would (no author, null lists); the
+        status itself stays as stored."""
         if published is not None and "@" not in author["acct"]:
             raise ValueError("only a status from another server arrives after it was published")
         with self.lock:
@@ -465,7 +468,7 @@ class FakeMastodon:
             status = self._make_status(author, text, list(media), visibility, in_reply_to["id"] if in_reply_to else None,
                                        sensitive or bool(spoiler_text), spoiler_text, published)
             if notify:
-                self._deliver(status)
+                self._deliver(status, odd)
             return status
 
     def _make_status(self, author: dict[str, Any], text: str, media: list[dict[str, Any]], visibility: str,
@@ -540,7 +543,7 @@ class FakeMastodon:
             parent = self.statuses.get(parent["in_reply_to_id"] or "")
         return True
 
-    def _deliver(self, status: dict[str, Any]) -> None:
+    def _deliver(self, status: dict[str, Any], odd: dict[str, Any] | None = None) -> None:
         author = status["account"]
         if author["id"] != self.bot["id"] and any(m["id"] == self.bot["id"] for m in status["mentions"]):
             notification = {
@@ -549,7 +552,7 @@ class FakeMastodon:
                 "group_key": f"ungrouped-{len(self.notifications) + 1}",
                 "created_at": status["created_at"],
                 "account": author,
-                "status": status,
+                "status": dict(status, **odd) if odd else status,
             }
             self.notifications.append(notification)
             if self._filtered(status):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 
 import pytest
+import responses
 
-from bot.platforms.mastodon import html_to_text
+from bot.platforms.base import ServerError
+from bot.platforms.mastodon import MastodonPlatform, html_to_text
 from bot_harness import E2E
 from bot_helpers import MAGIC, RedisMonitor, jpeg
 
@@ -265,3 +268,81 @@ def test_listener_enqueues_only_ids(e2e: E2E) -> None:
     # the content of the posts is not in the queue either
     for command in pushes:
         assert b"crowd" not in command[2] and html_to_text(requests[0]["content"]).encode() not in command[2]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "polled"])
+@pytest.mark.parametrize("odd", [{"account": None}, {"media_attachments": [{"type": "image", "url": "x"}]}],
+                         ids=["no author", "media without id"])
+def test_an_unreadable_mention_is_passed_over_and_later_ones_answered(
+        e2e: E2E, caplog: pytest.LogCaptureFixture, stream: bool, odd: dict) -> None:
+    """A server's odd JSON (another implementation, or a bug) must not stop the channel: the
+    listener logs it, moves its cursor past it, and answers the mentions after it."""
+    fake = e2e.fake
+    if not stream:
+        fake.stream_refuse = 404
+    alice = fake.add_account("alice")
+    with caplog.at_level(logging.WARNING, logger="bot.mastodon"):
+        e2e.listen(stream=stream)
+        fake.wait_for(lambda: notification_polls(e2e) >= 2, 10, what="the listener to poll")  # past its first start
+        before = fake.mention(alice, "before")
+        answered(e2e, [before])
+        unreadable = fake.mention(alice, "odd", odd=odd)
+        after = fake.mention(alice, "after", media=[fake.media(jpeg(256))])
+        answered(e2e, [before, after])
+        # A poll (a stream moves no cursor on Mastodon) takes the cursor past it.
+        e2e.stop_listeners()
+        e2e.listen(stream=False)
+        [notification] = [n for n in fake.notifications if n["status"]["id"] == unreadable["id"]]
+        past = (len(notification["id"]), notification["id"])
+        fake.wait_for(lambda: (len(c := e2e.store.cursor("mastodon", "mentions") or ""), c) >= past, 10,
+                      what="the cursor to move past the unreadable mention")
+        e2e.settle()
+    assert not fake.replies_to(unreadable["id"])
+    assert len(fake.bot_posts()) == 2
+    warned = [r for r in caplog.records if r.getMessage() == "unreadable_item"]
+    assert warned and {r.item_id for r in warned} == {notification["id"]}
+    assert {r.error for r in warned} == {"KeyError" if "media_attachments" in odd else "AttributeError"}
+
+
+def test_a_mention_with_nulls_where_lists_belong_is_answered(e2e: E2E) -> None:
+    """Null (some servers' "none") for the lists of a status, and entries that are not objects,
+    read as what they mean: nothing there."""
+    fake = e2e.fake
+    fake.stream_refuse = 404
+    alice = fake.add_account("alice")
+    e2e.listen(stream=False)
+    fake.wait_for(lambda: notification_polls(e2e) >= 2, 10, what="the listener to poll")
+    odd = {"tags": None, "content": None, "spoiler_text": None, "account": dict(alice, acct=None, fields=None, note=None)}
+    request = fake.mention(alice, "this one", media=[fake.media(jpeg(256))], odd=odd)
+    answered(e2e, [request])
+
+
+def test_nulls_and_stray_entries_in_a_status_read_as_nothing_there() -> None:
+    status = {
+        "id": "7", "visibility": "public", "content": None, "spoiler_text": None, "tags": None,
+        "account": {"id": "3", "acct": None, "note": None, "fields": None},
+        "media_attachments": [None, "x", {"id": "5", "type": "image", "url": "https://files.example/a.jpg", "description": None}],
+        "mentions": ["ppbot", {"id": "1"}, {"id": None}],
+    }
+    post = MastodonPlatform.parse_post(status)
+    assert (post.text, post.spoiler_text, post.tags, post.addressed) == ("", "", (), ("1",))
+    assert (post.account.acct, post.account.note, post.account.fields, post.account.local) == ("", "", (), True)
+    assert [(m.id, m.url, m.description) for m in post.images] == [("5", "https://files.example/a.jpg", "")]
+
+
+@responses.activate
+def test_listed_items_without_an_id_are_dropped_and_a_listing_that_is_no_list_is_a_server_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    base = "https://masto.example"
+    status = {"id": "9", "visibility": "public", "content": "<p>@ppbot hi</p>", "account": {"id": "3", "acct": "alice"}}
+    listing = f"{base}/api/v1/notifications"
+    responses.get(listing, json=[{"type": "mention", "status": status}, {"id": "", "type": "mention", "status": status},
+                                 {"id": True, "type": "mention"}, "odd", {"id": "5", "type": "mention", "status": status}])
+    responses.get(listing, json=[])
+    platform = MastodonPlatform(base, "token")
+    with caplog.at_level(logging.WARNING, logger="bot.mastodon"):
+        assert [(e.id, e.post.id, e.skip) for e in platform.mentions_since("1")] == [("5", "9", False)]
+    assert [r.items for r in caplog.records if r.getMessage() == "unreadable_item"] == [4]
+    responses.get(listing, json={"error": "not a list"})
+    with pytest.raises(ServerError, match="not a list"):
+        platform.mentions_since("5")

@@ -4,6 +4,7 @@ listener (cursors in a real Redis) and handlers, with a CenterFace-only anonymis
 from __future__ import annotations
 
 import io
+import logging
 import re
 import threading
 import time
@@ -208,6 +209,46 @@ def test_retweets_of_a_mention_move_the_cursor_and_never_bring_back_history(
     assert store.cursor("x", "mentions") == later["id"], "moved past the retweet, so not read again"
     new = fake.tweet(alice, "@protestbot and this one", media=[fake.photo(jpeg(64))])
     assert [(j.kind, j.post_id) for j in pipeline.poll()] == [("mention", new["id"])]
+
+
+@pytest.mark.parametrize("channel", ["mentions", "dms"])
+def test_an_unreadable_item_is_passed_over_and_later_ones_answered(
+        fake: FakeX, x: XPlatform, store: Store, anonymiser: Any, caplog: pytest.LogCaptureFixture, channel: str) -> None:
+    """An item whose JSON is odd (X never sends such, but a change or a bug on its side can)
+    must not stop the channel at it for good: it is logged and passed over, and the requests
+    after it are answered."""
+    alice = fake.add_user("alice")
+    pipeline = Pipeline(x, store, anonymiser, make_config(platforms=("x",)))
+    pipeline.start()
+    assert pipeline.poll() == []
+    if channel == "mentions":
+        odd = fake.tweet(alice, "@protestbot please", media=[fake.photo(jpeg(64))])
+        odd["referenced_tweets"] = ["odd"]  # strings where objects belong
+        later = fake.tweet(alice, "@protestbot and this one", media=[fake.photo(jpeg(64))])
+    else:
+        odd = fake.dm(alice, "delete 123")
+        odd["attachments"] = ["odd"]
+        later = fake.dm(alice, "delete 456")
+    with caplog.at_level(logging.WARNING, logger="bot.platforms.x"):
+        assert [j.post_id for j in pipeline.poll()] == [later["id"] if channel == "mentions" else f"dm:{later['id']}"]
+    assert store.cursor("x", channel) == later["id"]
+    assert [(r.item_id, r.error) for r in caplog.records if r.getMessage() == "unreadable_item"] == [(odd["id"], "AttributeError")]
+
+
+def test_an_unreadable_streamed_tweet_is_passed_over(fake: FakeX, x: XPlatform, store: Store) -> None:
+    fake.tier = "pro"
+    alice = fake.add_user("alice")
+    odd = fake.tweet(alice, "@protestbot streamed", media=[fake.photo(jpeg(64))])
+    odd["note_tweet"] = "odd"  # a string where an object belongs
+    fine = fake.tweet(alice, "@protestbot fine")
+    fake.stream_lines = [odd["id"], fine["id"]]
+    events = [e for e in _until_end(x.stream("mentions")) if e is not None]
+    assert [(e.id, e.skip) for e in events] == [(odd["id"], True), (fine["id"], False)]
+    jobs: list[Job] = []
+    listener = Listener(x, store, jobs.append, stream=True)
+    for event in events:
+        listener.handle("mentions", event)
+    assert [j.post_id for j in jobs] == [fine["id"]]
 
 
 def test_a_protected_accounts_mention_is_not_lost_while_streaming(
