@@ -115,6 +115,12 @@ def read_event(item: Any, read: Callable[[Any], Event], kind: Literal["mention",
         return Event(kind, known, Post(id="", account=Account(id="", acct=""), text=""), tag=tag, skip=True)
 
 
+def read_events(items: list[Any], read: Callable[[Any], Event], kind: Literal["mention", "hashtag"],
+                log: logging.Logger, tag: str = "") -> list[Event]:
+    """:func:`read_event` of each item, leaving out those without an id."""
+    return [event for item in items if (event := read_event(item, read, kind, log, tag)) is not None]
+
+
 def listed_id(item: Any) -> str | None:
     """A listed or streamed item's id, where it has one a cursor can move to."""
     value = item.get("id") if isinstance(item, dict) else None

@@ -40,7 +40,7 @@ from .base import (
     StreamUnavailable,
     listed_id,
     known_visibility,
-    read_event,
+    read_events,
     web_link,
 )
 
@@ -358,13 +358,12 @@ class MastodonPlatform:
     def _mentions(self, items: list[dict[str, Any]]) -> list[Event]:
         def read(notification: dict[str, Any]) -> Event:
             return Event("mention", str(notification["id"]), self.parse_post(notification["status"]))
-        return [event for n in items if n.get("type") == "mention" and n.get("status")
-                if (event := read_event(n, read, "mention", log)) is not None]
+        return read_events([n for n in items if n.get("type") == "mention" and n.get("status")], read, "mention", log)
 
     def _tagged(self, tag: str, items: list[dict[str, Any]]) -> list[Event]:
         def read(status: dict[str, Any]) -> Event:
             return Event("hashtag", str(status["id"]), self.parse_post(status), tag=tag)
-        return [event for s in items if (event := read_event(s, read, "hashtag", log, tag)) is not None]
+        return read_events(items, read, "hashtag", log, tag)
 
     def mentions_since(self, since_id: str | None) -> list[Event]:
         # include_filtered: also what the notification policy filtered (see ``prepare``).

@@ -67,6 +67,7 @@ from .base import (
     StreamUnavailable,
     listed_id,
     read_event,
+    read_events,
     web_link,
 )
 
@@ -584,7 +585,7 @@ class XPlatform:
         )
         def read(tweet: dict[str, Any]) -> Event:
             return Event("mention", str(tweet["id"]), self.parse_tweet(tweet, includes), skip=self._retweet(tweet))
-        return [event for t in tweets if (event := read_event(t, read, "mention", log)) is not None]
+        return read_events(tweets, read, "mention", log)
 
     def dms_since(self, since_id: str | None) -> list[Event]:
         """Direct messages to (and from) the bot newer than ``since_id``, oldest first.
@@ -601,8 +602,7 @@ class XPlatform:
         )
         def read(message: dict[str, Any]) -> Event:
             return Event("mention", str(message["id"]), self.parse_dm(message, includes), skip=not _one_to_one(message, me))
-        return [event for e in events if e.get("event_type", "MessageCreate") == "MessageCreate"
-                if (event := read_event(e, read, "mention", log)) is not None]
+        return read_events([e for e in events if e.get("event_type", "MessageCreate") == "MessageCreate"], read, "mention", log)
 
     def _get_dm(self, event_id: str) -> Post:
         params = {"dm_event.fields": ",".join(DM_FIELDS), "expansions": "sender_id", "user.fields": ",".join(USER_FIELDS)}
