@@ -19,6 +19,7 @@ from anonymiser.pipeline import Anonymiser, Result
 from . import messages, soft_limit
 from .config import BotConfig
 from .copies import delete_copy
+from .earlier_post import earlier_post
 from .fetch import FetchError, fetch
 from .logs import Timer
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post, RepliesClosed, ReplyDraft, Visibility, narrowest
@@ -209,6 +210,9 @@ class MentionHandler:
     def _post(self, draft: ReplyDraft) -> Post:
         """Post ``draft``; ``_RequestGone`` if the request it answers was deleted meanwhile
         (a "delete & re-draft" while its photos were being anonymised), which no retry mends."""
+        earlier = earlier_post(self.platform, self.store, draft)
+        if earlier is not None:
+            return earlier
         try:
             return self.platform.reply(draft)
         except NotFound:

@@ -14,6 +14,8 @@ from typing import Any, Literal, Sequence
 import redis
 
 PREFIX = "ppb"
+#: how long the first attempt of each post is remembered (bot/earlier_post.py)
+POST_ATTEMPT_TTL_S = 2 * 86400
 #: sorted set of parked retries, scored by when they are due
 PARKED = f"{PREFIX}:parked"
 #: parked entries taken for publishing, by when they were taken
@@ -354,6 +356,17 @@ class Store:
     def taken_down(self, platform: str, original_id: str) -> bool:
         """Whether a takedown removed the bot's copies of ``original_id`` (see :meth:`mark_taken_down`)."""
         return bool(self.r.exists(f"{PREFIX}:taken_down:{platform}:{original_id}"))
+
+    def first_post_attempt(self, key: str, now: float) -> float:
+        """When a post under the idempotency key ``key`` was first attempted: ``now`` on the
+        first call, the first call's time on every later one (kept for two days, past any
+        retry)."""
+        name = f"{PREFIX}:posting:{key}"
+        with self.r.pipeline() as pipe:
+            pipe.set(name, repr(now), nx=True, ex=POST_ATTEMPT_TTL_S)
+            pipe.get(name)
+            _, first = pipe.execute()
+        return float(first)
 
     def done(self, key: str) -> str | None:
         """What was recorded when the job ``key`` finished (e.g. the id of the bot's answer)."""

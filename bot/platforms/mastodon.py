@@ -8,6 +8,8 @@ posting (300 statuses per 3 hours) beside the general one, and its headers descr
 budget of the request is closest to running out, so the client keeps one block per budget: a
 spent upload or posting budget must not stop takedowns or the polls.
 Posting uses Mastodon's ``Idempotency-Key`` header, so a retried reply is never posted twice.
+The server keeps a key for an hour; a retry later than that reads the thread below the post it
+answers instead (``own_reply``).
 """
 
 from __future__ import annotations
@@ -188,6 +190,10 @@ class MastodonPlatform:
     #: is never streamed, only listed with ``include_filtered``: a streamed mention must not
     #: move the cursor past it (the listener's catch-ups move it)
     stream_complete = False
+    #: Mastodon keeps an ``Idempotency-Key`` for 3,600 s from when the server stored it, which
+    #: is after the attempt's own start: a retry this long after the first attempt no longer
+    #: trusts the key alone (the margin covers forks that keep it a little less)
+    idempotency_window_s = 3000.0
 
     def __init__(self, base_url: str, token: str, timeout_s: float = 20.0, session: requests.Session | None = None) -> None:
         self.base_url = base_url.rstrip("/")
@@ -560,6 +566,20 @@ class MastodonPlatform:
             body["spoiler_text"] = spoiler_text
         headers = {"Idempotency-Key": draft.idempotency_key} if draft.idempotency_key else {}
         return self.parse_post(self._json("POST", "/api/v1/statuses", json=body, headers=headers))
+
+    def own_reply(self, in_reply_to_id: str, with_media: bool) -> Post | None:
+        """The bot's reply to ``in_reply_to_id`` (with images or without), if it posted one: the
+        thread below that post, one request, whatever the bot posted since."""
+        me = self.me()
+        context = self._json("GET", f"/api/v1/statuses/{in_reply_to_id}/context")
+        descendants = context.get("descendants") if isinstance(context, dict) else None
+        for item in _objects(descendants):
+            author = item.get("account")
+            if (isinstance(author, dict) and str(author.get("id")) == me.id
+                    and str(item.get("in_reply_to_id")) == in_reply_to_id
+                    and bool(_objects(item.get("media_attachments"))) == with_media):
+                return self.parse_post(item)
+        return None
 
     def delete_post(self, post_id: str) -> bool:
         self._request("DELETE", f"/api/v1/statuses/{post_id}")

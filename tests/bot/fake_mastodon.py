@@ -17,7 +17,8 @@ keeps its whole state in memory, where the tests set it up and inspect it:
 
 JSON shapes follow the Mastodon API documentation (Status, Account, MediaAttachment,
 Notification, Tag, Mention entities; ids are strings; paging with ``max_id`` / ``since_id`` /
-``min_id`` / ``limit``, newest first, with a ``Link`` header; ``Idempotency-Key`` on posting;
+``min_id`` / ``limit``, newest first, with a ``Link`` header; ``Idempotency-Key`` on posting,
+kept until ``forget_idempotency_keys`` (the server's hour passing); a status's ``context``;
 ``X-RateLimit-*`` headers on every API response; server-sent events with ``event:`` / ``data:``
 lines and ``:thump`` heartbeats on the streaming endpoints, which want the user's token like
 every streaming endpoint since Mastodon 4.2).
@@ -443,6 +444,11 @@ class FakeMastodon:
     def release_posts(self) -> None:
         self.post_gate.set()
 
+    def forget_idempotency_keys(self) -> None:
+        """The hour Mastodon keeps an ``Idempotency-Key`` has passed: a repeat posts again."""
+        with self.lock:
+            self.idempotency.clear()
+
     def media_requests(self) -> list[Request]:
         return [r for r in self.log() if r.path.startswith("/media/")]
 
@@ -789,6 +795,7 @@ class _Handler(BaseHTTPRequestHandler):
             routes: list[tuple[str, str, Callable[..., tuple[int, Any] | tuple[int, Any, dict[str, str]]]]] = [
                 ("GET", r"/api/v1/accounts/verify_credentials", self._verify_credentials),
                 ("GET", r"/api/v1/statuses/(\d+)", self._get_status),
+                ("GET", r"/api/v1/statuses/(\d+)/context", self._context),
                 ("DELETE", r"/api/v1/statuses/(\d+)", self._delete_status),
                 ("POST", r"/api/v1/statuses", self._post_status),
                 ("GET", r"/api/v1/notifications", self._notifications),
@@ -877,6 +884,35 @@ class _Handler(BaseHTTPRequestHandler):
         if status is None or not self.fake.visible_to_bot(status):
             return 404, {"error": "Record not found"}
         return 200, status
+
+    def _context(self, query: Any, status_id: str) -> tuple[int, Any]:
+        """``GET /api/v1/statuses/:id/context``: the Context entity, ``ancestors`` (oldest first)
+        and ``descendants`` (the thread below, depth first), each only what the token's account
+        may see."""
+        fake = self.fake
+        status = fake.statuses.get(status_id)
+        if status is None or not fake.visible_to_bot(status):
+            return 404, {"error": "Record not found"}
+        ancestors = []
+        parent = fake.statuses.get(str(status.get("in_reply_to_id")))
+        while parent is not None:
+            if fake.visible_to_bot(parent):
+                ancestors.insert(0, parent)
+            parent = fake.statuses.get(str(parent.get("in_reply_to_id")))
+        children: dict[str, list[dict[str, Any]]] = {}
+        for candidate in sorted(fake.statuses.values(), key=lambda s: int(s["id"])):
+            if candidate.get("in_reply_to_id") is not None:
+                children.setdefault(str(candidate["in_reply_to_id"]), []).append(candidate)
+        descendants: list[dict[str, Any]] = []
+
+        def below(parent_id: str) -> None:
+            for child in children.get(parent_id, []):
+                if fake.visible_to_bot(child):
+                    descendants.append(child)
+                below(child["id"])  # what the bot may see below a post it may not, it sees
+
+        below(status_id)
+        return 200, {"ancestors": ancestors, "descendants": descendants}
 
     def _delete_status(self, query: Any, status_id: str) -> tuple[int, Any]:
         fake = self.fake

@@ -12,8 +12,9 @@ import pytest
 import requests
 import responses
 
-from bot.platforms.base import MediaLimits
+from bot.platforms.base import MediaLimits, ReplyDraft
 from bot.platforms.mastodon import LATE_PAGES, PAGE, MastodonPlatform, countable_length, fit_status, id_at, id_time_ms
+from bot_helpers import jpeg
 from fake_mastodon import TOKEN, FakeMastodon, iso
 
 
@@ -339,3 +340,41 @@ def test_the_late_arrivals_scan_works_with_gotosocial_ids(monkeypatch: pytest.Mo
     [query] = asked
     assert query["path"] == "/api/v1/timelines/tag/demo" and query["max_id"] == cursor
     assert query["since_id"] == id_at(1_795_393_532_568 - 60_000, cursor) < cursor
+
+
+def test_context_lists_the_thread_the_bot_may_see(fake: FakeMastodon) -> None:
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    root = fake.post(alice, "root")
+    request = fake.post(bob, "@ppbot please", in_reply_to=root)
+    fake.follow(bob, alice)
+    hidden = fake.post(alice, "followers only", in_reply_to=request, visibility="private")
+    below_hidden = fake.post(bob, "public answer to it", in_reply_to=hidden)
+    later = fake.post(alice, "another answer", in_reply_to=request)
+    body = get(fake, f"/api/v1/statuses/{request['id']}/context").json()
+    assert [s["id"] for s in body["ancestors"]] == [root["id"]]
+    assert [s["id"] for s in body["descendants"]] == [below_hidden["id"], later["id"]]
+    assert get(fake, "/api/v1/statuses/999999/context").status_code == 404
+
+
+def test_own_reply_is_the_bots_reply_of_that_kind_to_that_post(fake: FakeMastodon) -> None:
+    """What a retry past the server's idempotency hour finds instead of posting again: the bot's
+    reply to that very post, with images for a copy or without for a note; not another
+    account's, not one further down the thread, not a deleted one."""
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    platform = MastodonPlatform(fake.base_url, TOKEN)
+    request = fake.post(alice, "@ppbot please", notify=False)
+    request_post = platform.get_post(request["id"])
+    assert platform.own_reply(request["id"], True) is None
+    fake.post(bob, "me too", in_reply_to=request, media=[fake.media(jpeg(64))])
+    note = platform.reply(ReplyDraft(request_post, "@alice no photo here", "unlisted"))
+    deeper = fake.post(alice, "thanks", in_reply_to=fake.statuses[note.id])
+    platform.reply(ReplyDraft(platform.get_post(deeper["id"]), "@alice copy", "unlisted",
+                              media_ids=[platform.upload_image(jpeg(64), "image/jpeg", "alt")]))
+    assert platform.own_reply(request["id"], True) is None
+    assert platform.own_reply(request["id"], False).id == note.id  # type: ignore[union-attr]
+    copy = platform.reply(ReplyDraft(request_post, "@alice copy", "direct",
+                                     media_ids=[platform.upload_image(jpeg(64), "image/jpeg", "alt")]))
+    found = platform.own_reply(request["id"], True)
+    assert found is not None and found.id == copy.id and found.visibility == "direct"
+    platform.delete_post(copy.id)
+    assert platform.own_reply(request["id"], True) is None

@@ -98,6 +98,38 @@ def test_worker_killed_after_posting_does_not_post_twice(e2e: E2E) -> None:
     assert posts[0].headers["Idempotency-Key"] == posts[1].headers["Idempotency-Key"]
     # the redelivered job finished normally: the reply is recorded, a takedown would find it
     assert e2e.store.replies_of("mastodon", request["id"]) == {fake.replies_to(request["id"])[0]["id"]}
+    # within the server's hour the key is enough: the thread is not read
+    assert not [r for r in fake.log() if r.path.endswith("/context")]
+
+
+def test_retry_after_the_servers_idempotency_hour_finds_the_reply_instead_of_posting_again(e2e: E2E) -> None:
+    """Mastodon forgets an Idempotency-Key after an hour. A job whose reply was created but whose
+    worker died before hearing so, retried later than that (parked behind the posting budget),
+    used to post a second copy, and only the second was recorded: a takedown would delete it and
+    leave the first up. Now the late retry finds the first in the thread and records it."""
+    fake = e2e.fake
+    alice = fake.add_account("alice")
+    request = fake.mention(alice, "please", media=[fake.media(jpeg(256))])
+    fake.hold_posts()
+    e2e.send(e2e.job(request))
+    fake.wait_for(lambda: fake.posted, 60, what="the reply to be created")
+    e2e.workers.kill()
+    fake.release_posts()
+    # The hour passes: the server forgets the key, and the first attempt is that long ago.
+    fake.forget_idempotency_keys()
+    attempts = [k for k in e2e.redis.scan_iter("ppb:posting:*")]
+    assert len(attempts) == 1, "the first attempt of the post was noted"
+    e2e.redis.set(attempts[0], repr(time.time() - 3700), keepttl=True)
+    wait_delivery_expired(e2e)
+    e2e.workers.start()
+
+    e2e.settle()
+    first = fake.replies_to(request["id"])
+    assert len(first) == 1, "no second copy"
+    assert len([r for r in fake.log() if r.method == "POST" and r.path == "/api/v1/statuses"]) == 1
+    assert [r.path for r in fake.log() if r.path.endswith("/context")] == [f"/api/v1/statuses/{request['id']}/context"]
+    # recorded, so a takedown finds and deletes the one copy there is
+    assert e2e.store.replies_of("mastodon", request["id"]) == {first[0]["id"]}
 
 
 def test_rate_limited_request_is_retried_after_the_reset(e2e: E2E) -> None:
