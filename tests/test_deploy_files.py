@@ -116,7 +116,7 @@ def test_constraints_pin_every_declared_dependency_within_its_range() -> None:
 
 def test_setup_and_images_install_under_the_constraints() -> None:
     setup = (ROOT / "scripts" / "setup").read_text()
-    assert 'install --quiet -c constraints.txt -e ".[test]"' in setup
+    assert "LOCK=(-c constraints.txt)" in setup and 'install --quiet "${LOCK[@]}" -e ".[test]"' in setup
     assert "constraints.txt" in setup.split("stamp=", 1)[1].split("\n", 1)[0]  # a new lock reinstalls
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^COPY .*\bconstraints\.txt\b", dockerfile, re.M)
