@@ -7,7 +7,7 @@ Prints, on a CUDA device:
    reference path (``reference_logits``: whole image, IEEE fp32 with TF32 off, batch 1) and for
    the batched engine at batch sizes 1-32, the ratio between them, and the achieved TFLOP/s
    against the GPU's bf16 dense peak (FLOPs per photo counted from the spec's layer table:
-   ``anonymiser.batching.lsccnn_flops``); then, per precision, the whole path from RGB arrays to
+   ``anonymiser.locators.lsccnn_flops``); then, per precision, the whole path from RGB arrays to
    head boxes (``engine.detect``, CPU decoding overlapped) and the CPU decoding time per photo,
    which caps the whole path. Decoding is timed apart because its cost depends on the weights:
    a generated checkpoint's random logits keep thousands of candidate boxes per photo, far
@@ -56,7 +56,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "bot"), str(ROOT / "tests" / "fleet")]
 
-from anonymiser.batching import DEFAULT_CHECK_EVERY, EngineOptions, LSCCNNEngine, agreement, lsccnn_flops  # noqa: E402
+from anonymiser.batching.agreement import agreement  # noqa: E402
+from anonymiser.batching.engine import LSCCNNEngine  # noqa: E402
+from anonymiser.batching.options import DEFAULT_CHECK_EVERY, EngineOptions  # noqa: E402
+from anonymiser.locators.lsccnn_flops import lsccnn_flops  # noqa: E402
 from anonymiser.locators import lsccnn_checkpoint as ckpt  # noqa: E402
 from anonymiser.locators.lsccnn import reference_detect, reference_logits  # noqa: E402
 from anonymiser.locators.lsccnn_decode import decode  # noqa: E402

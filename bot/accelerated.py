@@ -1,7 +1,7 @@
 """The anonymiser of a GPU worker (``BOT_WORKER_ROLE=gpu``).
 
 Same locators as any worker (``ANON_LOCATORS``, else every one whose weights are present), but
-LSC-CNN runs through :class:`anonymiser.batching.MicroBatcher`: the worker runs with ``--pool
+LSC-CNN runs through :class:`anonymiser.batching.micro_batcher.MicroBatcher`: the worker runs with ``--pool
 threads`` so that its tasks share one process, one model and one device; each task still handles
 its own job end to end (fetch, decode, cover, encode, reply, idempotency, retries, dead
 letters) and only its LSC-CNN call meets the other tasks' calls in a batch.
@@ -25,7 +25,9 @@ from typing import Any, Callable
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from anonymiser.batching import CUDA_TIMEOUT_S, EngineOptions, PrecisionCheck, load_batched_locator
+from anonymiser.batching.agreement import PrecisionCheck
+from anonymiser.batching.micro_batcher import load_batched_locator
+from anonymiser.batching.options import CUDA_TIMEOUT_S, EngineOptions
 from anonymiser.errors import DeviceFailure
 from anonymiser.locators.base import BoxKind, Detections, HeadLocator
 from anonymiser.locators.registry import REGISTRY, default_weights_dir, resolve_names

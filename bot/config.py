@@ -409,7 +409,8 @@ def check_startup(worker: bool, environ: Mapping[str, str] | None = None) -> Bot
         readers: list[Callable[[Mapping[str, str]], object]] = [Limits.from_env, OnnxOptions.from_env]  # type: ignore[list-item]
         role = fleet.role if fleet is not None else env.get("BOT_WORKER_ROLE", "").strip().lower()
         if role == "gpu":
-            from anonymiser.batching import EngineOptions, checkpoint_expectations  # loads torch: GPU only
+            from anonymiser.batching.micro_batcher import checkpoint_expectations  # loads torch: GPU only
+            from anonymiser.batching.options import EngineOptions
 
             readers += [EngineOptions.from_env, checkpoint_expectations]
         for read in readers:

@@ -20,7 +20,7 @@ Exported (all prefixed ``ppb_``):
 * ``precision_checks_total{result}`` (``agreed`` / ``failed``), ``precision_check_boxes_total{kind}``
   (``reference``, ``identical``, ``uncovered``) and ``precision_fallbacks_total``: the GPU
   worker's checks of its reduced precision (fp16, bf16, tf32) against IEEE float32, one photo in
-  ``ANON_LSCCNN_CHECK_EVERY`` (``anonymiser.batching.LSCCNNEngine.finish``);
+  ``ANON_LSCCNN_CHECK_EVERY`` (``anonymiser.batching.engine.LSCCNNEngine.finish``);
 * read from Redis at each scrape: ``queue_depth{queue}``, ``workers_alive{role}`` (from the
   heartbeats), ``dead_letters``, and ``worker_up{hostname, role}`` = 1.
 
@@ -55,7 +55,7 @@ from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 from anonymiser.errors import DeviceFailure  # noqa: E402
 
 if TYPE_CHECKING:
-    from anonymiser.batching import PrecisionCheck
+    from anonymiser.batching.agreement import PrecisionCheck
 
 from .routing import CPU_QUEUE, GPU_QUEUE, LEGACY_QUEUE, ROLES, live_workers, queue_depth, settings_or_exit  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The batched, bucketed LSC-CNN engine (``anonymiser/batching.py``) against the fp32 reference.
+"""The batched, bucketed LSC-CNN engine (``anonymiser/batching/``) against the fp32 reference.
 
 Runs on CPU with a generated checkpoint (seeded random weights of the official shapes, written to
 and loaded from a file like any checkpoint), or with the official checkpoint when it is in the
@@ -33,19 +33,14 @@ import pytest
 import torch
 from torch import nn
 
-from anonymiser.batching import (
-    DEFAULT_CHECK_EVERY,
-    Agreement,
-    EngineOptions,
-    LSCCNNEngine,
-    MicroBatcher,
-    agreement,
-    is_out_of_memory,
-    lsccnn_flops,
-)
+from anonymiser.batching.agreement import Agreement, agreement
+from anonymiser.batching.engine import LSCCNNEngine, is_out_of_memory
+from anonymiser.batching.micro_batcher import MicroBatcher
+from anonymiser.batching.options import DEFAULT_CHECK_EVERY, EngineOptions
 from anonymiser.errors import DeviceFailure
 from anonymiser.locators import lsccnn_checkpoint as ckpt
 from anonymiser.locators.lsccnn import LSCCNNLocator, plan_tiles, reference_detect
+from anonymiser.locators.lsccnn_flops import lsccnn_flops
 from anonymiser.locators.lsccnn_net import LSCCNN
 from anonymiser.locators.registry import default_weights_dir
 from imaging import EVAL_DIR
@@ -460,7 +455,7 @@ def test_flops_per_photo_from_the_spec_table() -> None:
 
 
 def test_repeating_shapes_pad_counts_and_sides_to_a_few_values(model) -> None:
-    from anonymiser.batching import _slot_count
+    from anonymiser.batching.engine import _slot_count
 
     assert [_slot_count(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
     engine = _engine(model, shape_stable=True, max_batch=8, bucket_multiple=64)
@@ -735,9 +730,9 @@ def test_a_limit_shrunk_by_out_of_memory_grows_back_after_good_batches(model, mo
     """Out-of-memory can be passing (another process held the GPU's memory): after a streak of
     good batches the limit doubles back, never past the configured one, and each shrinking
     doubles the streak needed, so a GPU that really is too small settles."""
-    from anonymiser import batching
+    from anonymiser.batching import engine as batching_engine
 
-    monkeypatch.setattr(batching, "REGROW_AFTER_BATCHES", 2)
+    monkeypatch.setattr(batching_engine, "REGROW_AFTER_BATCHES", 2)
     side = 144  # four of them make the smallest batch limit a 128 px tile margin allows
     engine = _engine(model, precision="fp32", max_batch=4, bucket_multiple=16, shape_stable=False,
                      max_tile_pixels=4 * side * side, max_batch_pixels=4 * side * side)

@@ -3,7 +3,7 @@ batch has run, every LSC-CNN batch fails as it does when a GPU falls off the bus
 
 from __future__ import annotations
 
-from anonymiser.batching import LSCCNNEngine
+from anonymiser.batching.engine import LSCCNNEngine
 
 _real = LSCCNNEngine.run_batch
 _batches = 0

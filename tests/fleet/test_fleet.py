@@ -1070,7 +1070,7 @@ def test_parked_jobs_taken_by_a_listener_that_died_are_parked_again(redis_server
 def test_precision_checks_are_counted_by_result_boxes_and_fallbacks() -> None:
     from prometheus_client import REGISTRY
 
-    from anonymiser.batching import Agreement, PrecisionCheck
+    from anonymiser.batching.agreement import Agreement, PrecisionCheck
     from bot import metrics
 
     def sample(name: str, **labels: str) -> float:

@@ -1,4 +1,4 @@
-"""Batched, size-bucketed LSC-CNN inference: the GPU path (and its CPU twin, which the tests run).
+"""The batched, size-bucketed LSC-CNN engine: the GPU path (and its CPU twin, which the tests run).
 
 The reference path (:func:`anonymiser.locators.lsccnn.reference_detect`) runs one photo at a
 time in float32, which leaves a GPU mostly idle. This engine keeps the network busy and gives the
@@ -34,11 +34,8 @@ same detections:
   device thread queues the next batch while CPU threads decode the previous one.
 * **CPU threads.** Resizing/tiling and decoding (softmax, cross-scale merge, NMS, in float32
   numpy, the reference's own code) run in a thread pool (:meth:`LSCCNNEngine.detect`) or in the
-  callers' threads (:class:`MicroBatcher`), overlapping with the forward pass of other batches.
-
-:class:`MicroBatcher` lets many threads (a Celery worker's thread pool, one task per photo) share
-one engine: each thread prepares its photo, submits its pieces, and decodes its own logits; one
-device thread turns whatever has arrived within ``max_wait_s`` into batches.
+  callers' threads (:class:`~anonymiser.batching.micro_batcher.MicroBatcher`), overlapping with
+  the forward pass of other batches.
 
 The engine registers hooks on the model it is given: give it a model of its own.
 """
@@ -46,60 +43,40 @@ The engine registers hooks on the model it is given: give it a model of its own.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
-import os
-import queue as queue_module
-import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import DeviceFailure
-from .locators.base import BoxKind, Detections
-from .locators.lsccnn import (
-    DEFAULT_MAX_TILE_PIXELS,
-    DEFAULT_TILE_MARGIN,
-    MIN_TILE_MARGIN,
-    Tile,
-    _check_rgb,
-    float32_math,
-    plan_tiles,
-    prepare_input,
-    to_original,
+from ..errors import DeviceFailure
+from ..locators.base import BoxKind, Detections
+from ..locators.lsccnn import Tile, _check_rgb, float32_math, plan_tiles, prepare_input, to_original
+from ..locators.lsccnn_decode import OUTPUT_STRIDES, decode
+from .agreement import Agreement, PrecisionCheck, agreement
+from .options import (
+    BYTES_PER_PIXEL,
+    CHECK_MIN_BOXES,
+    CHECK_MIN_IDENTICAL,
+    CPU_LIMITS,
+    CUDA_TIMEOUT_S,
+    DEFAULT_CHECK_EVERY,
+    PRECISIONS,
+    EngineOptions,
+    cuda_limits,
+    default_precision,
+    resolve_device,
 )
-from .locators.lsccnn_decode import DEFAULT_NMS_THRESHOLD, OUTPUT_STRIDES, decode
-from .locators.lsccnn_net import INPUT_MULTIPLE
 
 log = logging.getLogger(__name__)
 
-#: autocast dtype of each precision name (``None``: float32 storage). "fp32" is IEEE float32, the
-#: reference's arithmetic; "tf32" keeps float32 tensors but lets CUDA convolutions round their
-#: inputs to TF32's 10 mantissa bits (tensor cores, about half the bf16 rate on an H200).
-PRECISIONS: dict[str, torch.dtype | None] = {
-    "fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
-}
 
-#: defaults on CPU: (max_tile_pixels, max_batch_pixels)
-_CPU_LIMITS = (DEFAULT_MAX_TILE_PIXELS, 4_000_000)
-
-#: default ``timeout_s`` on CUDA: far above a batch's fraction of a second, and above a first
-#: ``torch.compile`` of a new shape, which runs on the device thread
-CUDA_TIMEOUT_S = 300.0
-
-#: how often a waiting caller checks that the device thread still runs
-_LIVENESS_CHECK_S = 1.0
-
-
-def _without_traceback(exc: BaseException) -> BaseException:
+def without_traceback(exc: BaseException) -> BaseException:
     """``exc`` without the frames it holds (also those of its cause and context).
 
     A failed forward pass's traceback keeps every frame's tensors alive, the activations that ran
@@ -117,216 +94,6 @@ def _without_traceback(exc: BaseException) -> BaseException:
         current.__traceback__ = None
         pending += [current.__cause__, current.__context__]
     return exc
-#: Activation memory per input pixel at the peak of a forward pass, in bytes: about 2 GB per
-#: megapixel in float32 (spec §1.3's measured RSS), half that in fp16/bf16. An estimate: the
-#: GPU benchmark prints the real peak for each batch size.
-_BYTES_PER_PIXEL = {"fp32": 2000, "tf32": 2000, "bf16": 1000, "fp16": 1000}
-
-
-def _cuda_limits(device: torch.device, precision: str) -> tuple[int, int]:
-    """(max_tile_pixels, max_batch_pixels) so that a batch stays within 60 % of the GPU's memory."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    batch = int(0.6 * total / _BYTES_PER_PIXEL[precision])
-    return min(8_388_608, batch), batch
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; anything else as ``torch.device`` reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def default_precision(device: torch.device) -> str:
-    """fp16 on a CUDA GPU, fp32 on CPU.
-
-    fp16 and bf16 run at the same tensor-core rate on current GPUs; fp16 keeps 3 more mantissa
-    bits, so its detections are closer to the float32 reference (with random weights on CPU:
-    98.5-99.4 % identical boxes against 94-95 % for bf16). Its narrow range is guarded: a piece
-    whose logits overflow is run again in float32 (see :meth:`DeviceBatch.logits`); and checks
-    against float32 switch the engine to float32 when fp16 would miss heads
-    (:meth:`LSCCNNEngine.finish`).
-    """
-    return "fp16" if device.type == "cuda" else "fp32"
-
-
-#: photos per float32 check when the precision is below float32 and ``check_every`` is not set:
-#: each check costs one float32 pass of one photo (``bench/gpu.py`` prints the share it takes)
-DEFAULT_CHECK_EVERY = 500
-
-#: the issue's bar for a reduced precision against the float32 reference: identical boxes (over
-#: all checks so far, once they hold this many reference boxes) and no reference head uncovered
-CHECK_MIN_IDENTICAL = 0.99
-CHECK_MIN_BOXES = 200
-
-#: what a failed check does: run in float32 from then on, or only report it
-CHECK_ACTIONS = ("fallback", "count")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How :class:`LSCCNNEngine` runs (``None`` / ``"auto"``: chosen for the device)."""
-
-    device: str = "auto"
-    precision: str = "auto"  # "fp32", "tf32", "bf16", "fp16"
-    channels_last: bool | None = None  # default: on CUDA only
-    compile: bool = False
-    compile_mode: str | None = None  # e.g. "max-autotune", "reduce-overhead" (CUDA graphs)
-    compile_backend: str = "inductor"
-    cudnn_benchmark: bool = True
-    max_batch: int = 16
-    max_batch_pixels: int | None = None
-    bucket_multiple: int = 64
-    max_tile_pixels: int | None = None
-    tile_margin: int = DEFAULT_TILE_MARGIN
-    nms_threshold: float = DEFAULT_NMS_THRESHOLD
-    cpu_threads: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)))
-    #: pad every batch to its bucket's size and a count from 1, 2, 3, 4, 6, 8, 12, 16, 24, 32...
-    #: so that shapes repeat (default: on CUDA, where cuDNN autotunes per shape, and when compiling)
-    shape_stable: bool | None = None
-    #: MicroBatcher: how long the first photo of a batch waits for companions
-    max_wait_s: float = 0.005
-    #: MicroBatcher: seconds a photo's piece may wait for its logits (queue, forward pass, copy)
-    #: before its caller gets a DeviceFailure; 0: no limit. Default: 300 s on CUDA (a hung GPU
-    #: must not hold a worker's task threads for ever: Celery's thread pool enforces no time
-    #: limits), no limit on CPU, where a batch of large photos legitimately takes minutes.
-    timeout_s: float | None = None
-    #: below float32, run one photo in this many (the first one included) also in IEEE float32
-    #: and compare (None: DEFAULT_CHECK_EVERY; 0: never; always 0 for fp32)
-    check_every: int | None = None
-    #: a failed check: "fallback" (float32 from then on) or "count" (reported only)
-    check_action: str = "fallback"
-
-    def problems(self) -> list[tuple[str, str]]:
-        """Each inconsistent option as ``(field, message)``."""
-        problems: list[tuple[str, str]] = []
-        if self.precision not in ("auto", *PRECISIONS):
-            problems.append(("precision", f"precision must be auto, fp32, tf32, bf16 or fp16, got {self.precision!r}"))
-        if self.max_batch < 1:
-            problems.append(("max_batch", f"max_batch must be at least 1, got {self.max_batch}"))
-        if self.bucket_multiple < INPUT_MULTIPLE or self.bucket_multiple % INPUT_MULTIPLE:
-            problems.append(("bucket_multiple", f"bucket_multiple must be a positive multiple of 16, got {self.bucket_multiple}"))
-        if self.tile_margin < MIN_TILE_MARGIN or self.tile_margin % INPUT_MULTIPLE:
-            problems.append(("tile_margin", f"tile_margin must be a multiple of 16 and >= {MIN_TILE_MARGIN}, got {self.tile_margin}"))
-        smallest = (2 * self.tile_margin + INPUT_MULTIPLE) ** 2
-        if self.max_tile_pixels is not None and self.max_tile_pixels < smallest:
-            problems.append(("max_tile_pixels", f"max_tile_pixels must be >= {smallest} for tile_margin {self.tile_margin}"))
-        if (self.max_tile_pixels is not None and self.max_batch_pixels is not None
-                and self.max_batch_pixels < self.max_tile_pixels):
-            problems.append(("max_batch_pixels", "max_batch_pixels must be at least max_tile_pixels (one tile must fit a batch)"))
-        if not 0.0 <= self.nms_threshold <= 1.0:
-            problems.append(("nms_threshold", f"nms_threshold must be in [0, 1], got {self.nms_threshold}"))
-        if self.cpu_threads < 1:
-            problems.append(("cpu_threads", f"cpu_threads must be at least 1, got {self.cpu_threads}"))
-        if not 0.0 <= self.max_wait_s <= 10.0:
-            problems.append(("max_wait_s", f"max_wait_s must be between 0 and 10 s, got {self.max_wait_s}"))
-        # Python's waits refuse anything past threading.TIMEOUT_MAX (OverflowError), "inf" included.
-        if self.timeout_s is not None and not 0.0 <= self.timeout_s <= threading.TIMEOUT_MAX:
-            problems.append(("timeout_s", "timeout_s must be 0 (no limit) or a positive number of seconds up to "
-                                          f"{threading.TIMEOUT_MAX:.0f}, got {self.timeout_s}"))
-        if self.check_every is not None and self.check_every < 0:
-            problems.append(("check_every", f"check_every must be 0 (never) or a number of photos, got {self.check_every}"))
-        if self.check_action not in CHECK_ACTIONS:
-            problems.append(("check_action", f"check_action must be fallback or count, got {self.check_action!r}"))
-        return problems
-
-    def validate(self) -> None:
-        """``ValueError`` listing every inconsistent option."""
-        problems = self.problems()
-        if problems:
-            raise ValueError("invalid LSC-CNN engine options: " + "; ".join(message for _, message in problems))
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "EngineOptions":
-        """Options from ``ANON_LSCCNN_*`` variables; ``ValueError`` names every bad one at once.
-
-        ``ANON_LSCCNN_DEVICE`` (auto, cpu, cuda, cuda:N), ``ANON_LSCCNN_PRECISION`` (auto, fp32,
-        tf32, bf16, fp16), ``ANON_LSCCNN_CHANNELS_LAST`` (0/1), ``ANON_LSCCNN_COMPILE`` (0/1),
-        ``ANON_LSCCNN_COMPILE_MODE``, ``ANON_LSCCNN_MAX_BATCH``, ``ANON_LSCCNN_BATCH_MEGAPIXELS``,
-        ``ANON_LSCCNN_TILE_MEGAPIXELS``, ``ANON_LSCCNN_BUCKET``, ``ANON_LSCCNN_CPU_THREADS``,
-        ``ANON_LSCCNN_BATCH_WAIT_MS``, ``ANON_LSCCNN_TIMEOUT_S``, ``ANON_LSCCNN_CHECK_EVERY``,
-        ``ANON_LSCCNN_CHECK_ACTION``.
-        """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        problems: list[str] = []
-
-        variables: dict[str, str] = {}
-
-        def read(name: str, key: str, convert: Callable[[str], Any]) -> None:
-            variables[key] = name
-            raw = env.get(name, "").strip()
-            if not raw:
-                return
-            try:
-                values[key] = convert(raw)
-            except ValueError as exc:
-                problems.append(f"{name}={raw!r}: {exc}")
-
-        def flag(raw: str) -> bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
-
-        def device(raw: str) -> str:
-            if raw != "auto":
-                torch.device(raw)  # raises RuntimeError for nonsense
-            return raw
-
-        def megapixels(raw: str) -> int:
-            value = float(raw)
-            if not value > 0:
-                raise ValueError("must be positive")
-            return int(value * 1_000_000)
-
-        def wrap(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-            def inner(raw: str) -> Any:
-                try:
-                    return convert(raw)
-                except (RuntimeError, TypeError) as exc:
-                    raise ValueError(str(exc)) from None
-            return inner
-
-        read("ANON_LSCCNN_DEVICE", "device", wrap(device))
-        read("ANON_LSCCNN_PRECISION", "precision", str.lower)
-        read("ANON_LSCCNN_CHANNELS_LAST", "channels_last", flag)
-        read("ANON_LSCCNN_COMPILE", "compile", flag)
-        read("ANON_LSCCNN_COMPILE_MODE", "compile_mode", str)
-        read("ANON_LSCCNN_MAX_BATCH", "max_batch", int)
-        read("ANON_LSCCNN_BATCH_MEGAPIXELS", "max_batch_pixels", megapixels)
-        read("ANON_LSCCNN_TILE_MEGAPIXELS", "max_tile_pixels", megapixels)
-        read("ANON_LSCCNN_BUCKET", "bucket_multiple", int)
-        read("ANON_LSCCNN_CPU_THREADS", "cpu_threads", int)
-        read("ANON_LSCCNN_BATCH_WAIT_MS", "max_wait_s", lambda raw: float(raw) / 1000.0)
-        read("ANON_LSCCNN_TIMEOUT_S", "timeout_s", float)
-        read("ANON_LSCCNN_CHECK_EVERY", "check_every", int)
-        read("ANON_LSCCNN_CHECK_ACTION", "check_action", str.lower)
-        values.update(overrides)
-        options = cls(**values)
-        for key, message in options.problems():
-            problems.append(f"{variables[key]}: {message}" if key in variables and key not in overrides else message)
-        if options.compile and (missing := missing_compiler(options.device, env)):
-            problems.append(f"ANON_LSCCNN_COMPILE: torch.compile needs {missing} on PATH and none was found; install "
-                            "one (the GPU image has gcc) or leave compiling off")
-        if problems:
-            raise ValueError("invalid LSC-CNN settings: " + "; ".join(problems))
-        return options
-
-
-def missing_compiler(device: str, environ: Mapping[str, str]) -> str | None:
-    """What ``torch.compile`` would fail to find for ``device``, or None when it is there.
-
-    On CUDA, Triton builds a small C launcher with ``$CC``, ``cc``, ``gcc`` or ``clang``; on the
-    CPU, Inductor writes C++ and builds it with ``$CXX``, ``g++`` or ``clang++``. A slim image
-    has neither, and the worker found out only at its warm-up, minutes into loading the model.
-    """
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    names = (environ.get("CC", ""), "cc", "gcc", "clang") if cuda else (environ.get("CXX", ""), "g++", "clang++")
-    if any(name and shutil.which(name, path=environ.get("PATH")) for name in names):
-        return None
-    return "a C compiler (cc, gcc or clang)" if cuda else "a C++ compiler (g++ or clang++)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,9 +286,9 @@ class LSCCNNEngine:
         self.device = resolve_device(options.device)
         cuda = self.device.type == "cuda"
         precision = default_precision(self.device) if options.precision == "auto" else options.precision
-        tile_default, batch_default = _CPU_LIMITS
+        tile_default, batch_default = CPU_LIMITS
         if cuda:
-            tile_default, batch_default = _cuda_limits(self.device, precision)
+            tile_default, batch_default = cuda_limits(self.device, precision)
         max_tile = options.max_tile_pixels or tile_default
         max_batch_pixels = options.max_batch_pixels or max(batch_default, max_tile)
         options = replace(
@@ -739,12 +506,12 @@ class LSCCNNEngine:
         its batch-mates). A GPU out-of-memory error also halves ``max_batch_pixels`` (from the
         failed batch's padded size), so the next batches fit; a streak of good batches doubles it
         back (:meth:`_note_good_batch`).
-        Errors come without their tracebacks (:func:`_without_traceback`).
+        Errors come without their tracebacks (:func:`without_traceback`).
         """
         try:
             batch = self.run_batch(pieces, hb, wb)
         except Exception as exc:
-            error = _without_traceback(exc)
+            error = without_traceback(exc)
             if len(pieces) == 1:
                 return [(list(pieces), error)]
         else:
@@ -777,7 +544,7 @@ class LSCCNNEngine:
             try:
                 outcomes.append(([piece], self.run_batch([piece], h, w)))
             except Exception as exc:
-                outcomes.append(([piece], _without_traceback(exc)))
+                outcomes.append(([piece], without_traceback(exc)))
         return outcomes
 
     def _note_good_batch(self) -> None:
@@ -873,7 +640,7 @@ class LSCCNNEngine:
         The compiled graph was traced for the reduced precision, so the eager model runs. Float32
         activations take twice the memory of half ones: the batch limits are halved to match
         (never below one tile)."""
-        share = _BYTES_PER_PIXEL[self.precision] / _BYTES_PER_PIXEL["fp32"]
+        share = BYTES_PER_PIXEL[self.precision] / BYTES_PER_PIXEL["fp32"]
         self._forward = self.model  # before the precision: a batch that reads fp32 runs eager
         self.autocast_dtype = None
         self.precision = "fp32"
@@ -957,316 +724,3 @@ class LSCCNNEngine:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-
-# --------------------------------------------------------------------------------------------
-# many callers, one device thread
-# --------------------------------------------------------------------------------------------
-
-
-class MicroBatcher:
-    """Lets many threads share one engine: their photos' pieces meet in batches.
-
-    A caller (e.g. one Celery task thread per photo) prepares its own photo, submits its pieces
-    and decodes its own logits, so CPU work happens in the callers' threads while the device
-    thread runs batches. The device thread waits at most ``max_wait_s`` after the first piece
-    arrives for companions, and never waits once ``max_batch`` pieces are queued. When a batch
-    fails, its pieces are run again one by one (:meth:`LSCCNNEngine.run_isolating`): only the
-    caller whose piece also fails alone gets the error (its task then applies its own failure
-    rules), so one bad photo or an out-of-memory batch never fails its batch-mates' jobs.
-    (On CUDA an error that surfaces only when the logits are copied back, such as a kernel
-    fault, reaches every caller of its batch: it usually breaks the whole CUDA context anyway.)
-
-    A caller waits at most the engine's ``timeout_s`` for its logits, and never for a device
-    thread that has ended. ``on_batch(size, seconds)`` is called once per batch, when the device
-    has really run it (its logits reached the host): ``seconds`` from issuing it until then.
-    """
-
-    def __init__(self, engine: LSCCNNEngine, on_batch: Callable[[int, float], None] | None = None) -> None:
-        self.engine = engine
-        self.on_batch = on_batch
-        self._queue: "queue_module.SimpleQueue[tuple[Piece, Future[tuple[DeviceBatch, int]]] | None]" = queue_module.SimpleQueue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lsccnn-device", daemon=True)
-        self._thread.start()
-
-    def detect(self, rgb: np.ndarray) -> Detections:
-        """Head boxes for one photo (blocks the calling thread until its batch has run).
-
-        :class:`~anonymiser.errors.DeviceFailure` when the device fails on it, or does not
-        answer within the engine's ``timeout_s`` (the job should go to another worker);
-        ``ValueError`` when ``rgb`` is not an RGB array.
-        """
-        if self._stop.is_set():
-            raise DeviceFailure("the LSC-CNN batcher is closed")
-        prepared = self.engine.prepare(rgb)  # a bad array raises ValueError: the input's fault
-        timeout = self.engine.options.timeout_s
-        deadline = time.monotonic() + timeout if timeout else None
-        futures = []
-        for piece in prepared.pieces:
-            future: Future[tuple[DeviceBatch, int]] = Future()
-            self._queue.put((piece, future))
-            futures.append((piece, future))
-        try:
-            for piece, future in futures:
-                batch, k = self._result(future, deadline)
-                prepared.accept(piece, batch.logits(k, deadline), batch.reduced)
-        except Exception as exc:
-            # The piece failed even alone (run_isolating), or the device stalled: the device's
-            # fault, not the photo's.
-            raise DeviceFailure(f"LSC-CNN on {self.engine.device} failed: {type(exc).__name__}: {exc}") from exc
-        return self.engine.finish(prepared, deadline)
-
-    def _result(self, future: "Future[tuple[DeviceBatch, int]]", deadline: float | None) -> tuple[DeviceBatch, int]:
-        """The future's result; ``TimeoutError`` past ``deadline``, ``RuntimeError`` when the
-        device thread has ended (closed while this caller was queueing) and nobody will answer."""
-        while True:
-            wait = _LIVENESS_CHECK_S if deadline is None else min(_LIVENESS_CHECK_S, deadline - time.monotonic())
-            if wait <= 0:
-                raise TimeoutError(f"no logits within {self.engine.options.timeout_s:g} s")
-            try:
-                return future.result(timeout=wait)
-            except TimeoutError:
-                if future.done():
-                    # Answered as the wait ran out (or the piece's own error is a TimeoutError):
-                    # the answer, not this wait's timeout.
-                    return future.result()
-                if not self._thread.is_alive() and not future.done():
-                    raise RuntimeError("the batcher is closed") from None
-
-    def _collect(self) -> list[tuple[Piece, Future[tuple[DeviceBatch, int]]]]:
-        first = self._queue.get()
-        if first is None:
-            return []
-        items = [first]
-        deadline = time.monotonic() + self.engine.options.max_wait_s
-        while len(items) < self.engine.options.max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except queue_module.Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue_module.Empty:
-                    break
-            if item is None:
-                self._stop.set()
-                break
-            items.append(item)
-        return items
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            items = self._collect()
-            if not items:
-                break
-            self._run_round(items)
-            # The round's batches and errors stay referenced only by their callers, so nothing
-            # of them lives on here while the thread waits or runs the next round.
-            del items
-        # Whatever is still queued will never run: fail it instead of hanging its caller.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue_module.Empty:
-                break
-            if item is not None:
-                item[1].set_exception(RuntimeError("the batcher is closed"))
-
-    def _run_round(self, items: list[tuple[Piece, "Future[tuple[DeviceBatch, int]]"]]) -> None:
-        """Run what one collection gathered, as batches, and answer every piece's future."""
-        futures = {id(piece): future for piece, future in items}
-        for members, hb, wb in self.engine.plan_batches([piece for piece, _ in items]):
-            try:
-                outcomes = self.engine.run_isolating(members, hb, wb)
-            except BaseException as exc:  # e.g. KeyboardInterrupt: nobody may hang waiting
-                outcomes = [(members, _without_traceback(exc))]  # type: ignore[list-item]
-            for ran, outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    for piece in ran:
-                        futures[id(piece)].set_exception(outcome)
-                    continue
-                if self.on_batch is not None:
-                    outcome.on_ready = functools.partial(self.on_batch, len(ran))
-                for k, piece in enumerate(ran):
-                    futures[id(piece)].set_result((outcome, k))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-
-class BatchedLSCCNNLocator:
-    """A ``HeadLocator`` whose ``locate`` goes through a shared :class:`MicroBatcher`."""
-
-    name: str = "lsccnn"
-    kind: BoxKind = "head"
-
-    def __init__(self, batcher: MicroBatcher) -> None:
-        self.batcher = batcher
-
-    def locate(self, rgb: np.ndarray) -> Detections:
-        return self.batcher.detect(rgb)
-
-
-def checkpoint_expectations(environ: Mapping[str, str]) -> tuple[str, int | None]:
-    """The MD5 and size (None: any) the batched locator's checkpoint must have: the official
-    file's, or ``ANON_LSCCNN_MD5`` / ``ANON_LSCCNN_SIZE``. ``ValueError`` names both when bad,
-    so the start-up check reports them instead of the warm-up."""
-    from .locators.lsccnn_checkpoint import OFFICIAL_MD5, OFFICIAL_SIZE
-
-    md5 = environ.get("ANON_LSCCNN_MD5", "").strip().lower() or OFFICIAL_MD5
-    size_raw = environ.get("ANON_LSCCNN_SIZE", "").strip()
-    problems = []
-    if md5 != OFFICIAL_MD5 and (len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5)):
-        problems.append(f"ANON_LSCCNN_MD5 must be 32 hex digits, got {md5!r}")
-    size: int | None = OFFICIAL_SIZE if md5 == OFFICIAL_MD5 else None
-    if size_raw:
-        try:
-            size = int(size_raw)
-            if size < 1:
-                raise ValueError
-        except ValueError:
-            problems.append(f"ANON_LSCCNN_SIZE must be a positive number of bytes, got {size_raw!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
-    return md5, size
-
-
-def load_batched_locator(
-    weights_dir: str | Path,
-    options: EngineOptions | None = None,
-    on_batch: Callable[[int, float], None] | None = None,
-    environ: Mapping[str, str] | None = None,
-    on_check: Callable[[PrecisionCheck], None] | None = None,
-) -> BatchedLSCCNNLocator:
-    """The batched LSC-CNN locator with the checkpoint in ``weights_dir``; ``on_batch`` and
-    ``on_check`` receive each batch and each precision check (metrics).
-
-    The official checkpoint is verified by size and MD5 as usual. ``ANON_LSCCNN_MD5`` (with
-    ``ANON_LSCCNN_SIZE``, optional) names the checksum of another file the operator vouches for
-    (e.g. a bare state-dict some forks publish, or a generated checkpoint in tests).
-    """
-    from .locators.lsccnn_checkpoint import OFFICIAL_FILENAME, load_model
-
-    env = os.environ if environ is None else environ
-    md5, size = checkpoint_expectations(env)
-    model = load_model(Path(weights_dir) / OFFICIAL_FILENAME, expected_size=size, expected_md5=md5)
-    engine = LSCCNNEngine(model, options or EngineOptions.from_env(env))
-    engine.on_check = on_check
-    return BatchedLSCCNNLocator(MicroBatcher(engine, on_batch=on_batch))
-
-
-# --------------------------------------------------------------------------------------------
-# comparing two sets of detections (tests, benchmarks)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How far ``candidate`` detections reproduce ``reference`` ones on one photo."""
-
-    reference: int
-    candidate: int
-    identical: int  # boxes present in both, coordinates equal
-    uncovered: int  # reference heads not fully painted over by the candidate's covers
-
-    @property
-    def identical_fraction(self) -> float:
-        most = max(self.reference, self.candidate)
-        return 1.0 if most == 0 else self.identical / most
-
-    def __add__(self, other: "Agreement") -> "Agreement":
-        return Agreement(self.reference + other.reference, self.candidate + other.candidate,
-                         self.identical + other.identical, self.uncovered + other.uncovered)
-
-
-@dataclass(frozen=True)
-class PrecisionCheck:
-    """One photo run in the engine's reduced precision and again in IEEE float32."""
-
-    precision: str  # the precision checked (fp16, bf16, tf32)
-    agreement: Agreement  # reference: float32's boxes; candidate: the reduced precision's
-    seconds: float  # the float32 pass, its decoding and the comparison
-    failed: bool  # below the bar: a head uncovered here, or the checks' identical share < 99 %
-    fell_back: bool  # this check switched the engine to float32
-
-
-def agreement(reference: Detections, candidate: Detections, image_hw: tuple[int, int]) -> Agreement:
-    """Identical boxes (multiset of exact coordinates) and reference heads left uncovered.
-
-    A reference head counts as covered when every pixel of its box lies under the covers the
-    pipeline would paint for the candidate's boxes (padded as head boxes, rounded outwards).
-    """
-    from collections import Counter
-
-    from .regions import pad_boxes, to_pixels
-
-    ref = Counter(map(tuple, np.asarray(reference.boxes).tolist()))
-    cand = Counter(map(tuple, np.asarray(candidate.boxes).tolist()))
-    identical = sum((ref & cand).values())
-    h, w = image_hw
-    painted = np.zeros((h, w), bool)
-    boxes, _ = to_pixels(pad_boxes(candidate.boxes, "head"), 1.0, w, h)
-    for x1, y1, x2, y2 in boxes:
-        painted[y1:y2, x1:x2] = True
-    uncovered = 0
-    for x1, y1, x2, y2 in np.asarray(reference.boxes, np.float64):
-        a, b = int(math.floor(x1)), int(math.ceil(x2))
-        c, d = int(math.floor(y1)), int(math.ceil(y2))
-        region = painted[max(c, 0) : min(d, h), max(a, 0) : min(b, w)]
-        if region.size and not region.all():
-            uncovered += 1
-    return Agreement(len(reference), len(candidate), identical, uncovered)
-
-
-# --------------------------------------------------------------------------------------------
-# arithmetic per photo (benchmarks: achieved TFLOP/s)
-# --------------------------------------------------------------------------------------------
-
-#: Input stride of every layer, from the data flow of spec §1.3 (the channel counts and kinds come
-#: from the layer table of spec §1.2, transcribed in ``lsccnn_net._LAYERS``). A 3x3 convolution
-#: keeps its input's resolution; a transposed one enlarges it by 2 (``t2``) or 4 (``t4``).
-LAYER_INPUT_STRIDES: dict[str, int] = {
-    **{f"conv1_{k}": 1 for k in (1, 2)},
-    **{f"conv2_{k}": 2 for k in (1, 2)},
-    **{f"conv3_{k}": 4 for k in (1, 2, 3)},
-    **{f"conv4_{k}": 8 for k in (1, 2, 3)},
-    **{f"conv5_{k}": 16 for k in (1, 2, 3)},
-    "conv_before_transpose_1": 16,
-    **{f"convA_{k}": 16 for k in range(1, 6)},
-    **{f"convB_{k}": 8 for k in range(1, 6)},
-    **{f"convC_{k}": 4 for k in range(1, 6)},
-    **{f"convD_{k}": 2 for k in range(1, 6)},
-    "transpose_1": 16, "conv_after_transpose_1_1": 8,
-    "transpose_2": 8, "conv_after_transpose_2_1": 4,
-    "transpose_3": 16, "conv_after_transpose_3_1": 4,
-    "transpose_4_1_a": 16, "transpose_4_1_b": 4, "conv_after_transpose_4_1": 2,
-    "transpose_4_2": 8, "conv_after_transpose_4_2": 2,
-    "transpose_4_3": 4, "conv_after_transpose_4_3": 2,
-    **{f"conv_middle_{k}": 8 for k in (1, 2, 3)}, "conv_mid_4": 8,
-    **{f"conv_lowest_{k}": 4 for k in (1, 2, 3, 4)},
-    **{f"conv_scale1_{k}": 2 for k in (1, 2, 3)},
-}
-
-
-def lsccnn_flops(height: int, width: int) -> int:
-    """Floating-point operations (2 per multiply-accumulate) of one forward pass at ``height x width``.
-
-    A 3x3 convolution costs ``9 * in * out`` MACs per output pixel; a transposed one ``9 * in *
-    out`` per *input* pixel (each input pixel scatters one 3x3 kernel per output channel).
-    Biases, ReLUs, poolings and the mean subtraction are left out (well under 0.1 %). About 359
-    GMAC at 640x480, 4.9 TFLOP at 1920x1088.
-    """
-    from .locators.lsccnn_net import _LAYERS
-
-    if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
-        raise ValueError("LSC-CNN input sides are multiples of 16")
-    macs = 0
-    for name, c_in, c_out, _kind in _LAYERS:
-        d = LAYER_INPUT_STRIDES[name]
-        macs += 9 * c_in * c_out * (height // d) * (width // d)
-    return 2 * macs
