@@ -13,19 +13,16 @@ has one line per request with sizes, counts and timings only). A request larger 
 is refused from its ``Content-Length`` before its body is read. Memory is bounded by admitting at
 most ``max_concurrent + queue`` image requests at a time (the rest get 503 with ``Retry-After``
 before their body is read) and running at most ``max_concurrent`` anonymisations at once.
+
+This module is the HTTP side (handler, server, command line); what the handlers share is in
+:mod:`.app`, admission in :mod:`.gate`, and reads bounded by a deadline in :mod:`.deadline_reader`.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import copy
-import dataclasses
-import http.client
-import io
 import json
 import logging
-import math
 import os
 import re
 import select
@@ -36,31 +33,31 @@ import time
 from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
-from .. import emoji  # importing the package switches ONNX Runtime telemetry off first
+from .. import emoji
 from ..cover import STYLES, CoverStyle
-from ..errors import (
-    AnimatedImage,
-    AnonymiserError,
-    BadRegions,
-    CorruptImage,
-    EmptyImage,
-    ImageTooLarge,
-    ImageTooNarrow,
-    OutputTooLarge,
-    UnsupportedImage,
-    WeightsError,
-)
+from ..errors import AnonymiserError
 from ..int_settings import is_decimal
-from ..limits import Limits
 from ..locators.registry import REGISTRY
-from ..pipeline import Anonymiser, Result, Settings, cover_given
+from ..pipeline import Anonymiser, Result
 from ..process import forbid_core_dumps
-from . import multipart, openapi
+from . import multipart
+from .app import (
+    FORM_ALLOWANCE,
+    RETRY_AFTER_S,
+    HttpError,
+    WebApp,
+    busy,
+    coverage_warning,
+    http_error_for,
+    parse_regions,
+    result_json,
+)
+from .deadline_reader import MAX_HEADER_BYTES, SOCKET_TIMEOUT_S, DeadlineReader
+from .gate import DEFAULT_QUEUE, Busy, Gate
 from .hosts import HostPolicy, is_loopback
 
 LOG = logging.getLogger("anonymiser.web")
@@ -70,26 +67,14 @@ DEFAULT_HOST = "127.0.0.1"
 #: "client closed request"); nothing is sent
 ABANDONED = 499
 DEFAULT_PORT = 8321
-DEFAULT_QUEUE = 8
-#: bytes allowed on top of the image byte budget for the form's boundaries, headers and fields
-FORM_ALLOWANCE = 1024 * 1024
-#: the most regions a reviewed image may carry (a dense crowd has a few thousand)
-MAX_REGIONS = 10_000
-#: what a busy server tells clients to wait, in seconds
-RETRY_AFTER_S = 3
 #: a whole body must arrive within this time (a slow client must not hold a place for ever)
 BODY_DEADLINE_S = 120.0
 #: a request line and its headers must arrive within this time of the server starting to wait
 #: for them (the same as the idle timeout of a kept-alive connection)
 HEADER_DEADLINE_S = 30.0
-#: bytes of header lines allowed per request (the standard library alone allows 100 lines of
-#: 64 KiB each, 6.5 MB held per connection while they trickle in)
-MAX_HEADER_BYTES = 64 * 1024
 #: connections served at once; one more is answered 503 at once. Each holds a thread and, while
 #: its headers arrive, up to MAX_HEADER_BYTES; image bodies are bounded by the Gate.
 MAX_CONNECTIONS = 64
-#: idle time allowed on a connection's socket between reads
-SOCKET_TIMEOUT_S = 30.0
 #: after refusing a body we did not read, discard what the client still sends for this long,
 #: so that closing the socket does not reset the connection before the client reads our answer
 LINGER_S = 2.0
@@ -108,236 +93,7 @@ SECURITY_HEADERS: dict[str, str] = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".svg": "image/svg+xml",
-    ".png": "image/png",
-}
-#: HTTP status for each typed error of the image core (the most specific class wins)
-STATUS_FOR_ERROR: dict[type[AnonymiserError], int] = {
-    UnsupportedImage: 415,
-    ImageTooLarge: 413,
-    BadRegions: 400,
-    CorruptImage: 422,
-    AnimatedImage: 422,
-    ImageTooNarrow: 422,
-    EmptyImage: 422,
-    OutputTooLarge: 422,
-    WeightsError: 500,
-}
 _EXTENSION = {"image/jpeg": "jpg", "image/png": "png"}
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class HttpError(Exception):
-    """An error answer: HTTP status, stable code and a sentence, as ``{"error", "message"}``.
-
-    ``close`` is set when the request body was (or may have been) left unread: the connection
-    cannot be reused and is closed after the answer.
-    """
-
-    def __init__(self, status: int, code: str, message: str, *, close: bool = False,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.close = close
-        self.headers = headers or {}
-
-
-def http_error_for(exc: AnonymiserError) -> HttpError:
-    """The one place where typed errors of the image core become HTTP answers."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_FOR_ERROR:
-            return HttpError(STATUS_FOR_ERROR[cls], exc.code, str(exc))
-    return HttpError(422, exc.code, str(exc))
-
-
-def busy() -> HttpError:
-    """503 with Retry-After; the body was not read, so the connection is closed."""
-    return HttpError(
-        503, "busy", "The anonymiser is busy with other photos; please try again in a few seconds.",
-        close=True, headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
-# --------------------------------------------------------------------------- concurrency
-
-
-class Busy(Exception):
-    """No room in the queue."""
-
-
-class Gate:
-    """Admission and concurrency bound for image requests.
-
-    ``admit()`` is entered before a body is read: at most ``max_concurrent + queue`` requests
-    hold a body in memory at any time; one more is refused at once (``Busy``) rather than queued
-    without bound. ``slot()`` is entered around the anonymisation itself: at most
-    ``max_concurrent`` run at once, the others wait their turn (at most ``wait_s``).
-    """
-
-    def __init__(self, max_concurrent: int, queue: int = DEFAULT_QUEUE, wait_s: float = 300.0) -> None:
-        if max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
-        if queue < 0:
-            raise ValueError("queue must not be negative")
-        self.max_concurrent = max_concurrent
-        self.capacity = max_concurrent + queue
-        self.wait_s = wait_s
-        self._slots = threading.Semaphore(max_concurrent)
-        self._lock = threading.Lock()
-        self._admitted = 0
-
-    @property
-    def admitted(self) -> int:
-        """Requests currently admitted (running or waiting)."""
-        with self._lock:
-            return self._admitted
-
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        with self._lock:
-            if self._admitted >= self.capacity:
-                raise Busy()
-            self._admitted += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._admitted -= 1
-
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        if not self._slots.acquire(timeout=self.wait_s):
-            raise Busy()
-        try:
-            yield
-        finally:
-            self._slots.release()
-
-
-# --------------------------------------------------------------------------- reading with a deadline
-
-
-class DeadlineReader:
-    """A connection's ``rfile`` whose reads end at a deadline, however slowly bytes trickle in.
-
-    A socket timeout alone bounds each ``recv``, not a read: a buffered ``readline`` or
-    ``readinto`` keeps waiting as long as one byte arrives within every timeout, so a client
-    sending a byte every 29 seconds held its place (and its admission to the Gate) for ever.
-    Here every ``recv`` is armed with the time left, and a read made of several ``recv`` calls
-    re-arms before each. ``budget`` (when set) bounds the bytes ``readline`` may return in all,
-    for the header section of a request.
-    """
-
-    def __init__(self, raw: io.BufferedReader, sock: socket.socket) -> None:
-        self._raw, self._sock = raw, sock
-        self.deadline = math.inf
-        self.budget: int | None = None
-
-    def start(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
-
-    def stop(self) -> None:
-        """No deadline; the socket is back to the idle timeout (which also bounds writes)."""
-        self.deadline = math.inf
-        self._sock.settimeout(SOCKET_TIMEOUT_S)
-
-    def _arm(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            self.stop()
-            raise TimeoutError("the deadline for this request passed")
-        self._sock.settimeout(min(SOCKET_TIMEOUT_S, left))
-
-    def readline(self, limit: int = -1) -> bytes:
-        line = bytearray()
-        while limit < 0 or len(line) < limit:
-            self._arm()
-            ahead = self._raw.peek(1)  # at most one recv
-            if not ahead:
-                break
-            if limit >= 0:
-                ahead = ahead[: limit - len(line)]
-            end = ahead.find(b"\n")
-            line += self._raw.read(end + 1 if end >= 0 else len(ahead))  # already buffered
-            if self.budget is not None and len(line) > self.budget:
-                # parse_request answers 431 for it
-                raise http.client.HTTPException(f"the headers are longer than {MAX_HEADER_BYTES:,} bytes in all")
-            if end >= 0:
-                break
-        if self.budget is not None:
-            self.budget -= len(line)
-        return bytes(line)
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:
-        """Fill ``buffer``; fewer bytes only at the end of the stream."""
-        view = memoryview(buffer).cast("B")
-        filled = 0
-        while filled < len(view):
-            self._arm()
-            count = self._raw.readinto1(view[filled:])  # at most one recv
-            if not count:
-                break
-            filled += count
-        return filled
-
-    def read(self, size: int) -> bytes:
-        buffer = bytearray(size)
-        return bytes(buffer[: self.readinto(buffer)])
-
-    def __getattr__(self, name: str) -> Any:  # close(), closed, ... of the buffered reader
-        return getattr(self._raw, name)
-
-
-# --------------------------------------------------------------------------- application
-
-
-def _load_static() -> dict[str, tuple[bytes, str]]:
-    """Every file of ``static/`` by URL path, read once (they ship inside the package)."""
-    files: dict[str, tuple[bytes, str]] = {}
-    folder = resources.files(__package__) / "static"
-    for entry in folder.iterdir():
-        suffix = Path(entry.name).suffix
-        if entry.is_file() and suffix in CONTENT_TYPES:
-            files["/static/" + entry.name] = (entry.read_bytes(), CONTENT_TYPES[suffix])
-    files["/"] = files["/static/index.html"]
-    return files
-
-
-def parse_regions(text: str) -> list[tuple[int, int, int, int]]:
-    """A JSON array of ``[x1, y1, x2, y2]`` (or ``{"box": [...]}``) as integer boxes; 400 if bad."""
-    def bad(why: str) -> HttpError:
-        return HttpError(400, "bad_regions", f"'regions' must be a JSON array of [x1, y1, x2, y2] boxes: {why}.")
-
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise bad("it is not valid JSON") from None
-    except RecursionError:  # "[[[[...]]]]" nested deeper than the parser goes
-        raise bad("it is nested too deeply") from None
-    if not isinstance(value, list):
-        raise bad("it is not an array")
-    if len(value) > MAX_REGIONS:
-        raise bad(f"more than {MAX_REGIONS:,} boxes")
-    boxes: list[tuple[int, int, int, int]] = []
-    for item in value:
-        if isinstance(item, dict):
-            item = item.get("box")
-        if not isinstance(item, list) or len(item) != 4:
-            raise bad("each box has four numbers")
-        # abs() first: a JSON integer past a float's range makes math.isfinite raise OverflowError
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e6 and math.isfinite(v) for v in item):
-            raise bad("each coordinate is a finite number")
-        x1, y1, x2, y2 = (int(round(v)) for v in item)
-        if x2 <= x1 or y2 <= y1:
-            raise bad("each box has x2 > x1 and y2 > y1")
-        boxes.append((x1, y1, x2, y2))
-    return boxes
 
 
 def split_url(url: str) -> SplitResult | None:
@@ -347,20 +103,6 @@ def split_url(url: str) -> SplitResult | None:
         return urlsplit(url)
     except ValueError:
         return None
-
-
-def result_json(result: Result) -> dict[str, Any]:
-    """The JSON form of a result: the report, the image as base64 and the covered regions."""
-    report = result.report
-    return {
-        "image": base64.b64encode(result.data).decode("ascii"),
-        "mime": result.mime,
-        "heads_covered": report.heads_covered,
-        "width": report.output_size[0],
-        "height": report.output_size[1],
-        "regions": [{"box": list(r.box), "sources": list(r.sources)} for r in report.regions],
-        "report": report.to_dict(),
-    }
 
 
 def exposure_warning(host: str) -> str | None:
@@ -374,76 +116,6 @@ def exposure_warning(host: str) -> str | None:
         f"network unencrypted (plain HTTP). Only do this on a network you trust.\n{bar}\n"
     )
 
-
-#: locators that find heads seen from behind or from above; CenterFace finds faces only
-HEAD_LOCATORS = frozenset({"heads", "lsccnn"})
-
-
-def coverage_warning(locators: Sequence[str]) -> str | None:
-    """What the page and the console say when no locator finds heads that show no face."""
-    if HEAD_LOCATORS & set(locators):
-        return None
-    return (
-        "Only faces are looked for: the head model is not installed, so heads seen from behind, "
-        "from above or far away are often not covered (on the team's crowd photos about one head "
-        "in ten was missed, against one in forty with the head model). Check every photo and cover "
-        "what was missed with Review covers, or install the head model (weights/README.md) and "
-        "restart."
-    )
-
-
-class WebApp:
-    """What the handlers share: one loaded ``Anonymiser``, the gate, the page's files."""
-
-    def __init__(self, anonymiser: Anonymiser, gate: Gate, version: str = "0.1.0") -> None:
-        self.anonymiser = anonymiser
-        self.settings: Settings = anonymiser.settings
-        self.limits: Limits = anonymiser.settings.limits
-        self.gate = gate
-        self.static = _load_static()
-        self.openapi = json.dumps(openapi.document(self.limits, version), indent=2).encode()
-        #: the names requests must be addressed to (None: any), set by make_server once bound
-        self.hosts: HostPolicy | None = None
-
-    @property
-    def max_request_bytes(self) -> int:
-        return self.limits.max_input_bytes + FORM_ALLOWANCE
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "locators": [l.name for l in self.anonymiser.locators],
-            "style": self.settings.style.style,
-            "skin_tone": self.settings.style.skin_tone,
-            "styles": list(STYLES),
-            "skin_tones": list(emoji.SKIN_TONES),
-            "max_input_bytes": self.limits.max_input_bytes,
-            "max_request_bytes": self.max_request_bytes,
-            "max_concurrent": self.gate.max_concurrent,
-            "warning": coverage_warning([l.name for l in self.anonymiser.locators]),
-        }
-
-    def style_for(self, style: str | None, skin_tone: str | None) -> CoverStyle:
-        """The server's default style with the request's choices; 400 for unknown values."""
-        base = self.settings.style
-        if style is not None and style not in STYLES:
-            raise HttpError(400, "bad_parameter", f"Unknown style {style!r}; choose one of {', '.join(STYLES)}.")
-        if skin_tone is not None and skin_tone not in emoji.SKIN_TONES:
-            raise HttpError(400, "bad_parameter", f"Unknown skin_tone {skin_tone!r}; choose one of {', '.join(emoji.SKIN_TONES)}.")
-        return dataclasses.replace(base, style=style or base.style, skin_tone=skin_tone or base.skin_tone)
-
-    def anonymise(self, data: bytes, style: CoverStyle) -> Result:
-        """Anonymise with the shared, already loaded locators and this request's style."""
-        anonymiser = self.anonymiser
-        if style != self.settings.style:
-            # A shallow copy shares the loaded models (ONNX Runtime sessions are safe to run
-            # from several threads) and only swaps the frozen settings for this one request.
-            anonymiser = copy.copy(self.anonymiser)
-            anonymiser.settings = dataclasses.replace(self.settings, style=style)
-        return anonymiser.anonymise(data)
-
-    def cover(self, data: bytes, regions: list[tuple[int, int, int, int]], style: CoverStyle) -> Result:
-        return cover_given(data, regions, dataclasses.replace(self.settings, style=style))
 
 
 # --------------------------------------------------------------------------- HTTP handler

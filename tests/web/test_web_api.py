@@ -21,7 +21,8 @@ from anonymiser.cover import CoverStyle, cover
 from anonymiser.limits import Limits
 from anonymiser.pipeline import Anonymiser, Settings
 from anonymiser.web import multipart as mp
-from anonymiser.web.server import CSP, HttpError, parse_regions
+from anonymiser.web.app import HttpError, parse_regions
+from anonymiser.web.server import CSP
 
 from web_harness import (
     ASTRONAUT_FACE,

@@ -23,7 +23,9 @@ from PIL import Image
 
 from anonymiser.locators.base import Detections
 from anonymiser.pipeline import Anonymiser
-from anonymiser.web.server import Gate, WebApp, WebServer, make_server
+from anonymiser.web.app import WebApp
+from anonymiser.web.gate import Gate
+from anonymiser.web.server import WebServer, make_server
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
