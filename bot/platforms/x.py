@@ -35,7 +35,6 @@ What maps how (see README, "X"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -70,6 +69,7 @@ from .base import (
     read_events,
     web_link,
 )
+from .x_text import HOSTS, dm_text, expand_links, fit, marker, marker_line, with_cw
 
 log = logging.getLogger("bot.platforms.x")
 
@@ -95,13 +95,9 @@ USER_FIELDS = ["description", "name", "protected", "username", "withheld"]
 DM_FIELDS = ["id", "event_type", "text", "sender_id", "dm_conversation_id", "created_at", "entities", "attachments",
              "referenced_tweets"]
 
-_HOSTS = {"x.com", "www.x.com", "mobile.x.com", "twitter.com", "www.twitter.com", "mobile.twitter.com"}
 _STATUS_PATH = re.compile(r"^/(?:[A-Za-z0-9_]{1,15}|i/web|i)/status(?:es)?/(\d{1,20})(?:/.*)?$")
 _MEDIA_TYPES = {"photo": "image", "animated_gif": "gifv", "video": "video"}
 _NUMERIC = re.compile(r"/\d{3,}(?=/|$)")  # ids, not the API version
-_URL = re.compile(r"https?://\S+")
-_TCO = re.compile(r"https?://t\.co/\w+")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -121,64 +117,6 @@ def _since(since_id: str | None) -> str | None:
     return since_id if since_id and since_id.strip("0") else None
 
 
-def marker(idempotency_key: str) -> str:
-    """The short code that identifies one job's post (10 hex digits: 40 bits)."""
-    return hashlib.sha256(idempotency_key.encode()).hexdigest()[:10] if idempotency_key else ""
-
-
-def _marker_line(code: str) -> str:
-    return f"\n\nref {code}" if code else ""
-
-
-def weighted_length(text: str) -> int:
-    """Characters as X counts them: URLs 23, most Latin/punctuation 1, everything else 2."""
-    total = 0
-    for part in _URL.split(text):
-        for ch in part:
-            cp = ord(ch)
-            light = cp <= 4351 or 8192 <= cp <= 8205 or 8208 <= cp <= 8223 or 8242 <= cp <= 8247
-            total += 1 if light else 2
-    return total + 23 * len(_URL.findall(text))
-
-
-def fit(text: str, code: str, limit: int) -> str:
-    """``text`` plus the marker line within ``limit``: middle sentences are dropped first (the
-    first says what this is, the last how to get it deleted), then the end is cut with "…"."""
-    suffix = _marker_line(code)
-    if weighted_length(text + suffix) <= limit:
-        return text + suffix
-    sentences = _SENTENCE.split(text)
-    while len(sentences) > 2 and weighted_length(" ".join(sentences) + suffix) > limit:
-        del sentences[1]
-    out = " ".join(sentences)
-    if weighted_length(out + suffix) <= limit:
-        return out + suffix
-    while out and weighted_length(out + "…" + suffix) > limit:
-        cut = out.rfind(" ")
-        out = out[:cut].rstrip() if cut > 0 else out[:-1]
-    return out + "…" + suffix
-
-
-def _with_cw(text: str, spoiler_text: str) -> str:
-    """X has no content warnings: the warning goes first, as a line of its own."""
-    return f"CW: {spoiler_text}\n{text}" if spoiler_text else text
-
-
-def _expand(text: str, entities: dict[str, Any] | None) -> str:
-    """t.co links back to what they point at; links to the tweet's own media removed."""
-    for url in (entities or {}).get("urls", []) or []:
-        short = url.get("url")
-        if not short:
-            continue
-        expanded = web_link(str(url.get("expanded_url") or ""))
-        dm_media = expanded is not None and (expanded.hostname or "").lower() in _HOSTS and expanded.path.startswith("/messages/media/")
-        if url.get("media_key") or dm_media or str(url.get("display_url", "")).startswith(("pic.x.com", "pic.twitter.com")):
-            text = text.replace(short, "")
-        elif url.get("expanded_url"):
-            text = text.replace(short, url["expanded_url"])
-    return text.strip()
-
-
 def _one_to_one(event: dict[str, Any], my_id: str) -> bool:
     """Whether a DM event belongs to the bot's one-to-one conversation with its sender.
 
@@ -192,32 +130,6 @@ def _one_to_one(event: dict[str, Any], my_id: str) -> bool:
     if not conversation:
         return True
     return sorted(conversation.split("-")) == sorted((str(event.get("sender_id", "")), my_id))
-
-
-def _dm_text(event: dict[str, Any]) -> str:
-    """A DM event's text with its links as the sender wrote them.
-
-    A DmEvent carries its entities at its top level (``urls``, ``mentions``, ``hashtags``,
-    ``cashtags``, asked for with the ``entities`` field), not under ``entities`` as a tweet does
-    (docs.x.com/x-api/direct-messages/get-dm-events-by-id; the DmEvent schema of X's SDK). A
-    post shared into the conversation comes as ``referenced_tweets: [{"id": ...}]`` beside its
-    t.co link: the post's own URL stands for it where the text does not name it yet, in place
-    of the t.co links left unexpanded when there are as many of them (a takedown request must
-    not be answered "I do not know that link" for the link of the very post it shares).
-    """
-    # The tweet-like nesting is read too: it costs nothing, and a link left short would make a
-    # takedown request "unknown".
-    nested = (event.get("entities") or {}).get("urls") or []
-    text = _expand(event.get("text", ""), {"urls": [*(event.get("urls") or []), *nested]})
-    shared = [str(r["id"]) for r in event.get("referenced_tweets") or [] if isinstance(r, dict) and r.get("id")]
-    links = [f"https://x.com/i/web/status/{i}" for i in dict.fromkeys(shared) if i not in text]
-    wrapped = _TCO.findall(text)
-    if links and len(wrapped) == len(links):
-        for short, link in zip(wrapped, links):
-            text = text.replace(short, link, 1)
-    elif links:
-        text = " ".join([text, *links]).strip()
-    return text
 
 
 def _photo_url(url: str) -> str:
@@ -441,7 +353,7 @@ class XPlatform:
         user = includes.users.get(author_id) or {"id": author_id, "username": author_id, "protected": True}
         account = cls.parse_account(user)
         note = tweet.get("note_tweet") or {}
-        text = _expand(note.get("text") or tweet.get("text", ""), note.get("entities") if note.get("text") else tweet.get("entities"))
+        text = expand_links(note.get("text") or tweet.get("text", ""), note.get("entities") if note.get("text") else tweet.get("entities"))
         media = []
         for key in (tweet.get("attachments") or {}).get("media_keys", []) or []:
             item = includes.media.get(str(key))
@@ -489,7 +401,7 @@ class XPlatform:
         return Post(
             id=f"dm:{event['id']}",
             account=cls.parse_account(user),
-            text=_dm_text(event),
+            text=dm_text(event),
             visibility="direct",
             media=tuple(Media(id=str(key), type="unknown", url="") for key in keys),
         )
@@ -777,7 +689,7 @@ class XPlatform:
             text = draft.text
             if text.startswith(f"@{to.acct} "):
                 text = text[len(to.acct) + 2:]
-            return self._send_dms(to, _with_cw(text, draft.spoiler_text), items, draft.idempotency_key, draft.sensitive)
+            return self._send_dms(to, with_cw(text, draft.spoiler_text), items, draft.idempotency_key, draft.sensitive)
         try:
             return self._tweet_reply(draft, items)
         except RepliesClosed:
@@ -798,7 +710,7 @@ class XPlatform:
             for tweet in body.get("data") or []:
                 referenced = {(r.get("type"), str(r.get("id"))) for r in tweet.get("referenced_tweets", []) or []}
                 text = (tweet.get("note_tweet") or {}).get("text") or tweet.get("text", "")
-                if ("replied_to", in_reply_to_id) in referenced and _marker_line(code).strip() in text:
+                if ("replied_to", in_reply_to_id) in referenced and marker_line(code).strip() in text:
                     includes = _Includes()
                     includes.users[me.id] = {"id": me.id, "username": me.acct, "protected": me.locked}
                     return self.parse_tweet(dict(tweet, author_id=me.id), includes)
@@ -816,7 +728,7 @@ class XPlatform:
             if existing is not None:
                 log.info("reply_exists", extra={"reply_id": existing.id, "in_reply_to": target})
                 return existing
-        text = fit(_with_cw(draft.text, draft.spoiler_text), code, TWEET_LIMIT)
+        text = fit(with_cw(draft.text, draft.spoiler_text), code, TWEET_LIMIT)
         media_ids = [i if isinstance(i, str) else self._upload(i, "tweet_image", draft.sensitive) for i in items]
         try:
             body = self._call(
@@ -867,14 +779,14 @@ class XPlatform:
         sent = self._sent_dms(to.id) if key else []
         ids: list[str] = []
         for (part, item), code in zip(parts, codes):
-            found = next((e for e in sent if code and _marker_line(code).strip() in e.get("text", "")), None)
+            found = next((e for e in sent if code and marker_line(code).strip() in e.get("text", "")), None)
             if found is not None:
                 ids.append(str(found["id"]))
                 continue
             media_id = None
             if item is not None:
                 media_id = item if isinstance(item, str) else self._upload(item, "dm_image", sensitive)
-            message = part[: DM_LIMIT - 20] + _marker_line(code)
+            message = part[: DM_LIMIT - 20] + marker_line(code)
             try:
                 body = self._call(
                     "POST /2/dm_conversations/with/:id/messages", self.client.create_direct_message,
@@ -903,7 +815,7 @@ class XPlatform:
         if is_decimal(reference):
             return reference
         parsed = web_link(reference)
-        if parsed is None or (parsed.hostname or "").lower() not in _HOSTS:
+        if parsed is None or (parsed.hostname or "").lower() not in HOSTS:
             return None
         match = _STATUS_PATH.match(parsed.path)
         return match.group(1) if match else None

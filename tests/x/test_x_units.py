@@ -13,7 +13,8 @@ import pytest
 from bot import messages
 from bot.config import BotConfig, ConfigError
 from bot.platforms.registry import make
-from bot.platforms.x import TWEET_LIMIT, XPlatform, _Includes, fit, marker, weighted_length
+from bot.platforms.x import TWEET_LIMIT, XPlatform, _Includes
+from bot.platforms.x_text import fit, marker, weighted_length
 from bot.takedown import references
 
 REPO = Path(__file__).resolve().parents[2]
