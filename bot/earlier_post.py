@@ -8,7 +8,9 @@ only one of the two is recorded, so a takedown would delete that one and leave t
 So the first attempt of each post is noted in Redis, and an attempt later than the platform's
 window reads the thread for the bot's reply before posting. Only such late retries pay for the
 read; platforms without the window (X, which looks for its ``ref`` marker before every post)
-are not asked.
+are not asked. The same holds for the direct message that confirms a takedown: a duplicate of
+it would only repeat itself, but it answers a request the person is waiting on, and the
+recorded id should be the one they got.
 """
 
 from __future__ import annotations
@@ -22,18 +24,25 @@ from .store import Store
 log = logging.getLogger("bot.earlier_post")
 
 
-def earlier_post(platform: Platform, store: Store, draft: ReplyDraft) -> Post | None:
-    """The reply an earlier attempt of ``draft`` posted, where the server may have forgotten
-    its idempotency key since; None where the key still holds, or nothing was posted."""
+def earlier_post(platform: Platform, store: Store, idempotency_key: str, in_reply_to_id: str,
+                 with_media: bool) -> Post | None:
+    """The bot's reply to ``in_reply_to_id`` (with images or without) that an earlier attempt
+    under ``idempotency_key`` posted, where the server may have forgotten the key since; None
+    where the key still holds, or nothing was posted."""
     window: float | None = getattr(platform, "idempotency_window_s", None)
-    if window is None or not draft.idempotency_key:
+    if window is None or not idempotency_key:
         return None
     now = time.time()
-    first = store.first_post_attempt(f"{platform.name}:{draft.idempotency_key}", now)
+    first = store.first_post_attempt(f"{platform.name}:{idempotency_key}", now)
     if now - first < window:
         return None
-    found: Post | None = platform.own_reply(draft.in_reply_to.id, bool(draft.media_ids))  # type: ignore[attr-defined]
-    log.info("late_retry_lookup", extra={"in_reply_to": draft.in_reply_to.id, "found": found is not None,
+    found: Post | None = platform.own_reply(in_reply_to_id, with_media)  # type: ignore[attr-defined]
+    log.info("late_retry_lookup", extra={"in_reply_to": in_reply_to_id, "found": found is not None,
                                          "reply_id": found.id if found else None,
                                          "since_first_attempt_s": round(now - first)})
     return found
+
+
+def earlier_reply(platform: Platform, store: Store, draft: ReplyDraft) -> Post | None:
+    """:func:`earlier_post` for a reply draft."""
+    return earlier_post(platform, store, draft.idempotency_key, draft.in_reply_to.id, bool(draft.media_ids))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from . import messages, soft_limit
 from .copies import delete_copy, own_copies
+from .earlier_post import earlier_post
 from .handler import Job
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post
 from .store import Store
@@ -226,8 +227,10 @@ class TakedownHandler:
 
     def _confirm(self, dm: Post, text: str, done_key: str, outcome: str) -> str:
         with soft_limit.held("confirmation"):  # sent and recorded in one go (bot/soft_limit.py)
+            key = f"ppb-{done_key}"
             try:
-                sent_id = self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=f"ppb-{done_key}").id
+                earlier = earlier_post(self.platform, self.store, key, dm.id, with_media=False)
+                sent_id = (earlier or self.platform.direct_message(dm.account, text, in_reply_to=dm, idempotency_key=key)).id
             except MessagesRefused:
                 # What was asked is done, and a retry would only be refused again.
                 log.warning("confirmation_refused", extra={"dm_id": dm.id, "outcome": outcome})

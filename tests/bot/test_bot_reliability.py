@@ -102,6 +102,20 @@ def test_worker_killed_after_posting_does_not_post_twice(e2e: E2E) -> None:
     assert not [r for r in fake.log() if r.path.endswith("/context")]
 
 
+def die_and_retry_an_hour_later(e2e: E2E, key_part: bytes = b"") -> None:
+    """The worker dies while its post (held by the fake) is on its way; then the server's hour
+    passes: it forgets the idempotency key, and the first attempt of the post (the one noted
+    whose key holds ``key_part``) is that long ago; the job is redelivered to a new worker."""
+    e2e.workers.kill()
+    e2e.fake.release_posts()
+    e2e.fake.forget_idempotency_keys()
+    attempts = [k for k in e2e.redis.scan_iter("ppb:posting:*") if key_part in k]
+    assert len(attempts) == 1, "the first attempt of the post was noted"
+    e2e.redis.set(attempts[0], repr(time.time() - 3700), keepttl=True)
+    wait_delivery_expired(e2e)
+    e2e.workers.start()
+
+
 def test_retry_after_the_servers_idempotency_hour_finds_the_reply_instead_of_posting_again(e2e: E2E) -> None:
     """Mastodon forgets an Idempotency-Key after an hour. A job whose reply was created but whose
     worker died before hearing so, retried later than that (parked behind the posting budget),
@@ -113,15 +127,7 @@ def test_retry_after_the_servers_idempotency_hour_finds_the_reply_instead_of_pos
     fake.hold_posts()
     e2e.send(e2e.job(request))
     fake.wait_for(lambda: fake.posted, 60, what="the reply to be created")
-    e2e.workers.kill()
-    fake.release_posts()
-    # The hour passes: the server forgets the key, and the first attempt is that long ago.
-    fake.forget_idempotency_keys()
-    attempts = [k for k in e2e.redis.scan_iter("ppb:posting:*")]
-    assert len(attempts) == 1, "the first attempt of the post was noted"
-    e2e.redis.set(attempts[0], repr(time.time() - 3700), keepttl=True)
-    wait_delivery_expired(e2e)
-    e2e.workers.start()
+    die_and_retry_an_hour_later(e2e)
 
     e2e.settle()
     first = fake.replies_to(request["id"])
@@ -131,6 +137,29 @@ def test_retry_after_the_servers_idempotency_hour_finds_the_reply_instead_of_pos
     # recorded, so a takedown finds and deletes the one copy there is
     assert e2e.store.replies_of("mastodon", request["id"]) == {first[0]["id"]}
 
+
+def test_takedown_retried_after_the_servers_idempotency_hour_confirms_once(e2e: E2E) -> None:
+    """The confirmation of a takedown is posted, the worker dies before recording it, and the
+    retry comes after the server forgot the key: the retry finds the confirmation in the DM's
+    thread, records it, and the person gets one answer."""
+    fake = e2e.fake
+    alice, carol = fake.add_account("alice"), fake.add_account("carol")
+    request = fake.mention(alice, "please", media=[fake.media(jpeg(256))])
+    e2e.send(e2e.job(request))
+    copy = e2e.reply_to(request)
+    dm = fake.mention(carol, f"please delete {copy['url']}", visibility="direct")
+    fake.hold_posts()
+    e2e.send(e2e.job(dm, kind="takedown"))
+    fake.wait_for(lambda: fake.replies_to(dm["id"]), 60, what="the confirmation to be created")
+    die_and_retry_an_hour_later(e2e, b"takedown")
+
+    e2e.settle()
+    confirmations = fake.replies_to(dm["id"])
+    assert len(confirmations) == 1, "one confirmation, not two"
+    assert html_to_text(confirmations[0]["content"]) == "@carol " + messages.TAKEDOWN_DONE.format(count=1)
+    assert [r.path for r in fake.log() if r.path.endswith("/context")] == [f"/api/v1/statuses/{dm['id']}/context"]
+    assert e2e.store.done(f"takedown:mastodon:{dm['id']}") == confirmations[0]["id"]
+    assert fake.deleted == [copy["id"]]
 
 def test_rate_limited_request_is_retried_after_the_reset(e2e: E2E) -> None:
     fake = e2e.fake
