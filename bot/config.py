@@ -409,8 +409,7 @@ def check_startup(worker: bool, environ: Mapping[str, str] | None = None) -> Bot
         readers: list[Callable[[Mapping[str, str]], object]] = [Limits.from_env, OnnxOptions.from_env]  # type: ignore[list-item]
         role = fleet.role if fleet is not None else env.get("BOT_WORKER_ROLE", "").strip().lower()
         if role == "gpu":
-            from anonymiser.batching.micro_batcher import checkpoint_expectations  # loads torch: GPU only
-            from anonymiser.batching.options import EngineOptions
+            from anonymiser.batching.options import EngineOptions, checkpoint_expectations  # loads torch: GPU only
 
             readers += [EngineOptions.from_env, checkpoint_expectations]
         for read in readers:

@@ -23,7 +23,7 @@ from ..errors import DeviceFailure
 from ..locators.base import BoxKind, Detections
 from .agreement import PrecisionCheck
 from .engine import DeviceBatch, LSCCNNEngine, Piece, without_traceback
-from .options import EngineOptions
+from .options import EngineOptions, checkpoint_expectations
 
 #: how often a waiting caller checks that the device thread still runs
 _LIVENESS_CHECK_S = 1.0
@@ -175,30 +175,6 @@ class BatchedLSCCNNLocator:
 
     def locate(self, rgb: np.ndarray) -> Detections:
         return self.batcher.detect(rgb)
-
-
-def checkpoint_expectations(environ: Mapping[str, str]) -> tuple[str, int | None]:
-    """The MD5 and size (None: any) the batched locator's checkpoint must have: the official
-    file's, or ``ANON_LSCCNN_MD5`` / ``ANON_LSCCNN_SIZE``. ``ValueError`` names both when bad,
-    so the start-up check reports them instead of the warm-up."""
-    from ..locators.lsccnn_checkpoint import OFFICIAL_MD5, OFFICIAL_SIZE
-
-    md5 = environ.get("ANON_LSCCNN_MD5", "").strip().lower() or OFFICIAL_MD5
-    size_raw = environ.get("ANON_LSCCNN_SIZE", "").strip()
-    problems = []
-    if md5 != OFFICIAL_MD5 and (len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5)):
-        problems.append(f"ANON_LSCCNN_MD5 must be 32 hex digits, got {md5!r}")
-    size: int | None = OFFICIAL_SIZE if md5 == OFFICIAL_MD5 else None
-    if size_raw:
-        try:
-            size = int(size_raw)
-            if size < 1:
-                raise ValueError
-        except ValueError:
-            problems.append(f"ANON_LSCCNN_SIZE must be a positive number of bytes, got {size_raw!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
-    return md5, size
 
 
 def load_batched_locator(

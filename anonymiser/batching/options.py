@@ -1,5 +1,6 @@
 """How the batched LSC-CNN engine runs: its options, read from ``ANON_LSCCNN_*`` variables and
-validated at start-up, and the defaults each device gets (precision, batch and tile limits).
+validated at start-up, the defaults each device gets (precision, batch and tile limits), and the
+checkpoint it accepts.
 
 Kept apart from the engine so that the worker's start-up check can validate the settings
 without building a model.
@@ -243,3 +244,27 @@ def missing_compiler(device: str, environ: Mapping[str, str]) -> str | None:
     if any(name and shutil.which(name, path=environ.get("PATH")) for name in names):
         return None
     return "a C compiler (cc, gcc or clang)" if cuda else "a C++ compiler (g++ or clang++)"
+
+
+def checkpoint_expectations(environ: Mapping[str, str]) -> tuple[str, int | None]:
+    """The MD5 and size (None: any) the batched locator's checkpoint must have: the official
+    file's, or ``ANON_LSCCNN_MD5`` / ``ANON_LSCCNN_SIZE``. ``ValueError`` names both when bad,
+    so the start-up check reports them instead of the warm-up."""
+    from ..locators.lsccnn_checkpoint import OFFICIAL_MD5, OFFICIAL_SIZE
+
+    md5 = environ.get("ANON_LSCCNN_MD5", "").strip().lower() or OFFICIAL_MD5
+    size_raw = environ.get("ANON_LSCCNN_SIZE", "").strip()
+    problems = []
+    if md5 != OFFICIAL_MD5 and (len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5)):
+        problems.append(f"ANON_LSCCNN_MD5 must be 32 hex digits, got {md5!r}")
+    size: int | None = OFFICIAL_SIZE if md5 == OFFICIAL_MD5 else None
+    if size_raw:
+        try:
+            size = int(size_raw)
+            if size < 1:
+                raise ValueError
+        except ValueError:
+            problems.append(f"ANON_LSCCNN_SIZE must be a positive number of bytes, got {size_raw!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return md5, size
