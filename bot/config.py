@@ -122,7 +122,7 @@ def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
-    if value in ("0", "false", "no", "off", ""):
+    if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true/false, got {raw!r}")
 
@@ -254,8 +254,8 @@ class BotConfig:
         number("BOT_VISIBILITY_TIMEOUT", "visibility_timeout_s", int, 1)
         number("BOT_TASK_TIME_LIMIT", "task_time_limit_s", int, 1)
         for name, key in (("BOT_ALLOW_PRIVATE_ADDRESSES", "allow_private_addresses"), ("BOT_STREAM", "stream")):
-            raw = env.get(name)
-            if raw is not None:
+            raw = env.get(name, "").strip()
+            if raw:  # empty, like every other setting: the default (BOT_STREAM= used to mean off)
                 try:
                     values[key] = _bool(raw)
                 except ValueError as exc:

@@ -90,6 +90,10 @@ def test_valid_configuration_is_parsed() -> None:
     assert config.max_media_bytes == 1048576 and config.media_timeout_s == 2.5
     assert config.stream is False and config.allow_private_addresses is False
     assert BotConfig.from_env({"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}).allow_private_addresses is False
+    # an empty value (``BOT_STREAM=`` in .env) is the default, as for every other setting
+    empty = BotConfig.from_env({"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t",
+                                "BOT_STREAM": " ", "BOT_ALLOW_PRIVATE_ADDRESSES": ""})
+    assert empty.stream is True and empty.allow_private_addresses is False
 
 
 def test_a_time_limit_that_outlasts_the_visibility_timeout_is_flagged() -> None:
