@@ -118,6 +118,10 @@ def _env_line(line: str) -> tuple[str, str] | None:
     return name, value
 
 
+#: the variables requests takes a proxy from (lower case first, as urllib reads them)
+PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -163,6 +167,9 @@ class BotConfig:
     hashtags: tuple[str, ...] = ()
     #: only for tests against a local fake server: allow media from loopback/private addresses
     allow_private_addresses: bool = False
+    #: the proxy variables set in the environment (names only: a proxy URL may hold a password),
+    #: which media downloads go through (requests reads them)
+    proxy_variables: tuple[str, ...] = ()
     max_media_bytes: int = 40 * 1024 * 1024
     media_timeout_s: float = 20.0
     max_images: int = 4
@@ -260,6 +267,7 @@ class BotConfig:
                     values[key] = _bool(raw)
                 except ValueError as exc:
                     problems.append(f"{name}: {exc}")
+        values["proxy_variables"] = tuple(name for name in PROXY_VARIABLES if env.get(name, "").strip())
         if env.get("ANON_WEIGHTS_DIR"):
             values["weights_dir"] = Path(env["ANON_WEIGHTS_DIR"])
         locators = _locators(env, problems)
@@ -285,6 +293,15 @@ class BotConfig:
             found.append(
                 "BOT_HASHTAGS is not watched on X (its rules and, since 23 Feb 2026, its API refuse replies to "
                 "authors who did not mention the bot): the X listener answers mentions only"
+            )
+        if self.proxy_variables and not self.allow_private_addresses:
+            # bot/fetch.py checks the address a connection opens to; through a proxy the proxy
+            # opens it, and only the bot's own lookup before the request is checked.
+            found.append(
+                f"{' and '.join(self.proxy_variables)} set: media downloads go through that proxy, which opens the "
+                "connections, so the bot can check only its own lookup of each address (a DNS server answering the "
+                "proxy differently could point it at a private or metadata address): give workers no proxy, or one "
+                "that refuses private, loopback and link-local addresses"
             )
         return found
 

@@ -10,7 +10,7 @@ The check is made where the connection is opened, on the very addresses it conne
 connection resolves the name once, checks every address, and connects to a checked one. So a DNS
 server that answers "public" to a first lookup and "private" to the next (rebinding) gains
 nothing. (Through an HTTP proxy from the environment the proxy connects instead, and only the
-check before the request applies.)
+check before the request applies: start-up warns, ``BotConfig.risks``.)
 
 The download's deadline covers the name lookups too: ``getaddrinfo`` cannot be interrupted and
 a resolver that does not answer holds it for its own timeouts (5 s a try, per name server, per

@@ -106,6 +106,21 @@ def test_a_time_limit_that_outlasts_the_visibility_timeout_is_flagged() -> None:
     assert BotConfig.from_env(base | {"BOT_TASK_TIME_LIMIT": "880", "BOT_VISIBILITY_TIMEOUT": "1200"}).risks() == []
 
 
+def test_a_proxy_from_the_environment_is_flagged_without_its_password() -> None:
+    """Through a proxy, the proxy opens the download's connection: the address check the bot
+    makes as a connection opens (against DNS rebinding) cannot run, so start-up says so, naming
+    the variable and never its value (a proxy URL may carry a password)."""
+    base = {"MASTODON_BASE_URL": "https://m.example", "MASTODON_ACCESS_TOKEN": "t"}
+    [risk] = BotConfig.from_env(base | {"HTTPS_PROXY": "http://ops:s3cret@proxy.internal:3128"}).risks()
+    assert risk.startswith("HTTPS_PROXY set: media downloads go through that proxy") and "private" in risk
+    assert "s3cret" not in risk and "proxy.internal" not in risk
+    [both] = BotConfig.from_env(base | {"http_proxy": "http://p:3128", "ALL_PROXY": "socks5://p:1080"}).risks()
+    assert both.startswith("http_proxy and ALL_PROXY set")
+    assert BotConfig.from_env(base | {"HTTPS_PROXY": " "}).risks() == []  # empty: no proxy
+    # tests against a local fake server allow private addresses anyway: nothing to warn about
+    assert BotConfig.from_env(base | {"HTTPS_PROXY": "http://p:3128", "BOT_ALLOW_PRIVATE_ADDRESSES": "1"}).risks() == []
+
+
 def test_a_redis_url_the_broker_cannot_use_is_refused() -> None:
     """REDIS_URL is the Celery broker's URL and the store's: Kombu knows no unix:// transport
     (the worker and the listener failed at start with "No such transport: unix"), and redis-py
