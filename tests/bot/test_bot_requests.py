@@ -950,7 +950,7 @@ def test_the_dead_letter_list_keeps_the_newest(world: World, monkeypatch: pytest
     alert counts them from the workers' counter, not from the list's length."""
     from bot import store as store_module
 
-    monkeypatch.setattr(store_module, "DEAD_LETTERS_KEPT", 3, raising=False)
+    monkeypatch.setattr(store_module, "DEAD_LETTERS_KEPT", 3)
     for n in range(5):
         world.store.dead_letter({"post_id": str(n)}, "WorkerLost")
     assert [d["job"]["post_id"] for d in world.store.dead_letters()] == ["2", "3", "4"]

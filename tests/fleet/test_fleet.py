@@ -209,8 +209,8 @@ def test_draining_the_legacy_queue_leaves_another_apps_backlog_untouched(redis_s
     one buried deeper than a drain looks is moved by a later drain."""
     import bot.routing as routing
 
-    monkeypatch.setattr(routing, "LEGACY_WINDOW", 100, raising=False)
-    monkeypatch.setattr(routing, "LEGACY_WINDOWS_PER_DRAIN", 2, raising=False)
+    monkeypatch.setattr(routing, "LEGACY_WINDOW", 100)
+    monkeypatch.setattr(routing, "LEGACY_WINDOWS_PER_DRAIN", 2)
     client = redis_server.client
     redis_server.clean()
     router = Router(client, FleetSettings(), cache_s=0)

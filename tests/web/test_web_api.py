@@ -771,7 +771,7 @@ def test_trickled_headers_are_cut_off_at_the_deadline(quick_server: RunningServe
     """Headers sent a byte at a time keep no connection (and its thread) for ever."""
     from anonymiser.web import server
 
-    monkeypatch.setattr(server, "HEADER_DEADLINE_S", 1.5, raising=False)
+    monkeypatch.setattr(server, "HEADER_DEADLINE_S", 1.5)
     web = quick_server
     stop = threading.Event()
     with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
