@@ -191,6 +191,106 @@ def test_batched_tiles_give_the_same_detections(
     assert upscales == ({1, 2} if uint8 else {1})
 
 
+#: a parade seen from far: most annotated faces are 5-13 px across
+TINY_FACES_PHOTO = "wider_0_Parade_Parade_0_164"
+
+
+def test_the_close_up_pass_finds_tiny_faces_the_other_passes_miss(
+    eval_dir: Path, centerface_available: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the 1x and 2x passes find a crowd of faces under 10 px, the windows holding them are
+    looked at again at 4x: on a far-off parade the faces covered go from under 60 % to over
+    75 %, and only part of the photo, within the budget, is looked at again."""
+    rgb, meta = load_eval(eval_dir, TINY_FACES_PHOTO)
+    points = np.asarray(meta["heads"], np.float64)
+    options = OnnxOptions(threads=0, tile_batch=1, uint8_input=0)
+    plain = CenterFaceLocator(close_up=False, onnx_options=options)
+    closer = CenterFaceLocator(onnx_options=options)
+    chosen: list[list[tuple[int, int, int, int]]] = []
+    pick = centerface_module.crowded_windows
+
+    def recording(*args: object) -> list[tuple[int, int, int, int]]:
+        chosen.append(pick(*args))  # type: ignore[arg-type]
+        return chosen[-1]
+
+    monkeypatch.setattr(centerface_module, "crowded_windows", recording)
+    calls = 0
+    infer = closer._infer
+
+    def counting(batch: NetInput) -> list:
+        nonlocal calls
+        calls += 1
+        return infer(batch)
+
+    closer._infer = counting  # type: ignore[method-assign]
+    before, after = plain.locate(rgb), closer.locate(rgb)
+    assert coverage(points, before, "face") < 0.6 < 0.75 < coverage(points, after, "face")
+    # every face the plain passes found is still covered, as the pipeline pads face boxes (NMS
+    # may keep an overlapping close-up box instead)
+    assert points_in_boxes((before.boxes[:, :2] + before.boxes[:, 2:]) / 2, reg.pad_boxes(after.boxes, "face")).all()
+    [windows] = chosen
+    h, w = rgb.shape[:2]
+    area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in windows)
+    assert 0 < area <= centerface_module.CLOSE_UP_SHARE * w * h
+    assert calls == sum(1 for f in plain.scales for _ in plain._tiles(rgb, f)) + len(windows)
+
+
+def test_the_close_up_pass_on_bytes_matches_the_host(eval_dir: Path, centerface_available: None) -> None:
+    """On a GPU worker the graph upscales the close-up's tiles 4x itself: the same boxes and
+    scores as the host's upscale."""
+    rgb, _meta = load_eval(eval_dir, TINY_FACES_PHOTO)
+    on_bytes = CenterFaceLocator(onnx_options=OnnxOptions(threads=0, tile_batch=2, uint8_input=1))
+    upscales: set[int] = set()
+    infer = on_bytes._infer
+
+    def recording(batch: NetInput) -> list:
+        upscales.add(batch.upscale)
+        return infer(batch)
+
+    on_bytes._infer = recording  # type: ignore[method-assign]
+    found = on_bytes.locate(rgb)
+    expected = CenterFaceLocator(onnx_options=OnnxOptions(threads=0, tile_batch=1, uint8_input=0)).locate(rgb)
+    assert upscales == {1, 2, centerface_module.CLOSE_UP_FACTOR}
+    np.testing.assert_array_equal(found.boxes, expected.boxes)
+    np.testing.assert_array_equal(found.scores, expected.scores)
+
+
+def test_crowded_windows_pick_the_most_crowded_within_the_budget() -> None:
+    windows = [(0, 0, 10, 10), (10, 0, 20, 10), (20, 0, 40, 10), (40, 0, 50, 10)]
+    centres = np.array([[1, 1], [2, 2], [3, 3],  # 3 in the first
+                        [11, 1], [12, 2],  # 2 in the second
+                        [21, 1], [22, 1], [23, 1], [24, 1],  # 4 in the third (twice the area)
+                        [55, 5]], np.float64)  # outside every window
+    pick = centerface_module.crowded_windows
+    assert pick(windows, centres, 2, 1e9) == windows[:3]  # in the given order
+    assert pick(windows, centres, 3, 1e9) == [windows[0], windows[2]]
+    # the most crowded first: the third (area 200) takes the budget, the first no longer fits
+    assert pick(windows, centres, 2, 250) == [windows[2]]
+    # a window that does not fit is passed over for a smaller one that does
+    assert pick(windows, centres, 2, 300) == [windows[0], windows[2]]
+    assert pick(windows, centres, 5, 1e9) == []
+    assert pick(windows, np.zeros((0, 2)), 1, 1e9) == []
+    with pytest.raises(ValueError):
+        pick(windows, centres, 0, 1e9)
+
+
+def test_tiles_cut_only_the_selected_windows() -> None:
+    """``select`` sees every window before any is cut or resized, and only its choice is cut."""
+    rgb = np.random.default_rng(1).integers(0, 256, (300, 500, 3), np.uint8)
+    every = list(tiles(rgb, 2.0, 256, 256, 32))
+    seen: list[list[tuple[int, int, int, int]]] = []
+
+    def odd(windows: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+        seen.append(list(windows))
+        return windows[1::2]
+
+    chosen = list(tiles(rgb, 2.0, 256, 256, 32, select=odd))
+    assert len(seen) == 1 and len(seen[0]) == len(every)
+    assert [(t.x0, t.y0) for t in chosen] == [(t.x0, t.y0) for t in every[1::2]]
+    for mine, theirs in zip(chosen, every[1::2]):
+        np.testing.assert_array_equal(mine.image, theirs.image)
+
+
 def test_run_batched_groups_equal_shapes_only() -> None:
     """Inputs of different shapes, or that the graph would upscale or pad differently, never
     share a batch (nothing is padded), no batch exceeds the limit, and every input's output

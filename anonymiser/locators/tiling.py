@@ -131,7 +131,9 @@ class Tile:
 
 
 def tiles(rgb: np.ndarray, factor: float, tile_w: int, tile_h: int, overlap: int,
-          defer_upscale: bool = False) -> Iterator[Tile]:
+          defer_upscale: bool = False,
+          select: Callable[[list[tuple[int, int, int, int]]], list[tuple[int, int, int, int]]] | None = None,
+          ) -> Iterator[Tile]:
     """The tiles of ``rgb`` scaled by ``factor``, one at a time.
 
     Tiles are cut from the source image and resized individually, so a 2x pass over a 50 MP
@@ -139,13 +141,16 @@ def tiles(rgb: np.ndarray, factor: float, tile_w: int, tile_h: int, overlap: int
     scaled (network) pixels. With ``defer_upscale`` an integer ``factor`` above 1 is left to
     the network graph (``Tile.upscale``) when it is one of :data:`GRAPH_UPSCALES`: on a GPU the
     host then neither resizes nor copies 4x the pixels to the device; resizing was most of the
-    ONNX locators' host work.
+    ONNX locators' host work. ``select`` picks which of the ``(x0, y0, x1, y1)`` source windows
+    to cut (before any is resized, so a pass over part of a photo costs only that part).
     """
     h, w = rgb.shape[:2]
     src_tw, src_th = _source_side(w, tile_w, factor), _source_side(h, tile_h, factor)
     # Rounded up, so that the overlap in network pixels is never short of ``overlap``.
     src_overlap = math.ceil(overlap / factor)
     windows = tile_windows(w, h, src_tw, src_th, min(src_overlap, src_tw - 1), min(src_overlap, src_th - 1))
+    if select is not None:
+        windows = select(windows)
     deferred = defer_upscale and factor in GRAPH_UPSCALES
     for x0, y0, x1, y1 in windows:
         crop = rgb[y0:y1, x0:x1]
