@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .platforms.base import Platform, Post, ReplyDraft
+from .platforms.base import Platform, Post
 from .store import Store
 
 log = logging.getLogger("bot.earlier_post")
@@ -41,8 +41,3 @@ def earlier_post(platform: Platform, store: Store, idempotency_key: str, in_repl
                                          "reply_id": found.id if found else None,
                                          "since_first_attempt_s": round(now - first)})
     return found
-
-
-def earlier_reply(platform: Platform, store: Store, draft: ReplyDraft) -> Post | None:
-    """:func:`earlier_post` for a reply draft."""
-    return earlier_post(platform, store, draft.idempotency_key, draft.in_reply_to.id, bool(draft.media_ids))

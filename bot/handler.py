@@ -19,7 +19,7 @@ from anonymiser.pipeline import Anonymiser, Result
 from . import messages, soft_limit
 from .config import BotConfig
 from .copies import delete_copy
-from .earlier_post import earlier_reply
+from .earlier_post import earlier_post
 from .fetch import FetchError, fetch
 from .logs import Timer
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post, RepliesClosed, ReplyDraft, Visibility, narrowest
@@ -210,7 +210,8 @@ class MentionHandler:
     def _post(self, draft: ReplyDraft) -> Post:
         """Post ``draft``; ``_RequestGone`` if the request it answers was deleted meanwhile
         (a "delete & re-draft" while its photos were being anonymised), which no retry mends."""
-        earlier = earlier_reply(self.platform, self.store, draft)
+        earlier = earlier_post(self.platform, self.store, draft.idempotency_key, draft.in_reply_to.id,
+                               bool(draft.media_ids))
         if earlier is not None:
             return earlier
         try:

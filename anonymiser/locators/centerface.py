@@ -25,7 +25,7 @@ import onnx
 from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, drop_initializer_inputs, session
-from .tiling import Job, NetInput, Tile, balanced_tile, clip_and_suppress, network_input, run_batched, tiles
+from .tiling import Job, NetInput, Tile, Window, balanced_tile, clip_and_suppress, network_input, run_batched, tiles
 
 #: CenterFace's output stride
 STRIDE = 4
@@ -48,8 +48,6 @@ CLOSE_UP_FACTOR = 4
 CLOSE_UP_FACE_PX = 10.0
 CLOSE_UP_MIN_FACES = 3
 CLOSE_UP_SHARE = 0.5
-
-Window = tuple[int, int, int, int]
 
 
 def model_path() -> Path:

@@ -28,9 +28,13 @@ def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
     return [round(i * step) for i in range(count)]
 
 
+#: a tile's window in source pixels: ``(x0, y0, x1, y1)``, end exclusive
+Window = tuple[int, int, int, int]
+
+
 def tile_windows(
     width: int, height: int, tile_w: int, tile_h: int, overlap: int, overlap_y: int | None = None
-) -> list[tuple[int, int, int, int]]:
+) -> list[Window]:
     """``(x0, y0, x1, y1)`` windows (clipped to the image) that cover it with ``overlap``
     (``overlap_y`` between rows when given)."""
     return [
@@ -132,7 +136,7 @@ class Tile:
 
 def tiles(rgb: np.ndarray, factor: float, tile_w: int, tile_h: int, overlap: int,
           defer_upscale: bool = False,
-          select: Callable[[list[tuple[int, int, int, int]]], list[tuple[int, int, int, int]]] | None = None,
+          select: Callable[[list[Window]], list[Window]] | None = None,
           ) -> Iterator[Tile]:
     """The tiles of ``rgb`` scaled by ``factor``, one at a time.
 
