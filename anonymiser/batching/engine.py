@@ -241,9 +241,14 @@ _COMPILED_SHAPES = 256
 
 
 #: how GPU memory exhaustion shows when it is not a ``torch.OutOfMemoryError``: cuDNN finding no
-#: algorithm whose workspace fits, or its allocation failing; ``torch.compile`` wraps an
-#: out-of-memory during compilation in a plain RuntimeError subclass
-_OOM_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "unable to find an engine to execute")
+#: algorithm whose workspace fits, or its allocation failing (cuDNN 8 names it ``ALLOC_FAILED``,
+#: cuDNN 9, which CUDA 13's torch ships, ``INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED``), cuBLAS's
+#: allocation failing; ``torch.compile`` wraps an out-of-memory during compilation in a plain
+#: RuntimeError subclass
+_OOM_MESSAGES = (
+    "out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED", "unable to find an engine to execute",
+)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -337,10 +342,15 @@ class LSCCNNEngine:
         if options.compile:
             # Every (bucket, batch slots) shape is its own graph, and Dynamo stops compiling a
             # function after 8 of them (counted per code object, across engines), silently
-            # running the rest eager: leave room for every bucket at every slot count.
+            # running the rest eager: leave room for every bucket at every slot count. Its
+            # second, accumulated limit (256 by default) counts the same graphs again, with the
+            # float32 reruns' shapes and any other compiled function of the process: twice that.
             config = torch._dynamo.config
-            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            setattr(config, name, max(getattr(config, name), _COMPILED_SHAPES))
+            for name, old_name, room in (("recompile_limit", "cache_size_limit", _COMPILED_SHAPES),
+                                         ("accumulated_recompile_limit", "accumulated_cache_size_limit", 2 * _COMPILED_SHAPES)):
+                name = name if hasattr(config, name) else old_name
+                if hasattr(config, name):
+                    setattr(config, name, max(getattr(config, name), room))
             self._forward = torch.compile(model, mode=options.compile_mode, backend=options.compile_backend, dynamic=False)
         self._device_lock = threading.Lock()
         #: pieces that overflowed in half precision and were run again in float32
