@@ -18,7 +18,7 @@ from PIL import Image, ImageCms, ImageFile
 
 from .errors import AnimatedImage, CorruptImage, EmptyImage, ImageTooLarge, ImageTooNarrow, UnsupportedImage
 from .icc import tame_profile
-from .isobmff import primary_layout
+from .isobmff import has_tracks, primary_layout
 from .limits import Limits
 
 try:  # HEIC/HEIF support is optional at import time but installed by default
@@ -54,6 +54,11 @@ MAX_JPEG_FILL = 65536
 #: PNG chunks: Pillow handles each in Python (3.9 million empty ones in 45 MB: 11 s, 0.5 GB);
 #: encoders write image data in chunks of 8 KiB or more, so a 50 MB PNG has a few thousand
 MAX_PNG_CHUNKS = 100_000
+#: GIF blocks read before the second frame (extensions, their sub-blocks, the image's data
+#: sub-blocks, stray bytes): Pillow reads each in Python and keeps every comment sub-block (45 MB
+#: of one-byte ones: 5.6 s and 2 GB to open). Image data comes in sub-blocks of up to 255 bytes,
+#: so a 50 MB photo has about 200,000
+MAX_GIF_BLOCKS = 300_000
 _VIDEO_BRANDS = {b"isom", b"iso2", b"mp41", b"mp42", b"qt  ", b"M4V ", b"3gp4", b"3gp5", b"3gp6", b"3g2a", b"avc1", b"dash", b"f4v "}
 
 
@@ -137,10 +142,22 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
         raise UnsupportedImage(problem)
     if fmt == "png":
         data = without_png_text(data)
+    if fmt == "gif" and gif_blocks(data) > MAX_GIF_BLOCKS:
+        raise UnsupportedImage(
+            "The GIF file is padded with hundreds of thousands of empty blocks, which no camera or "
+            "editor writes. Please re-save it, or send the photo as a JPEG."
+        )
     # What the decoders' size reports hide: the pixels a derived (grid) image is built from, an
     # AV1 frame larger than the size stated for it, and an AVIF's clean aperture, which Pillow
     # does not apply (libheif does, for HEIF).
     layout = primary_layout(data) if fmt in ("heif", "avif") else None
+    if fmt == "avif" and has_tracks(data):
+        # Decoded from its track, which the item checks above cannot bound: even one frame
+        # may be far larger than the track says (refused as sequences of HEIF are).
+        raise AnimatedImage(
+            "Animated images and AVIF image sequences are not supported: their frames cannot be "
+            "checked before decoding. Please send a still photo."
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -303,6 +320,9 @@ def jpeg_layout(data: bytes) -> JpegLayout:
         if marker == 0xD9:
             break
         if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # markers without a length
+            # Counted like segments: between segments no encoder writes them, and Pillow reads
+            # each one in Python (20 MB of them took 5.6 s).
+            segments += 1
             pos += 2
             continue
         if pos + 4 > n:
@@ -325,6 +345,50 @@ def jpeg_layout(data: bytes) -> JpegLayout:
             else:
                 break
     return layout()
+
+
+def gif_blocks(data: bytes) -> int:
+    """The blocks Pillow reads one by one in Python to open a GIF and look for a second frame,
+    counted without decoding and only up to one past :data:`MAX_GIF_BLOCKS`.
+
+    The walk follows Pillow's: after the screen descriptor and global colour table, each
+    extension (and each of its sub-blocks), each of the first image's data sub-blocks and each
+    byte that starts no block is one step; it ends at the trailer, the end of the data or a
+    second image descriptor (a second frame: the file is then refused as animated)."""
+    n = len(data)
+    if n < 13:
+        return 0
+    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    blocks, images = 0, 0
+
+    def sub_blocks(at: int) -> int:
+        nonlocal blocks
+        while at < n and blocks <= MAX_GIF_BLOCKS:
+            blocks += 1
+            size = data[at]
+            at += 1 + size
+            if size == 0:
+                break
+        return at
+
+    while pos < n and blocks <= MAX_GIF_BLOCKS:
+        kind = data[pos]
+        if kind == 0x3B:  # trailer
+            break
+        if kind == 0x21:  # extension: label, then sub-blocks
+            blocks += 1
+            pos = sub_blocks(pos + 2)
+        elif kind == 0x2C:  # image descriptor
+            images += 1
+            if images > 1 or pos + 10 > n:
+                break
+            flags = data[pos + 9]
+            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            pos = sub_blocks(pos + 1)  # after the LZW code size
+        else:  # a byte that starts no block: Pillow reads on, one byte at a time
+            blocks += 1
+            pos += 1
+    return blocks
 
 
 def _exif_orientation(image: Image.Image) -> int:

@@ -102,29 +102,49 @@ def primary_layout(data: bytes) -> PrimaryLayout | None:
         raise CorruptImage("The image file's structure is damaged and cannot be read.") from exc
 
 
-def _find_meta(data: bytes) -> tuple[int, int] | None:
-    """(payload start, end) of the top-level ``meta`` box, None when there is none.
+def _top_level(data: bytes):
+    """Yield (type, payload start, box end) of the file's top-level boxes.
 
     The top level is walked as libheif walks it: a box cut short or a header that makes no
-    sense ends the walk (a truncated ``mdat`` after a whole ``meta`` is still read), and the
-    walk goes on after ``meta``, because libheif reads the last ``meta`` box and libavif refuses
-    a second one: a harmless first index must not hide the one a decoder would use."""
-    pos, end, found = 0, len(data), None
+    sense ends the walk (a truncated ``mdat`` after a whole ``meta`` is still read)."""
+    pos, end = 0, len(data)
     for _ in range(MAX_TOP_LEVEL_BOXES):
         header = _header(data, pos, end)
         if header is None:
-            return found
-        kind, payload, box_end = header
+            return
+        yield header
+        if header[2] >= end:
+            return
+        pos = header[2]
+    raise CorruptImage(f"The image file has more than {MAX_TOP_LEVEL_BOXES} top-level boxes.")
+
+
+def _find_meta(data: bytes) -> tuple[int, int] | None:
+    """(payload start, end) of the top-level ``meta`` box, None when there is none.
+
+    The walk goes on after ``meta``, because libheif reads the last ``meta`` box and libavif
+    refuses a second one: a harmless first index must not hide the one a decoder would use."""
+    found = None
+    for kind, payload, box_end in _top_level(data):
         if kind == b"meta":
-            if box_end > end:
+            if box_end > len(data):
                 raise CorruptImage("The image file is truncated: its index of images ('meta' box) is cut short.")
             if found is not None:
                 raise CorruptImage("The image file has two indexes of images ('meta' boxes); decoders disagree on which to read.")
             found = payload, box_end
-        if box_end >= end:
-            return found
-        pos = box_end
-    raise CorruptImage(f"The image file has more than {MAX_TOP_LEVEL_BOXES} top-level boxes.")
+    return found
+
+
+def has_tracks(data: bytes) -> bool:
+    """Whether the file holds a track (a top-level ``moov`` box): an image sequence.
+
+    libavif decodes the track rather than the ``meta`` item when the major brand is ``avis``
+    (or neither ``avif`` nor ``avis``), and none of the item checks here apply to a track: a
+    6 KB file whose track header said 64x48 made it decode a 16384x16384 frame (1 GB)."""
+    try:
+        return any(kind == b"moov" for kind, _, _ in _top_level(data))
+    except struct.error as exc:  # pragma: no cover - _header checks lengths first
+        raise CorruptImage("The image file's structure is damaged and cannot be read.") from exc
 
 
 def _header(data: bytes, pos: int, end: int) -> tuple[bytes, int, int] | None:

@@ -16,11 +16,13 @@ from PIL import Image, PngImagePlugin, features
 from anonymiser import errors
 from anonymiser.decode import (
     FLATTEN_BACKGROUND,
+    MAX_GIF_BLOCKS,
     MAX_JPEG_FILL,
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
     MAX_PNG_CHUNKS,
     decode,
+    gif_blocks,
     jpeg_layout,
     sniff,
     without_png_text,
@@ -504,15 +506,18 @@ def _padded(jpeg: bytes, segment: bytes, copies: int) -> bytes:
     return jpeg[:2] + segment * copies + jpeg[2:]
 
 
-@pytest.mark.parametrize("padding", ["app1", "com", "fill"])
+@pytest.mark.parametrize("padding", ["app1", "com", "fill", "restart", "stuffing"])
 def test_a_jpeg_padded_with_empty_segments_is_refused_before_decoding(padding: str) -> None:
     """Pillow reads each header segment and fill byte in Python: 45 MB of empty APP1 segments
-    took 23 s and 1.6 GB to open, of fill bytes 35 s. As many as a photo carries still decode
-    (an ICC profile in its most chunks, 255, and more)."""
+    took 23 s and 1.6 GB to open, of fill bytes 35 s, 20 MB of restart markers or stuffed
+    zeros between segments 5.6 s and 3.7 s. As many as a photo carries still decode (an ICC
+    profile in its most chunks, 255, and more)."""
     segment, limit = {
         "app1": (b"\xff\xe1\x00\x02", MAX_JPEG_SEGMENTS),
         "com": (b"\xff\xfe\x00\x03x", MAX_JPEG_SEGMENTS),
         "fill": (b"\xff", MAX_JPEG_FILL),
+        "restart": (b"\xff\xd0", MAX_JPEG_SEGMENTS),
+        "stuffing": (b"\xff\x00", MAX_JPEG_SEGMENTS),
     }[padding]
     plain = jpeg_bytes(PATTERN)
     ordinary = _padded(plain, segment, 300)
@@ -523,6 +528,41 @@ def test_a_jpeg_padded_with_empty_segments_is_refused_before_decoding(padding: s
     assert max(layout.segments, layout.fill) == limit + 1, "the walk stops just past the limit"
     with pytest.raises(errors.UnsupportedImage, match="padded with thousands"):
         decode(hostile)
+
+
+@pytest.mark.parametrize("padding", ["comment sub-blocks", "empty extensions", "stray bytes", "after the image"])
+def test_a_gif_padded_with_empty_blocks_is_refused_before_decoding(padding: str) -> None:
+    """Pillow reads each GIF extension, sub-block and stray byte in Python and keeps every
+    comment sub-block: 45 MB of one-byte comment sub-blocks took 5.6 s and 2 GB to open."""
+    plain = gif_bytes(PATTERN)
+    blocks_start = 13 + (3 << ((plain[10] & 7) + 1))  # after the global colour table
+    assert plain[10] & 0x80 and plain[blocks_start] in (0x21, 0x2C)
+    before, after = plain[:blocks_start], plain[blocks_start:]
+
+    def padded(count: int) -> bytes:
+        if padding == "comment sub-blocks":
+            return before + b"\x21\xfe" + b"\x01A" * count + b"\x00" + after
+        if padding == "empty extensions":
+            return before + b"\x21\xfe\x00" * count + after
+        if padding == "stray bytes":
+            return before + b"\x00" * count + after
+        return plain[:-1] + b"\x21\xfe" + b"\x01A" * count + b"\x00;"  # read looking for frame 2
+
+    assert decode(padded(1000)).rgb.shape == PATTERN.shape
+    assert gif_blocks(padded(MAX_GIF_BLOCKS // 2 - 50)) <= MAX_GIF_BLOCKS  # an empty extension is two blocks
+    hostile = padded(2_000_000)
+    assert gif_blocks(hostile) == MAX_GIF_BLOCKS + 1, "the walk stops just past the limit"
+    with pytest.raises(errors.UnsupportedImage, match="padded with hundreds of thousands"):
+        decode(hostile)
+
+
+def test_a_large_gif_photo_is_far_below_the_block_limit() -> None:
+    """Image data comes in sub-blocks of 255 bytes: the byte budget's worth of noise (the least
+    compressible picture) stays well under the limit."""
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1500, 3), dtype=np.uint8)
+    data = gif_bytes(noise)
+    assert gif_blocks(data) == pytest.approx(len(data) / 256, rel=0.01)
+    assert Limits().max_input_bytes / 250 < MAX_GIF_BLOCKS
 
 
 def test_a_png_cut_into_a_million_chunks_is_refused_before_decoding() -> None:

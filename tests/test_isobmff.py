@@ -22,7 +22,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from anonymiser.decode import decode
-from anonymiser.errors import CorruptImage, ImageTooLarge, ImageTooNarrow
+from anonymiser.errors import AnimatedImage, CorruptImage, ImageTooLarge, ImageTooNarrow
 from anonymiser.isobmff import AV1_HEAD_BYTES, MAX_AV1_OBUS_BEFORE_FRAME, MAX_TOP_LEVEL_BOXES, PrimaryLayout, primary_layout
 from anonymiser.limits import Limits
 
@@ -854,3 +854,53 @@ def test_a_sequence_header_after_the_first_frame_is_not_read():
 def test_av1_data_that_hides_its_sequence_header_is_refused(data, message):
     with pytest.raises(CorruptImage, match=message):
         primary_layout(av1_file(data + real_frame()))
+
+
+# --- image sequences --------------------------------------------------------------------------
+
+_TRACK_BOXES = (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"iprp", b"ipco")
+
+
+def _boxes(data: bytes, start: int, end: int):
+    """(type, payload start, payload end) of every box, descending into tracks and meta."""
+    for kind, spans in children(data, start, end).items():
+        for s, e in spans:
+            yield kind, s, e
+            if kind in _TRACK_BOXES:
+                yield from _boxes(data, s, e)
+            elif kind == b"meta":
+                yield from _boxes(data, s + 4, e)
+
+
+def one_frame_sequence(frame: tuple[int, int], stated: tuple[int, int]) -> bytes:
+    """An AVIF image sequence cut to one frame of ``frame`` pixels, whose track header and item
+    state ``stated``: libavif decodes the track (the major brand is ``avis``) and scales it."""
+    frames = [Image.new("RGB", frame, (200, 40 * i, 30)) for i in range(2)]
+    out = io.BytesIO()
+    frames[0].save(out, "AVIF", save_all=True, append_images=frames[1:], speed=10, quality=30)
+    data = bytearray(out.getvalue())
+    assert data[8:12] == b"avis"
+    for kind, s, e in list(_boxes(bytes(data), 0, len(data))):
+        if kind in (b"stts", b"stsz"):
+            struct.pack_into(">I", data, s + 8, 1)  # the first entry's sample count / the count
+        elif kind == b"stsc":
+            struct.pack_into(">I", data, s + 12, 1)  # samples per chunk
+        elif kind == b"tkhd":
+            struct.pack_into(">II", data, e - 8, stated[0] << 16, stated[1] << 16)
+        elif kind == b"ispe":
+            struct.pack_into(">II", data, s + 4, *stated)
+    return bytes(data)
+
+
+def test_an_avif_sequence_is_refused_before_its_track_is_decoded():
+    """A track is decoded without any of the item checks: a one-frame sequence that states
+    64x48 looks like a small still to Pillow, while the decoder builds the whole frame."""
+    data = one_frame_sequence((640, 480), (64, 48))
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (64, 48) and not getattr(image, "is_animated", False)
+    with pytest.raises(AnimatedImage, match="sequences"):
+        decode(data)
+    # a still AVIF (an item, no track) still decodes
+    still = io.BytesIO()
+    Image.new("RGB", (64, 48), RED).save(still, "AVIF")
+    assert decode(still.getvalue()).rgb.shape[:2] == (48, 64)
