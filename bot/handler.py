@@ -176,10 +176,23 @@ class MentionHandler:
             self.store.mark_done(f"note:{key}", posted.id)
         return posted.id
 
-    def _decline(self, job: Job, request: Post, text: str, visibility: Visibility, key: str, outcome: str) -> str:
-        """No copy: a mention is told why; a hashtag post, whose author asked nothing, is not."""
-        if job.kind != "hashtag":
+    def _decline(self, job: Job, request: Post, text: str, visibility: Visibility, key: str, outcome: str,
+                 counted: bool = False) -> str:
+        """No copy: a mention is told why; a hashtag post, whose author asked nothing, is not.
+
+        Explanations have hourly limits of their own, per account and for the bot, of the same
+        size as the copies' (a request whose copy was already ``counted`` against those is
+        answered regardless): mentions that cost no photo must not buy a flood of posts, each
+        of which spends the bot's posting budget that copies wait for."""
+        if job.kind == "hashtag":
+            return outcome
+        if counted or self.store.admitted(f"answer:{key}", {
+            f"answers:acct:{job.platform}:{job.requester_id}": self.config.per_account_per_hour,
+            f"answers:global:{job.platform}": self.config.global_per_hour,
+        }):
             self._answer(job, request, text, visibility, key)
+        else:
+            log.info("answer_limited", extra={"platform": job.platform, "post_id": job.post_id, "outcome": outcome})
         return outcome
 
     def _notice(self, job: Job, request: Post, text: str, visibility: Visibility, key: str, limit_key: str) -> None:
@@ -187,6 +200,11 @@ class MentionHandler:
         must not turn every refused request into another post."""
         if self.store.once(f"notice:{limit_key}", 3600):
             self._answer(job, request, text, visibility, key)
+
+    def _copy_in_view(self, platform: str, original_key: str) -> bool:
+        """Whether a copy of ``original_key`` was posted where anyone may see it."""
+        return any(self.store.copy_visibility(platform, reply) in ("public", "unlisted")
+                   for reply in self.store.replies_of(platform, original_key))
 
     def _admitted(self, job: Job, key: str) -> bool:
         """Count the request against the per-account and global hourly limits, once per job."""
@@ -249,7 +267,13 @@ class MentionHandler:
         if target is not None and target.account.id == me.id:
             # "Thanks!" under the bot's own copy mentions the bot too: never re-anonymise our copy.
             return "ignored_own_copy"
-        if target is None and not found.gone and job.kind != "hashtag" and incidental(request, found.parent, me):
+        if job.kind != "hashtag" and incidental(request, found.parent, me) and (
+            (target is None and not found.gone)
+            # Talk under a request that carried its photo ("@alice @ppbot great idea!") is not a
+            # new request either once that photo's copy is in the thread for all to see: else
+            # every reply-all under a busy request would cost a copy of its own.
+            or (target is not None and self._copy_in_view(job.platform, target.key))
+        ):
             return "ignored_incidental"
         # Text-only answers are keyed by the request, so asking again later gets a fresh answer;
         # an anonymised copy is keyed by (original, requester), so it is never posted twice.
@@ -272,11 +296,11 @@ class MentionHandler:
             if hidden:
                 # Same answer as for a post with photos: whether a post outside the requester's
                 # audience has photos is not theirs to learn.
-                self._answer(job, request, messages.NOT_YOURS, reply_visibility(hidden[0], request), key)
-                return "not_visible"
+                return self._decline(job, request, messages.NOT_YOURS, reply_visibility(hidden[0], request), key,
+                                     "not_visible")
             text = messages.GONE if found.gone else messages.NO_IMAGE
-            self._answer(job, request, text, reply_visibility(request, request), key)
-            return "gone" if found.gone else "no_image"
+            return self._decline(job, request, text, reply_visibility(request, request), key,
+                                 "gone" if found.gone else "no_image")
         visibility = reply_visibility(target, request)
         if not may_see(request, target):
             # Only the bot's rights reached this post: a copy would widen its audience.
@@ -295,7 +319,7 @@ class MentionHandler:
 
         results, copied_media, failures = self._anonymise_all(target)
         if not results:
-            return self._decline(job, request, messages.failed_all(failures), visibility, key, "failed")
+            return self._decline(job, request, messages.failed_all(failures), visibility, key, "failed", counted=True)
         heads = sum(r.report.heads_covered for r in results)
         media_ids = [
             self.platform.upload_image(r.data, r.mime, messages.alt_text(r.report.heads_covered)) for r in results

@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from .handler import Job
-from .platforms.base import Event, Platform, PlatformError, RateLimited
+from .platforms.base import Account, Event, Platform, PlatformError, RateLimited
 from .takedown import asks_deletion, commands_deletion, names_a_post
 from .store import Store
 
@@ -26,7 +26,7 @@ log = logging.getLogger("bot.listener")
 MAX_BACKOFF_S = 300.0
 
 
-def job_for(event: Event, my_id: str = "") -> Job:
+def job_for(event: Event, me: Account | None = None) -> Job:
     """The job an event asks for.
 
     A direct message without images that replies to nothing, or replies to one of the bot's
@@ -36,11 +36,15 @@ def job_for(event: Event, my_id: str = "") -> Job:
     original photo, under someone's request), a message that asks for deletion and names what
     to delete by link or id is one too: answering it with a fresh copy of the photo would hand
     the person asking for its removal another copy, and leave the one they named up.
+
+    A hashtag post that mentions the bot is judged as a mention: it is the same post the
+    mentions channel lists, and whichever channel sights it first decides its one job (as a
+    hashtag job, a request would get no explanation and a "delete ..." no takedown).
     """
     post = event.post
-    answers_me = bool(my_id) and post.in_reply_to_account_id == my_id
+    answers_me = me is not None and post.in_reply_to_account_id == me.id
     direct = post.visibility == "direct"
-    if event.kind == "hashtag":
+    if event.kind == "hashtag" and not (me is not None and post.addresses(me)):
         kind = "hashtag"
     elif not post.images and (
         (direct and (post.in_reply_to_id is None or answers_me))
@@ -100,7 +104,7 @@ class Listener:
         me = self.platform.me()
         post = event.post
         if not event.skip and post.account.id != me.id and not post.account.bot:
-            job = job_for(event, me.id)
+            job = job_for(event, me)
             job.platform = self.platform.name
             # Sighted by its first version: X lists each edit of a mention as a new tweet, and
             # a typo fixed is no second request.

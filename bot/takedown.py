@@ -163,6 +163,13 @@ class TakedownHandler:
                 originals[original] = ref
             else:
                 unknown += 1
+        if not originals and answers_copy and asks_deletion(dm.text):
+            # "Please delete this, I'm in it: https://example.org/why" or a phone number,
+            # answering the copy: what the message names is none of the bot's, the copy is.
+            answered = dm.in_reply_to_id or ""
+            original = self.store.original_for(self.platform.name, answered)
+            if original:
+                originals[original] = answered
         for original in originals:
             # Marked before deleting: from now on no request gets a new copy, even if a deletion fails.
             self.store.mark_taken_down(self.platform.name, original)

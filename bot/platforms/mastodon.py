@@ -609,5 +609,8 @@ class MastodonPlatform:
             raise  # the lookup failed, not the link: "not a copy of mine" would be untrue
         except PlatformError:
             return None
-        statuses = found.get("statuses") or []
-        return str(statuses[0]["id"]) if statuses else None
+        # A server's answer of another shape names no post: one odd reference must not fail
+        # the takedown of the others.
+        statuses = _objects(found.get("statuses") if isinstance(found, dict) else None)
+        first = statuses[0].get("id") if statuses else None
+        return str(first) if isinstance(first, (str, int)) and str(first) else None

@@ -95,7 +95,10 @@ USER_FIELDS = ["description", "name", "protected", "username", "withheld"]
 DM_FIELDS = ["id", "event_type", "text", "sender_id", "dm_conversation_id", "created_at", "entities", "attachments",
              "referenced_tweets"]
 
-_STATUS_PATH = re.compile(r"^/(?:[A-Za-z0-9_]{1,15}|i/web|i)/status(?:es)?/(\d{1,20})(?:/.*)?$")
+#: a tweet id as X's API takes it (its OpenAPI schema's TweetID): anything else is a 400, not a
+#: "not found", and would fail the whole takedown that named it
+_TWEET_ID = r"[0-9]{1,19}"
+_STATUS_PATH = re.compile(rf"^/(?:[A-Za-z0-9_]{{1,15}}|i/web|i)/status(?:es)?/({_TWEET_ID})(?:/.*)?$")
 _MEDIA_TYPES = {"photo": "image", "animated_gif": "gifv", "video": "video"}
 _NUMERIC = re.compile(r"/\d{3,}(?=/|$)")  # ids, not the API version
 
@@ -813,7 +816,7 @@ class XPlatform:
     def post_id_from_reference(self, reference: str) -> str | None:
         reference = reference.strip().rstrip(".,;:!?)>")
         if is_decimal(reference):
-            return reference
+            return reference if re.fullmatch(_TWEET_ID, reference) else None
         parsed = web_link(reference)
         if parsed is None or (parsed.hostname or "").lower() not in HOSTS:
             return None

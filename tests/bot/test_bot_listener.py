@@ -90,14 +90,15 @@ def test_mention_arriving_while_the_stream_connects_is_not_lost(e2e: E2E) -> Non
 
 def test_listener_restart_handles_mentions_made_while_down_exactly_once(e2e: E2E) -> None:
     fake = e2e.fake
-    people = [fake.add_account(f"person{i}") for i in range(3)]
+    # Enough people that none passes the hourly limit on explanations (10 each by default).
+    people = [fake.add_account(f"person{i}") for i in range(5)]
     running = e2e.listen()
     before = fake.mention(people[0], "before the restart")
     e2e.reply_to(before)
     running.stop()
 
     # more than one page (the client asks for 40 at a time) while the listener is down
-    while_down = [fake.mention(people[i % 3], f"while down {i}") for i in range(43)]
+    while_down = [fake.mention(people[i % 5], f"while down {i}") for i in range(43)]
     e2e.listen()
     after = fake.mention(people[1], "after the restart")
     answered(e2e, [before, *while_down, after])

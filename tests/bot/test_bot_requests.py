@@ -58,7 +58,7 @@ class World:
 
     def job(self, status: dict[str, Any]) -> Job:
         platform = self.platform()
-        job = job_for(Event("mention", "1", platform.parse_post(status)), platform.me().id)
+        job = job_for(Event("mention", "1", platform.parse_post(status)), platform.me())
         job.platform = "mastodon"
         return job
 
@@ -223,13 +223,30 @@ def test_thanks_for_a_confirmation_is_not_answered(world: World) -> None:
     assert len(fake.bot_posts()) == 2, "the copy and the confirmation"
 
 
-@pytest.mark.parametrize("text", ["please delete this", "Take it down please", "bitte löschen", "supprimez-la svp"])
-def test_asking_to_delete_in_a_reply_to_the_copy_deletes_it(world: World, text: str) -> None:
+@pytest.mark.parametrize("text, unknown", [
+    ("please delete this", 0), ("Take it down please", 0), ("bitte löschen", 0), ("supprimez-la svp", 0),
+    # a link or number that names nothing of the bot's does not undo the request for the copy
+    # answered, and is said to have been left alone
+    ("please delete this, I am in it. Why: https://example.org/privacy-matters", 1),
+    ("take it down please, call me on 0123456789 if needed", 1),
+])
+def test_asking_to_delete_in_a_reply_to_the_copy_deletes_it(world: World, text: str, unknown: int) -> None:
     fake = world.fake
     _, _, copy = answered_privately(world)
     alice = fake.accounts[copy["mentions"][0]["id"]]
     assert world.run(fake.mention(alice, text, in_reply_to=copy, visibility="direct")) == "deleted"
     assert fake.deleted == [copy["id"]]
+    said = [messages.TAKEDOWN_DONE.format(count=1)] + ([messages.takedown_unknown(unknown)] if unknown else [])
+    assert world.said()[-1] == " ".join(["@alice", *said])
+
+
+def test_a_link_answering_the_copy_without_asking_deletes_nothing(world: World) -> None:
+    fake = world.fake
+    _, _, copy = answered_privately(world)
+    alice = fake.accounts[copy["mentions"][0]["id"]]
+    assert world.run(fake.mention(alice, "thanks! more at https://example.org/march", in_reply_to=copy,
+                                  visibility="direct")) == "nothing_deleted"
+    assert fake.deleted == [] and fake.delete_attempts == []
 
 
 def test_a_public_answer_to_the_copy_asking_for_deletion_deletes_it(world: World) -> None:
@@ -430,6 +447,23 @@ def test_a_hashtag_post_under_a_photo_its_author_may_not_see_gets_no_answer(worl
     job = Job(platform="mastodon", post_id=tagged["id"], requester_id=bob["id"], kind="hashtag")
     assert MentionHandler(world.platform(), world.store, world.anonymiser, world.config).handle(job) == "not_visible"
     assert fake.bot_posts() == []
+
+
+def test_a_hashtag_post_that_mentions_the_bot_is_judged_as_a_mention(world: World) -> None:
+    """The tag's channel may sight such a post before the mentions channel: its one job must
+    still be a request (told why it gets no copy) or a takedown, not a silent hashtag job."""
+    fake = world.fake
+    platform = world.platform()
+    alice, bob = fake.add_account("alice"), fake.add_account("bob")
+    plain = fake.post(alice, "the march today #protest", media=[fake.media(jpeg(64))])
+    no_photo = fake.post(bob, "@ppbot how does this work? #protest")
+    _, _, copy = answered_publicly(world)
+    command = fake.post(bob, f"@ppbot delete {copy['url']} #protest")
+
+    def kind(status: dict[str, Any]) -> str:
+        return job_for(Event("hashtag", status["id"], platform.parse_post(status), tag="protest"), platform.me()).kind
+
+    assert [kind(plain), kind(no_photo), kind(command)] == ["hashtag", "mention", "takedown"]
 
 
 def test_a_hashtag_post_taken_down_is_not_copied_again_and_nothing_is_said(world: World) -> None:
@@ -675,6 +709,25 @@ def test_replies_in_a_thread_that_once_mentioned_the_bot_are_not_answered(world:
     assert len(fake.bot_posts()) == 2
 
 
+def test_talk_under_a_request_that_carried_its_photo_gets_no_copy_of_its_own(world: World) -> None:
+    """A request with its own photo, answered in public: replies-all under it ("@alice @ppbot
+    great idea") each cost a full copy of the same photo before."""
+    fake = world.fake
+    alice, bob, carol = fake.add_account("alice"), fake.add_account("bob"), fake.add_account("carol")
+    request = fake.mention(alice, "cover please", media=[fake.media(jpeg(64))])
+    assert world.run(request) == "replied"
+    assert [world.run(fake.post(who, "@alice @ppbot great idea", in_reply_to=request)) for who in (bob, carol)] \
+        == ["ignored_incidental"] * 2
+    assert len(fake.bot_posts()) == 1
+    # Where the copy is not in view (a followers-only request, answered to its author alone), a
+    # follower's mention under it is still a request of its own.
+    fake.follow(bob, alice)
+    private = fake.mention(alice, "cover please", media=[fake.media(jpeg(64))], visibility="private")
+    assert world.run(private) == "replied" and fake.bot_posts()[-1]["visibility"] == "direct"
+    assert world.run(fake.post(bob, "@alice @ppbot me too", in_reply_to=private, visibility="private")) == "replied"
+    assert fake.bot_posts()[-1]["visibility"] == "direct"
+
+
 def test_two_bots_do_not_answer_each_other(world: World) -> None:
     fake = world.fake
     other = fake.add_account("autoresponder")  # a bot that does not say it is one
@@ -702,6 +755,28 @@ def test_a_flood_of_requests_gets_one_notice_and_retries_count_once(world: World
     assert outcomes == ["replied", "rate_limited", "rate_limited", "rate_limited"]
     assert world.said()[-1] == "@alice " + messages.RATE_LIMITED
     assert len(fake.bot_posts()) == 3, "two copies and one notice"
+
+
+def test_explanations_have_their_own_hourly_limit(world: World) -> None:
+    fake = world.fake
+    world.configure(per_account_per_hour=2, global_per_hour=3)
+    alice, bob, carol, dave = (fake.add_account(n) for n in ("alice", "bob", "carol", "dave"))
+    # Mentions that cost no photo (none attached, the post gone, its author opted out) still
+    # cost a post each: past the limit they get no answer.
+    gone = fake.post(dave, "the square", media=[fake.media(jpeg(64))])
+    under_gone = fake.mention(alice, "x", in_reply_to=gone)
+    fake.deleted.append(gone["id"])
+    opted = fake.post(fake.add_account("erin", note="#nobot"), "the march", media=[fake.media(jpeg(64))])
+    outcomes = [world.run(fake.mention(alice, "hi")), world.run(under_gone),
+                world.run(fake.mention(alice, "y", in_reply_to=opted)), world.run(fake.mention(alice, "z"))]
+    assert outcomes == ["no_image", "gone", "opted_out", "no_image"]
+    assert world.said() == ["@alice " + messages.NO_IMAGE, "@alice " + messages.GONE]
+    # Another account has its own; the bot's limit (3) stops the third answer of the hour.
+    assert [world.run(fake.mention(bob, "hi")), world.run(fake.mention(carol, "hi"))] == ["no_image"] * 2
+    assert len(fake.bot_posts()) == 3
+    # The copies' limits are apart: a photo still gets its copy.
+    assert world.run(fake.mention(alice, "now with a photo", media=[fake.media(jpeg(64))])) == "replied"
+    assert len(fake.bot_posts()) == 4
 
 
 # -- posts that vanished ------------------------------------------------------------------------
@@ -879,7 +954,7 @@ def test_a_streamed_request_is_read_as_utf8(world: World) -> None:
     event = next(e for e in events if e is not None)
     events.close()
     assert event.post.text == "@ppbot Löschen! ✊"
-    assert job_for(event, platform.me().id).kind == "takedown"
+    assert job_for(event, platform.me()).kind == "takedown"
 
 
 def test_a_filtered_message_is_not_passed_by_the_stream(world: World) -> None:
@@ -1033,3 +1108,20 @@ def test_an_answer_that_is_not_mastodons_json_is_a_platform_error(status: int, b
         with pytest.raises(ServerError if status == 200 else PlatformError) as raised:
             platform.get_post("1")
     assert raised.value.status == status
+
+
+@pytest.mark.parametrize("body", [
+    '{"statuses": null}', '{"statuses": [null]}', '{"statuses": [{"id": null}]}', '{"statuses": {"id": "1"}}', "[]",
+])
+def test_a_search_answer_of_another_shape_names_no_post(body: str) -> None:
+    """A remote link is resolved by the bot's server's search; an answer of another shape must
+    count as "not a post I know" for that link, not as an error that fails the whole takedown."""
+    import responses
+
+    platform = MastodonPlatform("https://m.example", TOKEN)
+    with responses.RequestsMock() as http:
+        http.get("https://m.example/api/v2/search", body=body, status=200)
+        assert platform.post_id_from_reference("https://elsewhere.example/@dave/110000000000000001") is None
+    with responses.RequestsMock() as http:
+        http.get("https://m.example/api/v2/search", json={"accounts": [], "statuses": [{"id": "110"}], "hashtags": []})
+        assert platform.post_id_from_reference("https://elsewhere.example/@dave/110000000000000001") == "110"

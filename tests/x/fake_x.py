@@ -368,6 +368,11 @@ class FakeX:
         return self._answer(200, {"data": self._user(self.bot, query)})
 
     def _get_tweet(self, request: Any, query: dict[str, str], tweet_id: str) -> tuple[int, dict[str, str], str]:
+        if not re.fullmatch(r"[0-9]{1,19}", tweet_id):  # the OpenAPI schema's TweetID
+            return self._answer(400, {"errors": [{"parameters": {"id": [tweet_id]},
+                                                  "message": f"The `id` query parameter value [{tweet_id}] does not match ^[0-9]{{1,19}}$"}],
+                                      "title": "Invalid Request", "detail": "One or more parameters to your request was invalid.",
+                                      "type": "https://api.twitter.com/2/problems/invalid-request"})
         tweet = self.tweets.get(tweet_id)
         if tweet is None:
             return self._answer(200, {"errors": [{

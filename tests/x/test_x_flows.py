@@ -326,6 +326,18 @@ def test_takedown_by_dm_deletes_only_the_bots_reply_and_confirms(fake: FakeX, bo
     assert len(fake.bot_dms(to=carol)) == 1
 
 
+def test_a_long_number_in_a_takedown_dm_does_not_sink_it(fake: FakeX, bot: Pipeline) -> None:
+    # X answers an id of more than 19 digits with a 400, not "not found": such a number (an IBAN's
+    # digits, a phone number) must count as naming nothing, not fail the whole takedown.
+    dave, original, request, reply = answered(fake, bot)
+    carol = fake.add_user("carol")
+    fake.dm(carol, f"please delete {reply['id']}, reach me at 004915112345678901234")
+    assert bot.run_all() == ["deleted"]
+    assert fake.deleted == [reply["id"]]
+    [confirmation] = fake.bot_dms(to=carol)
+    assert messages.takedown_unknown(1) in confirmation["text"]
+
+
 @pytest.mark.parametrize("shared", ["reply", "original"])
 def test_takedown_by_sharing_the_copy_or_the_original_into_a_dm(fake: FakeX, bot: Pipeline, shared: str) -> None:
     # X's "Send via Direct Message": the post as a t.co link and the event's referenced_tweets

@@ -81,6 +81,10 @@ def test_x_listener_refuses_to_start_and_lists_the_problems() -> None:
     ("https://www.x.com/i/web/status/1890000000000000123", "1890000000000000123"),
     ("http://twitter.com/dave/statuses/1890000000000000123).", "1890000000000000123"),
     ("1890000000000000123", "1890000000000000123"),
+    # X's ids have at most 19 digits: a longer number (a bank account, a phone number with its
+    # country code) names no tweet, and X answers it with a 400 rather than "not found"
+    ("18900000000000001234", None),
+    ("https://x.com/dave/status/18900000000000001234", None),
     ("https://x.com/dave", None),
     ("https://mastodon.social/@dave/1890000000000000123", None),
     ("https://evil.example/x.com/dave/status/1", None),
