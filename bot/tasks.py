@@ -408,14 +408,21 @@ def handle(self, payload: dict[str, Any]) -> str:  # type: ignore[no-untyped-def
         raise Reject(exc, requeue=True) from None
 
 
+#: the error replies of a Redis refusing for a while, that redis-py raises as a plain
+#: ResponseError: a failed snapshot with ``stop-writes-on-bgsave-error``, a script running past
+#: its time, a replica cut off from its master (``replica-serve-stale-data no``), too few
+#: replicas for ``min-replicas-to-write``
+_PASSING_REFUSALS = ("MISCONF ", "BUSY ", "MASTERDOWN ", "NOREPLICAS ")
+
+
 def redis_refused(exc: BaseException) -> bool:
     """Whether ``exc`` is Redis being unreachable or refusing writes (at ``maxmemory``, a
-    replica after a failover, a failed snapshot with ``stop-writes-on-bgsave-error``): a state
-    of the server that passes, which says nothing about the job that met it."""
+    replica after a failover, and :data:`_PASSING_REFUSALS`): a state of the server that
+    passes, which says nothing about the job that met it."""
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError,
                         redis.exceptions.ReadOnlyError)):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith("MISCONF")
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_PASSING_REFUSALS)
 
 
 def _handle(self: Any, payload: dict[str, Any]) -> str:

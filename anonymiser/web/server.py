@@ -79,6 +79,13 @@ MAX_CONNECTIONS = 64
 #: so that closing the socket does not reset the connection before the client reads our answer
 LINGER_S = 2.0
 READ_CHUNK = 1024 * 1024
+#: an answer goes out in pieces, each within the socket's idle timeout: one ``sendall`` of the
+#: whole answer had to finish within that timeout, cutting off any client slower than 20 MB per
+#: 30 s (a JSON answer near the output limit is ~22 MB) with a truncated 200
+SEND_PIECE = 64 * 1024
+#: ...and the whole answer within the idle timeout plus its size at this rate (a slow mobile
+#: link), so that a client reading a byte at a time cannot hold its place for ever
+MIN_SEND_BYTES_PER_S = 32 * 1024
 # a chunk's size line: at most 16 hex digits (more would only ever be a lie or an attack)
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
@@ -205,9 +212,22 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.send_header("Connection", "close")
         self.end_headers()
+        self._bytes_out = 0
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._write_body(body)
         self._status, self._bytes_out = status, len(body)
+
+    def _write_body(self, body: bytes) -> None:
+        """Send ``body`` in pieces; ``TimeoutError`` when the client reads it too slowly (the
+        log then shows how many bytes went out)."""
+        deadline = time.monotonic() + SOCKET_TIMEOUT_S + len(body) / MIN_SEND_BYTES_PER_S
+        view = memoryview(body)
+        for start in range(0, len(body), SEND_PIECE):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the client read the answer too slowly")
+            piece = view[start : start + SEND_PIECE]
+            self.wfile.write(piece)
+            self._bytes_out = start + len(piece)
 
     def _send_json(self, status: int, value: Any, headers: dict[str, str] | None = None, *, close: bool = False) -> None:
         self._send(status, json.dumps(value).encode(), "application/json", headers, close=close)

@@ -943,6 +943,9 @@ def test_a_run_that_redis_fails_goes_back_to_its_queue(monkeypatch: pytest.Monke
     "OOM command not allowed when used memory > 'maxmemory'.",
     "READONLY You can't write against a read only replica.",
     "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+    "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+    "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+    "NOREPLICAS Not enough good replicas to write.",
 ])
 def test_a_run_redis_refuses_is_requeued_not_dead_lettered(monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
     """Redis going away or refusing writes in the middle of a job (recording the reply, taking

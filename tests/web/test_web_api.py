@@ -244,6 +244,15 @@ def test_not_multipart(web: RunningServer, astronaut_jpeg: bytes) -> None:
     assert response.status_code == 415 and response.json()["error"] == "not_multipart"
 
 
+def test_an_overlong_content_type_is_refused_before_it_is_parsed(web: RunningServer) -> None:
+    """A 60 KB Content-Type with an open quote and many ";" cost the server seconds of CPU in
+    the standard library's parameter parser, twice, before any limit looked at the request."""
+    content_type = 'multipart/form-data; boundary=b; x="' + ";" * 60_000
+    response = requests.post(f"{web.url}/api/anonymise", data=b"", headers={"Content-Type": content_type}, timeout=30)
+    assert response.status_code == 415 and response.json()["error"] == "not_multipart"
+    assert "longer than 1,024 characters" in response.json()["message"]
+
+
 def test_malformed_multipart(web: RunningServer, astronaut_jpeg: bytes) -> None:
     body, content_type = multipart({"file": ("a.jpg", astronaut_jpeg, "image/jpeg")})
     cut = body[: -len(b"--\r\n") - 60]  # no closing boundary
@@ -668,8 +677,11 @@ def test_multipart_parser_keeps_binary_data_exactly() -> None:
          "multipart/form-data; boundary=b", "too long"),
         (b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nx\r\n" % i for i in range(17)) + b"--b--",
          "multipart/form-data; boundary=b", "more than 16"),
+        # the standard library parses parameters in time growing with the square of the length
+        (b"--b--", 'multipart/form-data; boundary=b; x="' + ";" * 2000, "longer than 1,024"),
     ],
-    ids=["not-multipart", "no-boundary", "no-delimiter", "truncated", "no-disposition", "no-name", "long-headers", "many-parts"],
+    ids=["not-multipart", "no-boundary", "no-delimiter", "truncated", "no-disposition", "no-name", "long-headers", "many-parts",
+         "long-content-type"],
 )
 def test_multipart_parser_refuses(body: bytes, content_type: str, message: str) -> None:
     with pytest.raises(mp.MultipartError, match=message.replace(" ", ".")):
@@ -736,6 +748,56 @@ def trickle(sock: socket.socket, head: bytes, every: float, stop: threading.Even
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def _noise_png(width: int, height: int) -> bytes:
+    """A photo the encoder cannot shrink: its answer is megabytes."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _read_slowly(sock: socket.socket, rate: float, stop_after_s: float) -> bytes:
+    """What arrives on ``sock`` read at about ``rate`` bytes per second, until it closes."""
+    got = bytearray()
+    started = time.monotonic()
+    while time.monotonic() - started < stop_after_s:
+        piece = sock.recv(8192)
+        if not piece:
+            break
+        got += piece
+        time.sleep(max(0.0, len(got) / rate - (time.monotonic() - started)))
+    return bytes(got)
+
+
+def test_a_slow_but_steady_reader_gets_the_whole_answer(quick_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer used to go out in one ``sendall``, which had to finish within the idle
+    timeout: a client on a slow link got a cut-off 200. Each piece now has the timeout, and the
+    whole answer time in proportion to its size (here: idle timeout 1 s, an answer of a few MB
+    read at 600 KB/s)."""
+    from anonymiser.web import deadline_reader, server
+
+    monkeypatch.setattr(deadline_reader, "SOCKET_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(server, "SOCKET_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(server.Handler, "timeout", 1.0)
+    body, content_type = multipart({"file": ("a.png", _noise_png(1400, 1000), "image/png")})
+    head = (f"POST /api/anonymise?format=image HTTP/1.1\r\nHost: 127.0.0.1:{quick_server.port}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before connecting: a small window
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", quick_server.port))
+        sock.sendall(head + body)
+        answer = _read_slowly(sock, 600_000, 60)
+    headers, _, payload = answer.partition(b"\r\n\r\n")
+    assert headers.startswith(b"HTTP/1.1 200")
+    length = int(re.search(rb"Content-Length: (\d+)", headers).group(1))
+    assert length > 2_000_000, "an answer larger than the socket buffers hold"
+    assert len(payload) == length, "the whole answer arrived"
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
