@@ -19,11 +19,14 @@ from typing import Callable
 from .handler import Job
 from .platforms.base import Account, Event, Platform, PlatformError, RateLimited
 from .takedown import asks_deletion, commands_deletion, names_a_post
-from .store import Store
+from .store import SEEN_TTL_S, Store
 
 log = logging.getLogger("bot.listener")
 
 MAX_BACKOFF_S = 300.0
+#: how long ago a hashtag post found by the late scan may have been published; below the
+#: first-sighting keys' lifetime, so that no post is scanned after its key expired
+LATE_MAX_AGE_S = SEEN_TTL_S // 2
 
 
 def job_for(event: Event, me: Account | None = None) -> Job:
@@ -103,7 +106,7 @@ class Listener:
         if that one fails, a later poll must still find the event."""
         me = self.platform.me()
         post = event.post
-        if not event.skip and post.account.id != me.id and not post.account.bot:
+        if not event.skip and not self._history(channel, event) and post.account.id != me.id and not post.account.bot:
             job = job_for(event, me)
             job.platform = self.platform.name
             # Sighted by its first version: X lists each edit of a mention as a new tweet, and
@@ -170,10 +173,25 @@ class Listener:
         scan = getattr(self.platform, "hashtag_late", None)
         if scan is None or not channel.startswith("tag:") or self.late_window_s <= 0:
             return 0
-        events = scan(channel[4:], cursor, self.late_window_s, self._since(channel))
+        # Not back further than a delivery is retried (Mastodon gives up within days): a quiet
+        # tag's cursor stays put, and posts found below it again after their first-sighting
+        # keys expired would be queued again.
+        not_before = max(self._since(channel), time.time() - LATE_MAX_AGE_S)
+        events = scan(channel[4:], cursor, self.late_window_s, not_before)
         for event in events:
             self.handle(channel, event, move_cursor=False)
         return len(events)
+
+    def _history(self, channel: str, event: Event) -> bool:
+        """Whether ``event`` is a hashtag post published before the listener first watched the
+        tag: listed above the cursor all the same when it reaches the server late (a server
+        dates a federated post by its publish time; above a cursor of "0", every post does), it
+        is history, passed over like the history at the first start."""
+        published = getattr(self.platform, "published_ms", None)
+        if published is None or not channel.startswith("tag:"):
+            return False
+        ms = published(event.id)
+        return ms is not None and ms < self._since(channel) * 1000
 
     def _since(self, channel: str) -> float:
         if channel not in self._watched_since:

@@ -123,7 +123,7 @@ def _watch_key(platform: str) -> str:
 
 
 def _since_key(platform: str, original_id: str) -> str:
-    """When an original's first copy was made; it expires when the original's watch ends."""
+    """When an original's newest copy was made; it expires when the original's watch ends."""
     return f"{PREFIX}:watch_since:{platform}:{original_id}"
 
 
@@ -228,8 +228,11 @@ class Store:
 
     # originals whose copies follow them ------------------------------------------------------
     def watch(self, platform: str, original_id: str, now: float) -> None:
-        """Start checking ``original_id`` for withdrawal, first :data:`FIRST_CHECK_S` from now;
-        a new copy of an original already watched restarts nothing."""
+        """Check ``original_id`` for withdrawal from its newest copy (made at ``now``) on: first
+        :data:`FIRST_CHECK_S` after it (or sooner, if a check was due sooner), until
+        :data:`WATCH_FOR_S` after it. A copy made late in the watch of an earlier one used to
+        keep that watch's schedule and end, and the check after day 84 fell past day 90: an
+        original deleted then kept its new copy up."""
         pipe = self.r.pipeline()
         self._watch(pipe, platform, original_id, now)
         pipe.execute()
@@ -237,9 +240,8 @@ class Store:
     @staticmethod
     def _watch(pipe: Any, platform: str, original_id: str, now: float) -> None:
         # ``now`` may lie in the past (a backfilled copy): the watch ends WATCH_FOR_S after it.
-        pipe.set(_since_key(platform, original_id), now, nx=True,
-                 ex=max(1, int(now + WATCH_FOR_S - time.time())))
-        pipe.zadd(_watch_key(platform), {original_id: now + FIRST_CHECK_S}, nx=True)
+        pipe.set(_since_key(platform, original_id), now, ex=max(1, int(now + WATCH_FOR_S - time.time())))
+        pipe.zadd(_watch_key(platform), {original_id: now + FIRST_CHECK_S}, lt=True)
 
     def watch_recorded(self, platform: str, now: float) -> int:
         """Watch the originals whose copies were recorded before withdrawal checks existed,
@@ -272,7 +274,7 @@ class Store:
 
         Each is claimed by moving its next check ``hold_s`` ahead (only a caller that moves it
         gets it, so two listeners never check the same original at once); one whose watch ended
-        (:data:`WATCH_FOR_S` after its first copy) is dropped instead."""
+        (:data:`WATCH_FOR_S` after its newest copy) is dropped instead."""
         key = _watch_key(platform)
         taken = []
         for original in self.r.zrangebyscore(key, "-inf", now, start=0, num=limit):
@@ -282,7 +284,7 @@ class Store:
         return taken
 
     def drop_ended_watches(self, platform: str, now: float, start: int = 0, limit: int = 1000) -> tuple[int, int]:
-        """Drop the watches that ran out (:data:`WATCH_FOR_S` after their first copy) among
+        """Drop the watches that ran out (:data:`WATCH_FOR_S` after their newest copy) among
         ``limit`` due by ``now``, from the ``start``-th on, checking nothing; returns how many
         were dropped and where the next page starts (0: back to the first).
 

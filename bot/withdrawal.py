@@ -4,7 +4,7 @@ A copy is made for the audience its original had at that moment. An author who l
 the post, locks the account (protects their tweets) or puts ``#nobot`` / ``#noanon`` in the
 profile has taken the photo back; a copy left up would outlive that choice and become its only
 public trace, and the people in it may be ones the detectors missed. So the listener checks every
-copied original on a schedule (:data:`STEPS_S` after its first copy, then weekly, for
+copied original on a schedule (:data:`STEPS_S` after its newest copy, then weekly, for
 :data:`~bot.store.WATCH_FOR_S`), one read per original, and deletes
 
 - every copy, when the original is gone (deleted, or hidden from the bot), its author opted out,
@@ -31,7 +31,7 @@ from .store import FIRST_CHECK_S, Store
 
 log = logging.getLogger("bot.withdrawal")
 
-#: checks after an original's first copy: soon, while a regretted post is most often deleted,
+#: checks after an original's newest copy: soon, while a regretted post is most often deleted,
 #: then further apart; weekly after the last
 STEPS_S = (FIRST_CHECK_S, 6 * 3600, 24 * 3600, 2 * 24 * 3600, 4 * 24 * 3600, 7 * 24 * 3600)
 WEEK_S = 7 * 24 * 3600
@@ -46,7 +46,7 @@ HOLD_S = 900.0
 
 
 def next_check(since: float, now: float) -> float:
-    """When to check next an original first copied at ``since``: the first step after ``now``."""
+    """When to check next an original last copied at ``since``: the first step after ``now``."""
     for step in STEPS_S:
         if since + step > now:
             return since + step

@@ -378,6 +378,12 @@ class MastodonPlatform:
     def hashtag_since(self, tag: str, since_id: str | None) -> list[Event]:
         return self._tagged(tag, self._pages(f"/api/v1/timelines/tag/{tag}", {}, since_id))
 
+    @staticmethod
+    def published_ms(post_id: str) -> int | None:
+        """When the post ``post_id`` was published (from another server: there), in Unix
+        milliseconds, read from its id; None where the id tells no time."""
+        return id_time_ms(post_id)
+
     def hashtag_late(self, tag: str, cursor: str, window_s: float, not_before: float) -> list[Event]:
         """Public posts with ``tag`` that a poll from ``cursor`` no longer lists because they
         arrived after it: oldest first, published at most ``window_s`` before the cursor's post

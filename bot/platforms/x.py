@@ -482,6 +482,11 @@ class XPlatform:
             token = (body.get("meta") or {}).get("next_token")
             if not token or since_id is None or not page:
                 break
+        else:
+            # Newest first: what lies beyond the last page is older than everything listed, and
+            # the cursor moves past it. After a long outage that can be requests (a takedown by
+            # DM): say so, where an operator looks.
+            log.warning("backlog_truncated", extra={"route": route, "listed": len(items), "pages": MAX_PAGES})
         items.sort(key=lambda item: _by_id(str(item["id"])))
         return items, includes
 

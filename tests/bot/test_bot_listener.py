@@ -209,6 +209,52 @@ def test_hashtag_post_published_before_the_first_start_is_history_however_late(e
     assert not fake.replies_to(history["id"])
 
 
+@pytest.mark.parametrize("tag", ["empty", "quiet"])
+def test_history_listed_above_the_cursor_is_not_answered(e2e: E2E, tag: str) -> None:
+    """A post published before the first watch can sort above the cursor when it arrives: above
+    "0" on a tag that was empty, above a quiet tag's month-old newest post. The poll lists it
+    like a new one; it is history all the same."""
+    fake = e2e.fake
+    fake.stream_refuse = 404
+    carol, dana = fake.add_account("carol"), fake.add_account("dana", domain="slow.example")
+    if tag == "quiet":
+        fake.post(dana, "a month ago #demo", media=[fake.media(jpeg(256))], published=time.time() - 30 * 86400)
+    e2e.listen(hashtags=("demo",))
+    fake.wait_for(lambda: e2e.store.cursor("mastodon", "tag:demo") is not None, 10, what="the first poll")
+    history = fake.post(dana, "a day-old photo #demo", media=[fake.media(jpeg(256))], published=time.time() - 86400)
+    time.sleep(0.05)
+    new = fake.post(carol, "here now #demo", media=[fake.media(jpeg(256))])
+    answered(e2e, [new])
+    e2e.settle()
+    assert not fake.replies_to(history["id"])
+    assert e2e.store.cursor("mastodon", "tag:demo") == new["id"], "passed over like the first start's history"
+
+
+def test_the_late_scan_reaches_back_less_far_than_the_first_sighting_keys_last(e2e: E2E) -> None:
+    """A quiet tag's cursor stays put and every poll scans below it again: posts found there
+    after their first-sighting keys expired (14 days) were queued a second time. The scan now
+    reaches back at most LATE_MAX_AGE_S, whatever the cursor's age."""
+    from bot.listener import LATE_MAX_AGE_S, Listener
+    from bot.store import SEEN_TTL_S
+
+    asked: list[float] = []
+
+    class Platform:
+        name = "mastodon"
+        watches_hashtags = True
+        stream_complete = False
+
+        def hashtag_late(self, tag: str, cursor: str, window_s: float, not_before: float) -> list:
+            asked.append(not_before)
+            return []
+
+    listener = Listener(Platform(), e2e.store, lambda job: None, ("demo",), stream=False)  # type: ignore[arg-type]
+    listener._watched_since["tag:demo"] = time.time() - 30 * 86400  # watched for a month
+    listener._late("tag:demo", "110000000000000000")
+    assert LATE_MAX_AGE_S < SEEN_TTL_S
+    assert asked and asked[0] >= time.time() - LATE_MAX_AGE_S - 5
+
+
 def test_a_cursor_from_before_the_late_scan_counts_history_from_the_upgrade(e2e: E2E) -> None:
     """A channel whose cursor an older listener set has no record of when it was first
     watched: the first scan records it, so an upgrade answers nothing published before it,

@@ -666,6 +666,25 @@ def test_a_copy_of_a_photo_edited_out_of_its_post_is_withdrawn(world: World) -> 
     assert world.store.replies_of("mastodon", original["id"]) == {only_kept["id"]}
 
 
+def test_a_copy_made_late_in_a_watch_restarts_it(world: World) -> None:
+    """The watch used to keep its first copy's schedule and end: after the check on day 84 the
+    next fell on day 91, past the watch's end on day 90, so a copy made on day 85 of a post
+    deleted on day 86 stayed up for good."""
+    from bot.withdrawal import next_check
+
+    store, day = world.store, 24 * 3600.0
+    t0 = time.time()
+    store.watch("mastodon", "o1", t0)
+    assert [o for o, _ in store.due_originals("mastodon", t0 + 84 * day, 10, 60)] == ["o1"]
+    store.check_again("mastodon", "o1", next_check(t0, t0 + 84 * day))  # what a sweep does
+    store.watch("mastodon", "o1", t0 + 85 * day)  # a new copy
+    assert store.due_originals("mastodon", t0 + 85 * day + FIRST_CHECK_S + 1, 10, 60) == [("o1", t0 + 85 * day)]
+    # and a copy never postpones a check due sooner
+    store.watch("mastodon", "o2", t0)
+    store.watch("mastodon", "o2", t0 + 1800)
+    assert [o for o, _ in store.due_originals("mastodon", t0 + FIRST_CHECK_S + 1, 10, 60)] == ["o2"]
+
+
 @pytest.mark.parametrize("change", ["deleted", "photos edited out"])
 def test_a_redelivered_job_whose_original_changed_does_not_answer_again(world: World, change: str) -> None:
     """The copy was posted and recorded, then the worker died before its ack; by the time the

@@ -161,16 +161,16 @@ def test_withdrawal_checks_come_soon_then_weekly() -> None:
 
 def test_a_due_check_goes_to_one_listener_and_a_watch_ends(store: Any) -> None:
     """Two listeners of one platform sweep at once: each due original is checked by one of
-    them; 90 days after its first copy an original is no longer checked."""
+    them; 90 days after its newest copy an original is no longer checked."""
     from bot.store import FIRST_CHECK_S, WATCH_FOR_S
 
     store.watch("x", "42", 0.0)
-    store.watch("x", "42", 500.0)  # a second copy restarts nothing
+    store.watch("x", "42", 500.0)  # a second copy: the watch runs from it, the first check stays
     assert store.due_originals("x", FIRST_CHECK_S - 1, 10, 60) == []
-    assert store.due_originals("x", FIRST_CHECK_S, 10, 60) == [("42", 0.0)]
+    assert store.due_originals("x", FIRST_CHECK_S, 10, 60) == [("42", 500.0)]
     assert store.due_originals("x", FIRST_CHECK_S, 10, 60) == [], "claimed by the first caller"
-    assert store.due_originals("x", FIRST_CHECK_S + 61, 10, 60) == [("42", 0.0)], "a claim not finished comes back"
-    store.r.delete("ppb:watch_since:x:42")  # what expiry does WATCH_FOR_S after the first copy
+    assert store.due_originals("x", FIRST_CHECK_S + 61, 10, 60) == [("42", 500.0)], "a claim not finished comes back"
+    store.r.delete("ppb:watch_since:x:42")  # what expiry does WATCH_FOR_S after the newest copy
     assert WATCH_FOR_S == 90 * 24 * 3600
     assert store.due_originals("x", 10**9, 10, 60) == []
     assert store.r.zcard("ppb:watch:x") == 0
@@ -277,3 +277,35 @@ def test_a_replayed_run_start_is_not_a_second_run(store: Any) -> None:
     assert store.run_started("t1", 60) == 1
     store.r.set("ppb:running:t2", 2, ex=60)  # as an older version counted two starts
     assert store.run_started("t2", 60) == 3
+
+
+def test_a_backlog_longer_than_the_pages_read_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """X lists DM events newest first, so after a long outage the oldest of more than
+    MAX_PAGES x PAGE events are never listed, and the cursor moves past them: the log says so."""
+    from bot.platforms.base import Account
+    from bot.platforms.x import MAX_PAGES, PAGE
+
+    cursor, count = 1000, MAX_PAGES * PAGE + 300
+    events = [{"id": str(cursor + i), "event_type": "MessageCreate", "text": f"msg {i}", "sender_id": "2",
+               "dm_conversation_id": "1-2"} for i in range(count, 0, -1)]
+
+    def call(route: str, method: Any, *args: Any, pagination_token: str | None = None, **params: Any) -> dict:
+        start = int(pagination_token or 0)
+        page = events[start:start + params["max_results"]]
+        more = start + len(page) < len(events)
+        return {"data": page, "meta": {"next_token": str(start + len(page))} if more else {}}
+
+    platform = XPlatform("b", "k", "s", "t", "ts")
+    platform._me = Account(id="1", acct="ppbot")  # type: ignore[attr-defined]
+    platform._call = call  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="bot.platforms.x"):
+        listed = platform.dms_since(str(cursor))
+    assert len(listed) == MAX_PAGES * PAGE
+    [record] = [r for r in caplog.records if r.getMessage() == "backlog_truncated"]
+    assert record.listed == MAX_PAGES * PAGE  # type: ignore[attr-defined]
+    # a backlog that fits is read to its end without a word
+    del events[MAX_PAGES * PAGE - 50:]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bot.platforms.x"):
+        assert len(platform.dms_since(str(cursor))) == len(events)
+    assert not [r for r in caplog.records if r.getMessage() == "backlog_truncated"]
