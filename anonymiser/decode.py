@@ -358,7 +358,7 @@ def gif_blocks(data: bytes) -> int:
     n = len(data)
     if n < 13:
         return 0
-    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    pos = 13 + ((3 << ((data[10] & 7) + 1)) if data[10] & 0x80 else 0)  # + the global colour table
     blocks, images = 0, 0
 
     def sub_blocks(at: int) -> int:
@@ -383,7 +383,7 @@ def gif_blocks(data: bytes) -> int:
             if images > 1 or pos + 10 > n:
                 break
             flags = data[pos + 9]
-            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            pos += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)  # + a local colour table
             pos = sub_blocks(pos + 1)  # after the LZW code size
         else:  # a byte that starts no block: Pillow reads on, one byte at a time
             blocks += 1

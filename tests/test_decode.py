@@ -556,6 +556,35 @@ def test_a_gif_padded_with_empty_blocks_is_refused_before_decoding(padding: str)
         decode(hostile)
 
 
+def _gif_tables(gif: bytes, where: str) -> bytes:
+    """``gif`` (Pillow's: a global colour table only) with its colour table global, local (in
+    the image descriptor) or both: encoders write all three."""
+    bits = gif[10] & 7
+    table = gif[13 : 13 + (3 << (bits + 1))]
+    pos = 13 + len(table)
+    while gif[pos] == 0x21:  # extensions before the image: label, then sub-blocks to a 0
+        pos += 2
+        while gif[pos]:
+            pos += 1 + gif[pos]
+        pos += 1
+    assert gif[10] & 0x80 and gif[pos] == 0x2C and not gif[pos + 9] & 0x80, "Pillow writes a global table only"
+    head, descriptor, rest = gif[13 + len(table) : pos], gif[pos : pos + 10], gif[pos + 10 :]
+    screen = gif[:10] + bytes([gif[10] & ~0x80 if where == "local" else gif[10]]) + gif[11:13]
+    image = descriptor[:9] + bytes([descriptor[9] | 0x80 | bits if where != "global" else descriptor[9]])
+    return b"".join([screen, b"" if where == "local" else table, head, image, b"" if where == "global" else table, rest])
+
+
+@pytest.mark.parametrize("where", ["global", "local", "both"])
+def test_the_gif_walk_follows_every_place_of_the_colour_table(where: str) -> None:
+    """The walk must step over a colour table where it is and nowhere else: reading a table or
+    a descriptor as blocks would count the wrong things (and could stop at a stray 0x2C)."""
+    noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    plain = gif_bytes(noise)
+    variant = _gif_tables(plain, where)
+    assert np.array_equal(decode(variant).rgb, decode(plain).rgb)
+    assert gif_blocks(variant) == gif_blocks(plain) == pytest.approx(len(plain) / 256, rel=0.02)
+
+
 def test_a_large_gif_photo_is_far_below_the_block_limit() -> None:
     """Image data comes in sub-blocks of 255 bytes: the byte budget's worth of noise (the least
     compressible picture) stays well under the limit."""
