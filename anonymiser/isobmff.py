@@ -141,10 +141,7 @@ def has_tracks(data: bytes) -> bool:
     libavif decodes the track rather than the ``meta`` item when the major brand is ``avis``
     (or neither ``avif`` nor ``avis``), and none of the item checks here apply to a track: a
     6 KB file whose track header said 64x48 made it decode a 16384x16384 frame (1 GB)."""
-    try:
-        return any(kind == b"moov" for kind, _, _ in _top_level(data))
-    except struct.error as exc:  # pragma: no cover - _header checks lengths first
-        raise CorruptImage("The image file's structure is damaged and cannot be read.") from exc
+    return any(kind == b"moov" for kind, _, _ in _top_level(data))
 
 
 def _header(data: bytes, pos: int, end: int) -> tuple[bytes, int, int] | None:

@@ -134,9 +134,9 @@ class TakedownHandler:
         if self.store.done(done_key):
             return "already_done"
         refs = [r for r in references(dm.text) if not r.endswith("/@" + me.acct)][:MAX_REFERENCES]
-        answers_copy = self._answers_copy(dm)
+        answered = self._answered_original(dm)  # the original of the copy ``dm`` answers, if it does
         talk = not refs and bool(dm.in_reply_to_id) and not asks_deletion(dm.text)
-        if talk and not answers_copy:
+        if talk and not answered:
             # An answer to the bot's confirmation or help ("thanks", an auto-responder's "I am
             # away"): answering it would start a conversation that never ends.
             return "ignored_reply"
@@ -148,7 +148,7 @@ class TakedownHandler:
         if talk:
             # A direct answer to the bot's copy that does not ask for deletion ("thanks!").
             return self._help(dm, messages.TAKEDOWN_ASK, done_key, "no_intent")
-        if not refs and answers_copy:
+        if not refs and answered:
             refs = [dm.in_reply_to_id or ""]  # "please delete this", answering the copy
         if not refs and dm.media:
             # A photo sent by DM (X, where DM photos cannot be fetched): say how to ask instead.
@@ -163,13 +163,10 @@ class TakedownHandler:
                 originals[original] = ref
             else:
                 unknown += 1
-        if not originals and answers_copy and asks_deletion(dm.text):
+        if not originals and answered and asks_deletion(dm.text):
             # "Please delete this, I'm in it: https://example.org/why" or a phone number,
             # answering the copy: what the message names is none of the bot's, the copy is.
-            answered = dm.in_reply_to_id or ""
-            original = self.store.original_for(self.platform.name, answered)
-            if original:
-                originals[original] = answered
+            originals[answered] = dm.in_reply_to_id or ""
         for original in originals:
             # Marked before deleting: from now on no request gets a new copy, even if a deletion fails.
             self.store.mark_taken_down(self.platform.name, original)
@@ -213,10 +210,11 @@ class TakedownHandler:
 
             delete_copy(self.platform, self.store, original, post, count)
 
-    def _answers_copy(self, dm: Post) -> bool:
-        """Whether ``dm`` replies to one of the bot's copies, not to its confirmation or help."""
+    def _answered_original(self, dm: Post) -> str | None:
+        """The original of the bot's copy ``dm`` replies to; None when it replies to no copy
+        (to the bot's confirmation or help, or to nothing)."""
         replied_to = dm.in_reply_to_id
-        return bool(replied_to) and self.store.original_for(self.platform.name, replied_to or "") is not None
+        return self.store.original_for(self.platform.name, replied_to) if replied_to else None
 
     def _help(self, dm: Post, text: str, done_key: str, outcome: str, topic: str = "how") -> str:
         """An explanation (how to ask; which links the bot does not know), each ``topic`` at most
