@@ -28,7 +28,7 @@ from scipy.spatial import cKDTree
 from scipy.sparse.csgraph import connected_components
 
 from .locators.base import BoxKind, Detections
-from .locators.nms import iou_matrix, pairs_where
+from .locators.nms import enclosing, iou_matrix, pairs_where
 
 #: (width factor, height factor, upward shift as a fraction of the box height)
 PADDING: dict[str, tuple[float, float, float]] = {
@@ -97,12 +97,7 @@ def merge(regions: Regions) -> Regions:
     graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
     # Labels are numbered by each component's lowest index: regions keep their first member's order.
     count, labels = connected_components(graph, directed=False)
-    merged = np.empty((count, 4), np.float32)
-    merged[:, :2], merged[:, 2:] = np.inf, -np.inf
-    np.minimum.at(merged[:, 0], labels, boxes[:, 0])
-    np.minimum.at(merged[:, 1], labels, boxes[:, 1])
-    np.maximum.at(merged[:, 2], labels, boxes[:, 2])
-    np.maximum.at(merged[:, 3], labels, boxes[:, 3])
+    merged = enclosing(boxes, labels, count)
     sources: list[set[str]] = [set() for _ in range(count)]
     for label, source in zip(labels.tolist(), regions.sources):
         sources[label] |= source
@@ -174,6 +169,7 @@ def to_pixels(boxes: np.ndarray, scale: float | tuple[float, float], width: int,
     ``scale`` is one factor or ``(x, y)`` factors. Rounding outwards means the integer region
     always contains the float one. Returns the integer boxes that are not empty after clipping,
     and the mask of which input boxes they are.
+
     """
     sx, sy = (scale, scale) if isinstance(scale, (int, float)) else scale
     scaled = np.asarray(boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])

@@ -74,6 +74,26 @@ def greedy_rounds(order: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarr
     return order[state[order] == 1].astype(np.int64)
 
 
+def _greedy(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy NMS: the kept indices, best score first, and for every box the index of the kept
+    box that removed it (itself for a kept box)."""
+    order = np.argsort(-scores, kind="stable")
+    boxes = boxes.astype(np.float32, copy=False)
+    owner = np.arange(len(boxes), dtype=np.int64)
+    keep: list[int] = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        if order.size == 1:
+            break
+        rest = order[1:]
+        ious = iou_matrix(boxes[i : i + 1], boxes[rest])[0]
+        hit = ious > iou_threshold
+        owner[rest[hit]] = i
+        order = rest[~hit]
+    return np.asarray(keep, dtype=np.int64), owner
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy non-maximum suppression; returns kept indices, best score first.
 
@@ -84,15 +104,30 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     threshold" is false for NaN): "IoU <= threshold" would have let one such box remove every box
     after it.
     """
-    order = np.argsort(-scores, kind="stable")
-    boxes = boxes.astype(np.float32, copy=False)
-    keep: list[int] = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        if order.size == 1:
-            break
-        rest = order[1:]
-        ious = iou_matrix(boxes[i : i + 1], boxes[rest])[0]
-        order = rest[~(ious > iou_threshold)]
-    return np.asarray(keep, dtype=np.int64)
+    return _greedy(boxes, scores, iou_threshold)[0]
+
+
+def nms_union(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy NMS whose kept boxes grow to enclose every box they removed: the kept indices
+    (best score first) and their grown boxes ``[K, 4]``.
+
+    Plain NMS keeps the best-scoring box and trusts it to enclose the object. Across tiles it
+    need not: a head cut by one tile's edge can score above the same head seen whole in the
+    next tile (0.93 against 0.90 on a dev photo, IoU 0.70), and keeping the cut box alone left
+    a quarter of that head uncovered. A removed box is a sighting of the same head, so its
+    pixels stay covered. A NaN box is never removed (see :func:`nms`), so never widens one.
+    """
+    keep, owner = _greedy(boxes, scores, iou_threshold)
+    return keep, enclosing(boxes, owner, len(boxes))[keep]
+
+
+def enclosing(boxes: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """The box ``[count, 4]`` (float32) enclosing each group of ``boxes``, grouped by
+    ``labels`` (``0 <= label < count``); a label no box has gets an empty, inverted box."""
+    out = np.empty((count, 4), np.float32)
+    out[:, :2], out[:, 2:] = np.inf, -np.inf
+    np.minimum.at(out[:, 0], labels, boxes[:, 0])
+    np.minimum.at(out[:, 1], labels, boxes[:, 1])
+    np.maximum.at(out[:, 2], labels, boxes[:, 2])
+    np.maximum.at(out[:, 3], labels, boxes[:, 3])
+    return out

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from .base import Detections
-from .nms import nms
+from .nms import nms_union
 
 
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
@@ -291,11 +291,12 @@ def run_batched(jobs: Iterable[Job], infer: Callable[[NetInput], Sequence[Any]],
 
 
 def clip_and_suppress(found: Detections, width: int, height: int, iou: float) -> Detections:
-    """Clip boxes to the image and remove duplicates from overlapping tiles and scales."""
+    """Clip boxes to the image and merge duplicates from overlapping tiles and scales: each
+    kept box encloses the duplicates it removed (:func:`nms.nms_union`)."""
     if not len(found):
         return found
     boxes = found.boxes.copy()
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
-    keep = nms(boxes, found.scores, iou)
-    return Detections(boxes[keep], found.scores[keep])
+    keep, grown = nms_union(boxes, found.scores, iou)
+    return Detections(grown, found.scores[keep])

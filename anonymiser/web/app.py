@@ -158,7 +158,7 @@ def coverage_warning(locators: Sequence[str]) -> str | None:
     return (
         "Only faces are looked for: the head model is not installed, so heads seen from behind, "
         "from above or far away are often not covered (on the team's crowd photos about one head "
-        "in eighteen was missed, against one in seventy with the head model). Check every photo and cover "
+        "in twenty was missed, against one in seventy-five with the head model). Check every photo and cover "
         "what was missed with Review covers, or install the head model (weights/README.md) and "
         "restart."
     )
