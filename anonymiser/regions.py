@@ -170,9 +170,17 @@ def to_pixels(boxes: np.ndarray, scale: float | tuple[float, float], width: int,
     always contains the float one. Returns the integer boxes that are not empty after clipping,
     and the mask of which input boxes they are.
 
+    Edges are rounded outwards to whole source pixels before scaling: a source pixel partly
+    inside a box is covered at full size, so in a downscaled photo every output pixel it
+    blends into (``INTER_AREA`` averages each output pixel's footprint) must be covered too.
+    Scaling the float edges first could leave one such output pixel beside the cover (left
+    edge 6.9 at scale 0.3: output pixel 1 holds source pixel 6, but 6.9 * 0.3 rounds down to 2).
     """
     sx, sy = (scale, scale) if isinstance(scale, (int, float)) else scale
-    scaled = np.asarray(boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
+    whole = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+    whole[:, :2] = np.floor(whole[:, :2])
+    whole[:, 2:] = np.ceil(whole[:, 2:])
+    scaled = whole * np.array([sx, sy, sx, sy])
     out = np.empty_like(scaled, dtype=np.int64)
     out[:, 0] = np.clip(np.floor(scaled[:, 0]), 0, width)
     out[:, 1] = np.clip(np.floor(scaled[:, 1]), 0, height)

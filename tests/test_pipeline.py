@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -527,6 +528,25 @@ def test_to_pixels_rounds_outwards_and_clips() -> None:
     np.testing.assert_array_equal(pixels, [[1, 2, 11, 21], [0, 0, 4, 4]])
     scaled, _ = reg.to_pixels(np.array([[10.0, 10.0, 21.0, 21.0]]), 0.5, 40, 40)
     np.testing.assert_array_equal(scaled, [[5, 5, 11, 11]])
+
+
+def test_a_downscaled_cover_takes_in_every_output_pixel_a_covered_source_pixel_blends_into() -> None:
+    """Downscaling averages each output pixel's footprint (``INTER_AREA``): every output pixel
+    holding any source pixel the full-size cover would paint must be covered, including the
+    source pixels only partly inside a box."""
+    rng = np.random.default_rng(7)
+    h, w = 97, 131
+    for _ in range(300):
+        x1, y1 = rng.uniform(-3, 120, 2)
+        box = np.array([[x1, y1, x1 + rng.uniform(0.2, 12), y1 + rng.uniform(0.2, 12)]])
+        out_w, out_h = int(rng.integers(5, w)), int(rng.integers(5, h))
+        full, _ = reg.to_pixels(box, 1.0, w, h)
+        head = np.zeros((h, w), np.float32)
+        for bx1, by1, bx2, by2 in full:
+            head[by1:by2, bx1:bx2] = 1.0
+        blended = cv2.resize(head, (out_w, out_h), interpolation=cv2.INTER_AREA) > 0
+        scaled, _ = reg.to_pixels(box, (out_w / w, out_h / h), out_w, out_h)
+        assert not (blended & ~covered_mask((out_h, out_w), scaled)).any(), (box, out_w, out_h)
 
 
 # --------------------------------------------------------------------------- plumbing
