@@ -565,6 +565,10 @@ class MastodonPlatform:
             "in_reply_to_id": draft.in_reply_to.id,
             "visibility": draft.visibility,
             "sensitive": draft.sensitive or bool(draft.spoiler_text),
+            # Mastodon 4.5+ lets anyone quote a post by default (the account's setting): a quote
+            # carries the copy into its quoter's audience, which the original's author may have
+            # closed to quotes. Older servers ignore it.
+            "quote_approval_policy": "nobody",
         }
         if draft.media_ids:
             body["media_ids"] = draft.media_ids
@@ -588,7 +592,10 @@ class MastodonPlatform:
         return None
 
     def delete_post(self, post_id: str) -> bool:
-        self._request("DELETE", f"/api/v1/statuses/{post_id}")
+        # Without delete_media (Mastodon 4.4+) the server keeps a deleted post's attachments,
+        # still served at their URLs, for about a day "so they can be re-used" in a redraft: a
+        # taken-down copy would stay online for anyone who had its link. Older servers ignore it.
+        self._request("DELETE", f"/api/v1/statuses/{post_id}", params={"delete_media": "true"})
         return True
 
     def direct_message(self, to: Account, text: str, in_reply_to: Post | None = None, idempotency_key: str = "") -> Post:

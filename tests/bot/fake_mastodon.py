@@ -922,6 +922,12 @@ class _Handler(BaseHTTPRequestHandler):
         if status is None or status_id in fake.deleted or status["account"]["id"] != fake.bot["id"]:
             return 404, {"error": "Record not found"}
         fake.deleted.append(status_id)
+        # Mastodon 4.4+: without delete_media the attachments stay, still served at their URLs,
+        # for about 24 hours so that a redraft can re-use them; with it they go at once.
+        if self._truthy((query.get("delete_media") or [""])[-1]):
+            for attachment in status["media_attachments"]:
+                for key in ("url", "preview_url"):
+                    fake.media_files.pop(urlparse(attachment.get(key) or "").path, None)
         return 200, dict(status, text=fake.source_texts.get(status_id, ""))
 
     def _params(self) -> dict[str, Any]:
@@ -976,7 +982,13 @@ class _Handler(BaseHTTPRequestHandler):
             return 422, {"error": "Validation failed: Visibility is not included in the list"}
         spoiler_text = str(params.get("spoiler_text") or "")
         sensitive = self._truthy(params.get("sensitive")) or bool(spoiler_text)
+        # Mastodon 4.5+: who may quote it, the account's default (here "public") when not given
+        policy = str(params.get("quote_approval_policy") or "public")
+        if policy not in ("public", "followers", "nobody"):
+            return 422, {"error": "Validation failed: Quote approval policy is not included in the list"}
         status = fake._make_status(fake.bot, text, media, visibility, in_reply_to_id, sensitive, spoiler_text)
+        status["quote_approval"] = {"automatic": [] if policy == "nobody" else [policy], "manual": [],
+                                    "current_user": "automatic"}  # its author may always quote it
         fake.source_texts[status["id"]] = text
         for media_id in (m["id"] for m in media):
             fake.uploads[media_id]["status_id"] = status["id"]

@@ -38,6 +38,7 @@ def test_mention_with_photo_gets_anonymised_reply_in_thread(e2e: E2E) -> None:
     assert text_of(reply).startswith("@alice Here is an anonymised copy (1 image")
     assert reply["visibility"] == "public"
     assert not reply["sensitive"] and reply["spoiler_text"] == ""
+    assert reply["quote_approval"]["automatic"] == [], "no one may quote the copy into another audience"
     [attachment] = reply["media_attachments"]
     assert attachment["type"] == "image"
     assert heads_in_alt(attachment["description"]) >= 1

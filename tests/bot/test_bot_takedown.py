@@ -4,6 +4,7 @@ anyone else's post."""
 from __future__ import annotations
 
 import pytest
+import requests
 
 from bot import messages
 from bot.platforms.mastodon import html_to_text
@@ -160,6 +161,23 @@ def test_bot_never_deletes_a_post_that_is_not_its_own(e2e: E2E) -> None:
     e2e.settle()
     assert fake.delete_attempts == [], "no DELETE request for someone else's post"
     assert not_ours["id"] not in fake.deleted
+
+
+def test_a_taken_down_copy_takes_its_image_with_it(e2e: E2E) -> None:
+    """Mastodon keeps a deleted post's attachments online for about a day unless asked
+    (``delete_media``); a taken-down copy's image must stop being served at once."""
+    fake = e2e.fake
+    e2e.listen()
+    _, _, reply = answered_photo(e2e)
+    image_url = reply["media_attachments"][0]["url"]
+    assert requests.get(image_url, timeout=10).status_code == 200
+    carol = fake.add_account("carol")
+    confirmation_to(e2e, fake.mention(carol, f"delete {reply['url']}", visibility="direct"))
+    e2e.settle()
+    assert fake.deleted == [reply["id"]]
+    [delete] = [r for r in fake.log() if r.method == "DELETE"]
+    assert delete.query == {"delete_media": ["true"]}
+    assert requests.get(image_url, timeout=10).status_code == 404
 
 
 def test_takedown_request_redelivered_is_answered_once(e2e: E2E) -> None:
