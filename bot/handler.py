@@ -53,12 +53,13 @@ def reply_visibility(target: Post, request: Post) -> Visibility:
     A followers-only original is answered by direct message: the bot's followers are not the
     author's followers, so a followers-only reply from the bot would reach a different audience.
     A protected account's image, or a post its server keeps local, is never reposted in public,
-    whatever the post says.
+    whatever the post says. Nor is a request its server keeps local answered in public: the
+    reply would federate, mentioning the requester and pointing at a post meant for one server.
     """
     narrow = narrowest(target.visibility, request.visibility)
     if narrow == "private":
         return "direct"
-    if narrow in ("public", "unlisted") and (target.account.locked or target.local_only):
+    if narrow in ("public", "unlisted") and (target.account.locked or target.local_only or request.local_only):
         return "direct"
     return narrow
 
@@ -346,7 +347,8 @@ class MentionHandler:
                                     narrowest(visibility, posted.visibility), copied_media,
                                     # a redelivery finding the original gone (deleted, its photos
                                     # edited out) must still see that this request has its answer
-                                    answered=f"note:{key}")
+                                    answered=f"note:{key}",
+                                    warned=target.sensitive or bool(target.spoiler_text))
         if self.store.taken_down(job.platform, target.key):
             # A takedown ran while this copy was being made: it marked the original before
             # reading its copies, and this copy was recorded before this look, so one of the two

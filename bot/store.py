@@ -117,6 +117,10 @@ def _media_key(platform: str, reply_id: str) -> str:
     return f"{PREFIX}:copied_media:{platform}:{reply_id}"
 
 
+def _warned_key(platform: str, reply_id: str) -> str:
+    return f"{PREFIX}:warned:{platform}:{reply_id}"
+
+
 def _watch_key(platform: str) -> str:
     """The originals watched for withdrawal, scored by when each is checked next."""
     return f"{PREFIX}:watch:{platform}"
@@ -184,12 +188,14 @@ class Store:
         return self.r.get(f"{PREFIX}:done:{platform}:{original_id}:{requester_id}")
 
     def record_reply(self, platform: str, original_id: str, requester_id: str, reply_id: str, urls: list[str],
-                     visibility: str = "public", media_ids: Sequence[str] = (), answered: str = "") -> None:
+                     visibility: str = "public", media_ids: Sequence[str] = (), answered: str = "",
+                     warned: bool = False) -> None:
         """Remember a copy: whose request it answered, which original it copies (also by the
         original's URLs, for takedown links), its ``visibility``, the ids of the original's
-        attachments it copies, that the job ``answered`` (keyed by the request) is done, and
-        that the original is now watched for withdrawal (one transaction: a copy is never
-        recorded unwatched, nor its request left looking unanswered)."""
+        attachments it copies, whether it went out ``warned`` (sensitive, or behind a content
+        warning), that the job ``answered`` (keyed by the request) is done, and that the
+        original is now watched for withdrawal (one transaction: a copy is never recorded
+        unwatched, nor its request left looking unanswered)."""
         now = time.time()
         pipe = self.r.pipeline()
         done_key = f"{PREFIX}:done:{platform}:{original_id}:{requester_id}"
@@ -207,6 +213,7 @@ class Store:
         pipe.set(_visibility_key(platform, reply_id), visibility, ex=DONE_TTL_S)
         if media_ids:
             pipe.set(_media_key(platform, reply_id), " ".join(media_ids), ex=DONE_TTL_S)
+        pipe.set(_warned_key(platform, reply_id), "1" if warned else "0", ex=DONE_TTL_S)
         if answered:
             pipe.set(_finished_key(answered), reply_id, ex=DONE_TTL_S)
         self._watch(pipe, platform, original_id, now)
@@ -221,6 +228,12 @@ class Store:
         they were kept)."""
         ids = self.r.get(_media_key(platform, reply_id))
         return set(ids.split()) if ids else None
+
+    def copy_warned(self, platform: str, reply_id: str) -> bool | None:
+        """Whether a copy went out sensitive or behind a content warning (None for copies
+        recorded before it was kept)."""
+        mark = self.r.get(_warned_key(platform, reply_id))
+        return None if mark is None else mark == "1"
 
     def remember_visibility(self, platform: str, reply_id: str, visibility: str) -> None:
         """Keep a copy's visibility once read (a copy recorded before it was kept)."""
@@ -346,7 +359,7 @@ class Store:
         pipe = self.r.pipeline()
         if done_key:
             pipe.delete(done_key, f"{PREFIX}:done_key_of:{platform}:{reply_id}")
-        pipe.delete(_visibility_key(platform, reply_id), _media_key(platform, reply_id))
+        pipe.delete(_visibility_key(platform, reply_id), _media_key(platform, reply_id), _warned_key(platform, reply_id))
         pipe.srem(_replies_key(platform, original_id), reply_id)
         pipe.execute()
 

@@ -12,7 +12,10 @@ copied original on a schedule (:data:`STEPS_S` after its newest copy, then weekl
 - the copies of a photo the author edited out of the post (Mastodon keeps an attachment's id
   through edits, and an X lookup answers the latest version, so a copy showing an id the post
   no longer has shows a withdrawn photo);
-- the copies more public than a copy may be now, when the author narrowed the audience.
+- the copies more public than a copy may be now, when the author narrowed the audience;
+- the copies shown without a warning, when the author has since marked the post sensitive or
+  put it behind a content warning (the copy would show without a click what the author now
+  hides behind one; a new request gets a copy with the warning).
 
 Where nothing changed, an original's copies are not even read.
 """
@@ -81,14 +84,22 @@ def doomed_copies(platform: Platform, store: Store, original_id: str, my_id: str
     # were kept) are read: where nothing changed, a check costs the original's read alone.
     known = {r: store.copy_visibility(platform.name, r) for r in replies - edited_out}
     suspects = [r for r, seen in known.items() if _wider(seen or "public", allowed)]
-    if not suspects and not edited_out:
+    warned = {r: store.copy_warned(platform.name, r) for r in known} if original.sensitive or original.spoiler_text else {}
+    unwarned = [r for r, mark in warned.items() if mark is not True]
+    if not suspects and not edited_out and not unwarned:
         return [], ""
     doomed: list[Post] = []
     reason = ""
-    for copy in own_copies(platform, store, original_id, my_id, only=[*edited_out, *suspects]):
+    for copy in own_copies(platform, store, original_id, my_id, only=[*edited_out, *suspects, *unwarned]):
         if copy.id in edited_out:
             doomed.append(copy)
             reason = "edited_out"
+            continue
+        # A copy recorded before warnings were kept is judged by what the platform shows.
+        mark = warned.get(copy.id, True)
+        if mark is False or (mark is None and not (copy.sensitive or copy.spoiler_text)):
+            doomed.append(copy)
+            reason = reason or "warned"
             continue
         if known[copy.id] is None:  # recorded before visibilities were kept: now it is
             store.remember_visibility(platform.name, copy.id, copy.visibility)

@@ -613,6 +613,20 @@ def test_a_local_followers_only_post_is_never_reposted_in_public(world: World) -
     assert fake.bot_posts()[0]["visibility"] == "direct"
 
 
+def test_a_request_kept_on_its_server_is_answered_by_direct_message(world: World) -> None:
+    """A local-only request under a public photo: a public reply would federate, carrying the
+    requester's name and a post their server keeps to itself; the copy goes to them alone."""
+    fake = world.fake
+    dave, bob = fake.add_account("dave"), fake.add_account("bob")
+    photo = fake.post(dave, "the square", media=[fake.media(jpeg(64))])
+    request = fake.mention(bob, "cover it", in_reply_to=photo)
+    request["local_only"] = True
+    assert world.run(request) == "replied"
+    [copy] = [p for p in fake.bot_posts() if p["media_attachments"]]
+    assert copy["visibility"] == "direct"
+    assert [m["acct"] for m in copy["mentions"]] == ["bob"]
+
+
 @pytest.mark.parametrize("marked", ["local_only", "akkoma_local"])
 def test_a_post_kept_on_its_server_is_never_copied_for_a_remote_account(world: World, marked: str) -> None:
     """Its server shows it to its own accounts only (even when mentioned, a remote account never
@@ -664,6 +678,40 @@ def test_a_copy_of_a_photo_edited_out_of_its_post_is_withdrawn(world: World) -> 
     read = [r.path for r in fake.requests[reads:] if r.method == "GET"]
     assert only_kept["id"] not in " ".join(read), "a copy of photos still shown is not even read"
     assert world.store.replies_of("mastodon", original["id"]) == {only_kept["id"]}
+
+
+@pytest.mark.parametrize("warning", ["content warning", "sensitive"])
+def test_a_copy_goes_when_its_original_is_put_behind_a_warning(world: World, warning: str) -> None:
+    """An author who later hides the photo behind a content warning (or marks it sensitive) no
+    longer shows it at a glance; a copy without the warning still would. Copies made with the
+    warning stay, and none of them is read while the original has none."""
+    fake = world.fake
+    dave = fake.add_account("dave")
+    original = fake.post(dave, "the square", media=[fake.media(jpeg(64))])
+    assert world.run(fake.mention(fake.add_account("bob"), "cover", in_reply_to=original)) == "replied"
+    [bare] = fake.bot_posts()
+    assert not bare["sensitive"] and bare["spoiler_text"] == ""
+    start = time.time()
+    reads = len(fake.requests)
+    assert sweep(world.platform(), world.store, start + FIRST_CHECK_S + 1) == 0, "nothing changed"
+    assert bare["id"] not in " ".join(r.path for r in fake.requests[reads:])
+
+    if warning == "content warning":
+        original["spoiler_text"] = "injured protesters"
+    original["sensitive"] = True
+    original["edited_at"] = iso(time.time())
+    assert world.run(fake.mention(fake.add_account("erin"), "cover", in_reply_to=original)) == "replied"
+    warned = fake.bot_posts()[-1]
+    assert warned["sensitive"] and warned["spoiler_text"] == original["spoiler_text"]
+
+    assert sweep(world.platform(), world.store, start + 6 * 3600 + 1) == 1
+    assert fake.deleted == [bare["id"]]
+    assert world.store.replies_of("mastodon", original["id"]) == {warned["id"]}
+    # a copy recorded before warnings were kept is judged by what it shows
+    world.store.r.delete(f"ppb:warned:mastodon:{warned['id']}")
+    assert world.store.copy_warned("mastodon", warned["id"]) is None
+    assert sweep(world.platform(), world.store, start + 24 * 3600 + 1) == 0
+    assert fake.deleted == [bare["id"]]
 
 
 def test_a_copy_made_late_in_a_watch_restarts_it(world: World) -> None:
