@@ -41,7 +41,7 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import requests
@@ -80,6 +80,8 @@ MAX_PAGES = 20
 OWN_TWEET_PAGES = 10  # idempotency look-up: at most 1,000 of the bot's tweets
 TWEET_LIMIT = 280
 DM_LIMIT = 10_000
+#: between the event ids of a copy sent as several DMs, in its ``Post.id`` (``dm:<id>+<id>``)
+DM_JOIN = "+"
 ALT_TEXT_LIMIT = 1000
 #: X refuses a photo over 5 MB (tweets and DMs alike)
 IMAGE_BYTES = 5 * 1024 * 1024
@@ -434,7 +436,13 @@ class XPlatform:
         for (a reply still goes to that version; the bot's records use ``Post.key``, the first
         version's id, whichever version was asked for)."""
         if post_id.startswith("dm:"):
-            return self._get_dm(post_id[3:])
+            # a copy sent as several messages is read by the first still there, named by all
+            for event_id in post_id[3:].split(DM_JOIN):
+                try:
+                    return replace(self._get_dm(event_id), id=post_id)
+                except NotFound:
+                    continue
+            raise NotFound(f"direct messages {post_id} not found", 404)
         tweet, includes = self._tweet(post_id)
         versions = [str(v) for v in tweet.get("edit_history_tweet_ids") or []]
         if versions and versions[-1] != str(tweet["id"]):
@@ -671,8 +679,10 @@ class XPlatform:
         try:
             self._http("POST", "/2/media/metadata", json={"id": media_id, "metadata": metadata})
         except PlatformError:
-            if category == "tweet_image":
-                raise  # a public image without its alt text is not posted
+            if category == "tweet_image" or sensitive:
+                # a public image without its alt text is not posted, nor a sensitive one, in a
+                # tweet or a DM, without its warning
+                raise
             log.warning("dm_alt_text_failed", extra={"media_id": media_id})
         return media_id
 
@@ -805,15 +815,25 @@ class XPlatform:
                     raise
                 raise MessagesRefused(f"@{to.acct} takes no direct messages from the bot", 403) from None
             ids.append(str(self._data("POST /2/dm_conversations/with/:id/messages", body)["dm_event_id"]))
-        return Post(id=f"dm:{ids[0]}", account=self.me(), text=text, visibility="direct")
+        # Every message's id: a takedown of a copy sent as several must delete them all.
+        return Post(id="dm:" + DM_JOIN.join(ids), account=self.me(), text=text, visibility="direct")
 
     def direct_message(self, to: Account, text: str, in_reply_to: Post | None = None, idempotency_key: str = "") -> Post:
         return self._send_dms(to, text, [], idempotency_key)
 
     def delete_post(self, post_id: str) -> bool:
         if post_id.startswith("dm:"):
-            # X removes a deleted DM from the bot's side of the conversation only.
-            self._http("DELETE", f"/2/dm_events/{post_id[3:]}")
+            # X removes a deleted DM from the bot's side of the conversation only. A copy sent as
+            # several messages is gone once none of them is left.
+            event_ids = post_id[3:].split(DM_JOIN)
+            gone = 0
+            for event_id in event_ids:
+                try:
+                    self._http("DELETE", f"/2/dm_events/{event_id}")
+                except NotFound:
+                    gone += 1
+            if gone == len(event_ids):
+                raise NotFound(f"direct messages {post_id} not found", 404)
             return False
         self._call("DELETE /2/tweets/:id", self.client.delete_tweet, post_id, user_auth=True)
         return True

@@ -19,7 +19,7 @@ from PIL import Image
 from bot import messages
 from bot.handler import Job
 from bot.listener import Listener
-from bot.platforms.base import PlatformError, RateLimited, RepliesClosed, ReplyDraft, ServerError, StreamUnavailable
+from bot.platforms.base import NotFound, PlatformError, RateLimited, RepliesClosed, ReplyDraft, ServerError, StreamUnavailable
 from bot.platforms.x import FIRST_PAGE, XPlatform
 from bot.store import FIRST_CHECK_S, Store
 from bot.withdrawal import sweep
@@ -557,18 +557,36 @@ def test_protected_authors_photo_is_answered_by_dm_never_in_public(fake: FakeX, 
     assert_anonymised(uploads[0]["data"], astronaut(512), face_box(512))
     assert all(heads_in(u["alt_text"]) >= 1 for u in uploads)
     reply_id = bot.store.reply_for("x", original["id"], bob["id"])
-    assert reply_id == f"dm:{first['id']}"
+    assert reply_id == f"dm:{first['id']}+{second['id']}", "the copy is both messages"
 
-    # a takedown of that copy deletes the bot's DM
+    # a takedown of that copy deletes both of the bot's DMs
     carol = fake.add_user("carol")
     fake.dm(carol, "delete https://t.co/q1", links={"https://t.co/q1": f"https://x.com/dave/status/{original['id']}"})
     assert bot.run_all() == ["deleted"]
-    assert fake.deleted_dms == [first["id"]] and fake.deleted == []
+    assert fake.deleted_dms == [first["id"], second["id"]] and fake.deleted == []
     assert request["id"] in fake.tweets
     # X deletes a DM on the bot's side only: the confirmation says so, without telling carol
     # how many copies went to other people's inboxes
     [confirmation] = fake.bot_dms(to=carol)
     assert confirmation["text"].startswith(messages.TAKEDOWN_DONE_UNCOUNTED + " " + messages.TAKEDOWN_ONE_SIDED_OTHERS)
+
+
+def test_a_dm_copy_of_several_messages_is_read_and_deleted_as_one(fake: FakeX, bot: Pipeline, x: XPlatform) -> None:
+    """Its id names every message; one deleted by hand leaves the others to delete, and the
+    copy counts as gone only once none is left."""
+    original = fake.tweet(fake.add_user("dave", protected=True), "mine", media=[fake.photo(jpeg(128)), fake.photo(jpeg(96))])
+    bob = fake.add_user("bob")
+    fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    first, second = fake.bot_dms(to=bob)
+    copy_id = bot.store.reply_for("x", original["id"], bob["id"])
+    assert x.get_post(copy_id).id == copy_id
+    fake.dms.remove(first)  # gone already
+    assert x.get_post(copy_id).id == copy_id and x.get_post(copy_id).account.id == fake.bot["id"]
+    assert x.delete_post(copy_id) is False
+    assert fake.deleted_dms == [second["id"]]
+    with pytest.raises(NotFound):
+        x.delete_post(copy_id)
 
 
 @pytest.mark.parametrize("withheld", ["tweet", "account"])
@@ -792,6 +810,26 @@ def test_sensitive_protected_original_answered_by_dm_keeps_the_warning(fake: Fak
     uploads = [u for dm in dms for u in fake.media_of(dm)]
     assert len(uploads) == 2 and all(u["category"] == "dm_image" for u in uploads)
     assert all(u["metadata"]["sensitive_media_warning"] == {"other": True} for u in uploads)
+
+
+@pytest.mark.parametrize("sensitive", [True, False])
+def test_a_dm_image_whose_warning_x_refuses_is_not_sent(fake: FakeX, bot: Pipeline, sensitive: bool) -> None:
+    """X takes the alt text and the sensitive-media warning in one metadata call. A DM image
+    may go without its alt text when that call fails, but a sensitive one never goes without
+    its warning: the job fails as a refused tweet image does (the worker dead-letters it and
+    apologises)."""
+    dave = fake.add_user("dave", protected=True)
+    original = fake.tweet(dave, "the square", media=[fake.photo(jpeg(128))], sensitive=sensitive)
+    fake.tweet(fake.add_user("bob"), "@protestbot cover please", in_reply_to=original)
+    fake.fail("POST /2/media/metadata", 400, {"title": "Invalid Request", "detail": "try later", "type": "about:blank", "status": 400})
+    if sensitive:
+        with pytest.raises(PlatformError, match="media/metadata"):
+            bot.run_all()
+        assert [u for dm in fake.bot_dms() for u in fake.media_of(dm)] == [], "no sensitive image without its warning"
+    else:
+        assert bot.run_all() == ["replied"]
+        [image] = [u for dm in fake.bot_dms() for u in fake.media_of(dm)]
+        assert image["metadata"] == {}
 
 
 # --------------------------------------------------------------------------- reply settings
