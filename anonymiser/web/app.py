@@ -126,7 +126,8 @@ def parse_regions(text: str) -> list[tuple[int, int, int, int]]:
         # abs() first: a JSON integer past a float's range makes math.isfinite raise OverflowError
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e6 and math.isfinite(v) for v in item):
             raise bad("each coordinate is a finite number")
-        x1, y1, x2, y2 = (int(round(v)) for v in item)
+        # outwards, as every region is rounded: a pixel partly inside the box is covered
+        x1, y1, x2, y2 = math.floor(item[0]), math.floor(item[1]), math.ceil(item[2]), math.ceil(item[3])
         if x2 <= x1 or y2 <= y1:
             raise bad("each box has x2 > x1 and y2 > y1")
         boxes.append((x1, y1, x2, y2))

@@ -935,6 +935,12 @@ def test_a_coordinate_too_long_for_a_float_is_a_400_not_a_500() -> None:
     assert caught.value.status == 400 and caught.value.code == "bad_regions"
 
 
+def test_fractional_region_edges_round_outwards() -> None:
+    """A pixel half inside a given box is covered: rounding to the nearest (halves to even)
+    moved edges inwards and left a half-covered row and column untouched."""
+    assert parse_regions("[[11.5, 11.5, 20.5, 20.5], [3, 4, 5.0, 6]]") == [(11, 11, 21, 21), (3, 4, 5, 6)]
+
+
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_a_port_out_of_range_is_refused_before_anything_loads(port: str, capsys: pytest.CaptureFixture[str]) -> None:
     """bind() raises OverflowError, not OSError, for such a port: after loading every model the
