@@ -210,6 +210,8 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
             image = _upright(image, turn)
             if fmt == "png" and data[24:25] == b"\x10":
                 image = _key_in_8_bits(image)
+            elif fmt == "png" and data[24] in (1, 2, 4) and data[25] == 0 and "transparency" in image.info:
+                _grey_key_in_8_bits(image, data[24], _png_grey_key(data))
             had_alpha = _has_alpha(image)
             rgb = _to_srgb_array(image)
     except (ImageTooLarge, ImageTooNarrow, AnimatedImage, CorruptImage):
@@ -447,6 +449,37 @@ def _key_in_8_bits(image: Image.Image) -> Image.Image:
     return image
 
 
+def _png_grey_key(data: bytes) -> int | None:
+    """The grey level a grey PNG's tRNS chunk makes transparent, as written (in the file's
+    bits); None without one. Walks the chunk headers before the image data."""
+    pos = 8
+    for _ in range(MAX_PNG_CHUNKS):
+        if pos + 12 > len(data):
+            break
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if kind == b"tRNS" and length >= 2:
+            return int.from_bytes(data[pos + 8:pos + 10], "big")
+        if kind in (b"IDAT", b"IEND"):
+            break
+        pos += 12 + length
+    return None
+
+
+def _grey_key_in_8_bits(image: Image.Image, depth: int, key: int | None) -> None:
+    """A 1-, 2- or 4-bit grey PNG's tRNS level on the 8-bit scale of Pillow's pixels (in
+    place: ``image`` is the decoder's own).
+
+    Pillow scales such pixels to 8 bits (a 2-bit level 1 reads 85) but kept a 2- or 4-bit key
+    as written, so the transparent level never matched and showed its grey where a viewer shows
+    the background. A key no pixel can have makes nothing transparent."""
+    top = (1 << depth) - 1
+    if key is None or key > top:
+        image.info.pop("transparency", None)
+    else:
+        image.info["transparency"] = key * (255 // top)
+
+
 #: Pillow's modes for grey wider than 8 bits (16-bit PNG grey among them)
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -454,7 +487,7 @@ _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info
-    ) or (image.mode in ("RGB", "L", *_WIDE_GREY) and "transparency" in image.info)
+    ) or (image.mode in ("RGB", "L", "1", *_WIDE_GREY) and "transparency" in image.info)
 
 
 def _to_srgb_array(image: Image.Image) -> np.ndarray:

@@ -231,6 +231,22 @@ def png16_rgb_bytes(rgb16: np.ndarray, transparent: tuple[int, int, int] | None 
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + trns + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
 
 
+def low_bit_grey_png_bytes(levels: np.ndarray, depth: int, transparent: int | None = None) -> bytes:
+    """A 1-, 2- or 4-bit grey PNG of ``levels`` (``0 .. 2**depth - 1``) written by hand;
+    ``transparent`` is a tRNS grey level, in those bits."""
+    height, width = levels.shape
+    per_byte = 8 // depth
+    padded = np.zeros((height, -(-width // per_byte) * per_byte), np.uint8)
+    padded[:, :width] = levels
+    groups = padded.reshape(height, -1, per_byte).astype(np.uint16)
+    shifts = np.arange(per_byte - 1, -1, -1, dtype=np.uint16) * depth
+    rows = (groups << shifts).sum(axis=2).astype(np.uint8)
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()  # filter 0
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    trns = b"" if transparent is None else _png_chunk(b"tRNS", struct.pack(">H", transparent))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + trns + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+
+
 def png_bomb_bytes(width: int = 30000, height: int = 30000) -> bytes:
     """A valid 1-bit grey PNG of ``width`` x ``height`` black pixels, only ~100 KB of bytes."""
     row = b"\x00" * (1 + (width + 7) // 8)

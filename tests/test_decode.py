@@ -30,6 +30,7 @@ from anonymiser.decode import (
 from anonymiser.limits import Limits
 
 from imaging import (
+    low_bit_grey_png_bytes,
     animated_bytes,
     cmyk_jpeg_bytes,
     exif_block,
@@ -391,6 +392,27 @@ def test_16_bit_grey_png_transparency_is_flattened() -> None:
     np.testing.assert_array_equal(decoded.rgb[0, 4], FLATTEN_BACKGROUND)
     np.testing.assert_array_equal(decoded.rgb[0, 0], (18, 18, 18))  # 0x1235 / 257, opaque
     np.testing.assert_array_equal(decoded.rgb[7, 7], (156, 156, 156))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_low_bit_grey_png_transparency_is_flattened(depth: int) -> None:
+    """A 1-, 2- or 4-bit grey PNG's tRNS level becomes the background, as a viewer shows it.
+    Pillow scales such pixels to 8 bits but left 2- and 4-bit keys unscaled, so no pixel
+    matched and the transparent ones showed their grey."""
+    top = (1 << depth) - 1
+    key = 0 if depth == 1 else 1  # a level that differs from the (white) background
+    levels = np.full((8, 8), top, np.uint8)
+    levels[:4] = key
+    levels[4:, :2] = min(2, top)  # another level, opaque
+    decoded = decode(low_bit_grey_png_bytes(levels, depth, transparent=key))
+    assert decoded.had_alpha
+    assert FLATTEN_BACKGROUND == (255, 255, 255)
+    np.testing.assert_array_equal(decoded.rgb[:4], np.full((4, 8, 3), 255, np.uint8))
+    np.testing.assert_array_equal(decoded.rgb[7, 0], [min(2, top) * 255 // top] * 3)
+    # a key no pixel can have makes nothing transparent
+    opaque = decode(low_bit_grey_png_bytes(levels, depth, transparent=top + 1))
+    assert not opaque.had_alpha
+    np.testing.assert_array_equal(opaque.rgb[0, 4], [key * 255 // top] * 3)
 
 
 @pytest.mark.parametrize("key", [(0x1234, 0x5678, 0x9ABC), (0x0000, 0x0010, 0x00FF)])
