@@ -20,7 +20,8 @@ from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post
 from .store import Store
 
 log = logging.getLogger("bot.takedown")
-_URL = re.compile(r"https?://[^\s<>\"']+")
+#: a link; phones capitalise a message's first word ("Https://...")
+_URL = re.compile(r"https?://[^\s<>\"']+", re.IGNORECASE)
 _ID = re.compile(r"(?<![\w@/])(\d{5,30})(?![\w/])")
 #: words that ask for deletion, at a word's start, in the languages protests are most often
 #: photographed in; a bare "thanks!" answering the bot's copy must not delete it, nor must an

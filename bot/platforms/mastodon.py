@@ -63,7 +63,9 @@ _MEDIA_UPLOAD = re.compile(r"^/api/v[12]/media$")
 _STATUS_DELETE = re.compile(r"^/api/v1/statuses/[^/]+$")
 #: posting (``RateLimiter`` family ``statuses``: 300 per 3 hours), whose headers a post carries
 _STATUS_POST = re.compile(r"^/api/v1/statuses(?:/[^/]+)?$")
-_STATUS_PATH = re.compile(r"^/(?:@[^/]+|users/[^/]+/statuses|web/statuses|web/@[^/]+|notice)/(\d+)/?$")
+#: a post's path on a Mastodon server: the profile form, ActivityPub's, the old web UI's, the
+#: advanced web interface's (``/deck/``, what its address bar shows) and Pleroma's ``notice``
+_STATUS_PATH = re.compile(r"^/(?:@[^/]+|users/[^/]+/statuses|web/statuses|web/@[^/]+|deck/@[^/]+|notice)/(\d+)/?$")
 #: a stock server's limit on a status: its text and its content warning together (a server
 #: publishes its own in its instance API)
 MAX_CHARS = 500

@@ -14,6 +14,7 @@ import responses
 
 from bot.platforms.base import MediaLimits, ReplyDraft
 from bot.platforms.mastodon import LATE_PAGES, PAGE, MastodonPlatform, countable_length, fit_status, id_at, id_time_ms
+from bot.takedown import names_a_post, references
 from bot_helpers import jpeg
 from fake_mastodon import TOKEN, FakeMastodon, iso
 
@@ -264,6 +265,18 @@ def test_post_references_in_other_digits_are_not_post_ids() -> None:
     assert platform.post_id_from_reference("109876543210.") == "109876543210"
     assert platform.post_id_from_reference("\u0661\u0662\u0663") is None
     assert platform.post_id_from_reference("\u00b2") is None
+
+
+def test_post_links_from_every_web_interface_and_in_any_case_are_read() -> None:
+    """The advanced web interface shows ``/deck/@user/id`` in the address bar, and a phone
+    capitalises a message's first word ("Https://..."): both were answered "unknown link"."""
+    platform = MastodonPlatform("https://m.example", TOKEN)
+    for link in ("https://m.example/deck/@ppbot/111222333444555", "https://m.example/deck/@alice@remote.example/111222333444555",
+                 "https://M.EXAMPLE/@ppbot/111222333444555?lang=en", "https://m.example/web/statuses/111222333444555"):
+        assert platform.post_id_from_reference(link) == "111222333444555", link
+    [found] = references("Https://m.example/@ppbot/111222333444555 please delete")
+    assert platform.post_id_from_reference(found) == "111222333444555"
+    assert names_a_post("HTTPS://m.example/@ppbot/111222333444555")
 
 
 def test_status_ids_are_snowflakes_and_a_late_remote_status_is_dated_by_its_publishing(fake: FakeMastodon) -> None:
