@@ -299,9 +299,15 @@ class MentionHandler:
                 # audience has photos is not theirs to learn.
                 return self._decline(job, request, messages.NOT_YOURS, reply_visibility(hidden[0], request), key,
                                      "not_visible")
-            text = messages.GONE if found.gone else messages.NO_IMAGE
-            return self._decline(job, request, text, reply_visibility(request, request), key,
-                                 "gone" if found.gone else "no_image")
+            text, outcome = (messages.GONE, "gone") if found.gone else (messages.NO_IMAGE, "no_image")
+            if request.quote_id is None and request.quote_state not in ("", "accepted"):
+                # A quote not (or no longer) approved hides the quoted post from everyone but
+                # its quoter: "no photo here" would be wrong, and no new mention comes once a
+                # pending quote is approved.
+                text, outcome = {"pending": (messages.QUOTE_PENDING, "quote_pending"),
+                                 "rejected": (messages.QUOTE_REFUSED, "quote_refused")}.get(
+                                     request.quote_state, (messages.GONE, "gone"))
+            return self._decline(job, request, text, reply_visibility(request, request), key, outcome)
         visibility = reply_visibility(target, request)
         if not may_see(request, target):
             # Only the bot's rights reached this post: a copy would widen its audience.

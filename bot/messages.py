@@ -66,6 +66,14 @@ GONE = (
     "The post you replied to was deleted or is not visible to me, so there is nothing for me to "
     "anonymise."
 )
+QUOTE_PENDING = (
+    "I cannot see the post you quote yet: it shows in your post once its author's server "
+    "approves the quote. Ask me again when it does, or mention me in a reply to that post."
+)
+QUOTE_REFUSED = (
+    "The author of the post you quote did not approve the quote, so I will not copy it from "
+    "there."
+)
 NOT_YOURS = (
     "That post is not public, so I only make a copy of it for its author or the people it "
     "addresses. Please ask the author."

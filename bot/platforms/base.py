@@ -47,6 +47,9 @@ class Post:
     in_reply_to_id: str | None = None
     in_reply_to_account_id: str | None = None
     quote_id: str | None = None
+    #: where the platform has quote approvals (Mastodon 4.5+), the quote's state as the bot sees
+    #: it: the quoted post is shown (``quote_id``) only once "accepted"; "" without a quote
+    quote_state: str = ""
     url: str = ""
     uri: str = ""
     media: tuple[Media, ...] = ()

@@ -302,6 +302,7 @@ class MastodonPlatform:
             in_reply_to_id=str(data["in_reply_to_id"]) if data.get("in_reply_to_id") else None,
             in_reply_to_account_id=str(data["in_reply_to_account_id"]) if data.get("in_reply_to_account_id") else None,
             quote_id=str(quoted["id"]) if isinstance(quoted, dict) and quoted.get("id") else None,
+            quote_state=str(quote.get("state") or "") if isinstance(quote, dict) else "",
             url=str(data.get("url") or ""),
             uri=str(data.get("uri") or ""),
             media=media,

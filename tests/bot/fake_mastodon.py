@@ -575,6 +575,13 @@ class FakeMastodon:
             text = f"@{BOT_USERNAME} {text}".strip()
         return self.post(author, text, **kwargs)
 
+    def set_quote(self, status: dict[str, Any], quoted: dict[str, Any], state: str = "accepted") -> None:
+        """Make ``status`` quote ``quoted`` (Mastodon 4.5's Quote entity). The quoted post is shown
+        only once the quote is ``accepted``; before (``pending``, awaiting its author's server)
+        or after (``rejected``, ``revoked``, ``deleted``, ...) ``quoted_status`` is null."""
+        with self.lock:
+            status["quote"] = {"state": state, "quoted_status": quoted if state == "accepted" else None}
+
     def status(self, status_id: str) -> dict[str, Any]:
         with self.lock:
             return self.statuses[status_id]

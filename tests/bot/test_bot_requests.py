@@ -647,6 +647,29 @@ def test_a_post_kept_on_its_server_is_never_copied_for_a_remote_account(world: W
     assert [p["visibility"] for p in fake.bot_posts() if p["media_attachments"]] == ["direct"]
 
 
+@pytest.mark.parametrize(("state", "outcome", "text"), [
+    ("accepted", "replied", None),
+    ("pending", "quote_pending", messages.QUOTE_PENDING),
+    ("rejected", "quote_refused", messages.QUOTE_REFUSED),
+    ("revoked", "gone", messages.GONE),
+    ("deleted", "gone", messages.GONE),
+])
+def test_a_request_quoting_a_photo_is_judged_by_the_quotes_state(world: World, state: str, outcome: str, text: str | None) -> None:
+    """Mastodon 4.5 shows a quoted post only once its author's server approves the quote: a
+    pending one was answered "no photo here", and no new mention comes when it is approved."""
+    fake = world.fake
+    photo = fake.post(fake.add_account("dave", domain="remote.example"), "the square", media=[fake.media(jpeg(64))])
+    request = fake.mention(fake.add_account("bob"), "please anonymise")
+    fake.set_quote(request, photo, state)
+    assert world.run(request) == outcome
+    [answer] = fake.replies_to(request["id"])
+    if text is None:
+        assert answer["media_attachments"]
+    else:
+        assert not answer["media_attachments"]
+        assert html_to_text(answer["content"]) == "@bob " + text
+
+
 def test_an_unknown_visibility_counts_as_direct(world: World) -> None:
     status = {"id": "1", "account": {"id": "2", "acct": "a"}, "visibility": "local", "content": ""}
     assert MastodonPlatform.parse_post(status).visibility == "direct"
