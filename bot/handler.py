@@ -19,6 +19,7 @@ from anonymiser.pipeline import Anonymiser, Result
 from . import messages, soft_limit
 from .config import BotConfig
 from .copies import delete_copy
+from .deletion_words import asks_deletion, commands_deletion
 from .earlier_post import earlier_post
 from .fetch import FetchError, fetch
 from .logs import Timer
@@ -267,6 +268,14 @@ class MentionHandler:
         target = found.target
         if target is not None and target.account.id == me.id:
             # "Thanks!" under the bot's own copy mentions the bot too: never re-anonymise our copy.
+            if asks_deletion(request.text):
+                # "can you delete this? I'm in it": public talk under a copy is not taken as a
+                # takedown command unless it starts with one, but silence would leave the person
+                # asking with no way forward; they are told how, privately, once.
+                key = self._key(job, request.key)
+                if self.store.done(f"note:{key}"):
+                    return "already_done"
+                return self._decline(job, request, messages.TAKEDOWN_HELP, "direct", key, "takedown_help")
             return "ignored_own_copy"
         if job.kind != "hashtag" and incidental(request, found.parent, me) and (
             (target is None and not found.gone)
@@ -312,6 +321,10 @@ class MentionHandler:
         if not may_see(request, target):
             # Only the bot's rights reached this post: a copy would widen its audience.
             return self._decline(job, request, messages.NOT_YOURS, visibility, key, "not_visible")
+        if commands_deletion(request.text) and self.store.replies_of(job.platform, target.key):
+            # "@ppbot delete your copy, I am in this photo" under the original: a fresh copy
+            # would hand the person asking for removal another one and leave the first up.
+            return self._decline(job, request, messages.DELETE_NOT_COPY, "direct", key, "takedown_help")
         if opted_out(target.account):
             return self._decline(job, request, messages.NOBOT, visibility, key, "opted_out")
         if self.store.taken_down(job.platform, target.key):

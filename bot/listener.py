@@ -18,7 +18,8 @@ from typing import Callable
 
 from .handler import Job
 from .platforms.base import Account, Event, Platform, PlatformError, RateLimited
-from .takedown import asks_deletion, commands_deletion, names_a_post
+from .deletion_words import asks_deletion, commands_deletion
+from .takedown import names_a_post
 from .store import SEEN_TTL_S, Store
 
 log = logging.getLogger("bot.listener")

@@ -93,6 +93,10 @@ TAKEDOWN_HELP = (
     "To delete a copy I posted, send me a direct message with the link (or id) of my reply or "
     "of the original post."
 )
+DELETE_NOT_COPY = (
+    "It sounds like you want my copy of this post deleted, so I did not make another. "
+    + TAKEDOWN_HELP
+)
 DM_PHOTO = (
     "I cannot anonymise photos sent to me by direct message here. Post the photo (for your "
     "followers only, if you like) and mention me, or mention me in a reply to a post with photos. "

@@ -14,51 +14,14 @@ from dataclasses import dataclass
 
 from . import messages, soft_limit
 from .copies import delete_copy, own_copies
+from .deletion_words import URL, asks_deletion
 from .earlier_post import earlier_post
 from .handler import Job
 from .platforms.base import Account, MessagesRefused, NotFound, Platform, Post
 from .store import Store
 
 log = logging.getLogger("bot.takedown")
-#: a link; phones capitalise a message's first word ("Https://...")
-_URL = re.compile(r"https?://[^\s<>\"']+", re.IGNORECASE)
 _ID = re.compile(r"(?<![\w@/])(\d{5,30})(?![\w/])")
-#: words that ask for deletion, at a word's start, in the languages protests are most often
-#: photographed in; a bare "thanks!" answering the bot's copy must not delete it, nor must an
-#: English word that merely begins like one ("quite", "borrow", "exclusive", "cancellation",
-#: "retired")
-_DELETE_INTENT = re.compile(
-    r"\b(?:delet|remov|take ?(?:it |this |that )?down|takedown|unpublish|erase|withdraw"
-    r"|l[öo]sch|entfern|supprim|ret[ií]r(?:a|er|ez|e-)|effac|b[oó]rr[ae]|elimin|qu[ií]ta|rimuov"
-    r"|cancella(?!tion)|verwijder|apag|exclu[aií]|usu[ńn])",
-    re.IGNORECASE,
-)
-#: what may come before the command in a public answer: "please", in those languages
-_PLEASE = re.compile(
-    r"^(?:(?:please|pls|plz|kindly|bitte|por favor|per favore|s'il (?:te|vous) pla[iî]t|svp|alsjeblieft"
-    r"|prosz[eę]|por gentileza)\b[\s,.!:;-]*)*",
-    re.IGNORECASE,
-)
-_HANDLE = re.compile(r"(?<![\w/])@[\w.\-]+(?:@[\w.\-]+)?")
-
-
-def _words(text: str) -> str:
-    """The message without its @handles (replies pre-fill them: "@retired_nurse" is a name, not
-    a request) and links."""
-    return " ".join(_HANDLE.sub(" ", _URL.sub(" ", text)).split())
-
-
-def asks_deletion(text: str) -> bool:
-    """Whether a direct answer to the bot's copy asks for it to be deleted."""
-    return bool(_DELETE_INTENT.search(_words(text)))
-
-
-def commands_deletion(text: str) -> bool:
-    """Whether a public answer to the bot's copy is a command to delete it: a deletion word
-    first, after at most a "please". Public answers are mostly thanks and talk ("I'll delete
-    my original now", "please don't delete this"), which must not take the copy down."""
-    return bool(_DELETE_INTENT.match(_PLEASE.sub("", _words(text))))
-
 
 #: references looked up per message: each remote link costs the bot a search request
 MAX_REFERENCES = 10
@@ -66,8 +29,8 @@ MAX_REFERENCES = 10
 
 def references(text: str) -> list[str]:
     """URLs and bare numeric ids in a message, in order, without duplicates."""
-    found = [u.rstrip(".,;:!?)>") for u in _URL.findall(text)]
-    without_urls = _URL.sub(" ", text)
+    found = [u.rstrip(".,;:!?)>") for u in URL.findall(text)]
+    without_urls = URL.sub(" ", text)
     found += _ID.findall(without_urls)
     return list(dict.fromkeys(found))
 

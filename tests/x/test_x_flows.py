@@ -734,7 +734,9 @@ def test_public_answers_to_the_copy_delete_it_only_when_told_to(fake: FakeX, bot
     bob = fake.users[request["author_id"]]
     for talk in ("Thanks! I'll delete my original now", "Please don't delete this", "Retired teachers marched too"):
         fake.tweet(bob, "@protestbot " + talk, in_reply_to=copy)
-    assert bot.run_all() == ["ignored_own_copy"] * 3 and fake.deleted == []
+    # talk that speaks of deleting gets the how-to, privately, in case it was meant as a request
+    assert bot.run_all() == ["takedown_help", "takedown_help", "ignored_own_copy"] and fake.deleted == []
+    assert [dm["text"].split("\n")[0] for dm in fake.bot_dms(to=bob)] == [messages.TAKEDOWN_HELP] * 2
     # a command deletes it; bob takes no DMs from the bot, so the confirmation is refused, and
     # that must not fail the job (the copy is gone, which is what he asked)
     fake.fail("POST /2/dm_conversations/with/:id/messages", 403,
