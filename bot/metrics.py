@@ -167,7 +167,11 @@ def _task_finished(task_id: str, task: Any, args: Any = (), retval: Any = None, 
     if started is not None:
         JOB_SECONDS.labels(kind).observe(time.perf_counter() - started)
     enqueued_at = payload.get("enqueued_at")
-    if outcome not in ("retry", "parked", "handed_over", "requeued") and enqueued_at:
+    # Only a run that ends the job is timed from its enqueueing: a retried, parked, handed-over
+    # or requeued one (``rejected``: put back in its queue when Redis failed under it) will be
+    # timed when it is answered, and counting both inflated the latency quantiles just when
+    # Redis was in trouble.
+    if outcome not in ("retry", "parked", "handed_over", "requeued", "rejected") and enqueued_at:
         try:
             LATENCY.observe(max(0.0, time.time() - float(enqueued_at)))
         except (TypeError, ValueError):

@@ -266,13 +266,15 @@ def _apologise(job: Job) -> None:
         log.warning("apology_failed", extra={"post_id": job.post_id}, exc_info=True)
 
 
-def _queue_elsewhere(kind: str) -> str:
-    """Where routing would send ``kind`` if this worker were not alive."""
+def _queue_elsewhere(kind: str) -> str | None:
+    """Where routing would send ``kind`` if this worker were not alive; None when no other live
+    worker consumes that queue (routing then names the CPU queue only as the place to wait)."""
     client = redis.Redis.from_url(config().redis_url)
     try:
         router = routing.Router(client, routing.settings_or_exit(), cache_s=0)
         others = [w for w in router.workers(fresh=True) if not routing.is_self(w)]
-        return router.choose(kind, others)
+        queue = router.choose(kind, others)
+        return queue if router.consumers(queue, others) else None
     finally:
         client.close()
 
@@ -304,7 +306,7 @@ def _hand_over(task: Any, job: Job, payload: dict[str, Any], ids: dict[str, Any]
     cause = type(exc.__cause__ or exc).__name__
     if attempt < config().max_attempts:
         try:
-            queue = _queue_elsewhere(job.kind)
+            queue = _queue_elsewhere(job.kind) or routing.CPU_QUEUE
         except redis.RedisError:  # publishing the retry will tell whether Redis is really down
             queue = routing.CPU_QUEUE
         log.error("device_failure", extra=ids | {"error": cause, "failures": failures, "requeued_to": queue})
@@ -368,7 +370,9 @@ def _isolate(task: Any, task_id: str, job: Job, ids: dict[str, Any]) -> None:
     of them when one photo kills it, and each would be charged the loss: restored together and
     taken together again, innocent jobs would be dead-lettered with the hostile one. A prefork CPU
     worker runs each job in its own child, so there only the hostile job's runs are lost, and
-    counted. Returns (the job runs here, counted as before) when no CPU worker would take it."""
+    counted. Returns (the job runs here, counted as before) when no live CPU worker would take
+    it: sent to a queue nobody consumes, the listener's drain brought it straight back, its loss
+    count wiped by the move, and a photo that kills workers was retried for ever."""
     try:
         queue = _queue_elsewhere(job.kind)
     except redis.RedisError:

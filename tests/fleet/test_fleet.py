@@ -137,6 +137,23 @@ def test_router_follows_heartbeats_and_queue_depths(redis_server: Any, monkeypat
     redis_server.clean()
 
 
+def test_a_job_is_sent_elsewhere_only_to_a_queue_a_live_worker_consumes(redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nobody else alive, routing names the CPU queue as the place to wait: a lone GPU
+    worker isolating a job after a loss sent it there, the listener's drain brought it back with
+    its loss count wiped, and a photo that kills workers was retried for ever."""
+    import bot.tasks as tasks
+
+    redis_server.clean()
+    monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(redis_url=redis_server.url))
+    monkeypatch.setattr(tasks.routing, "settings_or_exit", lambda: FleetSettings())
+    assert tasks._queue_elsewhere("mention") is None
+    beat(redis_server, "g2", "gpu", [GPU_QUEUE])
+    assert tasks._queue_elsewhere("mention") == GPU_QUEUE
+    beat(redis_server, "c1", "cpu", [CPU_QUEUE])
+    assert tasks._queue_elsewhere("takedown") == CPU_QUEUE
+    redis_server.clean()
+
+
 def test_jobs_in_the_legacy_queue_are_drained_when_nobody_consumes_it(redis_server: Any, client_app: Any) -> None:
     """Jobs an older listener left in Celery's default queue reach a fleet whose workers all
     run with -Q (here GPU only), oldest first; another Celery app's tasks in that shared queue
@@ -797,6 +814,11 @@ def test_device_hand_overs_are_counted_apart_from_platform_errors() -> None:
     assert sample("ppb_job_failures_total", reason="retry") == before["retry"] + 1
     assert sample("ppb_jobs_total", kind="mention", outcome="requeued", queue=GPU_QUEUE) >= 1
     assert sample("ppb_job_latency_seconds_count") == latency_before
+    # Put back in its queue (Redis failed under the run): not answered, so not timed yet.
+    metrics._task_finished("t4", task, args=(job,), retval=None, state="REJECTED")
+    assert sample("ppb_job_latency_seconds_count") == latency_before
+    metrics._task_finished("t5", task, args=(job,), retval="replied", state="SUCCESS")
+    assert sample("ppb_job_latency_seconds_count") == latency_before + 1
 
 
 def test_a_long_rate_limit_parks_the_job_instead_of_holding_it_past_the_visibility_timeout(
