@@ -429,8 +429,62 @@ def redis_refused(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(_PASSING_REFUSALS)
 
 
+#: runs that ended while Redis refused to record it (task ids), recorded once it answers
+_unfinished: set[str] = set()
+_unfinished_lock = threading.Lock()
+#: how often a worker tries again to record those
+UNFINISHED_RETRY_S = 1.0
+
+
+def _finish_run(task_id: str) -> None:
+    """Record that a run ended, in whatever way a handler saw; never raises.
+
+    A run that ended because Redis went away could not record it either: its start then stayed
+    counted, and the job's next delivery took it for a worker lost with it (two Redis blips under
+    one job dead-lettered a healthy photo, one blip on a GPU worker charged a loss to every job
+    it ran). Such ends are kept here and recorded as soon as Redis answers: before this worker's
+    next run, and by a thread in the meantime."""
+    try:
+        store().run_finished(task_id)
+        return
+    except redis.RedisError:
+        pass
+    with _unfinished_lock:
+        first = not _unfinished
+        _unfinished.add(task_id)
+    if first:
+        threading.Thread(target=_record_unfinished_until_done, name="ppb-unfinished", daemon=True).start()
+
+
+#: one recording at a time: a second one, from a snapshot the first already recorded, could
+#: delete the start of a new run of the same task made in between
+_recording = threading.Lock()
+
+
+def _record_unfinished() -> bool:
+    """Record the kept ends; whether none is left."""
+    with _recording:
+        with _unfinished_lock:
+            pending = list(_unfinished)
+        for task_id in pending:
+            try:
+                store().run_finished(task_id)
+            except redis.RedisError:
+                return False
+            with _unfinished_lock:
+                _unfinished.discard(task_id)
+        with _unfinished_lock:
+            return not _unfinished
+
+
+def _record_unfinished_until_done() -> None:
+    while not _record_unfinished():
+        time.sleep(UNFINISHED_RETRY_S)
+
+
 def _handle(self: Any, payload: dict[str, Any]) -> str:
     """The body of :func:`handle`."""
+    _record_unfinished()  # before this run is counted: it may be a redelivery of one of them
     job = Job.from_dict(payload)
     timer = logs.Timer()
     ids = {"platform": job.platform, "post_id": job.post_id, "kind": job.kind, "attempt": self.request.retries + 1}
@@ -442,12 +496,12 @@ def _handle(self: Any, payload: dict[str, Any]) -> str:
         _isolate(self, task_id, job, ids)
     try:
         outcome = _run(self, job, payload, ids, timer)
-    except Exception:  # a retry being scheduled: this run ended as meant
-        store().run_finished(task_id)
+    except Exception:  # a retry being scheduled, or Redis failing under the run: it ended here
+        _finish_run(task_id)
         raise
     # Not on SystemExit: that is the process being ended from outside mid-run (the hard time
     # limit sends SIGTERM before SIGKILL), a lost run the next start must count.
-    store().run_finished(task_id)
+    _finish_run(task_id)
     return outcome
 
 

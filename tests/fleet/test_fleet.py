@@ -45,6 +45,25 @@ def mention(fake: Any, who: str, side: int = 128) -> dict[str, Any]:
     return fake.mention(person, "please", media=[fake.media(jpeg(side, exif=False))])
 
 
+#: a mention job's payload, as the listener enqueues it
+PAYLOAD = {"platform": "mastodon", "post_id": "1", "requester_id": "2", "kind": "mention"}
+
+
+def deliver(task_id: str, payload: dict[str, Any] = PAYLOAD) -> Any:
+    """Run one delivery of ``bot.handle`` in this process, as a CPU worker would: its outcome,
+    or what it raised (Celery's Reject, a Retry)."""
+    from bot import tasks
+
+    tasks.handle.push_request(id=task_id, retries=0, called_directly=False, is_eager=False, headers={},
+                              delivery_info={"exchange": "", "routing_key": CPU_QUEUE})
+    try:
+        return tasks.handle.run(payload)
+    except Exception as exc:
+        return exc
+    finally:
+        tasks.handle.pop_request()
+
+
 def handled_by(worker: Any, status: dict[str, Any]) -> bool:
     """Whether ``worker`` received the job (its main process logs every message it takes; the
     prefork pool's children's own log lines do not reach the worker's stderr)."""
@@ -936,19 +955,7 @@ def test_a_run_that_redis_fails_goes_back_to_its_queue(monkeypatch: pytest.Monke
     monkeypatch.setattr(tasks, "store", lambda: fake_store)
     monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5, max_worker_losses=2))
     monkeypatch.setattr(Signature, "apply_async", unpublishable)
-    payload = {"platform": "mastodon", "post_id": "1", "requester_id": "2", "kind": "mention"}
-
-    def outcome() -> Any:
-        tasks.handle.push_request(id="t1", retries=0, called_directly=False, is_eager=False, headers={},
-                                  delivery_info={"exchange": "", "routing_key": CPU_QUEUE})
-        try:
-            return tasks.handle.run(payload)
-        except Exception as exc:
-            return exc
-        finally:
-            tasks.handle.pop_request()
-
-    rejected = outcome()
+    rejected = deliver("t1")
     assert isinstance(rejected, Reject) and rejected.requeue is True, rejected
     assert finished == ["t1"]
 
@@ -956,7 +963,7 @@ def test_a_run_that_redis_fails_goes_back_to_its_queue(monkeypatch: pytest.Monke
         raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
 
     monkeypatch.setattr(fake_store, "run_started", redis_gone)
-    rejected = outcome()
+    rejected = deliver("t1")
     assert isinstance(rejected, Reject) and rejected.requeue is True, rejected
 
 
@@ -1007,17 +1014,63 @@ def test_a_run_redis_refuses_is_requeued_not_dead_lettered(monkeypatch: pytest.M
     monkeypatch.setattr(tasks, "store", lambda: fake_store)
     monkeypatch.setattr(tasks, "_apologise", apologies.append)
     monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5, max_worker_losses=2))
-    payload = {"platform": "mastodon", "post_id": "1", "requester_id": "2", "kind": "mention"}
-    tasks.handle.push_request(id="t1", retries=0, called_directly=False, is_eager=False, headers={},
-                              delivery_info={"exchange": "", "routing_key": CPU_QUEUE})
-    try:
-        outcome: Any = tasks.handle.run(payload)
-    except Exception as exc:
-        outcome = exc
-    finally:
-        tasks.handle.pop_request()
+    outcome = deliver("t1")
     assert isinstance(outcome, Reject) and outcome.requeue is True, outcome
     assert dead == [] and apologies == []
+
+
+def test_a_run_that_redis_failed_under_is_not_counted_as_a_lost_worker(redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run ended by Redis going away could not record its end either, and the job's next
+    delivery took it for a worker lost with it: two such blips dead-lettered a healthy photo
+    with an apology. The end is recorded once Redis answers (by a thread, and before the
+    worker's next run)."""
+    import redis
+    from celery.exceptions import Reject
+
+    from bot import tasks
+    from bot.store import Store
+
+    redis_server.clean()
+    real = Store.from_url(redis_server.url)
+    down = threading.Event()
+
+    class Flaky:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def run_finished(self, task_id: str) -> None:
+            if down.is_set():
+                raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+            real.run_finished(task_id)
+
+    def run_job(job: Any) -> str:
+        if down.is_set():
+            raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+        return "replied"
+
+    apologies: list[Any] = []
+    monkeypatch.setattr(tasks, "run_job", run_job)
+    monkeypatch.setattr(tasks, "store", lambda: Flaky())
+    monkeypatch.setattr(tasks, "_apologise", apologies.append)
+    monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5, max_worker_losses=2))
+    monkeypatch.setattr(tasks, "UNFINISHED_RETRY_S", 0.05)
+
+    for _ in range(2):  # two blips under one job, each over by its next delivery
+        down.set()
+        assert isinstance(deliver("t9"), Reject)
+        assert redis_server.client.scard("ppb:running:t9") == 1
+        down.clear()
+        wait_until(lambda: redis_server.client.scard("ppb:running:t9") == 0, 10, "the end to be recorded")
+    assert deliver("t9") == "replied"
+    assert real.dead_letters() == [] and apologies == []
+
+    # and the worker's next run records it even before the thread does
+    monkeypatch.setattr(tasks, "UNFINISHED_RETRY_S", 60.0)
+    down.set()
+    assert isinstance(deliver("t9"), Reject)
+    down.clear()
+    assert deliver("t9") == "replied"
+    assert redis_server.client.scard("ppb:running:t9") == 0 and real.dead_letters() == []
 
 
 def test_a_redis_error_that_is_not_a_refusal_is_still_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1037,12 +1090,7 @@ def test_a_redis_error_that_is_not_a_refusal_is_still_a_dead_letter(monkeypatch:
     monkeypatch.setattr(tasks, "store", lambda: fake_store)
     monkeypatch.setattr(tasks, "_apologise", lambda job: None)
     monkeypatch.setattr(tasks, "config", lambda: SimpleNamespace(max_attempts=5, max_worker_losses=2))
-    tasks.handle.push_request(id="t2", retries=0, called_directly=False, is_eager=False, headers={},
-                              delivery_info={"exchange": "", "routing_key": CPU_QUEUE})
-    try:
-        outcome = tasks.handle.run({"platform": "mastodon", "post_id": "1", "requester_id": "2", "kind": "mention"})
-    finally:
-        tasks.handle.pop_request()
+    outcome = deliver("t2")
     assert outcome == "dead_letter" and dead and dead[0].startswith("ResponseError: WRONGTYPE")
 
 
