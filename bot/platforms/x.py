@@ -534,13 +534,17 @@ class XPlatform:
 
     def _get_dm(self, event_id: str) -> Post:
         params = {"dm_event.fields": ",".join(DM_FIELDS), "expansions": "sender_id", "user.fields": ",".join(USER_FIELDS)}
+        body = None
         try:
             body = self._http("GET", f"/2/dm_events/{event_id}", params=params)
-            return self.parse_dm(self._data("GET /2/dm_events/:id", body), _Includes().add(body.get("includes")))
         except (RateLimited, ServerError):
             raise
         except PlatformError:
             pass  # lookup by id refused or unknown here: look through the recent events instead
+        if body is not None:
+            # X's answer that the event does not exist is final (NotFound): paging through the
+            # inbox for it spent the budget the DM poll, which brings takedowns, lives on.
+            return self.parse_dm(self._data("GET /2/dm_events/:id", body), _Includes().add(body.get("includes")))
         token = None
         for _ in range(5):
             query: dict[str, Any] = dict(event_types="MessageCreate", dm_event_fields=DM_FIELDS, expansions=["sender_id"],
@@ -795,15 +799,18 @@ class XPlatform:
         codes = [marker(f"{key}#{n}") if key else "" for n in range(len(parts))]
         self._check_budget("POST /2/dm_conversations/with/:id/messages")
         sent = self._sent_dms(to.id) if key else []
+        earlier = [next((e for e in sent if code and marker_line(code).strip() in e.get("text", "")), None) for code in codes]
+        # Every image is uploaded (with its warning) before the first message goes: an upload
+        # failing after some messages went left a copy partly sent and never recorded, which no
+        # takedown could find.
+        media_ids = [None if item is None or found is not None else item if isinstance(item, str)
+                     else self._upload(item, "dm_image", sensitive)
+                     for (_, item), found in zip(parts, earlier)]
         ids: list[str] = []
-        for (part, item), code in zip(parts, codes):
-            found = next((e for e in sent if code and marker_line(code).strip() in e.get("text", "")), None)
+        for (part, _), code, found, media_id in zip(parts, codes, earlier, media_ids):
             if found is not None:
                 ids.append(str(found["id"]))
                 continue
-            media_id = None
-            if item is not None:
-                media_id = item if isinstance(item, str) else self._upload(item, "dm_image", sensitive)
             message = part[: DM_LIMIT - 20] + marker_line(code)
             try:
                 body = self._call(

@@ -589,6 +589,40 @@ def test_a_dm_copy_of_several_messages_is_read_and_deleted_as_one(fake: FakeX, b
         x.delete_post(copy_id)
 
 
+def test_a_dm_copy_is_never_sent_in_part(fake: FakeX, bot: Pipeline) -> None:
+    """Every image is uploaded before the first message goes: the second image's upload failing
+    after the first message went left a copy partly sent, never recorded, that no takedown
+    could find."""
+    dave = fake.add_user("dave", protected=True)
+    original = fake.tweet(dave, "injured", media=[fake.photo(jpeg(128)), fake.photo(jpeg(96))], sensitive=True)
+    bob = fake.add_user("bob")
+    fake.tweet(bob, "@protestbot cover please", in_reply_to=original)
+    real, calls = fake._metadata, []
+
+    def second_refused(request: Any, query: dict[str, str]) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            return fake._answer(400, problem(400, "Invalid Request", "metadata refused"))
+        return real(request, query)
+
+    fake._metadata = second_refused  # type: ignore[method-assign]
+    with pytest.raises(PlatformError, match="media/metadata"):
+        bot.run_all()
+    assert fake.bot_dms(to=bob) == []
+
+
+def test_a_dm_x_says_is_gone_is_not_searched_for_in_the_inbox(fake: FakeX, x: XPlatform) -> None:
+    """X's "not found" for a DM event is final: the lookup used to page through the inbox too,
+    spending the budget of the DM poll that brings takedown requests."""
+    bob = fake.add_user("bob")
+    for n in range(250):
+        fake.dm(bob, f"hello {n}")
+    before = fake.count("GET", "/2/dm_events")
+    with pytest.raises(NotFound):
+        x.get_post("dm:1234567890123")
+    assert fake.count("GET", "/2/dm_events") == before
+
+
 @pytest.mark.parametrize("withheld", ["tweet", "account"])
 def test_a_photo_x_withholds_in_some_countries_is_answered_by_dm_never_in_public(
         fake: FakeX, bot: Pipeline, withheld: str) -> None:
