@@ -607,8 +607,10 @@ class FakeX:
                                              "https://api.twitter.com/2/problems/resource-not-found"))
         if tweet["author_id"] != self.bot["id"]:
             return self._answer(403, problem(403, "Forbidden", "You are not allowed to delete a Tweet that is not yours."))
-        del self.tweets[tweet_id]
-        self.deleted.append(tweet_id)
+        # X: deleting any version of an edited post deletes every version of it
+        for version in tweet.get("edit_history_tweet_ids") or [tweet_id]:
+            if self.tweets.pop(str(version), None) is not None:
+                self.deleted.append(str(version))
         return self._answer(200, {"data": {"deleted": True}})
 
     def _send_dm(self, request: Any, query: dict[str, str], participant: str) -> tuple[int, dict[str, str], str]:
