@@ -9,9 +9,11 @@ can let a covered head show through an alpha channel.
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageCms, ImageFile
@@ -231,6 +233,27 @@ def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
 _PNG_TEXT = {b"tEXt", b"zTXt", b"iTXt"}
 
 
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """``(kind, start, end)`` of each chunk of a PNG, from its header on, up to ``IEND``; the
+    last one yielded may run past the end of ``data`` (a cut file: the caller decides).
+    ``UnsupportedImage`` past :data:`MAX_PNG_CHUNKS` chunks."""
+    pos = 8
+    for count in itertools.count(1):
+        if pos + 12 > len(data):
+            return
+        if count > MAX_PNG_CHUNKS:
+            raise UnsupportedImage(
+                f"The PNG file is cut into more than {MAX_PNG_CHUNKS:,} pieces (chunks), which no "
+                "camera or editor writes. Please re-save it as a normal PNG."
+            )
+        kind = bytes(data[pos + 4:pos + 8])
+        end = pos + 12 + int.from_bytes(data[pos:pos + 4], "big")
+        yield kind, pos, end
+        if end > len(data) or kind == b"IEND":
+            return
+        pos = end
+
+
 def without_png_text(data: bytes) -> bytes:
     """``data`` without its PNG text chunks, which the output drops anyway.
 
@@ -242,27 +265,14 @@ def without_png_text(data: bytes) -> bytes:
     :data:`MAX_PNG_CHUNKS` chunks."""
     keep: list[memoryview] = []
     view = memoryview(data)
-    start = pos = 8
+    start = 8
     dropped = False
-    chunks = 0
-    while pos + 12 <= len(data):
-        chunks += 1
-        if chunks > MAX_PNG_CHUNKS:
-            raise UnsupportedImage(
-                f"The PNG file is cut into more than {MAX_PNG_CHUNKS:,} pieces (chunks), which no "
-                "camera or editor writes. Please re-save it as a normal PNG."
-            )
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = bytes(data[pos + 4:pos + 8])
-        end = pos + 12 + length
+    for kind, pos, end in _png_chunks(data):
         if end > len(data):
             return data
         if kind in _PNG_TEXT:
             keep.append(view[start:pos])
             start, dropped = end, True
-        pos = end
-        if kind == b"IEND":
-            break
     if not dropped:
         return data
     return b"".join([view[:8], *keep, view[start:]])
@@ -451,18 +461,12 @@ def _key_in_8_bits(image: Image.Image) -> Image.Image:
 
 def _png_grey_key(data: bytes) -> int | None:
     """The grey level a grey PNG's tRNS chunk makes transparent, as written (in the file's
-    bits); None without one. Walks the chunk headers before the image data."""
-    pos = 8
-    for _ in range(MAX_PNG_CHUNKS):
-        if pos + 12 > len(data):
-            break
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
-        if kind == b"tRNS" and length >= 2:
+    bits); None without one."""
+    for kind, pos, end in _png_chunks(data):
+        if kind == b"tRNS" and end - pos >= 14 and end <= len(data):
             return int.from_bytes(data[pos + 8:pos + 10], "big")
-        if kind in (b"IDAT", b"IEND"):
-            break
-        pos += 12 + length
+        if kind == b"IDAT":
+            return None
     return None
 
 

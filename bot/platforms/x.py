@@ -803,9 +803,12 @@ class XPlatform:
         # Every image is uploaded (with its warning) before the first message goes: an upload
         # failing after some messages went left a copy partly sent and never recorded, which no
         # takedown could find.
-        media_ids = [None if item is None or found is not None else item if isinstance(item, str)
-                     else self._upload(item, "dm_image", sensitive)
-                     for (_, item), found in zip(parts, earlier)]
+        media_ids: list[str | None] = []
+        for (_, item), found in zip(parts, earlier):
+            if isinstance(item, _Pending) and found is None:
+                media_ids.append(self._upload(item, "dm_image", sensitive))
+            else:
+                media_ids.append(item if isinstance(item, str) else None)
         ids: list[str] = []
         for (part, _), code, found, media_id in zip(parts, codes, earlier, media_ids):
             if found is not None:

@@ -671,22 +671,33 @@ def test_a_request_quoting_a_photo_is_judged_by_the_quotes_state(world: World, s
         assert html_to_text(answer["content"]) == "@bob " + text
 
 
+def copied_photo(world: World) -> tuple[dict, dict]:
+    """dave's photo and the copy the bot made of it for bob."""
+    fake = world.fake
+    photo = fake.post(fake.add_account("dave"), "the square", media=[fake.media(jpeg(64))])
+    assert world.run(fake.mention(fake.add_account("bob"), "cover please", in_reply_to=photo)) == "replied"
+    [copy] = fake.bot_posts()
+    return photo, copy
+
+
+def told_privately(world: World, ask: dict, text: str) -> None:
+    """``ask`` gets ``text`` by direct message, without an image, and only once."""
+    assert world.run(ask) == "takedown_help"
+    [answer] = world.fake.replies_to(ask["id"])
+    assert answer["visibility"] == "direct" and not answer["media_attachments"]
+    assert html_to_text(answer["content"]) == f"@{ask['account']['acct']} " + text
+    assert world.run(ask) == "already_done"
+
+
 def test_asking_under_the_original_for_the_copy_to_go_never_makes_another(world: World) -> None:
     """"@ppbot delete your copy, I am in this photo" under a photo the bot copied: the person
     asking for removal got a fresh copy and the first stayed up. They are told how to have it
     deleted, privately. On a photo not yet copied, "remove ..." is an ordinary request."""
     fake = world.fake
-    photo = fake.post(fake.add_account("dave"), "the square", media=[fake.media(jpeg(64))])
-    assert world.run(fake.mention(fake.add_account("bob"), "cover please", in_reply_to=photo)) == "replied"
-    [copy] = fake.bot_posts()
-    carol = fake.add_account("carol")
-    ask = fake.mention(carol, "delete your copy please, I am in this photo", in_reply_to=photo)
-    assert world.run(ask) == "takedown_help"
-    [answer] = fake.replies_to(ask["id"])
-    assert answer["visibility"] == "direct" and not answer["media_attachments"]
-    assert html_to_text(answer["content"]) == "@carol " + messages.DELETE_NOT_COPY
+    photo, copy = copied_photo(world)
+    ask = fake.mention(fake.add_account("carol"), "delete your copy please, I am in this photo", in_reply_to=photo)
+    told_privately(world, ask, messages.DELETE_NOT_COPY)
     assert [p["id"] for p in fake.bot_posts() if p["media_attachments"]] == [copy["id"]]
-    assert world.run(ask) == "already_done"
 
     fresh = fake.post(fake.add_account("erin"), "the park", media=[fake.media(jpeg(64))])
     assert world.run(fake.mention(fake.add_account("frank"), "remove the faces please", in_reply_to=fresh)) == "replied"
@@ -696,16 +707,9 @@ def test_asking_under_the_copy_for_it_to_go_gets_told_how(world: World) -> None:
     """Public talk under a copy is a takedown only when it starts with the command; "can you
     delete this? I'm in it" was met with silence."""
     fake = world.fake
-    photo = fake.post(fake.add_account("dave"), "the square", media=[fake.media(jpeg(64))])
-    assert world.run(fake.mention(fake.add_account("bob"), "cover please", in_reply_to=photo)) == "replied"
-    [copy] = fake.bot_posts()
+    _, copy = copied_photo(world)
     carol = fake.add_account("carol")
-    ask = fake.mention(carol, "can you delete this? I'm in it", in_reply_to=copy)
-    assert world.run(ask) == "takedown_help"
-    [answer] = fake.replies_to(ask["id"])
-    assert answer["visibility"] == "direct"
-    assert html_to_text(answer["content"]) == "@carol " + messages.TAKEDOWN_HELP
-    assert world.run(ask) == "already_done"
+    told_privately(world, fake.mention(carol, "can you delete this? I'm in it", in_reply_to=copy), messages.TAKEDOWN_HELP)
     assert world.run(fake.mention(carol, "thank you!", in_reply_to=copy)) == "ignored_own_copy"
     assert fake.deleted == []
 
