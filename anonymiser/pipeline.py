@@ -102,9 +102,11 @@ class Anonymiser:
         if not len(found):
             return np.zeros((0, 4), np.int64)
         h, w = covered.shape[:2]
-        boxes, _ = reg.to_pixels(found.boxes, 1.0, w, h)
-        inside = np.array([mask[y1:y2, x1:x2].mean() if (x2 > x1 and y2 > y1) else 1.0 for x1, y1, x2, y2 in boxes])
-        fresh = boxes[inside < RESIDUAL_INSIDE]
+        boxes, seen = reg.to_pixels(found.boxes, 1.0, w, h)
+        inside = np.array([mask[y1:y2, x1:x2].mean() for x1, y1, x2, y2 in boxes])
+        # The visible part decides whether it is our own emoji; the whole box is padded, as
+        # the locators' own boxes are, so a face cut by the frame gets all its padding.
+        fresh = found.boxes[seen][inside < RESIDUAL_INSIDE]
         padded, _ = reg.to_pixels(reg.pad_boxes(fresh, self._residual.kind), 1.0, w, h)
         return padded
 

@@ -25,7 +25,7 @@ from anonymiser.locators.heads import HeadsLocator, letterbox
 from anonymiser.locators.nms import iou_matrix, nms
 from anonymiser.locators.registry import REGISTRY, available_names
 from anonymiser.locators.onnx_models import OnnxOptions
-from anonymiser.locators.tiling import NetInput, Tile, balanced_tile, clip_and_suppress, planar_float32, run_batched, run_tiled, tile_origins, tile_windows, tiles
+from anonymiser.locators.tiling import NetInput, Tile, balanced_tile, suppress_duplicates, planar_float32, run_batched, run_tiled, tile_origins, tile_windows, tiles
 from anonymiser.pipeline import Anonymiser, Settings
 
 from imaging import ASTRONAUT_FACE, HEADS_FILE, load_eval, points_in_boxes
@@ -98,7 +98,7 @@ def test_centerface_keeps_one_box_per_face_within_a_tile(
 ) -> None:
     """A face lights up a cluster of cells in one tile: the best-scoring box stands for it, not
     the cluster's union (growing over the cluster made the astronaut's box 40 % larger), while
-    sightings from other tiles and scales do widen it (``clip_and_suppress``)."""
+    sightings from other tiles and scales do widen it (``suppress_duplicates``)."""
     cluster = Detections([[10, 10, 40, 40], [8, 6, 44, 42], [12, 12, 38, 38]], [0.9, 0.5, 0.4])
     monkeypatch.setattr(centerface_module, "decode_maps", lambda *args: cluster)
     monkeypatch.setattr(centerface_locator, "scales", (1.0,))
@@ -171,14 +171,15 @@ def test_locator_covers_most_heads_in_a_medium_crowd(
     photo_detections: dict[str, tuple[np.ndarray, dict, Detections, Detections]], name: str, locator: str
 ) -> None:
     """On real medium-density photos each locator alone covers >= 80 % of the annotated heads
-    (point inside its padded box), with boxes inside the image."""
+    (point inside its padded box), with boxes reaching into the image."""
     rgb, meta, faces, heads = photo_detections[name]
     assert meta["density_band"] == "medium" and (meta["width"], meta["height"]) == (rgb.shape[1], rgb.shape[0])
     found, kind = (faces, "face") if locator == "centerface" else (heads, "head")
     points = np.asarray(meta["heads"], np.float64)
     assert coverage(points, found, kind) >= 0.8
-    assert np.all(found.boxes[:, [0, 2]] >= 0) and np.all(found.boxes[:, [0, 2]] <= rgb.shape[1])
-    assert np.all(found.boxes[:, [1, 3]] >= 0) and np.all(found.boxes[:, [1, 3]] <= rgb.shape[0])
+    # boxes cut by the frame are kept whole, but every box reaches into the image
+    assert np.all((found.boxes[:, 0] < rgb.shape[1]) & (found.boxes[:, 2] > 0))
+    assert np.all((found.boxes[:, 1] < rgb.shape[0]) & (found.boxes[:, 3] > 0))
     # not "cover everything": boxes are head-sized, not a blanket over the photo
     areas = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1])
     assert np.median(areas) < 0.02 * rgb.shape[0] * rgb.shape[1]
@@ -726,16 +727,30 @@ def test_run_tiled_known_box_per_tile() -> None:
     np.testing.assert_allclose(np.sort(found.boxes, axis=0), np.sort(expected, axis=0), atol=0.01)
 
 
-def test_clip_and_suppress_removes_tile_duplicates() -> None:
+def test_suppress_duplicates_removes_tile_duplicates() -> None:
     """Duplicates from overlapping tiles collapse to the best-scoring one, grown to enclose
-    them; boxes are clipped."""
-    found = Detections([[10, 10, 50, 50], [11, 9, 51, 49], [-20, 90, 30, 130], [60, 20, 90, 50]], [0.8, 0.9, 0.7, 0.6])
-    kept = clip_and_suppress(found, 100, 120, 0.45)
+    them; a box cut by the frame is kept whole and one wholly outside (tile fill) is dropped."""
+    found = Detections(
+        [[10, 10, 50, 50], [11, 9, 51, 49], [-20, 90, 30, 130], [60, 20, 90, 50], [101, 5, 130, 40], [5, -30, 25, 0]],
+        [0.8, 0.9, 0.7, 0.6, 0.95, 0.95],
+    )
+    kept = suppress_duplicates(found, 100, 120, 0.45)
     assert len(kept) == 3
     np.testing.assert_allclose(kept.scores, [0.9, 0.7, 0.6])
     np.testing.assert_allclose(kept.boxes[0], [10, 9, 51, 50])
-    np.testing.assert_allclose(kept.boxes[1], [0, 90, 30, 120])
+    np.testing.assert_allclose(kept.boxes[1], [-20, 90, 30, 130])
     np.testing.assert_allclose(kept.boxes[2], [60, 20, 90, 50])
+
+
+def test_a_face_cut_by_the_frame_is_padded_from_its_whole_box() -> None:
+    """A face half outside the left edge: padding its whole predicted box covers more of the
+    visible hair and ear than padding the clipped part did (which also moved its centre)."""
+    face = Detections([[-40, 100, 40, 200]], [0.9])
+    kept = suppress_duplicates(face, 640, 480, 0.45)
+    whole = reg.to_pixels(reg.pad_boxes(kept.boxes, "face"), 1.0, 640, 480)[0][0]
+    clipped = reg.to_pixels(reg.pad_boxes(np.array([[0, 100, 40, 200]], np.float32), "face"), 1.0, 640, 480)[0][0]
+    assert whole[2] == 64 and clipped[2] == 52  # right edge: 0 + 1.6 * 80 / 2 against 20 + 1.6 * 40 / 2
+    assert whole[0] <= clipped[0] and whole[1] <= clipped[1] and whole[3] >= clipped[3]
 
 
 def test_a_head_cut_by_a_tile_edge_stays_whole_where_the_cut_box_scores_higher() -> None:
@@ -743,7 +758,7 @@ def test_a_head_cut_by_a_tile_edge_stays_whole_where_the_cut_box_scores_higher()
     same head seen whole by the next tile (0.90); plain NMS kept the cut box and a quarter of
     the head went uncovered. The kept box now takes in the whole sighting."""
     cut, whole = [528, 208, 640, 389], [529, 205, 690, 391]
-    kept = clip_and_suppress(Detections([cut, whole], [0.93, 0.90]), 1400, 900, 0.45)
+    kept = suppress_duplicates(Detections([cut, whole], [0.93, 0.90]), 1400, 900, 0.45)
     assert len(kept) == 1
     np.testing.assert_allclose(kept.scores, [0.93])
     np.testing.assert_allclose(kept.boxes[0], [528, 205, 690, 391])
@@ -753,7 +768,7 @@ def test_a_box_grows_only_by_the_boxes_it_removed() -> None:
     """Greedy order decides who removes whom: a box removed by a better one never widens a
     third box it also overlaps, and separate heads never merge."""
     boxes = [[0, 0, 10, 10], [1, 0, 11, 10], [8, 0, 18, 10], [100, 100, 110, 110]]
-    kept = clip_and_suppress(Detections(boxes, [0.9, 0.8, 0.7, 0.6]), 200, 200, 0.45)
+    kept = suppress_duplicates(Detections(boxes, [0.9, 0.8, 0.7, 0.6]), 200, 200, 0.45)
     # box 1 (IoU 0.82 with box 0) is removed by box 0; box 2 overlaps box 1 (IoU 0.18) and
     # box 0 (0.11) too little to go
     np.testing.assert_allclose(kept.boxes, [[0, 0, 11, 10], [8, 0, 18, 10], [100, 100, 110, 110]])

@@ -361,6 +361,17 @@ def test_residual_pass_ignores_our_own_emoji(centerface_available: None, astrona
     assert len(report.regions) == 1
 
 
+def test_residual_face_cut_by_the_frame_is_padded_from_its_whole_box() -> None:
+    """A face the residual pass finds half outside the left edge is padded from its whole
+    predicted box (up to x = 64), not from its visible half (x = 52): as for the locators."""
+    image = np.full((300, 300, 3), 128, np.uint8)
+    anonymiser = Anonymiser(Settings(residual_pass=True, safeguard=False), locators=[FixedLocator([])])
+    anonymiser._residual = FixedLocator([(-40, 100, 40, 200)], name="centerface", kind="face")
+    report = new_report(image)
+    anonymiser.anonymise_array(image, report)
+    assert [(r.box, r.sources) for r in report.regions] == [((0, 50, 64, 220), ["residual"])]
+
+
 def test_no_residual_pass_when_disabled(astronaut: np.ndarray) -> None:
     """residual_pass=False really skips it: a missed face stays uncovered (this is why the
     pass is on by default)."""

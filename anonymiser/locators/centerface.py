@@ -26,7 +26,7 @@ from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, drop_initializer_inputs, session
 from .nms import nms
-from .tiling import Job, NetInput, Tile, Window, balanced_tile, clip_and_suppress, network_input, run_batched, tiles
+from .tiling import Job, NetInput, Tile, Window, balanced_tile, suppress_duplicates, network_input, run_batched, tiles
 
 #: CenterFace's output stride
 STRIDE = 4
@@ -168,7 +168,7 @@ class CenterFaceLocator:
     def _one_view(self, raw: Detections) -> Detections:
         # A face lights up dozens of neighbouring cells; within one tile the best-scoring box is
         # the model's estimate. Only sightings from other tiles and scales widen it, in
-        # ``clip_and_suppress``: growing a box over its own cell cluster added 3 points of
+        # ``suppress_duplicates``: growing a box over its own cell cluster added 3 points of
         # photo area on sparse dev photos.
         keep = nms(raw.boxes, raw.scores, self.nms_iou)
         return Detections(raw.boxes[keep], raw.scores[keep])
@@ -189,7 +189,7 @@ class CenterFaceLocator:
         h, w = rgb.shape[:2]
         threshold = self.grey_threshold if is_greyscale(rgb) else self.threshold
         jobs = (self._job(t, threshold) for f in self.scales for t in self._tiles(rgb, f, self._uint8_input))
-        found = clip_and_suppress(run_batched(jobs, self._infer, self.tile_batch), w, h, self.nms_iou)
+        found = suppress_duplicates(run_batched(jobs, self._infer, self.tile_batch), w, h, self.nms_iou)
         if not self.close_up or not len(found):
             return found
         boxes = found.boxes
@@ -203,4 +203,4 @@ class CenterFaceLocator:
 
         closer = (self._job(t, threshold) for t in self._tiles(rgb, CLOSE_UP_FACTOR, self._uint8_input, crowded))
         more = run_batched(closer, self._infer, self.tile_batch)
-        return clip_and_suppress(Detections.concat([found, more]), w, h, self.nms_iou) if len(more) else found
+        return suppress_duplicates(Detections.concat([found, more]), w, h, self.nms_iou) if len(more) else found

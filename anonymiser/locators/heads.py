@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from ..errors import WeightsError
 from .base import Detections, is_greyscale
 from .onnx_models import OnnxOptions, session
-from .tiling import Job, NetInput, Tile, clip_and_suppress, network_input, run_batched, tiles
+from .tiling import Job, NetInput, Tile, suppress_duplicates, network_input, run_batched, tiles
 
 FILE_NAME = "yolov9_n_wholebody25_post_0100_1x3x480x640.onnx"
 SHA256 = "f0592465de0c42a3a2ca6a423c6ae042e889c36bb1b4df28e18c5d4a5a9943af"
@@ -193,4 +193,4 @@ class HeadsLocator:
             regions = itertools.chain(regions, [Tile(rgb, 0, 0, 1.0, 1.0)])
         threshold = self.grey_threshold if is_greyscale(rgb) else self.threshold
         found = run_batched((self._job(t, threshold) for t in regions), self._infer, self.tile_batch)
-        return clip_and_suppress(found, w, h, self.nms_iou)
+        return suppress_duplicates(found, w, h, self.nms_iou)

@@ -290,13 +290,19 @@ def run_batched(jobs: Iterable[Job], infer: Callable[[NetInput], Sequence[Any]],
     return Detections.concat(parts)
 
 
-def clip_and_suppress(found: Detections, width: int, height: int, iou: float) -> Detections:
-    """Clip boxes to the image and merge duplicates from overlapping tiles and scales: each
-    kept box encloses the duplicates it removed (:func:`nms.nms_union`)."""
+def suppress_duplicates(found: Detections, width: int, height: int, iou: float) -> Detections:
+    """Drop boxes wholly outside the image and merge duplicates from overlapping tiles and
+    scales: each kept box encloses the duplicates it removed (:func:`nms.nms_union`).
+
+    Boxes reaching past the frame are kept whole, not clipped: a face cut by the frame is
+    padded from its full predicted size and centre, which covers at least what padding its
+    visible part would (padding only grows a box that encloses another), and up to a few
+    pixels more of the visible hairline and ears. Covering clips to the image later."""
     if not len(found):
         return found
-    boxes = found.boxes.copy()
-    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
-    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
-    keep, grown = nms_union(boxes, found.scores, iou)
-    return Detections(grown, found.scores[keep])
+    boxes = found.boxes
+    inside = (boxes[:, 0] < width) & (boxes[:, 2] > 0) & (boxes[:, 1] < height) & (boxes[:, 3] > 0)
+    inside &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, scores = boxes[inside], found.scores[inside]
+    keep, grown = nms_union(boxes, scores, iou)
+    return Detections(grown, scores[keep])
