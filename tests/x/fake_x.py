@@ -30,6 +30,8 @@ import responses
 API = re.compile(r"https://api\.(?:x|twitter)\.com/2/.*")
 PHOTOS = re.compile(r"https://pbs\.twimg\.com/media/.*")
 BEARER = "test-bearer-token"
+#: edits X allows of one post
+MAX_EDITS = 5
 KEYS = dict(api_key="test-consumer-key", api_secret="test-consumer-secret",
             access_token="1-test-access-token", access_token_secret="test-access-secret")
 #: routes that take app-only auth (the bearer token); every other one takes OAuth 1.0a
@@ -169,11 +171,19 @@ class FakeX:
         """The author's edit of ``tweet`` (the latest version of its chain): a new tweet, as X
         makes one, whose id ends every version's ``edit_history_tweet_ids`` (oldest first);
         each earlier version still answers its own lookup with its own text and media. A photo
-        kept through the edit keeps its media key (an assumption: X documents none)."""
+        kept through the edit keeps its media key (an assumption: X documents none).
+
+        As X documents (docs.x.com, "Edit posts"), a post is edited at most 5 times, and
+        replies to others and reposts cannot be edited at all; the fake refuses those edits
+        rather than build a world X never shows. (The 30-minute window is not modelled.)"""
         chain = list(tweet["edit_history_tweet_ids"])
         assert chain[-1] == tweet["id"], "only the latest version can be edited"
+        assert len(chain) <= MAX_EDITS, f"X allows {MAX_EDITS} edits of a post"
         author = self.users[tweet["author_id"]]
-        in_reply_to = next((self.tweets[r["id"]] for r in tweet.get("referenced_tweets", []) if r["type"] == "replied_to"), None)
+        references = {r["type"]: r["id"] for r in tweet.get("referenced_tweets", [])}
+        assert "retweeted" not in references, "a repost cannot be edited"
+        in_reply_to = self.tweets[references["replied_to"]] if "replied_to" in references else None
+        assert in_reply_to is None or in_reply_to["author_id"] == author["id"], "X edits no reply to someone else"
         keys = (tweet.get("attachments") or {}).get("media_keys", []) if media is None else media
         latest = self.tweet(author, text, media=keys, in_reply_to=in_reply_to, sensitive=tweet["possibly_sensitive"],
                             reply_settings=tweet.get("reply_settings", "everyone"))

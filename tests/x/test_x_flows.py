@@ -379,6 +379,21 @@ def test_the_versions_of_an_edited_tweet_are_one_post_for_copies_and_takedowns(f
     assert not [t for t in fake.bot_tweets() if fake.media_of(t)], "no new copy under any version"
 
 
+def test_the_fake_edits_only_what_x_lets_authors_edit(fake: FakeX) -> None:
+    """X edits a post at most five times and never a reply to someone else (docs.x.com,
+    "Edit posts"): the fake refuses both, so no test builds on a world X never shows."""
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    post = fake.tweet(alice, "Crowd at the square")
+    with pytest.raises(AssertionError, match="reply to someone else"):
+        fake.edit(fake.tweet(bob, "@protestbot cover please", in_reply_to=post), "@protestbot cover this please")
+    own_thread = fake.edit(fake.tweet(alice, "more photos below", in_reply_to=post), "more photos below:")
+    assert len(own_thread["edit_history_tweet_ids"]) == 2
+    for n in range(5):
+        post = fake.edit(post, f"Crowd at the square ({n + 1})")
+    with pytest.raises(AssertionError, match="5 edits"):
+        fake.edit(post, "Crowd at the square (6)")
+
+
 def test_an_edited_request_is_not_answered_again(fake: FakeX, bot: Pipeline) -> None:
     """The mentions timeline lists each version of an edited mention: a typo fixed is not a
     second request, for a copy or for a note."""
