@@ -14,6 +14,25 @@ def is_decimal(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+#: the largest number a header or message is read as (a size or a port never comes near it)
+DECIMAL_CEILING = 10**18
+
+
+def decimal_value(text: str, ceiling: int = DECIMAL_CEILING) -> int | None:
+    """The number ``text`` spells in ASCII digits, at most ``ceiling``; None if it is not one.
+
+    ``int()`` refuses more than 4,300 digits with a ValueError (Python's guard against
+    quadratic conversion), which a client's ``Content-Length`` of 5,000 nines turned into a 500
+    or a dropped connection: a longer number is read as ``ceiling``, which every limit refuses.
+    """
+    if not is_decimal(text):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(ceiling)):
+        return ceiling
+    return min(int(digits), ceiling)
+
+
 @dataclass(frozen=True)
 class IntSetting:
     """A setting's variable and the values it allows (``high`` None: no upper bound)."""

@@ -35,7 +35,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from anonymiser.int_settings import is_decimal
+from anonymiser.int_settings import decimal_value
 
 MAX_REDIRECTS = 3
 
@@ -260,8 +260,8 @@ def _download(url: str, max_bytes: int, timeout_s: float, allow_private: bool, h
                 continue
             if response.status_code != 200:
                 raise FetchError(f"the media server answered HTTP {response.status_code}")
-            declared = response.headers.get("Content-Length")
-            if declared and is_decimal(declared) and int(declared) > max_bytes:
+            declared = decimal_value((response.headers.get("Content-Length") or "").strip())
+            if declared is not None and declared > max_bytes:
                 raise MediaTooLarge(f"the image is larger than {max_bytes // (1024 * 1024)} MiB")
             chunks: list[bytes] = []
             total = 0

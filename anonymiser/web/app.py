@@ -29,7 +29,7 @@ from ..errors import (
 from ..limits import Limits
 from ..pipeline import Anonymiser, Result, Settings, cover_given
 from . import openapi
-from .gate import Gate
+from .gate import BodyBudget, Gate
 from .hosts import HostPolicy
 
 #: bytes allowed on top of the image byte budget for the form's boundaries, headers and fields
@@ -173,6 +173,8 @@ class WebApp:
         self.settings: Settings = anonymiser.settings
         self.limits: Limits = anonymiser.settings.limits
         self.gate = gate
+        #: every place in the gate's queue may hold a whole body, and no more is held than that
+        self.bodies = BodyBudget(gate.capacity * self.max_request_bytes)
         self.static = _load_static()
         self.openapi = json.dumps(openapi.document(self.limits, version), indent=2).encode()
         #: the names requests must be addressed to (None: any), set by make_server once bound

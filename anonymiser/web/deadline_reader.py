@@ -79,6 +79,12 @@ class DeadlineReader:
             filled += count
         return filled
 
+    def read1(self, size: int) -> bytes:
+        """At most ``size`` bytes, from at most one receive: what the client has sent so far
+        (``b""`` at the end of the stream)."""
+        self._arm()
+        return self._raw.read1(size)
+
     def read(self, size: int) -> bytes:
         buffer = bytearray(size)
         return bytes(buffer[: self.readinto(buffer)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 #: image requests that may wait for a turn beside those running
 DEFAULT_QUEUE = 8
@@ -17,10 +17,12 @@ class Busy(Exception):
 class Gate:
     """Admission and concurrency bound for image requests.
 
-    ``admit()`` is entered before a body is read: at most ``max_concurrent + queue`` requests
-    hold a body in memory at any time; one more is refused at once (``Busy``) rather than queued
-    without bound. ``slot()`` is entered around the anonymisation itself: at most
-    ``max_concurrent`` run at once, the others wait their turn (at most ``wait_s``).
+    ``admit()`` is entered once a body is in: at most ``max_concurrent + queue`` requests wait
+    for a turn or run; one more is refused at once (``Busy``) rather than queued without bound.
+    ``slot()`` is entered around the anonymisation itself: at most ``max_concurrent`` run at
+    once, the others wait their turn (at most ``wait_s``). Bodies still arriving are bounded by
+    a :class:`BodyBudget`, not by a place here: ten clients trickling uploads held every place
+    for two minutes each, and every other upload was refused.
     """
 
     def __init__(self, max_concurrent: int, queue: int = DEFAULT_QUEUE, wait_s: float = 300.0) -> None:
@@ -40,6 +42,13 @@ class Gate:
         """Requests currently admitted (running or waiting)."""
         with self._lock:
             return self._admitted
+
+    @property
+    def full(self) -> bool:
+        """Whether ``admit()`` would refuse now (checked before a body is read, so that a busy
+        server refuses an upload without receiving it first)."""
+        with self._lock:
+            return self._admitted >= self.capacity
 
     @contextmanager
     def admit(self) -> Iterator[None]:
@@ -61,3 +70,42 @@ class Gate:
             yield
         finally:
             self._slots.release()
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory, counted as they arrive rather than as declared:
+    a client trickling a large upload holds only what it has sent, and a body that would take
+    the total past ``total`` is refused (``Busy``) wherever it has got to."""
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("the body budget must be at least 1 byte")
+        self.total = total
+        self._lock = threading.Lock()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """Bytes held now by all requests."""
+        with self._lock:
+            return self._held
+
+    @contextmanager
+    def hold(self) -> Iterator[Callable[[int], None]]:
+        """``take(n)`` counts ``n`` more bytes of one request's body (``Busy`` past the total);
+        all of them are given back when the block ends."""
+        mine = 0
+
+        def take(count: int) -> None:
+            nonlocal mine
+            with self._lock:
+                if self._held + count > self.total:
+                    raise Busy()
+                self._held += count
+            mine += count
+
+        try:
+            yield take
+        finally:
+            with self._lock:
+                self._held -= mine

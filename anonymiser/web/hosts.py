@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..int_settings import is_decimal
+from ..int_settings import decimal_value
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
@@ -58,9 +58,9 @@ def split_host(header: str) -> tuple[str, int] | None:
         name, colon, port_text = header.partition(":")
         if colon and not port_text:
             return None
-    if not name or (port_text and not is_decimal(port_text)):
+    port = decimal_value(port_text) if port_text else 80
+    if not name or port is None:
         return None
-    port = int(port_text) if port_text else 80
     return (name, port) if 0 < port < 65536 else None
 
 

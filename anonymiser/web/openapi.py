@@ -16,7 +16,7 @@ ERROR_RESPONSES: dict[str, str] = {
     "405": "Wrong method.",
     "408": "The body was not received in time.",
     "411": "No Content-Length (and not chunked).",
-    "413": "The request or the image is larger than the limits; refused before the body is read.",
+    "413": "The request or the image is larger than the limits: refused from Content-Length before the body is read, a chunked body as soon as it passes the limit, an image over the pixel limit once it is read.",
     "415": "Not a supported image (SVG, PDF, video, HTML, random bytes...), or the request is not multipart/form-data.",
     "422": "An image that cannot be used: empty, truncated or damaged, animated, or its result too large.",
     "431": "More than 64 KiB of request headers.",

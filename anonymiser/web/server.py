@@ -10,9 +10,11 @@
 
 Nothing is stored: bodies are read into memory, never written to disk, and never logged (the log
 has one line per request with sizes, counts and timings only). A request larger than the limits
-is refused from its ``Content-Length`` before its body is read. Memory is bounded by admitting at
-most ``max_concurrent + queue`` image requests at a time (the rest get 503 with ``Retry-After``
-before their body is read) and running at most ``max_concurrent`` anonymisations at once.
+is refused from its ``Content-Length`` before its body is read. Memory is bounded by counting
+bodies as they arrive against room for ``max_concurrent + queue`` whole bodies, by admitting at
+most that many image requests, once their body is in, to wait or run (the rest get 503 with
+``Retry-After``, before their body is read when the queue is already full), and by running at
+most ``max_concurrent`` anonymisations at once.
 
 This module is the HTTP side (handler, server, command line); what the handlers share is in
 :mod:`.app`, admission in :mod:`.gate`, and reads bounded by a deadline in :mod:`.deadline_reader`.
@@ -40,7 +42,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 from .. import emoji
 from ..cover import STYLES, CoverStyle
 from ..errors import AnonymiserError
-from ..int_settings import is_decimal
+from ..int_settings import decimal_value
 from ..locators.registry import REGISTRY
 from ..pipeline import Anonymiser, Result
 from ..process import forbid_core_dumps
@@ -86,6 +88,8 @@ SEND_PIECE = 64 * 1024
 #: ...and the whole answer within the idle timeout plus its size at this rate (a slow mobile
 #: link), so that a client reading a byte at a time cannot hold its place for ever
 MIN_SEND_BYTES_PER_S = 32 * 1024
+#: trailer fields accepted after a chunked body (clients send none or one or two)
+MAX_TRAILER_LINES = 64
 # a chunk's size line: at most 16 hex digits (more would only ever be a lie or an attack)
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
@@ -246,17 +250,19 @@ class Handler(BaseHTTPRequestHandler):
             if explain:
                 text = f"{text} ({explain})"
             self._send_json(code, {"error": status.phrase.lower().replace(" ", "_"), "message": text}, close=True)
+        except OSError:  # the client left before this answer: not an error of ours
+            self.close_connection = True
         finally:
             self._log(getattr(self, "command", None) or "-", "-", time.perf_counter())
 
     def handle_expect_100(self) -> bool:
         """``Expect: 100-continue`` (curl sends it for uploads) is answered with the final 413 at
         once when the declared size is over the limit, so the client never sends that body."""
-        declared = (self.headers.get("Content-Length") or "").strip()
-        if is_decimal(declared) and int(declared) > self.app.max_request_bytes:
+        declared = decimal_value((self.headers.get("Content-Length") or "").strip())
+        if declared is not None and declared > self.app.max_request_bytes:
             started = time.perf_counter()
-            self._bytes_in = int(declared)
-            self._send_error_json(self._too_large(int(declared)))
+            self._bytes_in = declared
+            self._send_error_json(self._too_large(declared))
             self._log(self.command or "-", getattr(split_url(self.path), "path", "-"), started)
             return False
         return super().handle_expect_100()
@@ -314,6 +320,7 @@ class Handler(BaseHTTPRequestHandler):
             if target is None:
                 raise HttpError(400, "bad_request_target", "The request's target is not a valid URL.",
                                 close=self._has_body())
+            self._check_framing()
             self._check_host()
             methods = self._routes().get(path)
             if methods is None:
@@ -352,6 +359,16 @@ class Handler(BaseHTTPRequestHandler):
     def _has_body(self) -> bool:
         return bool(self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding"))
 
+    def _check_framing(self) -> None:
+        """One way to find where a request ends, for every method: a ``Content-Length`` stated
+        twice with different values, or not a number, is refused and the connection closed. A
+        GET with "0" and "39" was taken as bodiless and its 39 bytes answered as a second
+        request; a proxy in front that took the other value would frame them differently
+        (request smuggling)."""
+        declared = {value.strip() for value in self.headers.get_all("Content-Length") or []}
+        if len(declared) > 1 or any(decimal_value(value) is None for value in declared):
+            raise HttpError(400, "bad_content_length", "The Content-Length header is not a single number.", close=True)
+
     def _check_host(self) -> None:
         """Refuse DNS-rebinding (a foreign name resolving to 127.0.0.1) and cross-site posts: a
         web page elsewhere must not be able to use this server."""
@@ -368,8 +385,9 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- request bodies ------------------------------------------------------------------
 
-    def _read_body(self) -> bytearray:
-        """The whole body in memory, refused (413) from its declared size before it is read."""
+    def _read_body(self, take: Callable[[int], None]) -> bytearray:
+        """The whole body in memory, refused (413) from its declared size before it is read;
+        ``take`` counts each piece as it arrives (:class:`~.gate.BodyBudget`)."""
         limit = self.app.max_request_bytes
         if self.headers.get("Transfer-Encoding") is not None:
             if self.headers.get("Content-Length") is not None:
@@ -379,26 +397,35 @@ class Handler(BaseHTTPRequestHandler):
                                 "Transfer-Encoding.", close=True)
             if self.headers["Transfer-Encoding"].strip().lower() != "chunked":
                 raise HttpError(501, "unsupported_transfer_encoding", "Only chunked transfer encoding is supported.", close=True)
-            return self._read_chunked(limit)
-        declared = self.headers.get_all("Content-Length") or []
-        if not declared:
+            return self._read_chunked(limit, take)
+        declared = self.headers.get("Content-Length")
+        if declared is None:
             raise HttpError(411, "length_required", "The request needs a Content-Length header.", close=True)
-        if len(set(declared)) != 1 or not is_decimal(declared[0].strip()):
-            raise HttpError(400, "bad_content_length", "The Content-Length header is not a single number.", close=True)
-        length = int(declared[0])
+        length = decimal_value(declared.strip())
+        if length is None:  # _check_framing refuses it first; never read an unknown length
+            raise HttpError(400, "bad_content_length", "The Content-Length header is not a number.", close=True)
         self._bytes_in = length
         if length > limit:
             raise self._too_large(length)
-        body = bytearray(length)
-        view = memoryview(body)
+        body = bytearray()
         with self._body_deadline():
-            received = 0
-            while received < length:
-                count = self.rfile.readinto(view[received : received + READ_CHUNK])
-                if not count:
-                    raise HttpError(400, "incomplete_body", "The connection closed before the whole body arrived.", close=True)
-                received += count
+            if not self._receive(body, length, take):
+                raise HttpError(400, "incomplete_body", "The connection closed before the whole body arrived.", close=True)
         return body
+
+    def _receive(self, body: bytearray, size: int, take: Callable[[int], None]) -> bool:
+        """Append the next ``size`` bytes of the body to ``body``, a piece at a time, each
+        counted by ``take`` once it has arrived: memory grows with what the client has sent,
+        never with what it declared (a buffer of the declared size, allocated up front, let
+        a client that sent one byte hold 50 MB). False if the connection ends first."""
+        while size:
+            piece = self.rfile.read1(min(READ_CHUNK, size))
+            if not piece:
+                return False
+            take(len(piece))
+            body += piece
+            size -= len(piece)
+        return True
 
     @contextmanager
     def _body_deadline(self) -> Iterator[None]:
@@ -420,12 +447,12 @@ class Handler(BaseHTTPRequestHandler):
             f"The upload is {size:,} bytes; this server accepts images of up to {limit:,} bytes.", close=True,
         )
 
-    def _read_chunked(self, limit: int) -> bytearray:
+    def _read_chunked(self, limit: int, take: Callable[[int], None]) -> bytearray:
         """A chunked body, refused as soon as it grows beyond ``limit``."""
         with self._body_deadline():
-            return self._read_chunks(limit)
+            return self._read_chunks(limit, take)
 
-    def _read_chunks(self, limit: int) -> bytearray:
+    def _read_chunks(self, limit: int, take: Callable[[int], None]) -> bytearray:
         body = bytearray()
         while True:
             line = self.rfile.readline(1024)
@@ -439,25 +466,33 @@ class Handler(BaseHTTPRequestHandler):
                 raise HttpError(400, "bad_chunk", "A chunk size is not a hexadecimal number.", close=True)
             size = int(digits, 16)
             if size == 0:
-                for _ in range(64):  # trailer fields, up to the empty line
-                    if self.rfile.readline(1024) in (b"\r\n", b"\n", b""):
-                        break
+                self._skip_trailers()
                 self._bytes_in = len(body)
                 return body
             if len(body) + size > limit:
                 self._bytes_in = len(body) + size
                 raise self._too_large(len(body) + size)
-            chunk = self.rfile.read(size)
-            if len(chunk) != size or self.rfile.read(2) not in (b"\r\n",):
+            if not self._receive(body, size, take) or self.rfile.read(2) != b"\r\n":
                 raise HttpError(400, "bad_chunk", "The chunked body is truncated.", close=True)
-            body += chunk
 
-    def _read_form(self) -> dict[str, multipart.Part]:
+    def _skip_trailers(self) -> None:
+        """Read the trailer fields after the last chunk, up to the empty line that ends the
+        request. More than ``MAX_TRAILER_LINES`` is refused with the connection closed: stopping
+        there and going on left the rest to be read as the next request."""
+        for _ in range(MAX_TRAILER_LINES):
+            line = self.rfile.readline(1024)
+            if line in (b"\r\n", b"\n"):
+                return
+            if not line.endswith(b"\n"):
+                break  # too long, or the connection ended
+        raise HttpError(400, "bad_chunk", "The chunked body's trailer is too long or truncated.", close=True)
+
+    def _read_form(self, take: Callable[[int], None]) -> dict[str, multipart.Part]:
         try:
             multipart.boundary_of(self.headers.get("Content-Type"))  # before reading the body
         except multipart.MultipartError as error:
             raise HttpError(415, "not_multipart", str(error), close=self._has_body()) from None
-        body = self._read_body()
+        body = self._read_body(take)
         try:
             return multipart.parse(body, self.headers.get("Content-Type"))
         except multipart.MultipartError as error:
@@ -525,32 +560,44 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # reset by the peer
             return True
 
+    @contextmanager
+    def _upload(self) -> Iterator[Callable[[int], None]]:
+        """Room for this request's body while it arrives (``take`` counts it, see
+        :class:`~.gate.BodyBudget`); refused before any of it is read when the gate's queue is
+        already full. The place in the queue itself is taken once the body is in."""
+        if self.app.gate.full:
+            raise Busy()
+        with self.app.bodies.hold() as take:
+            yield take
+
     def _anonymise(self) -> None:
         try:
-            with self.app.gate.admit():
-                form = self._read_form()
-                data, style, want_json = self._options(form)
-                del form  # only the image bytes stay referenced while the models run
-                with self._turn():
-                    result = self.app.anonymise(data, style)
-                del data
-                self._send_result(result, want_json)
+            with self._upload() as take:
+                form = self._read_form(take)
+                with self.app.gate.admit():
+                    data, style, want_json = self._options(form)
+                    del form  # only the image bytes stay referenced while the models run
+                    with self._turn():
+                        result = self.app.anonymise(data, style)
+                    del data
+                    self._send_result(result, want_json)
         except Busy:
             raise busy() from None
 
     def _cover(self) -> None:
         try:
-            with self.app.gate.admit():
-                form = self._read_form()
-                data, style, want_json = self._options(form)
-                if "regions" not in form:
-                    raise HttpError(400, "bad_regions", "Send the final list of covers as a form field named 'regions'.")
-                regions = parse_regions(form["regions"].text(FORM_ALLOWANCE))
-                del form
-                with self._turn():
-                    result = self.app.cover(data, regions, style)
-                del data
-                self._send_result(result, want_json)
+            with self._upload() as take:
+                form = self._read_form(take)
+                with self.app.gate.admit():
+                    data, style, want_json = self._options(form)
+                    if "regions" not in form:
+                        raise HttpError(400, "bad_regions", "Send the final list of covers as a form field named 'regions'.")
+                    regions = parse_regions(form["regions"].text(FORM_ALLOWANCE))
+                    del form
+                    with self._turn():
+                        result = self.app.cover(data, regions, style)
+                    del data
+                    self._send_result(result, want_json)
         except Busy:
             raise busy() from None
 
@@ -624,8 +671,14 @@ class WebServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """An exception that escaped a handler: one line with its type. The base class prints
-        the client's address and a traceback to stderr; neither belongs in this log."""
-        LOG.error(json.dumps({"internal_error": type(sys.exc_info()[1]).__name__}))
+        the client's address and a traceback to stderr; neither belongs in this log. A client
+        that hung up (a reset or broken pipe, met reading its next request or sending an answer
+        the standard library builds itself) is its own doing, not an internal error."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            LOG.info(json.dumps({"client_gone": type(error).__name__}))
+            return
+        LOG.error(json.dumps({"internal_error": type(error).__name__}))
 
 
 def make_server(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,

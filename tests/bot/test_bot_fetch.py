@@ -292,6 +292,30 @@ def test_declared_length_over_the_cap_is_refused_before_reading(server: FakeMast
     assert time.monotonic() - started < 5
 
 
+def test_a_length_too_long_for_int_is_refused_as_too_large() -> None:
+    """A media server's Content-Length of 5,000 nines: ``int()`` refuses over 4,300 digits, and
+    the ValueError escaped the downloader's typed errors; it is simply too large."""
+
+    class Photo(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "9" * 5000)
+            self.end_headers()
+            self.wfile.write(b"\xff\xd8\xff")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Photo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(MediaTooLarge):
+            fetch(f"http://127.0.0.1:{server.server_address[1]}/a.jpg", 1024 * 1024, 5.0, allow_private=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_size_cap_enforced_while_streaming_without_content_length(server: FakeMastodon) -> None:
     url = server.add_file(b"\xff\xd8\xff" + b"x" * 1021, endless=True)  # chunked, never ends
     started = time.monotonic()

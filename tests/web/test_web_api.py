@@ -22,6 +22,7 @@ from anonymiser.limits import Limits
 from anonymiser.pipeline import Anonymiser, Settings
 from anonymiser.web import multipart as mp
 from anonymiser.web.app import HttpError, parse_regions
+from anonymiser.web.gate import BodyBudget, Busy
 from anonymiser.web.server import CSP
 
 from web_harness import (
@@ -527,6 +528,49 @@ def test_a_length_in_odd_digits_is_refused_not_a_crash(web: RunningServer) -> No
     assert answer.status == 400 and json.loads(answer.body)["error"] == "bad_content_length"
 
 
+def test_numbers_too_long_for_int_are_refused_not_a_crash(web: RunningServer) -> None:
+    """``int()`` refuses more than 4,300 digits: a Content-Length of 5,000 nines was a 500 (with
+    ``Expect: 100-continue``, no answer at all), a Host port of 5,000 digits a 500 too."""
+    nines = "9" * 5000
+    head = (f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+            f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {nines}\r\n")
+    for expect in ("", "Expect: 100-continue\r\n"):
+        answer = raw_exchange(web.port, f"{head}{expect}\r\n".encode())
+        assert answer.status == 413 and json.loads(answer.body)["error"] == "request_too_large"
+    answer = raw_exchange(web.port, f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{'1' * 5000}\r\n\r\n".encode())
+    assert answer.status == 403 and json.loads(answer.body)["error"] == "forbidden_host"
+
+
+def _answers(port: int, request: bytes) -> list[bytes]:
+    """Every status line the server sends back on one connection for ``request`` (sent whole,
+    then our side closed for writing), until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while piece := sock.recv(65536):
+            received += piece
+    return re.findall(rb"HTTP/1\.1 \d{3}", bytes(received))
+
+
+def test_a_second_request_cannot_hide_in_a_bodys_framing(web: RunningServer) -> None:
+    """Two Content-Lengths that disagree on a GET, or more trailer fields than are read after
+    a chunked body, used to leave bytes that were answered as a second request (a proxy in
+    front that framed them otherwise would pass that request on unseen): now one 400, and the
+    connection is closed."""
+    host = f"Host: 127.0.0.1:{web.port}\r\n"
+    hidden = f"GET /api/openapi.json HTTP/1.1\r\n{host}\r\n".encode()
+    two_lengths = f"GET /api/health HTTP/1.1\r\n{host}Content-Length: 0\r\nContent-Length: {len(hidden)}\r\n\r\n".encode()
+    assert _answers(web.port, two_lengths + hidden) == [b"HTTP/1.1 400"]
+    trailers = "".join(f"X-T{i}: 1\r\n" for i in range(70))
+    chunked = (f"POST /api/anonymise HTTP/1.1\r\n{host}Content-Type: multipart/form-data; boundary=b\r\n"
+               f"Transfer-Encoding: chunked\r\n\r\n5\r\n--b--\r\n0\r\n{trailers}\r\n").encode()
+    assert _answers(web.port, chunked + hidden) == [b"HTTP/1.1 400"]
+    # a trailer or two, as clients send them, is still fine
+    one_trailer = chunked.replace(trailers.encode(), b"X-Checksum: 1\r\n")
+    assert json.loads(raw_exchange(web.port, one_trailer).body)["error"] == "missing_file"  # read to its end
+
+
 def test_page_and_static_files(web: RunningServer) -> None:
     """The page ships with the package, says that nothing is stored, and references nothing
     outside this server (no CDN, fonts or analytics: a static check; the browser test checks
@@ -679,9 +723,12 @@ def test_multipart_parser_keeps_binary_data_exactly() -> None:
          "multipart/form-data; boundary=b", "more than 16"),
         # the standard library parses parameters in time growing with the square of the length
         (b"--b--", 'multipart/form-data; boundary=b; x="' + ";" * 2000, "longer than 1,024"),
+        # ...and so would each part's Content-Disposition (17 parts of 8 KB cost 1.2 s a request)
+        (b'--b\r\nContent-Disposition: form-data; name="f"; x="' + b";" * 2000 + b'"\r\n\r\nv\r\n--b--', "multipart/form-data; boundary=b",
+         "Content-Disposition is longer than 1,024"),
     ],
     ids=["not-multipart", "no-boundary", "no-delimiter", "truncated", "no-disposition", "no-name", "long-headers", "many-parts",
-         "long-content-type"],
+         "long-content-type", "long-disposition"],
 )
 def test_multipart_parser_refuses(body: bytes, content_type: str, message: str) -> None:
     with pytest.raises(mp.MultipartError, match=message.replace(" ", ".")):
@@ -829,6 +876,50 @@ def test_a_trickled_body_is_cut_off_at_the_deadline(quick_server: RunningServer,
     assert post(web, "/api/anonymise", astronaut_jpeg).status_code == 200  # its place is free again
 
 
+def test_slow_uploads_do_not_keep_other_uploads_out(quick_server: RunningServer, astronaut_jpeg: bytes) -> None:
+    """A place in the queue was taken before the body was read: with one place, a single client
+    trickling a byte at a time refused every other upload for two minutes (ten of them did on
+    the default server). Now a body holds only the bytes it has sent, and the place is taken
+    once it is in."""
+    web = quick_server
+    head = (f"POST /api/anonymise HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n").encode()
+    stop = threading.Event()
+    sockets = [socket.create_connection(("127.0.0.1", web.port), timeout=10) for _ in range(3)]
+    senders = [trickle(sock, head, 0.2, stop) for sock in sockets]
+    try:
+        time.sleep(1.0)  # all three are sending their bodies
+        assert 0 < web.app.bodies.held < 100, "only the bytes sent so far are held"
+        assert post(web, "/api/anonymise", astronaut_jpeg).status_code == 200
+    finally:
+        stop.set()
+        for sock in sockets:
+            sock.close()
+        for sender in senders:
+            sender.join(timeout=5)
+    deadline = time.monotonic() + 5
+    while web.app.bodies.held and time.monotonic() < deadline:  # their handlers are leaving
+        time.sleep(0.02)
+    assert web.app.bodies.held == 0 and web.app.gate.admitted == 0
+
+
+def test_the_body_budget_refuses_what_would_pass_it() -> None:
+    """Bodies in memory stay within the budget, whatever their number: a piece that would pass
+    it is refused (Busy), and every byte comes back when its request ends."""
+    budget = BodyBudget(100)
+    with budget.hold() as first:
+        first(60)
+        with budget.hold() as second:
+            second(40)
+            with pytest.raises(Busy):
+                second(1)
+            assert budget.held == 100
+        assert budget.held == 60
+        with pytest.raises(Busy):
+            first(41)
+    assert budget.held == 0
+
+
 def test_trickled_headers_are_cut_off_at_the_deadline(quick_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Headers sent a byte at a time keep no connection (and its thread) for ever."""
     from anonymiser.web import server
@@ -905,7 +996,14 @@ def test_an_escaped_error_is_logged_without_the_client_address(quick_server: Run
     printed = capsys.readouterr()
     logged = printed.out + printed.err + caplog.text
     assert "10.9.8.7" not in logged and "secret" not in logged and "Traceback" not in logged
-    assert "BrokenPipeError" in caplog.text
+    assert '{"client_gone": "BrokenPipeError"}' in caplog.text  # a client that left: no internal error
+    caplog.clear()
+    try:
+        raise KeyError("secret-person-name-2024.jpg")
+    except KeyError:
+        with caplog.at_level(logging.INFO, logger="anonymiser.web"):
+            quick_server.server.handle_error(None, ("10.9.8.7", 4242))
+    assert caplog.text.strip().endswith('{"internal_error": "KeyError"}') and "secret" not in caplog.text
 
 
 def test_deeply_nested_regions_are_a_400_not_a_500() -> None:
