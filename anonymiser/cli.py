@@ -19,7 +19,7 @@ from . import emoji
 from .cover import STYLES, CoverStyle
 from .errors import AnonymiserError
 from .limits import Limits
-from .locators.registry import REGISTRY
+from .locators.registry import REGISTRY, WEIGHTS_DIR_HELP
 from .pipeline import Anonymiser, Settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".heic", ".heif", ".avif", ".jfif"}
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skin-tone", choices=sorted(emoji.SKIN_TONES), default=emoji.DEFAULT_TONE)
     parser.add_argument("--no-safeguard", action="store_true", help="do not fill gaps between packed heads")
     parser.add_argument("--no-residual", action="store_true", help="skip the second face pass over the covered image")
-    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: $ANON_WEIGHTS_DIR or ./weights)")
+    parser.add_argument("--weights", type=Path, default=None, help=WEIGHTS_DIR_HELP)
     return parser
 
 

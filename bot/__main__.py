@@ -31,6 +31,13 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+def listener_platform(config: BotConfig) -> str:
+    """The platform a listener process reads (one process per platform): ``BOT_PLATFORM``, else
+    Mastodon if configured, else the one that is."""
+    named = os.environ.get("BOT_PLATFORM", "").strip().lower()
+    return named or ("mastodon" if "mastodon" in config.platforms else config.platforms[0])
+
+
 def listen(config: BotConfig | None = None, stop: threading.Event | None = None) -> int:
     """Run the listener until SIGINT/SIGTERM or ``stop`` is set (``config``: already checked by
     the caller)."""
@@ -50,9 +57,7 @@ def listen(config: BotConfig | None = None, stop: threading.Event | None = None)
 
     fleet = FleetSettings.from_env()  # validated above
 
-    # One listener process per platform; without BOT_PLATFORM, Mastodon if configured, else X.
-    name = os.environ.get("BOT_PLATFORM", "").strip().lower() or ("mastodon" if "mastodon" in config.platforms else config.platforms[0])
-    platform = make(name, config)
+    platform = make(listener_platform(config), config)
     store = Store.from_url(config.redis_url)
     app.conf.broker_url = config.redis_url
 
@@ -112,17 +117,22 @@ def listen(config: BotConfig | None = None, stop: threading.Event | None = None)
 
 
 class WorkerSupervisor(threading.Thread):
-    """Keeps the worker of ``run`` running, as a process supervisor would on a fleet.
+    """Keeps a process of ``run`` running (its worker, or another platform's listener), as a
+    process supervisor would on a fleet.
 
     A GPU worker exits on purpose (status 69) after repeated GPU failures, for a supervisor to
     restart it; without one, the listener would go on queueing jobs nobody takes. Restarts back
-    off from 1 s to 5 minutes; a worker that refuses to start (status 2: bad configuration or
-    missing weights) will not start on retrying, so ``on_fatal`` ends the whole bot instead."""
+    off from 1 s to 5 minutes; a process that ends with a status in ``fatal`` (2: a worker
+    refusing to start for bad configuration or missing weights; a listener also 1, its account
+    unreachable) would not start on retrying, so ``on_fatal`` ends the whole bot instead."""
 
     def __init__(self, command: list[str], on_fatal: Callable[[], None], first_delay_s: float = 1.0,
-                 max_delay_s: float = 300.0) -> None:
+                 max_delay_s: float = 300.0, env: dict[str, str] | None = None,
+                 fatal: frozenset[int] = frozenset({2})) -> None:
         super().__init__(name="worker-supervisor", daemon=True)
         self.command = command
+        self.env = env
+        self.fatal = fatal
         self.on_fatal = on_fatal
         self.first_delay_s = first_delay_s
         self.max_delay_s = max_delay_s
@@ -138,14 +148,14 @@ class WorkerSupervisor(threading.Thread):
             with self._lock:
                 if self.stopping.is_set():
                     return
-                self._process = subprocess.Popen(self.command)
+                self._process = subprocess.Popen(self.command, env=self.env)
                 self.starts += 1
             started = time.monotonic()
             status = self._process.wait()
             if self.stopping.is_set():
                 return
-            if status == 2:
-                log.error("worker_refused_to_start", extra={"status": status})
+            if status in self.fatal:
+                log.error("worker_refused_to_start", extra={"status": status, "command": " ".join(self.command[1:4])})
                 self.on_fatal()
                 return
             if time.monotonic() - started > 10 * self.max_delay_s:
@@ -168,7 +178,10 @@ class WorkerSupervisor(threading.Thread):
 
 
 def run_all() -> int:
-    """One worker process beside the listener: the single-machine way to run the bot."""
+    """One worker process beside the listener: the single-machine way to run the bot. With more
+    than one platform configured (and no ``BOT_PLATFORM`` to choose one), each other platform's
+    listener runs as a process of its own beside them: with both credential sets, only
+    Mastodon used to be read, and X's mentions and DMs were never seen, without a word."""
     # The listener's settings; the worker process checks its own (ANON_*) when it starts, and a
     # worker that refuses to start ends the bot (scripts/run checks both beforehand with
     # `python -m bot check`, in a process of its own: on a GPU machine that check loads torch).
@@ -185,12 +198,20 @@ def run_all() -> int:
         stop.set()
 
     _stop_on_signals(stop)  # before the worker exists: it is never left behind
-    supervisor = WorkerSupervisor(command, on_fatal=end_bot)
-    supervisor.start()
+    supervisors = [WorkerSupervisor(command, on_fatal=end_bot)]
+    own = listener_platform(config)
+    if not os.environ.get("BOT_PLATFORM", "").strip():
+        for name in config.platforms:
+            if name != own:
+                supervisors.append(WorkerSupervisor([sys.executable, "-m", "bot", "listen"], on_fatal=end_bot,
+                                                    env=dict(os.environ, BOT_PLATFORM=name), fatal=frozenset({1, 2})))
+    for supervisor in supervisors:
+        supervisor.start()
     try:
         status = listen(config, stop)
     finally:
-        supervisor.stop()
+        for supervisor in supervisors:
+            supervisor.stop()
     # Ended because the worker refused to start: not a clean stop, whatever the listener says
     # (a supervisor restarting on failure must see it; the worker has printed why).
     return 2 if refused.is_set() else status
@@ -199,7 +220,8 @@ def run_all() -> int:
 USAGE = """usage: python -m bot listen | run | check
 
   listen   the listener: reads mentions and direct messages, queues jobs, drains queues
-  run      the listener and one worker process (restarted when it exits): one machine
+  run      the listener (one per configured platform) and one worker process (restarted when
+           it exits): one machine
   check    validate the configuration and exit 0 when a worker and a listener would start, 2
            with every problem listed
 

@@ -15,6 +15,10 @@ from typing import Callable, Mapping
 from .base import HeadLocator
 
 
+#: how command lines describe the default of their ``--weights`` option
+WEIGHTS_DIR_HELP = "weights folder (default: $ANON_WEIGHTS_DIR, else this checkout's weights/, wherever the command runs)"
+
+
 def default_weights_dir(environ: Mapping[str, str] | None = None) -> Path:
     """``ANON_WEIGHTS_DIR`` if set, else the ``weights/`` folder of this checkout."""
     configured = (os.environ if environ is None else environ).get("ANON_WEIGHTS_DIR")

@@ -43,7 +43,7 @@ from .. import emoji
 from ..cover import STYLES, CoverStyle
 from ..errors import AnonymiserError
 from ..int_settings import decimal_value
-from ..locators.registry import REGISTRY
+from ..locators.registry import REGISTRY, WEIGHTS_DIR_HELP
 from ..pipeline import Anonymiser, Result
 from ..process import forbid_core_dumps
 from . import multipart
@@ -715,7 +715,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="photos processed at once (default: number of CPUs, at most 2)")
     parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE,
                         help="photos that may wait for their turn; more get 503 (default: 8)")
-    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: $ANON_WEIGHTS_DIR or ./weights)")
+    parser.add_argument("--weights", type=Path, default=None, help=WEIGHTS_DIR_HELP)
     parser.add_argument("--locator", action="append", choices=sorted(REGISTRY),
                         help="locator to use (repeatable; default: every one whose weights are present)")
     parser.add_argument("--style", choices=STYLES, default="emoji", help="default cover style")

@@ -24,7 +24,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     if not os.access(REDIS_SERVER, os.X_OK):
         pytest.fail(
             f"redis-server not found (looked for {REDIS_SERVER}). The bot tests run a real Redis: "
-            "install it with `apt-get install redis-server` (scripts/setup does this).",
+            "install it with `apt-get install redis-server` (scripts/redis does this; scripts/test runs it).",
             pytrace=False,
         )
     server = RedisServer(tmp_path_factory.mktemp("redis"))

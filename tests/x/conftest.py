@@ -22,7 +22,7 @@ from x_driver import PublicDNS  # noqa: E402
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if not os.access(REDIS_SERVER, os.X_OK):
-        pytest.fail(f"redis-server not found (looked for {REDIS_SERVER}); scripts/setup installs it", pytrace=False)
+        pytest.fail(f"redis-server not found (looked for {REDIS_SERVER}); scripts/redis installs it (scripts/test runs it)", pytrace=False)
     server = RedisServer(tmp_path_factory.mktemp("redis-x"))
     yield server
     server.stop()
