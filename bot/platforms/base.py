@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Protocol
 from urllib.parse import ParseResult, urlparse
@@ -142,12 +143,23 @@ class PlatformError(Exception):
         self.status = status
 
 
+#: the longest wait a rate limit is taken to ask for: X's 24-hour posting limits are the longest
+#: windows either platform documents. A reset header from a broken or hostile server (a year
+#: away, or digits that read as infinity) would otherwise park a job, or refuse a route, for ever.
+MAX_RATE_LIMIT_WAIT_S = 25 * 3600.0
+
+
+def bounded_reset(reset_epoch: float, now: float | None = None) -> float:
+    """When a rate-limit window ends, at most :data:`MAX_RATE_LIMIT_WAIT_S` from ``now``."""
+    return min(reset_epoch, (time.time() if now is None else now) + MAX_RATE_LIMIT_WAIT_S)
+
+
 class RateLimited(PlatformError):
     retryable = True
 
     def __init__(self, message: str, retry_after_s: float, status: int | None = 429) -> None:
         super().__init__(message, status)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = min(retry_after_s, MAX_RATE_LIMIT_WAIT_S)
 
 
 class ServerError(PlatformError):

@@ -37,6 +37,7 @@ from .base import (
     PlatformError,
     Post,
     RateLimited,
+    bounded_reset,
     ReplyDraft,
     ServerError,
     StreamUnavailable,
@@ -259,7 +260,7 @@ class MastodonPlatform:
         remaining = response.headers.get("X-RateLimit-Remaining")
         reset = _parse_reset(response.headers.get("X-RateLimit-Reset"))
         if remaining is not None and remaining.strip() == "0" and reset:
-            self._blocked_until[budget] = reset
+            self._blocked_until[budget] = bounded_reset(reset)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return _body(method, path, self._request(method, path, **kwargs))

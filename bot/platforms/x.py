@@ -59,7 +59,9 @@ from .base import (
     NotFound,
     PlatformError,
     Post,
+    MAX_RATE_LIMIT_WAIT_S,
     RateLimited,
+    bounded_reset,
     RepliesClosed,
     ReplyDraft,
     ServerError,
@@ -246,7 +248,7 @@ class XPlatform:
             if remaining is not None and remaining.strip() == "0" and reset and is_decimal(reset.strip()):
                 until = max(until, float(reset))
         if until:
-            self._blocked[route] = until
+            self._blocked[route] = bounded_reset(until)
 
     def _wait_after_429(self, route: str, response: requests.Response) -> float:
         self._note_rate_limit(route, response)
@@ -255,8 +257,8 @@ class XPlatform:
         resets = [self._blocked.get(route, 0.0)] + ([float(reset)] if is_decimal(reset.strip()) else [])
         future = [r for r in resets if r > now]
         wait = max(1.0, max(future) - now) if future else 60.0  # no usable header: a minute
-        self._blocked[route] = now + wait
-        return wait
+        self._blocked[route] = bounded_reset(now + wait, now)
+        return min(wait, MAX_RATE_LIMIT_WAIT_S)
 
     @staticmethod
     def _problem(response: requests.Response) -> str:

@@ -44,3 +44,26 @@ def test_a_strangers_direct_message_is_listed_only_with_include_filtered(http: r
     assert listed(include_filtered="false") == listed()
     assert listed(include_filtered="true") == everyone
     assert listed(**{"types[]": "mention", "include_filtered": "true"}) == everyone
+
+
+def test_a_rate_limit_from_beyond_any_window_is_bounded(http: responses.RequestsMock) -> None:
+    """A Retry-After of 400 digits reads as infinity, and an X-RateLimit-Reset in the year 9999
+    as centuries: a job parked or a budget refused for ever. Both are bounded by the longest
+    window either platform documents (X's 24 hours, plus an hour)."""
+    import pytest
+
+    from bot.platforms.base import MAX_RATE_LIMIT_WAIT_S, NotFound, RateLimited
+    from bot.platforms.mastodon import MastodonPlatform
+
+    mastodon = MastodonPlatform(BASE, TOKEN)
+    http.get(f"{BASE}/api/v1/statuses/1", status=429, json={"error": "Too many requests"}, headers={"Retry-After": "9" * 400})
+    with pytest.raises(RateLimited) as caught:
+        mastodon.get_post("1")
+    assert caught.value.retry_after_s == MAX_RATE_LIMIT_WAIT_S
+    http.get(f"{BASE}/api/v1/statuses/2", status=404, json={"error": "Record not found"},
+             headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "9999-12-31T23:59:59.000Z"})
+    with pytest.raises(NotFound):
+        mastodon.get_post("2")
+    with pytest.raises(RateLimited) as refused:  # the budget is spent: refused locally, within the bound
+        mastodon.get_post("3")
+    assert 24 * 3600 < refused.value.retry_after_s <= MAX_RATE_LIMIT_WAIT_S

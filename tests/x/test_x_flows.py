@@ -553,6 +553,25 @@ def test_spent_budget_from_successful_answers_is_respected(fake: FakeX, x: XPlat
     assert x.get_post(tweet["id"]).id == tweet["id"]
 
 
+@pytest.mark.parametrize("status", [200, 429])
+def test_a_reset_from_beyond_any_window_is_bounded(fake: FakeX, x: XPlatform, status: int) -> None:
+    """A reset header of 400 digits reads as infinity (a year 9999 date as centuries): the
+    route was refused locally for ever, and the job parked for ever. The longest documented
+    window, X's 24-hour posting limits, bounds it (plus an hour)."""
+    from bot.platforms.base import MAX_RATE_LIMIT_WAIT_S
+
+    body = {"meta": {"result_count": 0}} if status == 200 else {"title": "Too Many Requests", "status": 429}
+    fake.fail("GET /2/users/:id/mentions", status, body, headers={"x-rate-limit-remaining": "0", "x-rate-limit-reset": "9" * 400})
+    if status == 200:
+        x.mentions_since("0")
+    with pytest.raises(RateLimited) as caught:
+        x.mentions_since("0")
+    assert MAX_RATE_LIMIT_WAIT_S == 25 * 3600 and 24 * 3600 < caught.value.retry_after_s <= MAX_RATE_LIMIT_WAIT_S
+    with pytest.raises(RateLimited) as again:  # refused locally, still within the bound
+        x.mentions_since("0")
+    assert again.value.retry_after_s <= MAX_RATE_LIMIT_WAIT_S
+
+
 # --------------------------------------------------------------------------- protected accounts
 
 
