@@ -940,6 +940,41 @@ def test_bfloat16_locator_on_cpu(model: LSCCNN) -> None:
     assert LSCCNNLocator.from_model(model, device="cpu", half=True).autocast_dtype is None
 
 
+class _OverflowingNet(_SpotNet):
+    """``_SpotNet`` whose logits overflow to infinity under autocast (as fp16 past 65504 does),
+    and are finite in float32; or always NaN with ``broken`` (corrupt weights)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        super().__init__()
+        self.broken = broken
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = super().forward(x)
+        if self.broken:
+            return tuple(torch.full_like(o, float("nan")) for o in outs)
+        if torch.is_autocast_enabled("cpu"):
+            return tuple(torch.where(o > 5, torch.full_like(o, float("inf")), o) for o in outs)
+        return outs
+
+
+def test_non_finite_logits_are_rerun_or_refused_never_taken_for_no_heads() -> None:
+    """A NaN or infinite logit matches no class in the softmax and decoded as background: heads
+    vanished without an error. Under autocast the batch is run again in float32 (as the batched
+    engine does); logits that are not finite even then are refused as a worker fault."""
+    rgb = np.zeros((210, 330, 3), np.uint8)
+    rgb[100:108, 150:158] = 255
+    reference = LSCCNNLocator.from_model(_SpotNet(), device="cpu").locate(rgb)
+    assert len(reference) >= 1
+    rerun = LSCCNNLocator.from_model(_OverflowingNet(), device="cpu", autocast_dtype=torch.bfloat16).locate(rgb)
+    np.testing.assert_array_equal(rerun.boxes, reference.boxes)
+    with pytest.raises(lsccnn_decode.NonFiniteLogits):
+        LSCCNNLocator.from_model(_OverflowingNet(broken=True), device="cpu").locate(rgb)
+    logits = [np.zeros((4, 8 // d, 8 // d), np.float32) for d in (1, 1, 1, 1)]
+    logits[2][0, 1, 1] = np.nan
+    with pytest.raises(lsccnn_decode.NonFiniteLogits):
+        lsccnn_decode.decode(logits)
+
+
 def test_locator_protocol_and_validation(model: LSCCNN) -> None:
     locator = LSCCNNLocator.from_model(model, device="cpu")
     assert isinstance(locator, HeadLocator)

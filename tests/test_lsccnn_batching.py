@@ -485,6 +485,22 @@ def test_options_from_env_list_every_problem() -> None:
     assert (options.max_batch, options.max_wait_s, options.max_tile_pixels, options.precision) == (32, 0.003, 4_000_000, "bf16")
 
 
+def test_settings_the_engine_would_refuse_at_warm_up_are_refused_at_start_or_fitted() -> None:
+    """Two settings passed the start-up check and then stopped the worker at its warm-up: a
+    compile mode torch does not know (reported as a failing GPU, exit 69, not as a setting to
+    correct), and a batch limit alone below the device's default tile (the engine refused its
+    own default). The first is refused at start with the modes torch knows; the second shrinks
+    the tiles to fit the batch."""
+    with pytest.raises(ValueError, match=r"ANON_LSCCNN_COMPILE_MODE: .*reduce-overhead.*got 'reduce_overhead'"):
+        EngineOptions.from_env({"ANON_LSCCNN_COMPILE_MODE": "reduce_overhead"})
+    assert EngineOptions.from_env({"ANON_LSCCNN_COMPILE_MODE": "reduce-overhead"}).compile_mode == "reduce-overhead"
+    options = EngineOptions.from_env({"ANON_LSCCNN_BATCH_MEGAPIXELS": "0.5", "ANON_LSCCNN_DEVICE": "cpu"})
+    engine = LSCCNNEngine(LSCCNN(), options)  # the CPU's default tile is 1 MP
+    assert engine.options.max_tile_pixels == engine.options.max_batch_pixels == 500_000
+    with pytest.raises(ValueError, match="ANON_LSCCNN_BATCH_MEGAPIXELS: .*one tile"):
+        EngineOptions.from_env({"ANON_LSCCNN_BATCH_MEGAPIXELS": "0.05"})
+
+
 def test_compiling_without_a_compiler_is_refused_at_start(tmp_path: Path) -> None:
     """``torch.compile`` needs a C compiler for Triton on CUDA and a C++ one on the CPU; a slim
     image has neither, so the start-up check says so instead of the warm-up failing later."""
@@ -873,3 +889,16 @@ def test_logits_that_arrive_as_a_wait_runs_out_are_taken(model) -> None:
             batcher._result(failed, None)
     finally:
         batcher.close()
+
+
+def test_float32_logits_that_are_not_finite_are_a_device_failure_not_no_heads() -> None:
+    """Only half precision's logits were checked for overflow; float32 (or TF32) logits holding
+    NaN decoded as background everywhere: a photo answered with no heads covered. Broken
+    weights now fail the photo as a worker fault, so another worker (or an operator) sees it."""
+    net = LSCCNN()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.fill_(float("nan"))
+    engine = LSCCNNEngine(net, EngineOptions(device="cpu", precision="fp32"))
+    with pytest.raises(DeviceFailure, match="not finite"):
+        engine.detect([np.zeros((64, 96, 3), np.uint8)])

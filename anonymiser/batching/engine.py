@@ -233,7 +233,7 @@ class DeviceBatch:
         if self._half and not all(np.isfinite(o).all() for o in out):
             self.engine.overflows += 1
             return self.engine.run_float32(piece, deadline)
-        return out
+        return out  # non-finite float32 logits are refused by decode() (NonFiniteLogits)
 
 
 #: graphs one compiled engine may keep (buckets x slot counts, with room to spare)
@@ -295,6 +295,10 @@ class LSCCNNEngine:
         if cuda:
             tile_default, batch_default = cuda_limits(self.device, precision)
         max_tile = options.max_tile_pixels or tile_default
+        if options.max_tile_pixels is None and options.max_batch_pixels is not None:
+            # A batch limit set alone, below the device's default tile: the tiles shrink to fit
+            # it (the start-up check passed it and the engine then refused to start).
+            max_tile = min(max_tile, options.max_batch_pixels)
         max_batch_pixels = options.max_batch_pixels or max(batch_default, max_tile)
         options = replace(
             options,

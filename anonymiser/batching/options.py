@@ -8,6 +8,7 @@ without building a model.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -80,6 +81,18 @@ CHECK_MIN_BOXES = 200
 CHECK_ACTIONS = ("fallback", "count")
 
 
+@functools.lru_cache(maxsize=1)
+def compile_modes() -> tuple[str, ...]:
+    """The modes this torch's ``torch.compile`` accepts; empty when it does not say (a private
+    function, so a torch without it checks nothing rather than refuses a valid mode)."""
+    try:
+        from torch._inductor import list_mode_options
+
+        return tuple(list_mode_options())
+    except Exception:  # noqa: BLE001 - any torch that cannot list them
+        return ()
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How :class:`LSCCNNEngine` runs (``None`` / ``"auto"``: chosen for the device)."""
@@ -128,6 +141,12 @@ class EngineOptions:
         smallest = (2 * self.tile_margin + INPUT_MULTIPLE) ** 2
         if self.max_tile_pixels is not None and self.max_tile_pixels < smallest:
             problems.append(("max_tile_pixels", f"max_tile_pixels must be >= {smallest} for tile_margin {self.tile_margin}"))
+        if self.max_batch_pixels is not None and self.max_batch_pixels < smallest:
+            problems.append(("max_batch_pixels", f"max_batch_pixels must be >= {smallest} (one tile) for tile_margin {self.tile_margin}"))
+        if self.compile_mode is not None and compile_modes() and self.compile_mode not in compile_modes():
+            # torch.compile's own refusal is a RuntimeError at warm-up, which a GPU worker
+            # reports as a failing GPU (exit 69) instead of a setting to correct.
+            problems.append(("compile_mode", f"compile_mode must be one of {', '.join(compile_modes())}, got {self.compile_mode!r}"))
         if (self.max_tile_pixels is not None and self.max_batch_pixels is not None
                 and self.max_batch_pixels < self.max_tile_pixels):
             problems.append(("max_batch_pixels", "max_batch_pixels must be at least max_tile_pixels (one tile must fit a batch)"))

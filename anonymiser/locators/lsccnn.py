@@ -290,6 +290,11 @@ class LSCCNNLocator:
             self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=use_amp
         ), float32_math(tf32=False):
             outputs = self.model(x)
+        if use_amp and not all(bool(torch.isfinite(o).all()) for o in outputs):
+            # A half-precision overflow (fp16 tops out at 65504): the batch again in float32, as
+            # the batched engine does, rather than decoding it as "no heads".
+            with torch.inference_mode(), float32_math(tf32=False):
+                outputs = self.model(x)
         # Half-precision logits are widened before the softmax so decoding is the same code path.
         return [o.float().cpu().numpy() for o in outputs]
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
+from ..errors import DeviceFailure
 from .nms import greedy_rounds
 
 NUM_SCALES = 4
@@ -253,6 +254,15 @@ def decode_probabilities(probs: Sequence[np.ndarray], nms_threshold: float = DEF
     )
 
 
+class NonFiniteLogits(DeviceFailure):
+    """The network's logits hold NaN or infinity: corrupt weights, or arithmetic that overflowed.
+    Decoded, such a position's softmax matches no class and counts as background, so every head
+    there would vanish without an error; a worker fault, never "no heads"."""
+
+
 def decode(logits: Sequence[np.ndarray], nms_threshold: float = DEFAULT_NMS_THRESHOLD) -> GridDetections:
-    """Decode the raw network logits ``(O0..O3)`` of one image (no batch axis)."""
+    """Decode the raw network logits ``(O0..O3)`` of one image (no batch axis);
+    :class:`NonFiniteLogits` if any of them is not finite."""
+    if not all(np.isfinite(m).all() for m in logits):
+        raise NonFiniteLogits("LSC-CNN's logits are not finite (NaN or infinity): its weights or arithmetic are broken")
     return decode_probabilities([softmax_channels(m) for m in logits], nms_threshold)
