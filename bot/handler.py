@@ -264,6 +264,7 @@ class MentionHandler:
         requester = request.account
         if requester.id == me.id or requester.bot:
             return "ignored_bot"
+        recovered = self._recover_copy(job, request)
         found = choose_target(self.platform, request)
         target = found.target
         if target is not None and target.account.id == me.id:
@@ -298,7 +299,7 @@ class MentionHandler:
                 self.store.forget_reply(job.platform, target.key, copied)  # gone already
             return "taken_down"
         if self.store.done(f"note:{key}") or copied:
-            return "already_done"
+            return "replied" if recovered else "already_done"  # recovered: this job's answer went out now
         if target is None:
             if job.kind == "hashtag":
                 return "no_image"
@@ -347,6 +348,7 @@ class MentionHandler:
         # Posted and recorded in one go: a copy posted but not recorded could not be taken down
         # by direct message, and its requester would be sent an apology too.
         with soft_limit.held("reply"):
+            self.store.begin_copy(job.platform, target.key, request.id, job.requester_id)
             posted = self._reply(
                 ReplyDraft(
                     in_reply_to=request,
@@ -367,7 +369,7 @@ class MentionHandler:
                                     # a redelivery finding the original gone (deleted, its photos
                                     # edited out) must still see that this request has its answer
                                     answered=f"note:{key}",
-                                    warned=target.sensitive or bool(target.spoiler_text))
+                                    warned=target.sensitive or bool(target.spoiler_text), request_id=request.id)
         if self.store.taken_down(job.platform, target.key):
             # A takedown ran while this copy was being made: it marked the original before
             # reading its copies, and this copy was recorded before this look, so one of the two
@@ -377,6 +379,27 @@ class MentionHandler:
             return "taken_down"
         log.info("replied", extra={"job": copy_key, "reply_id": posted.id, "images": len(results), "heads": heads})
         return "replied"
+
+    def _recover_copy(self, job: Job, request: Post) -> bool:
+        """Record a copy an earlier run of this job posted but could not record (Redis failed,
+        the worker was killed between the two), before anything below may end the run: only
+        reaching the post again used to find it, and every earlier answer (the original deleted
+        meanwhile, a takedown, an opt-out) left the copy online for good, beyond any takedown.
+        Recorded, it meets the checks like any copy; the sweep looks at its original at once.
+        True when one was recovered."""
+        original = self.store.unrecorded_copy(job.platform, request.id, job.requester_id)
+        find = getattr(self.platform, "own_reply", None)
+        if original is None or find is None or self.store.reply_for(job.platform, original, job.requester_id):
+            return False
+        posted: Post | None = find(request.id, True)
+        if posted is None:
+            return False  # the earlier run ended before its copy went out
+        self.store.record_reply(job.platform, original, job.requester_id, posted.id, [posted.url, posted.uri],
+                                posted.visibility, answered=f"note:{self._key(job, request.key)}",
+                                warned=posted.sensitive or bool(posted.spoiler_text), request_id=request.id)
+        self.store.check_again(job.platform, original, time.time())
+        log.warning("unrecorded_copy_recovered", extra={"post_id": request.id, "reply_id": posted.id})
+        return True
 
     def _take_back(self, original_id: str, copy: Post) -> None:
         """Delete a copy a takedown overtook. Its original's withdrawal check is brought forward

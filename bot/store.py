@@ -98,6 +98,19 @@ DEAD_LETTERS_KEPT = 10_000
 #: how long an original's copies are kept in step with it (see ``bot.withdrawal``), and its first check
 WATCH_FOR_S = 90 * 24 * 3600
 FIRST_CHECK_S = 3600
+#: how long a copy being made is remembered until its record is written: longer than any retry
+#: of its job waits (a retry parked behind a rate limit waits up to 25 hours)
+MAKING_TTL_S = 7 * 24 * 3600
+
+
+def _making_key(platform: str, original_id: str) -> str:
+    """The requests (``request id:requester id``) whose copy of one original is being posted."""
+    return f"{PREFIX}:making:{platform}:{original_id}"
+
+
+def _making_for_key(platform: str, request_id: str, requester_id: str) -> str:
+    """The original one request's copy is being made of, until the copy is recorded."""
+    return f"{PREFIX}:making_for:{platform}:{request_id}:{requester_id}"
 
 
 def _visibility_key(platform: str, reply_id: str) -> str:
@@ -187,17 +200,38 @@ class Store:
     def reply_for(self, platform: str, original_id: str, requester_id: str) -> str | None:
         return self.r.get(f"{PREFIX}:done:{platform}:{original_id}:{requester_id}")
 
+    def begin_copy(self, platform: str, original_id: str, request_id: str, requester_id: str) -> None:
+        """Note, before posting, that ``request_id``'s copy of ``original_id`` is being made, until
+        :meth:`record_reply` (given ``request_id``) records it: a run that posted it but could not
+        record it (Redis failing, the worker killed between the two) leaves this for the next run
+        to find the copy by (:meth:`unrecorded_copy`), and a takedown of the original meanwhile
+        is kept for the copy to meet (:meth:`original_for`)."""
+        pipe = self.r.pipeline()
+        pipe.set(_making_for_key(platform, request_id, requester_id), original_id, ex=MAKING_TTL_S)
+        pipe.sadd(_making_key(platform, original_id), f"{request_id}:{requester_id}")
+        pipe.expire(_making_key(platform, original_id), MAKING_TTL_S)
+        pipe.execute()
+
+    def unrecorded_copy(self, platform: str, request_id: str, requester_id: str) -> str | None:
+        """The original whose copy for this request an earlier run began to post and did not
+        record; None when none did (or it was recorded)."""
+        return self.r.get(_making_for_key(platform, request_id, requester_id))
+
     def record_reply(self, platform: str, original_id: str, requester_id: str, reply_id: str, urls: list[str],
                      visibility: str = "public", media_ids: Sequence[str] = (), answered: str = "",
-                     warned: bool = False) -> None:
+                     warned: bool = False, request_id: str = "") -> None:
         """Remember a copy: whose request it answered, which original it copies (also by the
         original's URLs, for takedown links), its ``visibility``, the ids of the original's
         attachments it copies, whether it went out ``warned`` (sensitive, or behind a content
         warning), that the job ``answered`` (keyed by the request) is done, and that the
         original is now watched for withdrawal (one transaction: a copy is never recorded
-        unwatched, nor its request left looking unanswered)."""
+        unwatched, nor its request left looking unanswered). ``request_id``: the copy
+        :meth:`begin_copy` noted is made."""
         now = time.time()
         pipe = self.r.pipeline()
+        if request_id:
+            pipe.delete(_making_for_key(platform, request_id, requester_id))
+            pipe.srem(_making_key(platform, original_id), f"{request_id}:{requester_id}")
         done_key = f"{PREFIX}:done:{platform}:{original_id}:{requester_id}"
         pipe.set(done_key, reply_id, ex=DONE_TTL_S)
         pipe.set(f"{PREFIX}:done_key_of:{platform}:{reply_id}", done_key, ex=DONE_TTL_S)
@@ -331,11 +365,13 @@ class Store:
                 self.r.set(f"{PREFIX}:url:{platform}:{url}", original_id, ex=DONE_TTL_S)
 
     def original_for(self, platform: str, post_id: str) -> str | None:
-        """The original post id if ``post_id`` is one of our replies or an answered original."""
+        """The original post id if ``post_id`` is one of our replies, an answered original, or
+        an original whose first copy is being made (a takedown of it must be kept for that copy
+        to meet: it found no record, and the copy was posted and left up)."""
         original = self.r.get(f"{PREFIX}:original_of:{platform}:{post_id}")
         if original:
             return original
-        return post_id if self.r.exists(_replies_key(platform, post_id)) else None
+        return post_id if self.r.exists(_replies_key(platform, post_id), _making_key(platform, post_id)) else None
 
     def requester_of(self, platform: str, reply_id: str) -> str | None:
         """The account whose request the reply answered, while its record lasts."""

@@ -214,9 +214,10 @@ class Platform(Protocol):
     after a poll had passed their place (Mastodon, whose ids follow publish time); and
     ``edits_make_new_ids = True`` where an edit is a new post (X), so that a takedown naming a
     version the bot has no record of reads the post to find its first version (``Post.key``);
-    ``idempotency_window_s`` and ``own_reply(in_reply_to_id, with_media)`` where the server
-    forgets an ``Idempotency-Key`` after a while (Mastodon: an hour), so that a retry later than
-    that looks for the reply an earlier attempt may have posted (``bot/earlier_post.py``)."""
+    ``idempotency_window_s`` where the server forgets an ``Idempotency-Key`` after a while
+    (Mastodon: an hour), so that a retry later than that looks for the reply an earlier attempt
+    may have posted (``bot/earlier_post.py``) with ``own_reply(in_reply_to_id, with_media)``,
+    which also finds a copy an earlier run posted but could not record (both platforms)."""
 
     name: str
     #: whether the bot may answer posts of a watched hashtag, whose authors never asked it

@@ -722,8 +722,15 @@ class XPlatform:
             self._put_back(draft.media_ids, items)
             raise
 
-    def _own_reply(self, in_reply_to_id: str, code: str) -> Post | None:
-        """The bot's tweet answering ``in_reply_to_id`` that carries ``code``, if any."""
+    def own_reply(self, in_reply_to_id: str, with_media: bool) -> Post | None:
+        """The bot's tweet answering ``in_reply_to_id`` (with images or without), if it posted
+        one: its newest tweets since that post, up to ``OWN_TWEET_PAGES`` pages. (A copy sent
+        by DM is not looked for.)"""
+        return self._own_reply(in_reply_to_id, None, with_media)
+
+    def _own_reply(self, in_reply_to_id: str, code: str | None, with_media: bool | None = None) -> Post | None:
+        """The bot's tweet answering ``in_reply_to_id`` that carries ``code`` (any, for None) and
+        has images or not as ``with_media`` says (either, for None), if any."""
         me = self.me()
         token = None
         for _ in range(OWN_TWEET_PAGES):
@@ -734,7 +741,10 @@ class XPlatform:
             for tweet in body.get("data") or []:
                 referenced = {(r.get("type"), str(r.get("id"))) for r in tweet.get("referenced_tweets", []) or []}
                 text = (tweet.get("note_tweet") or {}).get("text") or tweet.get("text", "")
-                if ("replied_to", in_reply_to_id) in referenced and marker_line(code).strip() in text:
+                has_media = bool((tweet.get("attachments") or {}).get("media_keys"))
+                if (("replied_to", in_reply_to_id) in referenced
+                        and (code is None or marker_line(code).strip() in text)
+                        and (with_media is None or has_media == with_media)):
                     includes = _Includes()
                     includes.users[me.id] = {"id": me.id, "username": me.acct, "protected": me.locked}
                     return self.parse_tweet(dict(tweet, author_id=me.id), includes)

@@ -120,6 +120,8 @@ class FakeMastodonHTTP:
         if match := re.fullmatch(r"GET /api/v1/statuses/(\d+)", key):
             status = self.statuses.get(match.group(1))
             return self._answer(200, status) if status else self._answer(404, {"error": "Record not found"})
+        if match := re.fullmatch(r"GET /api/v1/statuses/(\d+)/context", key):
+            return self._context(match.group(1))
         if match := re.fullmatch(r"DELETE /api/v1/statuses/(\d+)", key):
             status = self.statuses.pop(match.group(1), None)
             if status is None:
@@ -135,6 +137,30 @@ class FakeMastodonHTTP:
         if key == "GET /api/v2/search":
             return self._answer(200, {"accounts": [], "statuses": [], "hashtags": []})
         return self._answer(404, {"error": "Not found"})
+
+    def _visible_to_bot(self, status: dict[str, Any]) -> bool:
+        return (status["account"]["id"] == self.bot["id"] or status["visibility"] in ("public", "unlisted")
+                or any(m["id"] == self.bot["id"] for m in status["mentions"])
+                or (status["visibility"] == "private" and status["account"]["id"] in self.following))
+
+    def _context(self, status_id: str) -> tuple[int, dict[str, str], str]:
+        """``GET /api/v1/statuses/:id/context``: the statuses above and below one, as far as the
+        bot may see them (404 for a status that is gone, as Mastodon answers)."""
+        status = self.statuses.get(status_id)
+        if status is None or not self._visible_to_bot(status):
+            return self._answer(404, {"error": "Record not found"})
+        ancestors = []
+        parent = self.statuses.get(status["in_reply_to_id"] or "")
+        while parent is not None:
+            ancestors.insert(0, parent)
+            parent = self.statuses.get(parent["in_reply_to_id"] or "")
+        below, frontier = [], {status_id}
+        for candidate in sorted(self.statuses.values(), key=lambda s: int(s["id"])):
+            if candidate["in_reply_to_id"] in frontier:
+                frontier.add(candidate["id"])
+                below.append(candidate)
+        return self._answer(200, {"ancestors": [a for a in ancestors if self._visible_to_bot(a)],
+                                  "descendants": [d for d in below if self._visible_to_bot(d)]})
 
     def _post_status(self, request: Any) -> tuple[int, dict[str, str], str]:
         payload = json.loads(request.body)

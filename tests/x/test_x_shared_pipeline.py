@@ -184,6 +184,64 @@ def test_a_copy_made_while_a_takedown_runs_does_not_survive_it(world: Any, bot: 
     assert all(p["id"] in world.deleted() for p in world.replies_to(request))
 
 
+def _record_fails_once(bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next ``record_reply`` fails as a Redis outage would, after the copy was posted."""
+    import redis
+
+    real = bot.store.record_reply
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(bot.store, "record_reply", real)
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(bot.store, "record_reply", failing)
+
+
+def test_a_copy_posted_but_not_recorded_is_found_whatever_happens_before_the_retry(
+    world: Any, bot: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failed between posting bob's copy and recording it, and dave deleted his photo
+    before the retry: the retry answered "gone" and the copy stayed up, recorded nowhere, so no
+    takedown or sweep could ever remove it. The retry now finds and records it first, and the
+    sweep deletes it at once."""
+    dave, bob = world.person("dave"), world.person("bob")
+    original = world.photo_post(dave, "Crowd at the square", [jpeg(64)])
+    request = world.mention(bob, "cover please", in_reply_to=original)
+    [job] = bot.poll()
+    _record_fails_once(bot, monkeypatch)
+    with pytest.raises(Exception, match="Redis went away"):
+        bot.run(job)
+    [copy] = [p for p in world.replies_to(request) if world.images_of(p)]
+    world.author_deletes(original)
+    assert bot.run(job) == "replied"  # its answer went out, in the first run
+    assert bot.store.replies_of(world.name, original["id"]) == {copy["id"]}
+    assert [p for p in world.replies_to(request) if p["id"] != copy["id"]] == [], "no second answer"
+    assert sweep(world.platform, bot.store, time.time() + 1) == 1
+    assert copy["id"] in world.deleted()
+
+
+def test_a_takedown_while_the_first_copy_is_made_is_kept_for_it(world: Any, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """carol asks for dave's photo to be taken down while its first copy is being made: the
+    takedown found no record, kept nothing, and the copy was posted and left up."""
+    dave, erin, carol = (world.person(n) for n in ("dave", "erin", "carol"))
+    original = world.photo_post(dave, "Crowd at the square", [jpeg(64)])
+    request = world.mention(erin, "cover please", in_reply_to=original)
+    [job] = bot.poll()
+    real_reply = world.platform.reply
+    outcomes: list[str] = []
+
+    def takedown_meanwhile(draft: Any) -> Any:
+        world.direct_message(carol, f"I am in this photo, please delete {world.url_of(original)}")
+        outcomes.extend(bot.run_all())
+        return real_reply(draft)
+
+    monkeypatch.setattr(world.platform, "reply", takedown_meanwhile)
+    assert bot.run(job) == "taken_down"
+    assert outcomes == ["nothing_deleted"]
+    assert bot.store.taken_down(world.name, original["id"])
+    assert all(p["id"] in world.deleted() for p in world.replies_to(request) if world.images_of(p))
+
+
 def test_a_check_where_nothing_changed_reads_only_the_original(world: Any, bot: Pipeline, http: Any) -> None:
     """A locked author's photo, copied by DM: every check reads the original, never the copies
     (X would answer each DM read from the budget the listener's DM polling needs)."""
