@@ -13,6 +13,8 @@ from typing import Any, Literal, Sequence
 
 import redis
 
+from .logs import without_url_paths
+
 PREFIX = "ppb"
 #: how long the first attempt of each post is remembered (bot/earlier_post.py)
 POST_ATTEMPT_TTL_S = 2 * 86400
@@ -70,6 +72,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return redis.call('SCARD', KEYS[1])
 """
 #: end an original's watch (KEYS[2], KEYS[3]) only while it has no copies (KEYS[1])
+#: set the next check ARGV[3] of the watched original ARGV[1] (watch list KEYS[1]) that a sweep
+#: claimed when its newest copy dated from ARGV[2]; if a copy was recorded since (its since key
+#: KEYS[2] moved on), no later than that copy's first check ARGV[4] seconds after it
+_RESCHEDULE = """
+local due = tonumber(ARGV[3])
+local since = redis.call('GET', KEYS[2])
+if since and tonumber(since) ~= tonumber(ARGV[2]) then
+  due = math.min(due, tonumber(since) + tonumber(ARGV[4]))
+end
+redis.call('ZADD', KEYS[1], 'XX', due, ARGV[1])
+return tostring(due)
+"""
 _UNWATCH = """
 if redis.call('SCARD', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -352,6 +366,14 @@ class Store:
         """The next check of a watched original."""
         self.r.zadd(_watch_key(platform), {original_id: due}, xx=True)
 
+    def reschedule(self, platform: str, original_id: str, claimed_since: float, due: float) -> float:
+        """After a sweep's check of an original it claimed with ``claimed_since``: its next check
+        at ``due``, unless a copy recorded during the check is due its first check sooner (the
+        claim had moved the score past that copy's, and ``check_again`` then overwrote it with
+        a schedule days away). Returns the check set."""
+        keys = [_watch_key(platform), _since_key(platform, original_id)]
+        return float(self.r.eval(_RESCHEDULE, 2, *keys, original_id, repr(claimed_since), repr(due), FIRST_CHECK_S))
+
     def unwatch_if_no_copies(self, platform: str, original_id: str) -> bool:
         """Stop checking ``original_id`` if it has no copies left; atomic, so a copy recorded at
         the same moment keeps it watched. True when the watch ended."""
@@ -491,7 +513,9 @@ class Store:
     def dead_letter(self, job: dict[str, Any], reason: str) -> None:
         """Keep ``job`` (ids only) with why it was given up; the oldest beyond
         :data:`DEAD_LETTERS_KEPT` go."""
-        entry = {"job": job, "reason": reason[:500], "at": time.time()}
+        # Cut back to hosts as log lines are: no path today puts a media URL (a capability
+        # link to someone's original) into an exception's message, but this list outlives logs.
+        entry = {"job": job, "reason": without_url_paths(reason)[:500], "at": time.time()}
         self.r.rpush(f"{PREFIX}:dead", json.dumps(entry))
         # Apart from the push, which alone decides whether the dead letter was kept (an error
         # puts the job back in its queue, see bot.tasks.redis_refused): a trim that fails must

@@ -131,7 +131,7 @@ def sweep(platform: Platform, store: Store, now: float | None = None, limit: int
             deleted += removed
             log.info("copies_withdrawn", extra={"platform": name, "original_id": original_id, "copies": removed, "reason": reason})
         if not store.unwatch_if_no_copies(name, original_id):
-            store.check_again(name, original_id, next_check(since, now))
+            store.reschedule(name, original_id, since, next_check(since, now))
     return deleted
 
 

@@ -258,6 +258,32 @@ def test_a_check_where_nothing_changed_reads_only_the_original(world: Any, bot: 
     assert not any(copy_id in url for url in urls), "its DM copy was not"
 
 
+def test_a_copy_made_during_a_check_keeps_its_first_check(world: Any, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """erin's copy of dave's photo is recorded while the sweep checks it (its first copy, bob's,
+    is days old): the sweep then set the next check from bob's schedule, days away, and erin's
+    copy missed its first check an hour after it was made."""
+    dave, bob, erin = (world.person(n) for n in ("dave", "bob", "erin"))
+    original = world.photo_post(dave, "Crowd at the square", [jpeg(64)])
+    world.mention(bob, "cover please", in_reply_to=original)
+    assert bot.run_all() == ["replied"]
+    later = time.time() + 3 * 86400  # bob's copy is three days old: checks are a day apart
+    real = world.platform.get_post
+
+    def copy_meanwhile(post_id: str) -> Any:
+        if post_id == original["id"]:
+            monkeypatch.setattr(world.platform, "get_post", real)
+            world.mention(erin, "me too please", in_reply_to=original)
+            monkeypatch.setattr(time, "time", lambda: later)
+            assert bot.run_all() == ["replied"]
+            monkeypatch.undo()
+        return real(post_id)
+
+    monkeypatch.setattr(world.platform, "get_post", copy_meanwhile)
+    assert sweep(world.platform, bot.store, later) == 0
+    due = bot.store.r.zscore(f"ppb:watch:{world.name}", original["id"])
+    assert due <= later + FIRST_CHECK_S + 1, f"next check {(due - later) / 3600:.1f} h away"
+
+
 def test_one_failing_check_does_not_stop_the_others(world: Any, bot: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     broken, _ = copied(world, bot, world.person("dave"), "First")
     withdrawn, copy = copied(world, bot, world.person("erin"), "Second")

@@ -309,3 +309,12 @@ def test_a_backlog_longer_than_the_pages_read_is_logged(caplog: pytest.LogCaptur
     with caplog.at_level("WARNING", logger="bot.platforms.x"):
         assert len(platform.dms_since(str(cursor))) == len(events)
     assert not [r for r in caplog.records if r.getMessage() == "backlog_truncated"]
+
+
+def test_a_dead_letters_reason_keeps_no_url_path(store: Any) -> None:
+    """The dead-letter list outlives the logs, whose lines are cut back to hosts: its reasons
+    are too, so no capability link to someone's original could be kept there."""
+    store.dead_letter({"post_id": "1"}, "FetchError: https://files.example/media/secret-original.jpg?token=abc failed")
+    [entry] = [e for e in store.dead_letters() if e["job"] == {"post_id": "1"}]
+    assert "secret" not in entry["reason"] and "token" not in entry["reason"]
+    assert entry["reason"].startswith("FetchError: https://files.example/")
