@@ -57,6 +57,7 @@ from anonymiser.errors import DeviceFailure  # noqa: E402
 if TYPE_CHECKING:
     from anonymiser.batching.agreement import PrecisionCheck
 
+from .platforms.registry import PLATFORMS  # noqa: E402
 from .routing import CPU_QUEUE, GPU_QUEUE, LEGACY_QUEUE, ROLES, live_workers, queue_depth, settings_or_exit  # noqa: E402
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -77,6 +78,9 @@ FALLBACKS = Counter("ppb_precision_fallbacks_total", "Failed checks that switche
 _started: dict[str, float] = {}
 
 #: label values whose series are created at 0 in every process (see the module docstring)
+#: a withdrawal check due longer ago than this counts as overdue: a sweep every 5 minutes, a claim
+#: held 15 minutes by a listener that died, and a rate-limit pause all stay well within it
+OVERDUE_AFTER_S = 3600
 FAILURE_REASONS = ("retry", "device", "dead_letter")
 PHOTO_RESULTS = ("ok", "failed")
 CHECK_RESULTS = ("agreed", "failed")
@@ -198,6 +202,12 @@ class FleetCollector:
                 alive.add_metric([role], sum(1 for w in workers if w.get("role") == role))
             dead = GaugeMetricFamily("ppb_dead_letters", "Jobs in the dead-letter list ppb:dead",
                                      value=int(self.client.llen("ppb:dead")))
+            overdue = GaugeMetricFamily(
+                "ppb_withdrawal_checks_overdue",
+                "Copied originals whose withdrawal check is more than an hour overdue", labels=["platform"])
+            late = time.time() - OVERDUE_AFTER_S
+            for platform in PLATFORMS:
+                overdue.add_metric([platform], int(self.client.zcount(f"ppb:watch:{platform}", "-inf", late)))
         except redis.RedisError:
             yield GaugeMetricFamily("ppb_redis_up", "Redis answered the scrape", value=0)
             return
@@ -205,6 +215,7 @@ class FleetCollector:
         yield depth
         yield alive
         yield dead
+        yield overdue
 
     def _up(self) -> GaugeMetricFamily:
         up = GaugeMetricFamily("ppb_worker_up", "This worker is running", labels=["hostname", "role"])

@@ -63,6 +63,9 @@ MUTANTS = [
     ("PPBDirectMessagesRefused", 'ppb_jobs_total{outcome="dm_refused"}', "ppb_jobs_total"),
     # Checks that agreed are no alarm.
     ("PPBReducedPrecisionFailsCheck", 'ppb_precision_checks_total{result="failed"}', "ppb_precision_checks_total"),
+    # A backlog must last: one overdue check (a listener restarting) is no alarm.
+    ("PPBWithdrawalChecksBehind", "min_over_time((max by (platform) (ppb_withdrawal_checks_overdue))[1h:5m]) > 0",
+     "max by (platform) (ppb_withdrawal_checks_overdue) > 0"),
 ]
 
 
@@ -102,3 +105,20 @@ def test_rules_read_only_metrics_a_worker_exports(redis_server) -> None:
             used.add("up")
     assert used - exported == set(), f"the rules read metrics nobody exports: {sorted(used - exported)}"
     assert len(used) >= 8, used  # the pattern really finds the names
+
+
+def test_overdue_withdrawal_checks_are_counted_per_platform(redis_server) -> None:
+    """Only checks due more than an hour ago count: one due ten minutes ago is a sweep away."""
+    import time
+
+    from bot import metrics
+
+    client = redis_server.client
+    client.delete("ppb:watch:mastodon", "ppb:watch:x")
+    now = time.time()
+    client.zadd("ppb:watch:mastodon", {"late": now - 7200, "soon-done": now - 600, "later": now + 60})
+    samples = {sample.labels["platform"]: sample.value
+               for family in metrics.FleetCollector(client, "w1", "cpu").collect()
+               if family.name == "ppb_withdrawal_checks_overdue" for sample in family.samples}
+    assert samples == {"mastodon": 1, "x": 0}
+    client.delete("ppb:watch:mastodon")
